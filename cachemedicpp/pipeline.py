@@ -1,0 +1,100 @@
+"""pipeline: train -> eval -> stability -> plots for one config and run dir (the quickstart, and the
+unit of work of a sweep). Each phase resumes by default; a pause in any phase stops the pipeline
+with exit code 3, and rerunning the same command continues where it stopped.
+
+    python -m cachemedicpp.pipeline --config <YAML> --run_dir <DIR> [--resume|--no-resume]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from cachemedicpp.cli import run_phase
+from cachemedicpp.config import Config
+from cachemedicpp.rundir import EXIT_OK
+
+PHASES = ("train", "eval", "stability", "plots")
+
+
+def phase_done(run_dir: Path, phase: str) -> bool:
+    """Whether a phase's outputs are complete (so a resumed sweep can skip it without loading a model)."""
+    from cachemedicpp.rundir import read_jsonl
+
+    run_dir = Path(run_dir)
+    if phase == "plots":
+        return (run_dir / "paper" / "report.md").is_file()
+    hb = read_jsonl(run_dir / "logs" / f"{phase}_heartbeat.jsonl")
+    return bool(hb) and hb[-1].get("status") == "completed"
+
+
+def run_one(phase: str, cfg: Config, run_dir: str | Path, *, resume: bool, config_path: str | None,
+            sweep_pause: Path | None = None, extra: dict | None = None) -> int:
+    if phase == "train":
+        from cachemedicpp import train
+
+        return train.run(cfg, run_dir, resume=resume, config_path=config_path, sweep_pause=sweep_pause)
+    if phase == "eval":
+        from cachemedicpp import eval as eval_
+
+        return eval_.run(cfg, run_dir, resume=resume, config_path=config_path, sweep_pause=sweep_pause)
+    if phase == "stability":
+        from cachemedicpp import stability
+
+        return stability.run(cfg, run_dir, resume=resume, config_path=config_path, sweep_pause=sweep_pause,
+                             **(extra or {}))
+    if phase == "plots":
+        from cachemedicpp import plots
+
+        return plots.run(run_dir)
+    raise ValueError(f"unknown phase {phase!r}; known: {PHASES}")
+
+
+def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: str | None = None,
+        phases: Sequence[str] = PHASES, sweep_pause: Path | None = None, stability_extra: dict | None = None,
+        verbose: bool = True) -> int:
+    t0 = time.perf_counter()
+    for phase in phases:
+        t = time.perf_counter()
+        if verbose:
+            print(f"== {phase} ==", file=sys.stderr, flush=True)
+        rc = run_one(phase, cfg, run_dir, resume=resume, config_path=config_path, sweep_pause=sweep_pause,
+                     extra=stability_extra if phase == "stability" else None)
+        if verbose:
+            print(f"== {phase}: exit {rc} after {time.perf_counter() - t:.1f}s ==", file=sys.stderr, flush=True)
+        if rc != EXIT_OK:
+            return rc
+    if verbose:
+        _where(Path(run_dir).resolve(), time.perf_counter() - t0)
+    return EXIT_OK
+
+
+def _where(rd: Path, seconds: float) -> None:
+    print(f"\ncachemedicpp: pipeline finished in {seconds / 60:.1f} min. Results:")
+    print(f"  report   {rd / 'paper' / 'report.md'}")
+    print(f"  figures  {rd / 'paper' / 'figures'}/")
+    print(f"  tables   {rd / 'paper' / 'tables'}/")
+    print(f"  metrics  {rd / 'metrics' / 'task_metrics.json'}, {rd / 'metrics' / 'stability_metrics.json'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def extra(p):
+        p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset, in order")
+
+    def body(cfg, run_dir, a):
+        phases = [x.strip() for x in a.phases.split(",") if x.strip()]
+        bad = [x for x in phases if x not in PHASES]
+        if bad:
+            from cachemedicpp.config import ConfigError
+
+            raise ConfigError(f"--phases: unknown phase(s) {bad}; known: {list(PHASES)}")
+        return run(cfg, run_dir, resume=a.resume, config_path=a.config, phases=phases)
+
+    return run_phase("pipeline", "Run train -> eval -> stability -> plots for one config.", argv, body,
+                     extra_args=extra)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""Repair operators R_phi: tiny query-gated low-rank corrections applied inside attention.
+
+Families (SPEC §5), all with fp32 parameters, identity at initialisation, per-query causal gating and
+GQA awareness (K/V arrive with H_kv heads; each query head's gate acts on its KV group):
+
+- A: K̂ = K + ((K W_k) ⊙ α_k(q)) U_kᵀ (same for V), U zero-initialised, α ∈ (0, alpha_max)^r.
+- B: X̂ = X − ((X B) ⊙ g(q)) Bᵀ with B orthonormal (QR of a free matrix) and g ∈ [0, alpha_max]^r, so the
+     component in span(B) is scaled by (1 − g): never amplifies. A zero-initialised per-rank scale in
+     [0, 1] multiplies g, making the untrained operator exactly the identity.
+- C: A's form with one set of parameters shared by all protected layers, the gate also fed a learned
+     layer embedding (and optionally a KV-head embedding).
+
+Because the correction is low rank, attention never materialises a per-query K̂:
+    q·K̂ᵀ = q·Kᵀ + ((q U_k) ⊙ α(q))·(K W_k)ᵀ        → append r columns to q and to K,
+    Σ_s p_s V̂_s = p·V + ((p·(V W_v)) ⊙ α_v(q)) U_vᵀ  → append r columns to V, fold them back after.
+The model's own kernel (mask, scaling, softcap, GQA repeat) runs on the augmented tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from cachemedicpp.config import ConfigError
+
+FAMILIES = ("A", "B", "C")
+
+
+def get_family(name: str) -> str:
+    if name not in FAMILIES:
+        raise ConfigError(f"repair.family: unknown family {name!r}; known: {list(FAMILIES)}")
+    return name
+
+
+class _Gate(nn.Module):
+    """α(q) = alpha_max · sigmoid(W2 · gelu(W1 q + b1) + b2) ⊙ scale, batched over P parameter groups."""
+
+    def __init__(self, groups: int, d_in: int, rank: int, alpha_max: float, init_std: float, zero_scale: bool):
+        super().__init__()
+        self.alpha_max = alpha_max
+        self.w1 = nn.Parameter(torch.randn(groups, d_in, rank) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.zeros(groups, rank))
+        self.w2 = nn.Parameter(torch.randn(groups, rank, rank) * init_std)
+        self.b2 = nn.Parameter(torch.zeros(groups, rank))
+        # family B needs g = 0 exactly at init; a clamp passes gradient at 0, so it can still learn
+        self.scale = nn.Parameter(torch.zeros(groups, rank)) if zero_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, P, n, d_in] -> [B, P, n, r]
+        h = torch.nn.functional.gelu(torch.einsum("bpnd,pdr->bpnr", x, self.w1) + self.b1[None, :, None])
+        a = self.alpha_max * torch.sigmoid(torch.einsum("bpnr,prs->bpns", h, self.w2) + self.b2[None, :, None])
+        if self.scale is not None:
+            a = a * self.scale.clamp(0.0, 1.0)[None, :, None]
+        return a
+
+
+class _Factors(nn.Module):
+    """One low-rank correction (for K or for V): W, U of shape [P, d, r] and its gate."""
+
+    def __init__(self, family: str, groups: int, d: int, d_in: int, rank: int, alpha_max: float, init_std: float):
+        super().__init__()
+        self.family = family
+        if family == "B":
+            self.basis = nn.Parameter(torch.randn(groups, d, rank) / math.sqrt(d))
+        else:
+            self.w = nn.Parameter(torch.randn(groups, d, rank) / math.sqrt(d))
+            self.u = nn.Parameter(torch.zeros(groups, d, rank))  # zero U: identity at initialisation
+        self.gate = _Gate(groups, d_in, rank, alpha_max, init_std, zero_scale=(family == "B"))
+
+    def wu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family == "B":
+            basis = torch.linalg.qr(self.basis).Q  # orthonormal columns
+            return basis, -basis
+        return self.w, self.u
+
+
+class RepairOperator(nn.Module):
+    def __init__(self, family: str, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int,
+                 rank: int = 8, apply_to: str = "KV", alpha_max: float = 0.9, share_across_heads: bool = True,
+                 conditioning: Mapping | None = None, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        self.family = get_family(family)
+        if apply_to not in ("K", "V", "KV"):
+            raise ConfigError(f"repair.apply_to: {apply_to!r} is not one of K, V, KV")
+        if num_heads % num_kv_heads:
+            raise ConfigError(f"model has {num_heads} query heads, not a multiple of {num_kv_heads} KV heads")
+        self.layers = tuple(sorted(set(int(l) for l in layers)))
+        self.d, self.rank, self.apply_to = head_dim, rank, apply_to
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.groups = 1 if share_across_heads else num_kv_heads
+        cond = dict(conditioning or {})
+        self.use_layer_emb = family == "C" and cond.get("use_layer_embedding", True)
+        self.use_head_emb = family == "C" and cond.get("use_head_embedding", False)
+        e = int(cond.get("embed_dim", 8))
+        d_in = head_dim + (e if self.use_layer_emb else 0) + (e if self.use_head_emb else 0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            make = lambda: nn.ModuleDict({  # noqa: E731
+                w: _Factors(family, self.groups, head_dim, d_in, rank, alpha_max, init_std) for w in apply_to})
+            if family == "C":
+                self.shared = make()
+                self.layer_emb = nn.Embedding(len(self.layers), e) if self.use_layer_emb else None
+                self.head_emb = nn.Embedding(num_kv_heads, e) if self.use_head_emb else None
+            else:
+                self.per_layer = nn.ModuleDict({str(l): make() for l in self.layers})
+        self.float()
+
+    # ---------------------------------------------------------------------------------------------
+    def _factors(self, layer: int) -> nn.ModuleDict:
+        return self.shared if self.family == "C" else self.per_layer[str(layer)]
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, T, d] -> [B, P, n, d] where P is the number of parameter groups."""
+        b, hq, t, d = x.shape
+        if self.groups == 1:
+            return x.reshape(b, 1, hq * t, d)
+        return x.reshape(b, self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
+
+    def _ungroup(self, x: torch.Tensor, hq: int, t: int) -> torch.Tensor:
+        return x.reshape(x.shape[0], hq, t, x.shape[-1])
+
+    def gates(self, layer: int, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-query gates {"K"|"V": [B, Hq, Tq, r]} (fp32). Position t's gate sees only q_t."""
+        b, hq, t, _ = q.shape
+        x = q.float()
+        extra = []
+        if self.family == "C":
+            if self.layer_emb is not None:
+                idx = torch.tensor(self.layers.index(layer), device=q.device)
+                extra.append(self.layer_emb(idx).expand(b, hq, t, -1))
+            if self.head_emb is not None:
+                kv_of_head = torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)
+                extra.append(self.head_emb(kv_of_head)[None, :, None, :].expand(b, hq, t, -1))
+        if extra:
+            x = torch.cat([x] + extra, dim=-1)
+        xg = self._grouped(x)
+        return {w: self._ungroup(f.gate(xg), hq, t) for w, f in self._factors(layer).items()}
+
+    def _per_query_head(self, m: torch.Tensor, hq: int) -> torch.Tensor:
+        """[P, d, r] -> [Hq, d, r] (each query head uses its KV group's parameters)."""
+        if self.groups == 1:
+            return m.expand(hq, *m.shape[1:])
+        return m.repeat_interleave(hq // self.num_kv_heads, dim=0)
+
+    def _per_kv_head(self, m: torch.Tensor) -> torch.Tensor:
+        return m.expand(self.num_kv_heads, *m.shape[1:]) if self.groups == 1 else m
+
+    # ---------------------------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Attention with the repaired K/V in factored form; returns [B, Tq, Hq, d] like the kernel."""
+        hq, d = q.shape[1], q.shape[-1]
+        facs = self._factors(layer)
+        if not torch.is_grad_enabled() and self.is_identity(layer):
+            return kernel(q, k, v)  # an exactly-identity operator leaves the kernel call untouched
+        alpha = self.gates(layer, q)
+        q_aug, k_aug, v_aug = q, k, v
+        if "K" in facs:
+            w, u = facs["K"].wu()
+            kw = torch.einsum("bhtd,hdr->bhtr", k.float(), self._per_kv_head(w))
+            qu = torch.einsum("bhtd,hdr->bhtr", q.float(), self._per_query_head(u, hq)) * alpha["K"]
+            q_aug = torch.cat([q, qu.to(q.dtype)], dim=-1)
+            k_aug = torch.cat([k, kw.to(k.dtype)], dim=-1)
+        if "V" in facs:
+            w, u = facs["V"].wu()
+            vw = torch.einsum("bhtd,hdr->bhtr", v.float(), self._per_kv_head(w))
+            v_aug = torch.cat([v, vw.to(v.dtype)], dim=-1)
+        out = kernel(q_aug, k_aug, v_aug)  # [B, Tq, Hq, d (+ r)]
+        if "V" not in facs:
+            return out
+        base, pvw = out[..., :d], out[..., d:].float()
+        corr = torch.einsum("bthr,hdr->bthd", pvw * alpha["V"].transpose(1, 2), self._per_query_head(u, hq))
+        return base + corr.to(base.dtype)
+
+    def is_identity(self, layer: int) -> bool:
+        """True when every correction of `layer` is exactly zero (zero U, or zero B-gate scale)."""
+        for f in self._factors(layer).values():
+            z = f.gate.scale if f.family == "B" else f.u
+            if bool(z.detach().any()):
+                return False
+        return True
+
+    def repaired(self, layer: int, q: torch.Tensor, x: torch.Tensor, which: str) -> torch.Tensor:
+        """Materialised per-query X̂: [B, Hq, Tq, Tk, d] (reference path for tests and the naive benchmark)."""
+        hq, g = q.shape[1], q.shape[1] // x.shape[1]
+        xr = x.float().repeat_interleave(g, dim=1)  # [B, Hq, Tk, d]
+        facs = self._factors(layer)
+        if which not in facs:
+            return xr[:, :, None].expand(-1, -1, q.shape[2], -1, -1)
+        w, u = facs[which].wu()
+        alpha = self.gates(layer, q)[which]  # [B, Hq, Tq, r]
+        xw = torch.einsum("bhsd,hdr->bhsr", xr, self._per_query_head(w, hq))
+        corr = torch.einsum("bhsr,bhtr,hdr->bhtsd", xw, alpha, self._per_query_head(u, hq))
+        return xr[:, :, None] + corr
+
+    def deviation(self, layer: int, q: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, which: str) -> torch.Tensor:
+        """Mean over batch of Σ_kv-heads mean_(query heads in group, query positions) ‖X̂(q_t) − ref‖²_F,
+        over the first ref.shape[2] positions, in closed form (no per-query X̂ is materialised)."""
+        tr = ref.shape[2]
+        x = x[:, :, :tr].float()
+        dlt = x - ref.float()  # [B, Hkv, S, d]
+        dd = dlt.pow(2).sum(dim=(-1, -2))  # [B, Hkv]
+        facs = self._factors(layer)
+        if which not in facs:
+            return dd.sum(-1).mean()
+        hq, hkv = q.shape[1], x.shape[1]
+        g = hq // hkv
+        w, u = facs[which].wu()
+        w, u = self._per_kv_head(w), self._per_kv_head(u)
+        a = torch.einsum("bhsd,hdr->bhsr", x, w)  # [B, Hkv, S, r]
+        c = (a * torch.einsum("bhsd,hdr->bhsr", dlt, u)).sum(2)  # [B, Hkv, r]
+        m = torch.einsum("hdr,hds->hrs", u, u)[None] * torch.einsum("bhsr,bhsq->bhrq", a, a)  # [B, Hkv, r, r]
+        alpha = self.gates(layer, q)[which]  # [B, Hq, Tq, r]
+        alpha = alpha.reshape(alpha.shape[0], hkv, g * alpha.shape[2], -1)  # [B, Hkv, n, r]
+        lin = 2 * torch.einsum("bhnr,bhr->bhn", alpha, c)
+        quad = torch.einsum("bhnr,bhrq,bhnq->bhn", alpha, m, alpha)
+        return (dd + (lin + quad).mean(-1)).sum(-1).mean()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def reference_attention(op: RepairOperator, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scaling: float, causal_offset: int | None = None) -> torch.Tensor:
+    """Naive attention over materialised per-query K̂, V̂ (causal, queries are the last Tq positions).
+    Returns [B, Tq, Hq, d]. O(Tq·Tk·d) memory per head: what the factored form avoids."""
+    tq, tk = q.shape[2], k.shape[2]
+    kh, vh = op.repaired(layer, q, k, "K"), op.repaired(layer, q, v, "V")  # [B, Hq, Tq, Tk, d]
+    scores = torch.einsum("bhtd,bhtsd->bhts", q.float(), kh) * scaling
+    off = tk - tq if causal_offset is None else causal_offset
+    allowed = torch.arange(tk)[None, :] <= (torch.arange(tq)[:, None] + off)
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhts,bhtsd->bhtd", p, vh)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def build_operator(repair_cfg: Mapping, arch, seed: int = 0) -> RepairOperator:
+    """Operator for a resolved `repair` config section and an `hf.ArchInfo`."""
+    layers = list(repair_cfg["protect_layers"])
+    bad = [l for l in layers if l >= arch.num_layers]
+    if bad:
+        raise ConfigError(f"repair.protect_layers: {bad} out of range for a {arch.num_layers}-layer model")
+    if not layers:
+        raise ConfigError("repair.protect_layers: empty")
+    return RepairOperator(repair_cfg["family"], layers, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                          rank=repair_cfg["rank"], apply_to=repair_cfg["apply_to"], alpha_max=repair_cfg["alpha_max"],
+                          share_across_heads=repair_cfg["share_across_heads"], conditioning=repair_cfg["conditioning"],
+                          init_std=repair_cfg.get("init_std", 0.02), seed=seed)
+
+
+def expected_params(family: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,
+                    embed: int = 0) -> int:
+    """Closed-form parameter count (the SPEC's ≈ 6dr + 2r² per layer for KV, plus gate biases)."""
+    per = {"A": 3 * d * r + r * r + 2 * r, "B": 2 * d * r + r * r + 3 * r, "C": 3 * d * r + r * r + 2 * r}
+    if family == "C":
+        d_in_extra = embed
+        return len(apply_to) * (per["A"] + d_in_extra * r) * groups
+    return len(apply_to) * per[family] * groups * n_layers
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints: repair-only files `checkpoints/repair_step_<N>.pt`
+
+
+def repair_checkpoint_payload(op: RepairOperator, step: int, config_hash: str, repair_cfg: Mapping) -> dict:
+    return {"format": "cachemedicpp.repair/1", "step": int(step), "config_hash": config_hash,
+            "repair": dict(repair_cfg), "state_dict": {k: v.detach().cpu().clone() for k, v in op.state_dict().items()}}
+
+
+def load_repair_checkpoint(path, repair_cfg: Mapping, arch, seed: int = 0) -> tuple[RepairOperator, dict]:
+    """Rebuild the operator from a repair checkpoint; a damaged or mismatched file is bad input."""
+    from cachemedicpp.rundir import load_checkpoint
+
+    payload = load_checkpoint(path, "repair checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != "cachemedicpp.repair/1":
+        raise ConfigError(f"repair checkpoint {path}: not a cachemedicpp repair checkpoint")
+    op = build_operator(repair_cfg, arch, seed)
+    try:
+        op.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"repair checkpoint {path} does not match the configured operator: {e}") from None
+    return op, payload
+
+
+def latest_repair_checkpoint(checkpoints_dir) -> "Path | None":
+    from pathlib import Path
+
+    best = None
+    for p in Path(checkpoints_dir).glob("repair_step_*.pt"):
+        try:
+            n = int(p.stem.rsplit("_", 1)[1])
+        except ValueError:
+            continue
+        if best is None or n > best[0]:
+            best = (n, p)
+    return best[1] if best else None
