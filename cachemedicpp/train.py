@@ -1,0 +1,355 @@
+"""train: self-distillation of the repair operator (SPEC §6).
+
+    python -m cachemedicpp.train --config <YAML> --run_dir <DIR> [--resume|--no-resume] [--set k=v]
+
+One step: a batch of windows of prefix_len + cont_len training tokens; the prefix is prefilled clean
+once; the teacher (frozen model, clean cache) and the student (same model, cache corrupted at rest,
+repair active) both process the continuation; only the operator's fp32 parameters learn. Every draw
+(data windows, clean/corrupt, type, ε, noise) derives from (seed, step[, row]), never from a shared
+stream, so a resumed run is bit-identical to an uninterrupted one.
+
+Pause (`control/pause.request`, SIGTERM, SIGINT), periodic saves and the end of the run share one save
+path; a pause saves only the resumable state, so a paused-and-resumed run leaves exactly the files of
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from cachemedicpp import data, hf
+from cachemedicpp.cli import run_phase
+from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.corruption import Corruptor, donor_kv, rng
+from cachemedicpp.repair import build_operator, latest_repair_checkpoint, repair_checkpoint_payload
+from cachemedicpp.rundir import (EXIT_OK, EXIT_PAUSED, JsonlLog, PhaseSession, RunDir, atomic_torch_save,
+                                 load_checkpoint, read_jsonl, truncate_jsonl)
+
+STATE_FORMAT = "cachemedicpp.train_state/1"
+LOSS_KEYS = ("loss_total", "loss_kd", "loss_id", "loss_contr", "rho_mean", "rho_p95")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """The model, the operator, its optimizer, the training tokens and the corruptor of one run."""
+
+    def __init__(self, cfg: Config, lm: hf.LoadedModel):
+        self.cfg, self.lm = cfg, lm
+        t = cfg.train
+        self.protect = list(cfg.repair.protect_layers)
+        self.op = build_operator(cfg.repair.to_dict(), lm.arch, seed=cfg.seed).to(lm.device)
+        self.opt = torch.optim.Adam(self.op.parameters(), lr=t.lr)
+        self.window = t.prefix_len + t.cont_len
+        if self.window > lm.arch.max_positions:
+            raise ConfigError(f"train.prefix_len + train.cont_len = {self.window} exceeds the model window "
+                              f"({lm.arch.max_positions})")
+        text, self.data_source = data.load_text(cfg.data.to_dict(), "train_corpus")
+        self.tokens = data.tokenize_stream(lm.tokenizer, text)
+        if self.tokens.numel() <= self.window:
+            raise ConfigError(f"training text ({self.data_source}) has {self.tokens.numel()} tokens, "
+                              f"fewer than one window of {self.window}")
+        donor = None
+        if "contiguous_overwrite" in cfg.corruption.mixture:
+            donor = donor_kv(lm, cfg.corruption.params.donor_prompt, t.prefix_len, self.protect)
+        self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, donor)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """batch_size windows at positions drawn from (seed, step, row): no data cursor to save."""
+        hi = self.tokens.numel() - self.window
+        rows = []
+        for b in range(self.cfg.train.batch_size):
+            start = int(torch.randint(0, hi + 1, (1,), generator=rng(self.cfg.seed, "train-data", step, b)))
+            rows.append(self.tokens[start:start + self.window])
+        return torch.stack(rows).to(self.lm.device)
+
+    def corrupt(self, clean: dict, ctype: str, eps: float, step: int) -> tuple[dict, dict]:
+        """At-rest corruption of the clean prefix K/V; each batch row is its own example (own draws)."""
+        rows, reports = [], []
+        for b in range(next(iter(clean.values()))[0].shape[0]):
+            kv = {l: (k[b:b + 1], v[b:b + 1]) for l, (k, v) in clean.items()}
+            out, rep = self.corruptor.apply_cache(kv, ctype, eps, "train", (step, b))
+            rows.append(out)
+            reports.append(rep.to_dict())
+        merged = {l: (torch.cat([r[l][0] for r in rows]), torch.cat([r[l][1] for r in rows])) for l in clean}
+        return merged, _merge_reports(reports)
+
+    def step(self, step: int) -> dict:
+        cfg, t, model = self.cfg, self.cfg.train, self.lm.model
+        ids = self.batch(step)
+        prefix, cont = ids[:, :t.prefix_len], ids[:, t.prefix_len:]
+        ctype, eps = self.corruptor.sample("train", step, cfg.corruption.eps_grid, t.clean_batch_prob)
+        with torch.no_grad():
+            # only the cache is needed from the prefill: skip the vocabulary projection of the prefix
+            _, cache = hf.forward(model, prefix, logits_to_keep=1)
+            clean = {l: hf.get_kv(cache, l) for l in self.protect}  # the cache update concatenates: never mutated
+            student = hf.clone_cache(cache)
+            z_clean, _ = hf.forward(model, cont, cache)
+        changed, on_read = None, None
+        if ctype is not None:
+            if cfg.corruption.persistence == "on_read":
+                on_read = self.corruptor.on_read(ctype, eps, "train", step)
+            else:
+                corrupted, changed = self.corrupt(clean, ctype, eps, step)
+                for l, (k, v) in corrupted.items():
+                    hf.set_kv(student, l, k, v)
+        kd_base = None
+        if ctype is not None and (step % t.log_every == 0 or step == t.steps):
+            # on logged steps only: the same corrupted cache without repair, a paired baseline for L_KD
+            with torch.no_grad():
+                z_base, _ = hf.forward(model, cont, hf.clone_cache(student), hf.HookPlan(on_read=on_read))
+                kd_base = float(kd_loss(z_clean, z_base, t.temperature))
+        seen: dict[int, tuple] = {}
+        plan = hf.HookPlan(repair=self.op, on_read=on_read, record=lambda l, q, k, v: seen.__setitem__(l, (q, k, v)))
+        z_rep, _ = hf.forward(model, cont, student, plan)
+
+        kd = kd_loss(z_clean, z_rep, t.temperature)
+        loss_id, loss_contr, rhos = self.state_losses(seen, clean, corrupted=ctype is not None)
+        loss = kd + t.lambda_id * loss_id + t.lambda_contr * loss_contr
+        if t.lambda_w > 0:
+            loss = loss + t.lambda_w * sum(p.pow(2).sum() for p in self.op.parameters())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.op.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        self.opt.step()
+        rhos_t = torch.tensor(rhos) if rhos else None
+        return {
+            "loss_total": float(loss.detach()), "loss_kd": float(kd.detach()), "loss_id": float(loss_id.detach()),
+            "loss_contr": float(loss_contr.detach()),
+            "rho_mean": float(rhos_t.mean()) if rhos_t is not None else None,
+            "rho_p95": float(torch.quantile(rhos_t, 0.95)) if rhos_t is not None else None,
+            "loss_kd_no_repair": kd_base,
+            "grad_norm": float(grad_norm),
+            "corruption": {"type": ctype or "clean", "epsilon": eps, "persistence": cfg.corruption.persistence,
+                           "changed": changed},
+            # processed tokens: prefill + teacher + student
+            "tokens": int(ids.numel() + cont.numel()),
+        }
+
+    def state_losses(self, seen: dict, clean: dict, corrupted: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """L_id on clean steps, L_contr on corrupted ones (only over layers the corruption changed)."""
+        t = self.cfg.train
+        dev = self.lm.device
+        loss_id, loss_contr, rhos = torch.zeros((), device=dev), torch.zeros((), device=dev), []
+        for l in self.protect:
+            q, k_read, v_read = seen[l]
+            kc, vc = clean[l]
+            dev_k = self.op.deviation(l, q, k_read, kc, "K")
+            dev_v = self.op.deviation(l, q, v_read, vc, "V")
+            if not corrupted:
+                norm = _sq(kc) + _sq(vc)
+                loss_id = loss_id + (dev_k + dev_v) / (norm + 1e-8)
+                continue
+            p = kc.shape[2]
+            den = (_sq(k_read[:, :, :p] - kc).sqrt() + _sq(v_read[:, :, :p] - vc).sqrt()).detach()
+            if den <= t.rho_min_denominator * (_sq(kc).sqrt() + _sq(vc).sqrt()):
+                continue  # this layer was not changed by the corruption: ρ is undefined there
+            rho = (dev_k.clamp_min(0).add(1e-12).sqrt() + dev_v.clamp_min(0).add(1e-12).sqrt()) / den
+            rhos.append(float(rho.detach()))
+            loss_contr = loss_contr + torch.relu(rho - t.alpha_contr).pow(2)
+        return loss_id, loss_contr, rhos
+
+    # -- state -------------------------------------------------------------------------------------
+    def state(self, step: int, elapsed: float, chash: str) -> dict:
+        return {"format": STATE_FORMAT, "step": step, "elapsed_sec": elapsed, "config_hash": chash,
+                "operator": {k: v.detach().cpu().clone() for k, v in self.op.state_dict().items()},
+                "optimizer": self.opt.state_dict(), "data_source": self.data_source,
+                "rng": "stateless: every draw is seeded by (seed, step[, row])"}
+
+    def load_state(self, state: dict, path: Path) -> None:
+        try:
+            self.op.load_state_dict(state["operator"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"train state {path} does not match the configured operator: {e}") from None
+
+
+def kd_loss(z_clean: torch.Tensor, z_rep: torch.Tensor, temp: float) -> torch.Tensor:
+    """T² · KL(softmax(z_clean/T) ‖ softmax(z_rep/T)) in fp32, averaged over rows and positions."""
+    logp_clean = torch.log_softmax(z_clean.float() / temp, dim=-1)
+    logp_rep = torch.log_softmax(z_rep.float() / temp, dim=-1)
+    return temp**2 * (logp_clean.exp() * (logp_clean - logp_rep)).sum(-1).mean()
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm with the batch convention of RepairOperator.deviation: mean_b ‖x_b‖²."""
+    return x.float().pow(2).sum(dim=tuple(range(1, x.dim()))).mean()
+
+
+def _merge_reports(reports: list[dict]) -> dict:
+    """One change report for a batch: norms add in quadrature over rows, fractions are averaged."""
+    if len(reports) == 1:
+        return reports[0]
+    out = {k: reports[0][k] for k in ("type", "epsilon", "severity")}
+    out["dK"] = math.sqrt(sum(r["dK"] ** 2 for r in reports))
+    out["dV"] = math.sqrt(sum(r["dV"] ** 2 for r in reports))
+    out["frac_changed"] = sum(r["frac_changed"] for r in reports) / len(reports)
+    out["exposure"] = sum(r["exposure"] for r in reports) / len(reports)
+    out["per_layer"] = {
+        l: {"dK": math.sqrt(sum(r["per_layer"][l]["dK"] ** 2 for r in reports)),
+            "dV": math.sqrt(sum(r["per_layer"][l]["dV"] ** 2 for r in reports)),
+            "frac_changed": sum(r["per_layer"][l]["frac_changed"] for r in reports) / len(reports),
+            "exposure": sum(r["per_layer"][l]["exposure"] for r in reports) / len(reports)}
+        for l in reports[0]["per_layer"]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# run directory bookkeeping
+
+
+def read_state(path: Path, chash: str | None = None) -> dict:
+    """A train state file, checked; a damaged or foreign file is bad input naming the file."""
+    state = load_checkpoint(path, "train state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConfigError(f"train state {path}: not a cachemedicpp training state; delete it or rerun with --no-resume")
+    if chash is not None and state.get("config_hash") != chash:
+        raise ConfigError(f"train state {path} belongs to config {state.get('config_hash')}, not {chash}")
+    return state
+
+
+def _clear_previous(rd: RunDir) -> None:
+    for p in list(rd.checkpoints.glob("repair_step_*.pt")) + list(rd.checkpoints.glob("train_state_*.pt")):
+        p.unlink()
+    for name in ("train.jsonl", "train_heartbeat.jsonl", "train_heartbeat.json"):
+        (rd.logs / name).unlink(missing_ok=True)
+
+
+def _clear_stale_temps(rd: RunDir) -> None:
+    """Temp files left by a process killed mid-write (the lock guarantees no writer is alive)."""
+    for folder, patterns in ((rd.checkpoints, (".repair_step_*.pt.tmp*", ".train_state_*.pt.tmp*")),
+                             (rd.logs, (".train*.tmp*",)), (rd.control, (".pause_ack.json.tmp*",))):
+        for pat in patterns:
+            for p in folder.glob(pat):
+                p.unlink(missing_ok=True)
+
+
+def _rel(rd: RunDir, p: Path | None) -> str | None:
+    return str(p.relative_to(rd.path)) if p is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the phase
+
+
+def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: str | None = None,
+        sweep_pause: Path | None = None) -> int:
+    t = cfg.train
+    latest = RunDir(run_dir).checkpoints / "train_state_latest.pt"
+    if resume and latest.is_file():
+        read_state(latest)  # a damaged state is refused before anything in the run dir is touched
+    with PhaseSession(cfg, run_dir, "train", config_path, sweep_pause=sweep_pause) as s:
+        rd = s.rd
+        _clear_stale_temps(rd)
+        if not resume:
+            _clear_previous(rd)
+        state = read_state(latest, cfg.hash) if resume and latest.is_file() else None
+        start, elapsed = (int(state["step"]), float(state["elapsed_sec"])) if state else (0, 0.0)
+        truncate_jsonl(rd.logs / "train.jsonl", lambda r: r.get("step", 0) <= start)
+        hb = s.heartbeat(t.steps, elapsed_before=elapsed)
+        hb.latest = {"checkpoint": _rel(rd, latest_repair_checkpoint(rd.checkpoints)),
+                     "state": _rel(rd, latest if latest.is_file() else None)}
+        s.step = start
+        final = rd.checkpoints / f"repair_step_{t.steps}.pt"
+        if start >= t.steps and final.is_file():
+            hb.beat("completed", start, reason="already complete", force=True)
+            _summary(rd, t.steps, elapsed)
+            return EXIT_OK
+        hb.beat("resumed" if start else "running", start, reason="resume" if start else "start", force=True)
+
+        torch.manual_seed(cfg.seed)
+        lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
+        trainer = Trainer(cfg, lm)
+        if state is not None:
+            trainer.load_state(state, latest)
+        log = JsonlLog(rd.logs / "train.jsonl", s.run_id, "train")
+
+        def save(step: int, repair: bool, periodic: bool) -> None:
+            # order matters for a kill mid-save: outputs first, the resume point last
+            st = trainer.state(step, hb.elapsed(), cfg.hash)
+            if repair:
+                rep = rd.checkpoints / f"repair_step_{step}.pt"
+                payload = repair_checkpoint_payload(trainer.op, step, cfg.hash, cfg.repair.to_dict())
+                payload["data_source"] = trainer.data_source
+                atomic_torch_save(rep, payload)
+                hb.latest["checkpoint"] = _rel(rd, rep)
+            if periodic:
+                atomic_torch_save(rd.checkpoints / f"train_state_step_{step}.pt", st)
+            atomic_torch_save(latest, st)
+            hb.latest["state"] = _rel(rd, latest)
+
+        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        step = start
+        while step < t.steps:
+            reason = s.pause.requested()
+            if reason:
+                save(step, repair=False, periodic=False)
+                s.pause.acknowledge(s.run_id, step, reason, _rel(rd, latest))
+                hb.beat("paused", step, reason=reason, force=True)
+                bar.close()
+                print(f"train: paused at step {step}/{t.steps} ({reason}); rerun the same command to resume",
+                      file=sys.stderr)
+                return EXIT_PAUSED
+            step += 1
+            t0 = time.perf_counter()
+            out = trainer.step(step)
+            dt = time.perf_counter() - t0
+            tps = out.pop("tokens") / dt if dt > 0 else None
+            s.step = step
+            if step % t.log_every == 0 or step == t.steps:
+                log.write(step, **out, tokens_per_sec=tps, peak_memory_mb=peak_memory_mb(lm.device),
+                          memory_kind="cuda_max_allocated" if lm.device.type == "cuda" else "process_max_rss",
+                          lr=trainer.opt.param_groups[0]["lr"], step_time_sec=dt)
+            if step % t.save_every == 0 and step != t.steps:
+                save(step, repair=True, periodic=True)
+            hb.beat("running", step, unit=f"step {step}", tokens_per_sec=tps)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss_total']:.4f}", kd=f"{out['loss_kd']:.4f}")
+        bar.close()
+        save(t.steps, repair=True, periodic=True)
+        hb.beat("completed", t.steps, reason="done", force=True)
+        _summary(rd, t.steps, hb.elapsed())
+        return EXIT_OK
+
+
+def kd_trend(records: list[dict], frac: float = 0.2) -> dict:
+    """Corrupted-step KD over the first and the last `frac` of the logged corrupted steps: the mean, and
+    the paired ratio Σ KD(repair) / Σ KD(no repair) on the same draws (below 1: the repair helps)."""
+    corr = [r for r in records if r.get("corruption", {}).get("type") not in (None, "clean")]
+    n = max(1, int(len(corr) * frac))
+    out = {"logged": len(corr)}
+    for name, part in (("first", corr[:n]), ("last", corr[-n:])):
+        out[f"kd_{name}"] = sum(r["loss_kd"] for r in part) / len(part) if part else math.nan
+        paired = [r for r in part if r.get("loss_kd_no_repair") is not None]
+        base = sum(r["loss_kd_no_repair"] for r in paired)
+        out[f"ratio_{name}"] = sum(r["loss_kd"] for r in paired) / base if base > 0 else math.nan
+    return out
+
+
+def _summary(rd: RunDir, steps: int, elapsed: float) -> None:
+    k = kd_trend(read_jsonl(rd.logs / "train.jsonl"))
+    print(f"train: {steps} steps in {elapsed:.1f}s; corrupted-step KD {k['kd_first']:.4f} -> {k['kd_last']:.4f} "
+          f"(first -> last fifth of {k['logged']} logged), with/without repair {k['ratio_first']:.3f} -> "
+          f"{k['ratio_last']:.3f}; checkpoint {rd.checkpoints / f'repair_step_{steps}.pt'}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_phase("train", "Train the KV-cache repair operator by self-distillation.", argv,
+                     lambda cfg, run_dir, a: run(cfg, run_dir, resume=a.resume, config_path=a.config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""bench: the results file's structure on a tiny model with minimal settings, the repair variants the
+decode benchmark compares (they must compute the same attention), and the memory probe. No timing
+assertions: benchmarks are not tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cachemedicpp import bench, hf
+from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from threads, and a busy machine makes thread pools crawl
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_settings(model_dir, **kw) -> bench.Settings:
+    s = bench.Settings(model=str(model_dir), reps=1, lengths=[16], decode_tokens=2, memory="inprocess",
+                       memory_lengths=[16], eval_eps=[0.0, 0.16], eval_end_to_end=False, threads=1)
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "res.json"
+    # full-mode code paths (every memory workload, eval.run end to end) at minimal sizes
+    rc = bench.main(["--model", str(tiny_model_dir("llama")), "--reps", "1", "--lengths", "16",
+                     "--decode-tokens", "2", "--memory", "inprocess", "--device", "cpu", "--threads", "1",
+                     "--out", str(out)])
+    assert rc == EXIT_OK
+    r = json.loads(out.read_text())
+    assert r["format"] == bench.FORMAT
+    for key in ("machine", "settings", "targets", "train_step", "eval_grid", "decode", "memory", "summary"):
+        assert key in r, key
+    for key in ("cpu_model", "nproc", "torch_threads", "torch", "transformers", "loadavg_start", "loadavg_end"):
+        assert key in r["machine"], key
+    assert r["machine"]["torch_threads"] == 1
+
+    tr = r["train_step"]["cpu"]
+    assert len(tr["train_step_sec"]) == len(tr["bare_step_sec"]) == 1
+    assert tr["ratio"] > 0 and tr["cpu_time_ratio"] > 0
+    assert tr["shapes"]["protect_layers"] == [0, 1, 2]  # the tiny model has 3 layers: quickstart's don't fit
+    assert len(tr["shapes"]["step_corruption_types"]) == 1
+
+    ev = r["eval_grid"]["cpu"]
+    assert "skipped" not in ev
+    assert ev["ratio"] > 0 and ev["ratio_vs_computed_cells"] > 0
+    assert ev["grid"]["examples"] == len(ev["grid"]["tasks"]) == 3  # one example per quickstart task
+    assert ev["cells"] == ev["grid"]["examples"] * ev["grid"]["cells_per_example"]
+    assert all(0 < n <= ev["grid"]["cells_per_example"] for n in ev["grid"]["computed_cells_per_example"])
+    assert "cachemedic" in ev["grid"]["defenses"]
+    assert ev["end_to_end"]["exit_code"] == EXIT_OK and ev["end_to_end"]["wall_sec"] > 0
+
+    dec = r["decode"]["cpu"]
+    assert dec["rank"] == 8 and dec["apply_to"] == "KV"
+    row = dec["lengths"]["16"]
+    assert set(row["tokens_per_sec"]) == set(bench.DECODE_VARIANTS)
+    assert set(row["ratios"]) == {"repair", "naive", "folded"}
+    assert all(len(row["sec_per_run"][v]) == 1 for v in bench.DECODE_VARIANTS)
+    agree = dec["agreement_max_abs_logit_diff"]
+    assert agree["repair_vs_none"] > 1e-6  # the perturbed operator really changes the output
+    assert agree["naive_vs_repair"] < 1e-4 and agree["folded_vs_repair"] < 1e-4
+
+    mem = r["memory"]["cpu"]
+    expected = {"train_step", "train_bare", "eval_grid", "eval_bare"} | {f"decode_{v}_16" for v in bench.DECODE_VARIANTS}
+    assert set(mem) == expected
+    for name, m in mem.items():
+        assert m["peak_delta_mib"] >= 0 and m["peak_mib"] > 0 and m["method"], name
+    assert "extra_vs_none_mib" in mem["decode_naive_16"]
+
+    summ = r["summary"]["cpu"]
+    assert {"train_step", "eval_grid", "decode_repair@16", "meets_target"} <= set(summ)
+    printed = capsys.readouterr().out
+    assert "train step" in printed and "decode tokens/s" in printed and str(out) in printed
+
+
+def test_quick_settings():
+    s = bench.settings_from_args(bench.parse_args(["--quick", "--device", "cpu"]))
+    assert (s.reps, s.lengths, s.memory_lengths, s.memory_of) == (2, [256], [256], ["decode"])
+    assert not s.eval_end_to_end
+    s = bench.settings_from_args(bench.parse_args(["--lengths", "256,1024,2048", "--reps", "3", "--device", "cpu"]))
+    assert (s.reps, s.lengths, s.memory_lengths, s.devices) == (3, [256, 1024, 2048], [2048], ["cpu"])
+
+
+def test_repair_variants_compute_the_same_attention(tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = bench.bench_config(tiny_settings(lm.source), "cpu", lm.arch)
+    op = bench.perturbed_operator(cfg, lm)
+    layer = op.layers[0]
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d = lm.arch.num_heads, lm.arch.num_kv_heads, lm.arch.head_dim
+    q = torch.randn(1, hq, 5, d, generator=g)
+    k = torch.randn(1, hkv, 12, d, generator=g)
+    v = torch.randn(1, hkv, 12, d, generator=g)
+    scaling = d ** -0.5
+    allowed = torch.arange(12)[None, :] <= torch.arange(5)[:, None] + 7  # queries are the last 5 positions
+
+    def kernel(qq, kk, vv):  # plain causal attention with GQA repeat, like the model's eager kernel
+        kk = kk.repeat_interleave(hq // hkv, dim=1)
+        vv = vv.repeat_interleave(hq // hkv, dim=1)
+        s = (qq @ kk.transpose(-1, -2)) * scaling
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        return (p @ vv).transpose(1, 2)
+
+    with torch.no_grad():
+        factored = op.attend(layer, q, k, v, kernel)
+        folded = bench.FoldedRepair(op).attend(layer, q, k, v, kernel)
+        naive = bench.NaiveRepair(op, scaling).attend(layer, q, k, v, kernel)
+        plain = kernel(q, k, v)
+    assert factored.shape == folded.shape == naive.shape == (1, 5, hq, d)
+    assert not torch.allclose(factored, plain, atol=1e-4)
+    torch.testing.assert_close(folded, factored, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(naive, factored, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_probe_in_a_subprocess(tiny_model_dir):
+    s = tiny_settings(tiny_model_dir("llama"))
+    res = bench._probe_subprocess({"kind": "decode", "variant": "naive", "length": 16}, s, "cpu")
+    assert "error" not in res, res
+    assert res["peak_mib"] >= res["before_mib"] > 0
+    assert res["peak_delta_mib"] >= 0
+    assert "clear_refs" in res["method"] or "maxrss" in res["method"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lengths", "0,16"], "--lengths"),
+    (["--lengths", "abc"], "--lengths"),
+    (["--reps", "0"], "--reps"),
+    (["--only", "train_step,bogus"], "--only"),
+    (["--config", "/nonexistent.yaml"], "--config"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, needle, capsys):
+    rc = bench.main(args + ["--out", str(tmp_path / "r.json")])
+    assert rc == EXIT_BAD_INPUT
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_decode_length_beyond_the_model_window_is_bad_input(tmp_path, tiny_model_dir, capsys):
+    rc = bench.main(["--model", str(tiny_model_dir("llama")), "--only", "decode", "--lengths", "600",
+                     "--memory", "off", "--device", "cpu", "--reps", "1", "--out", str(tmp_path / "r.json")])
+    assert rc == EXIT_BAD_INPUT
+    assert "--lengths" in capsys.readouterr().err

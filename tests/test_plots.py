@@ -1,0 +1,285 @@
+"""plots: figures, tables and report from small hand-made metrics files (tests/data/metrics/)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cachemedicpp import ROOT, plots
+
+DATA = Path(__file__).parent / "data" / "metrics"
+EXPECTED = {
+    "figures/figA_score_vs_eps.png", "figures/figB_clean_vs_overhead_pareto.png",
+    "figures/figC_logit_sensitivity.png", "figures/figD_amplification_map.png",
+    "tables/table_main_results.tex", "tables/table_ablation_summary.tex", "report.md",
+}
+
+
+def _load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def make_run(tmp_path: Path, task=None, stab=None, config: bool = True) -> Path:
+    """A run dir holding the fixture metrics, optionally edited by `task(d)` / `stab(d)`."""
+    rd = tmp_path / "run"
+    (rd / "metrics").mkdir(parents=True)
+    for name, edit in (("task_metrics.json", task), ("stability_metrics.json", stab)):
+        d = _load(name)
+        if edit is not None:
+            edit(d)
+        (rd / "metrics" / name).write_text(json.dumps(d))
+    if config:
+        shutil.copy(DATA / "config_resolved.yaml", rd / "config_resolved.yaml")
+    return rd
+
+
+def paper_files(rd: Path) -> set[str]:
+    paper = rd / "paper"
+    return {str(p.relative_to(paper)) for p in paper.rglob("*") if p.is_file()} if paper.exists() else set()
+
+
+def strip_math(text: str) -> str:
+    return re.sub(r"\$[^$]*\$", "", text)
+
+
+def check_table(text: str, rows: list[str]) -> None:
+    assert text.count(r"\begin{tabular}") == text.count(r"\end{tabular}") >= 1
+    assert text.count(r"\begin{table}") == text.count(r"\end{table}") == 1
+    n = text.count(r"\begin{tabular}")
+    assert text.count(r"\toprule") == text.count(r"\midrule") == text.count(r"\bottomrule") == n
+    assert text.count("{") == text.count("}")
+    assert text.count("$") % 2 == 0
+    body = strip_math(text)
+    assert not re.search(r"(?<!\\)_", body), "unescaped underscore outside math mode"
+    code = "\n".join(line for line in body.splitlines() if not line.startswith("%"))
+    assert not re.search(r"(?<!\\)[%#^~]", code), "unescaped LaTeX special outside math mode"
+    for line in text.splitlines():  # every row of a tabular has the same number of cells
+        if line.endswith(r"\\") and "&" in line:
+            assert line.count("&") == _ncols(text, line) - 1, line
+    for r in rows:
+        assert any(line.startswith(r) for line in text.splitlines()), f"row {r!r} missing"
+
+
+def _ncols(text: str, line: str) -> int:
+    spec = None
+    for ln in text.splitlines():
+        m = re.match(r"\\begin\{tabular\}\{(\w+)\}", ln)
+        if m:
+            spec = m.group(1)
+        if ln == line:
+            return len(spec)
+    raise AssertionError("row outside a tabular")
+
+
+def test_outputs_from_sample_metrics(tmp_path):
+    rd = make_run(tmp_path)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED  # exact set: no temp files, no extras
+
+    for name in plots.FIGURES:
+        with Image.open(rd / "paper" / "figures" / name) as im:
+            im.load()
+            assert im.format == "PNG"
+            assert im.width >= 600 and im.height >= 400
+            assert len(np.unique(np.asarray(im.convert("L")))) > 20  # something was drawn
+
+    main = (rd / "paper" / "tables" / "table_main_results.tex").read_text()
+    check_table(main, ["No defense &", "Best heuristic (smoothing) &", "CacheMedic &"])
+    assert r"\usepackage{booktabs}" in main
+    assert "0.1008 [0.0958, 0.1058]" in main  # cachemedic AUC with CI
+    assert "0.0412 [0.0321, 0.0507]" in main  # paired bootstrap vs no defense
+    assert "$-$0.0012" in main  # vs best heuristic in the caption, with a real minus
+    assert "wikitext2\\_ppl" in main and "oracle advantage" in main
+
+    abl = (rd / "paper" / "tables" / "table_ablation_summary.tex").read_text()
+    check_table(abl, ["Family & A", "Rank & 8", "Apply to & KV", "Protected layers & 8--11",
+                      r"$\lambda_{\mathrm{id}}$ & 1", r"$\lambda_{\mathrm{contr}}$ & 0.5", "Training steps & 200",
+                      "1 & 5.300 & 2.610 & 3.850 & 0.678", "2 & 10.60 & 5.010 & 7.450 & 0.672"])
+    assert abl.count(r"\begin{tabular}") == 2
+
+    report = (rd / "paper" / "report.md").read_text()
+    for needle in ("0.8567", "0.8517", "24.00", "0.1008 [0.0958, 0.1058]", "0.0742 [0.0705, 0.0779]",
+                   "0.0412 [0.0321, 0.0507]", "excludes zero", "includes zero", "**smoothing**",
+                   "δ = 1: no defense 5.300; cachemedic 2.610", "δ = 2: no defense 10.60", "0.49×",
+                   "oracle advantage", "offline:data/offline/wikitext2_eval.txt", "1,268 tokens/s"):
+        assert needle in report, needle
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(links) == sorted(f"figures/{n}" for n in plots.FIGURES)
+    assert all((rd / "paper" / link).is_file() for link in links)
+
+
+def test_overhead_null_and_no_pair_no_config(tmp_path):
+    def task(d):
+        d["metrics"]["overhead"] = None
+        d["metrics"]["best_heuristic_name"] = "clipping_renorm"  # a name that needs LaTeX escaping
+
+    def stab(d):
+        for p in d["metrics"]["stability.logit_sensitivity"]["points"]:
+            p["cachemedic_no_contr"] = None
+
+    rd = make_run(tmp_path, task, stab, config=False)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED
+    report = (rd / "paper" / "report.md").read_text()
+    assert "Throughput was not measured" in report and "tokens/s" not in report
+    assert "λ_contr = 0 pair" not in report
+    main = (rd / "paper" / "tables" / "table_main_results.tex").read_text()
+    check_table(main, ["No defense &", r"Best heuristic (clipping\_renorm) &", "CacheMedic &"])
+    abl = (rd / "paper" / "tables" / "table_ablation_summary.tex").read_text()
+    check_table(abl, ["Family & n/a", "Training steps & n/a"])
+    assert abl.count(r"\begin{tabular}") == 1 and "No paired" in abl
+
+
+def test_pareto_uses_auc_when_overhead_is_null(tmp_path, monkeypatch):
+    """Figure B never invents throughput: with overhead null its x axis is the robustness AUC."""
+    titles = []
+    orig = plots._pareto_panel
+
+    def spy(ax, pts, best):
+        orig(ax, pts, best)
+        titles.append(dict(pts))
+
+    monkeypatch.setattr(plots, "_pareto_panel", spy)
+    inp = plots.load_inputs(make_run(tmp_path, lambda d: d["metrics"].update(overhead=None)))
+    plots.fig_pareto(inp)
+    assert len(titles) == 1
+    assert titles[0]["cachemedic"] == (inp.auc["cachemedic"], inp.clean["cachemedic"])
+    inp.overhead = {"no_defense": {"tokens_per_sec": 100.0}, "cachemedic": {"tokens_per_sec": 90.0}}
+    titles.clear()
+    plots.fig_pareto(inp)
+    assert titles[0] == {"no_defense": (100.0, inp.clean["no_defense"]), "cachemedic": (90.0, inp.clean["cachemedic"])}
+
+
+def test_pareto_front():
+    pts = {"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (1.5, 3.0), "d": (3.0, 1.0), "e": (3.0, 0.5)}
+    assert plots.pareto_front(pts) == ["a", "b", "d"]
+
+
+def test_tex_escape_and_formatting():
+    assert plots.tex("a_b & 50% #1 $x") == r"a\_b \& 50\% \#1 \$x"
+    assert plots.fmt(0.03841) == "0.0384" and plots.fmt(23.456) == "23.46" and plots.fmt(1480.2) == "1,480"
+    assert plots.fmt(None) == "n/a" and plots.fmt(float("nan")) == "n/a"
+    assert plots.tnum("-0.0012 [-0.1, 0.2]") == "$-$0.0012 [$-$0.1, 0.2]"
+    assert plots.layer_ranges([11, 8, 9, 10, 20]) == "8–11, 20"
+
+
+def _fails(tmp_path, capsys, rd: Path, *needles: str) -> None:
+    assert plots.main(["--run_dir", str(rd)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    assert paper_files(rd) == set()  # no placeholder images
+
+
+def test_missing_metrics_file(tmp_path, capsys):
+    rd = make_run(tmp_path)
+    (rd / "metrics" / "stability_metrics.json").unlink()
+    _fails(tmp_path, capsys, rd, "stability_metrics.json", "not found")
+
+
+def test_missing_task_metrics_file(tmp_path, capsys):
+    rd = make_run(tmp_path)
+    (rd / "metrics" / "task_metrics.json").unlink()
+    _fails(tmp_path, capsys, rd, "task_metrics.json", "not found")
+
+
+def test_malformed_json(tmp_path, capsys):
+    rd = make_run(tmp_path)
+    (rd / "metrics" / "task_metrics.json").write_text('{"metrics": {"score_vs_eps": ')
+    _fails(tmp_path, capsys, rd, "task_metrics.json", "corrupted")
+
+
+@pytest.mark.parametrize("which,edit,needle", [
+    ("task", lambda d: d["metrics"]["score_vs_eps"].pop("cachemedic"), "metrics.score_vs_eps.cachemedic"),
+    ("task", lambda d: d["metrics"].pop("best_heuristic_name"), "metrics.best_heuristic_name"),
+    ("task", lambda d: d["metrics"]["paired_bootstrap"].pop("cachemedic_minus_no_defense"),
+     "metrics.paired_bootstrap.cachemedic_minus_no_defense"),
+    ("task", lambda d: d["metrics"]["score_vs_eps"]["no_defense"].pop(), "has 3 values, expected 4"),
+    ("task", lambda d: d["metrics"]["robustness_auc"].update(cachemedic="high"), "must be a number"),
+    ("task", lambda d: d["metrics"]["overhead"]["smoothing"].pop("tokens_per_sec"),
+     "metrics.overhead.smoothing.tokens_per_sec"),
+    ("stab", lambda d: d["metrics"]["stability.logit_sensitivity"]["points"][1].pop("cachemedic"),
+     'metrics["stability.logit_sensitivity"].points[1].cachemedic'),
+    ("stab", lambda d: d["metrics"].pop("stability.amplification_map"), 'metrics["stability.amplification_map"]'),
+    ("stab", lambda d: d["metrics"]["stability.amplification_map"]["cachemedic"].pop(), "expected one per layer"),
+    ("stab", lambda d: d.update(config_hash="ffff"), "different configs"),
+])
+def test_missing_or_bad_key(tmp_path, capsys, which, edit, needle):
+    rd = make_run(tmp_path, **{which: edit})
+    _fails(tmp_path, capsys, rd, needle, "task_metrics.json" if which == "task" else "stability_metrics.json")
+
+
+def test_bad_input_leaves_previous_outputs_untouched(tmp_path):
+    rd = make_run(tmp_path)
+    for i, f in enumerate(sorted(EXPECTED)):  # outputs of an earlier plots run
+        (rd / "paper" / f).parent.mkdir(parents=True, exist_ok=True)
+        (rd / "paper" / f).write_bytes(b"earlier %d" % i)
+    before = {f: (rd / "paper" / f).read_bytes() for f in EXPECTED}
+    (rd / "metrics" / "stability_metrics.json").write_text("not json")
+    assert plots.main(["--run_dir", str(rd)]) == 2
+    assert {f: (rd / "paper" / f).read_bytes() for f in EXPECTED} == before
+
+
+def test_cli_module(tmp_path):
+    rd = make_run(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "cachemedicpp.plots", "--run_dir", str(rd)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert paper_files(rd) == EXPECTED
+
+
+def test_paired_run_settings_and_gaps_in_the_map(tmp_path):
+    """The lambda_contr = 0 twin's settings come from its own run dir; missing map cells stay blank."""
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    cfg = (DATA / "config_resolved.yaml").read_text().replace("lambda_contr: 0.5", "lambda_contr: 0.0")
+    (pair / "config_resolved.yaml").write_text(cfg)
+
+    def stab(d):
+        d["metrics"]["stability.settings"]["paired_run"] = {"run_dir": str(pair), "lambda_contr": 0.0}
+        d["metrics"]["stability.amplification_map"]["cachemedic"][0][1] = None
+
+    inp = plots.load_inputs(make_run(tmp_path, stab=stab))
+    assert inp.paired_dir == str(pair) and inp.has_pair
+    abl = plots.table_ablation(inp)
+    check_table(abl, ["Setting & This run & $\\lambda_{\\mathrm{contr}}=0$ pair", "Family & A & A",
+                      r"$\lambda_{\mathrm{contr}}$ & 0.5 & 0"])
+    with Image.open(io.BytesIO(plots.fig_amplification(inp))) as im:
+        assert im.width >= 600
+
+
+def test_no_heuristic_evaluated_and_partial_overhead(tmp_path):
+    """An eval without heuristic defenses, a defense whose throughput is null and a dict OOD split."""
+    def task(d):
+        m = d["metrics"]
+        m["best_heuristic_name"] = None
+        m["heuristic_auc"] = None
+        for block in [m["score_vs_eps"], *m["score_vs_eps_by_task"].values()]:
+            block["best_heuristic"] = None
+            block["ci"].pop("best_heuristic")
+        m["robustness_auc"].pop("best_heuristic")
+        m["paired_bootstrap"].pop("cachemedic_minus_best_heuristic")
+        m["overhead"]["smoothing"]["tokens_per_sec"] = None
+        d["settings"]["ood_split"] = {"name": "loto_holdout_quant_noise", "train_types": ["gaussian"],
+                                      "test_type": "quant_noise"}
+
+    rd = make_run(tmp_path, task)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED
+    main = (rd / "paper" / "tables" / "table_main_results.tex").read_text()
+    check_table(main, ["No defense &", "CacheMedic &"])
+    assert "Best heuristic" not in main
+    report = (rd / "paper" / "report.md").read_text()
+    assert "No heuristic defense was evaluated" in report
+    assert "loto_holdout_quant_noise (held out: quant_noise)" in report
+    assert "smoothing n/a tokens/s" in report

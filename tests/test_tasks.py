@@ -1,0 +1,201 @@
+"""Tasks (example building, scoring, exposure) and the evaluation statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cachemedicpp import corruption, data, eval as ev, stats, tasks
+from cachemedicpp.config import ConfigError, load_config
+
+
+def _cfg(tiny_cfg, **over):
+    return load_config(data=tiny_cfg("llama", **over))
+
+
+def _build(cfg, lm, name):
+    tcfg = next(t for t in cfg.eval.tasks if t["name"] == name)
+    src = tasks.load_sources(cfg, lm, [name])
+    return tasks.get_task(name).build(lm, cfg, tcfg, src)
+
+
+# --------------------------------------------------------------------------------------------------
+# example building
+
+
+def test_wikitext_fixed_windows_and_feed(tiny_cfg, tiny_lm):
+    cfg = _cfg(tiny_cfg)
+    lm = tiny_lm("llama")
+    exs, info = _build(cfg, lm, "wikitext2_ppl")
+    L, cont = cfg.eval.max_seq_len, cfg.eval.cont_len
+    text, _ = data.load_text(cfg.data.to_dict(), "wikitext2")
+    stream = data.tokenize_stream(lm.tokenizer, text)
+    assert len(exs) == 3 and info["cache_len"] == L - cont - 1
+    for i, ex in enumerate(exs):
+        window = stream[i * L:(i + 1) * L]  # consecutive, non-overlapping windows of the stream
+        assert ex.key == f"wikitext2_ppl/{i:05d}" and ex.example_id == f"wikitext2_ppl:{i}"
+        assert torch.equal(ex.prefix, window[:L - cont - 1])
+        # the feed re-reads the context's last token, so every target is predicted over the cache
+        assert ex.feeds.shape == (1, cont) and int(ex.feeds[0, 0]) == int(window[L - cont - 1])
+        assert torch.equal(ex.feeds[0, 1:], window[L - cont:L - 1])
+        assert torch.equal(ex.targets[0], window[L - cont:])
+
+
+def test_sst2_two_label_rows_and_few_shot(tiny_cfg, tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = _cfg(tiny_cfg)
+    exs, info = _build(cfg, lm, "sst2_prompted")
+    rows, _ = data.load_sst2(cfg.data.to_dict(), "sst2")
+    assert len(exs) == 4 and info["few_shot"] == 0
+    lab = [lm.tokenizer(s, add_special_tokens=False)["input_ids"] for s in tasks.SST2_LABELS]
+    for ex, (sentence, label) in zip(exs, rows):
+        prompt = lm.tokenizer(tasks.sst2_prompt(sentence))["input_ids"]
+        assert ex.rows == 2 and ex.label == label
+        assert ex.prefix.tolist() == prompt[:-1]
+        for r in range(2):
+            n = len(lab[r])
+            assert ex.feeds[r, 0] == prompt[-1] and ex.targets[r, :n].tolist() == lab[r]
+            assert (ex.targets[r, n:] == tasks.IGNORE).all()
+    few_cfg = _cfg(tiny_cfg, **{"eval.tasks": [{"name": "sst2_prompted", "num_examples": 4, "few_shot": 2}]})
+    few, finfo = _build(few_cfg, lm, "sst2_prompted")
+    again, _ = _build(few_cfg, lm, "sst2_prompted")
+    assert finfo["few_shot"] == 2 and finfo["demo_source"].endswith("sst2_train.tsv")
+    for a, b, z in zip(few, again, exs):
+        assert torch.equal(a.prefix, b.prefix)  # demos are seeded, not drawn from a global stream
+        assert a.prefix.numel() > z.prefix.numel()
+        assert lm.tokenizer.decode(a.prefix.tolist() + [int(a.feeds[0, 0])]).count("Sentiment:") == 3
+
+
+def test_needle_inside_old_region_and_fits(tiny_cfg, tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = _cfg(tiny_cfg)
+    exs, info = _build(cfg, lm, "needle_long_context")
+    needle, question, answer = tasks.needle_parts(lm, cfg.data.long_context)
+    cor = corruption.Corruptor(cfg.corruption.to_dict(), [0, 1], lm.arch.num_kv_heads, cfg.seed)
+    for ex in exs:
+        a, b = ex.meta["needle_span"]
+        assert ex.prefix[a:b].tolist() == needle
+        mask = cor.time_mask(ex.prefix.numel())
+        assert mask[a:b].all()  # inside the corrupted old region
+        assert ex.prefix.numel() + 1 + len(answer) <= lm.arch.max_positions
+        assert ex.targets[0].tolist() == answer
+        assert lm.tokenizer.decode(ex.prefix.tolist() + [int(ex.feeds[0, 0])]).endswith(
+            "Question: What is the_key? Answer: the_key =")
+    tasks.check_needle(exs, cor.time_mask, "test")
+    assert exs[0].meta["filler_start"] != exs[1].meta["filler_start"]
+    # a recent window that swallows the needle is refused
+    far = corruption.Corruptor({"axes": {"N_recent": exs[0].prefix.numel() - 5}}, [0, 1], lm.arch.num_kv_heads, 0)
+    with pytest.raises(ConfigError, match="needle"):
+        tasks.check_needle(exs, far.time_mask, "N_recent too large")
+    with pytest.raises(ConfigError, match="needle"):
+        ev.build_context(_cfg(tiny_cfg, **{"corruption.axes.N_recent": 60,
+                                           "eval.tasks": [{"name": "needle_long_context", "num_examples": 1}],
+                                           "eval.defenses": ["no_defense"]}), lm)
+    too_long = _cfg(tiny_cfg, **{"data.long_context.context_len": 600})
+    with pytest.raises(ConfigError, match="positions"):
+        _build(too_long, lm, "needle_long_context")
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+
+
+def test_scorers_match_manual_computation():
+    torch.manual_seed(0)
+    V = 11
+    targets = torch.tensor([[3, 5, 7]])
+    ex = tasks.Example("wikitext2_ppl", 0, torch.tensor([1, 2]), torch.tensor([[2, 3, 5]]), targets)
+    logits = torch.randn(1, 3, V)
+    nll = -torch.log_softmax(logits, -1)[0, torch.arange(3), targets[0]].mean()
+    assert tasks.score_wikitext(logits, ex) == pytest.approx(float(nll), rel=1e-6)
+
+    t = torch.tensor([[4, tasks.IGNORE], [6, 8]])
+    sst = tasks.Example("sst2_prompted", 0, torch.tensor([1]), torch.tensor([[2, 0], [2, 6]]), t, label=1)
+    lg = torch.zeros(2, 2, V)
+    lg[0, 0, 4] = 5.0  # label 0: one confident token
+    lg[1, 0, 6], lg[1, 1, 8] = 5.0, 5.0  # label 1: two confident tokens -> smaller summed log-prob
+    assert tasks.score_sst2(lg, sst) == 0.0
+    lg[1, 1, 8] = 50.0
+    lg[1, 0, 6] = 50.0
+    assert tasks.score_sst2(lg, sst) == 1.0
+
+    nd = tasks.Example("needle_long_context", 0, torch.tensor([1]), torch.tensor([[2, 3]]), torch.tensor([[3, 9]]))
+    lg = torch.zeros(1, 2, V)
+    lg[0, 0, 3], lg[0, 1, 9] = 1.0, 1.0
+    assert tasks.score_needle(lg, nd) == 1.0
+    lg[0, 1, 2] = 2.0
+    assert tasks.score_needle(lg, nd) == 0.0
+
+
+def test_value_and_score_conversions():
+    m = np.array([[2.0, 2.5]])
+    assert tasks.value_from_mean("ppl", m)[0, 1] == pytest.approx(math.exp(2.5))
+    assert tasks.score_from_means("ppl", m, m[:, :1])[0, 1] == pytest.approx(math.exp(2.0) / math.exp(2.5))
+    assert tasks.score_from_means("accuracy", np.array([0.75]), np.array([1.0]))[0] == 0.75
+    with pytest.raises(ConfigError, match="known"):
+        tasks.get_task("mmlu")
+
+
+# --------------------------------------------------------------------------------------------------
+# exposure
+
+
+def test_exposure_fraction_and_short_context(tiny_cfg, tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = _cfg(tiny_cfg, **{"eval.tasks": [{"name": "sst2_prompted", "num_examples": 2}],
+                            "eval.defenses": ["no_defense"]})
+    ctx = ev.build_context(cfg, lm)
+    ex = ctx.examples[0]
+    T = ex.prefix.numel()
+    reg = ctx.corruptor.region("gaussian", 0.16, T, "eval", ex.example_id)
+    assert ev.exposure(ctx, [reg]) == pytest.approx((T - 8) / T)
+    short = ev.build_context(_cfg(tiny_cfg, **{"eval.tasks": [{"name": "sst2_prompted", "num_examples": 2}],
+                                               "eval.defenses": ["no_defense"], "corruption.axes.N_recent": 200}), lm)
+    unit = ev.score_example(short, short.examples[0])
+    assert unit["exposure"] == 0.0  # a prompt shorter than N_recent is not corrupted at all
+    clean = unit["cells"][ev.Cell("clean", 0.0, "no_defense").key]
+    assert all(v == clean for v in unit["cells"].values())
+    full = ev.score_example(ctx, ex)
+    assert 0.0 < full["exposure"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_trapezoid_auc():
+    assert stats.trapezoid_auc([0.0, 0.08, 0.16], [1.0, 1.0, 1.0]) == pytest.approx(0.16)
+    assert stats.trapezoid_auc([0.0, 0.1], [1.0, 0.0]) == pytest.approx(0.05)
+    assert stats.trapezoid_auc([0.0], [0.7]) == 0.0
+    got = stats.trapezoid_auc([0.0, 1.0, 3.0], np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 0.0]]))
+    assert np.allclose(got, [2.5, 4.0])
+    with pytest.raises(ValueError):
+        stats.trapezoid_auc([0.1, 0.0], [1.0, 1.0])
+
+
+def test_bootstrap_is_seeded_and_paired():
+    x = np.arange(10, dtype=float)[:, None] * np.array([[1.0, 2.0]])
+    a = stats.bootstrap_indices(10, 200, stats.seeded_rng(3, "t"))
+    b = stats.bootstrap_indices(10, 200, stats.seeded_rng(3, "t"))
+    c = stats.bootstrap_indices(10, 200, stats.seeded_rng(4, "t"))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    means = stats.resampled_means(x, a)
+    assert means.shape == (200, 2) and np.allclose(means[:, 1], 2 * means[:, 0])
+    lo, hi = stats.percentile_ci(means[:, 0])
+    assert lo < 4.5 < hi
+    same = stats.paired_difference(1.0, 1.0, means[:, 0], means[:, 0], 10)
+    assert same["diff"] == 0.0 and same["ci_low"] == 0.0 and same["ci_high"] == 0.0 and same["samples"] == 200
+    shifted = stats.paired_difference(5.5, 4.5, means[:, 0] + 1.0, means[:, 0], 10)
+    # paired: a constant shift has a zero-width interval even though each arm varies a lot
+    assert shifted["ci_low"] == pytest.approx(1.0) and shifted["ci_high"] == pytest.approx(1.0)
+
+
+def test_wilson_ci():
+    lo, hi = stats.wilson_ci(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.32
+    lo, hi = stats.wilson_ci(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert stats.wilson_ci(0, 0) == (0.0, 1.0)
