@@ -16,7 +16,7 @@ import argparse
 import io
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +25,7 @@ from matplotlib import colors as mcolors
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cachemedicpp.config import ConfigError, resolve_path
 from cachemedicpp.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_json
@@ -37,6 +38,7 @@ DPI = 150
 SENS_KEY, AMP_KEY, STAB_SETTINGS_KEY = ("stability.logit_sensitivity", "stability.amplification_map",
                                         "stability.settings")
 SERIES = ("no_defense", "best_heuristic", "cachemedic")
+Z_ORDER = {"cachemedic": 0, "best_heuristic": 1, "no_defense": 2}
 
 # Okabe-Ito palette (distinguishable under the common colour-vision deficiencies); every curve also
 # gets its own marker and line style so the figures survive greyscale printing.
@@ -44,14 +46,14 @@ BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE, GREY = (
     "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#8C8C8C")
 DEFENSE_STYLE = {  # colour, marker
     "no_defense": (BLACK, "o"),
-    "reset_clear": (SKY, "v"),
+    "reset_clear": (VERMILLION, "v"),
     "smoothing": (ORANGE, "s"),
     "masking_dropout": (GREEN, "P"),
     "clipping_renorm": (PURPLE, "X"),
     "cachemedic": (BLUE, "D"),
 }
-SPARE_STYLES = [(VERMILLION, "^"), (GREY, "h"), (YELLOW, "*"), (SKY, "<"), (GREEN, ">")]
-NO_CONTR_STYLE = (VERMILLION, "^")
+SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
+NO_CONTR_STYLE = (SKY, "^")  # a lighter shade of cachemedic's blue: the same operator without L_contr
 RC = {
     "font.size": 10.5, "axes.titlesize": 11.5, "axes.labelsize": 10.5, "legend.fontsize": 9.5,
     "xtick.labelsize": 9.5, "ytick.labelsize": 9.5, "figure.titlesize": 13, "axes.grid": True,
@@ -177,7 +179,6 @@ class Inputs:
     paired_cfg: dict | None = None
     paired_dir: str | None = None
     oracle_note: str = ""
-    notes: list[str] = field(default_factory=list)
 
     @property
     def has_pair(self) -> bool:
@@ -424,6 +425,33 @@ def ood_text(settings: dict) -> str | None:
     return proto if isinstance(proto, str) and proto else None
 
 
+def tasks_text(tasks: Any) -> str:
+    """`name (n = ...)` per task from either a list of names/dicts or a {name: info} mapping."""
+    if isinstance(tasks, dict):
+        items = list(tasks.items())
+    elif isinstance(tasks, list):
+        items = [(t.get("name"), t) if isinstance(t, dict) else (t, {}) for t in tasks]
+    else:
+        return plain(tasks)
+    out = []
+    for name, info in items:
+        n = info.get("n", info.get("num_examples")) if isinstance(info, dict) else None
+        out.append(f"{name} (n = {n})" if n is not None else str(name))
+    return ", ".join(out)
+
+
+def checkpoint_text(ckpt: Any, run_hash: str) -> str:
+    if not isinstance(ckpt, dict):
+        return plain(ckpt)
+    bits = [f"step {ckpt['step']}" if ckpt.get("step") is not None else None, ckpt.get("status"),
+            f"sha256 {ckpt['sha256']}" if ckpt.get("sha256") else None]
+    other = ckpt.get("config_hash")
+    if other and not str(run_hash).startswith(str(other)) and not str(other).startswith(str(run_hash)):
+        bits.append(f"written under config {other}, not this run's")
+    extra = ", ".join(b for b in bits if b)
+    return f"`{ckpt.get('path')}`" + (f" ({extra})" if extra else "")
+
+
 def plain(v: Any) -> str:
     if isinstance(v, dict):
         return "; ".join(f"{k}: {plain(x)}" for k, x in v.items())
@@ -478,20 +506,26 @@ def _series_style(name: str, best: str | None) -> dict:
 
 
 def _draw_curves(ax, c: Curves, best: str | None, auc: dict[str, float] | None = None) -> None:
+    vals: list[float] = []
     for name in c.series:
         st = _series_style(name, best)
         if auc is not None:
             a = (auc.get(name, math.nan) if name != "best_heuristic"
                  else auc.get("best_heuristic", auc.get(best or "", math.nan)))
             st["label"] += f"  (AUC {fmt(a)})"
-        ax.plot(c.eps, c.series[name], lw=2, ms=6, zorder=3, **st)
+        # solid cachemedic underneath, so a dotted/dashed curve lying on it stays visible
+        ax.plot(c.eps, c.series[name], lw=2, ms=6, zorder=3 + Z_ORDER[name], **st)
         band = c.ci.get(name, c.ci.get(best) if name == "best_heuristic" else None)
         if band is not None:
             lo, hi = band
-            ax.fill_between(c.eps, lo, hi, color=st["color"], alpha=0.16, lw=0, zorder=2)
+            # light fill plus edges in the curve's own colour and style: overlapping bands stay attributable
+            ax.fill_between(c.eps, lo, hi, color=st["color"], alpha=0.10, lw=0, zorder=2)
+            for edge in (lo, hi):
+                ax.plot(c.eps, edge, color=st["color"], ls=st["ls"], lw=0.8, alpha=0.7, zorder=2)
+            vals += [*lo, *hi]
+        vals += list(c.series[name])
     ax.set_xticks(c.eps)
     ax.set_xticklabels([f"{e:g}" for e in c.eps])
-    vals = [v for s in c.series.values() for v in s] + [v for lo, hi in c.ci.values() for v in (*lo, *hi)]
     ax.set_ylim(*_pad(vals, 0.08, floor=0.0))
     ax.set_xlabel("corruption severity ε")
 
@@ -500,13 +534,14 @@ def fig_score_vs_eps(inp: Inputs) -> bytes:
     tasks = list(inp.by_task) if len(inp.by_task) >= 2 else []
     ncols = min(len(tasks), 3) if tasks else 1
     nrows_tasks = math.ceil(len(tasks) / ncols) if tasks else 0
-    fig = _new_figure(11.0, 5.2 + 3.3 * nrows_tasks)
+    fig = _new_figure(11.0, 5.6 + 3.3 * nrows_tasks)
     gs = fig.add_gridspec(1 + nrows_tasks, ncols, height_ratios=[1.5] + [1.0] * nrows_tasks)
     main = fig.add_subplot(gs[0, :])
     _draw_curves(main, inp.curves, inp.best, auc=inp.auc)
     main.set_ylabel("normalised score (higher is better)")
     main.set_title("Mean over tasks × corruption types" + (" (bands: 95% CI)" if inp.curves.ci else ""))
-    main.legend(loc="best", frameon=True, framealpha=0.9)
+    handles, labels = main.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
     task_axes = []
     for i, t in enumerate(tasks):
         ax = fig.add_subplot(gs[1 + i // ncols, i % ncols])
@@ -520,7 +555,10 @@ def fig_score_vs_eps(inp: Inputs) -> bytes:
         for ax in task_axes:
             ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     s = inp.settings
-    sub = [f"persistence: {s['persistence']}" if s.get("persistence") else None, ood_text(s),
+    split = s.get("ood_split")
+    split = split.get("name") if isinstance(split, dict) else split or s.get("ood_protocol")
+    sub = [f"persistence: {s['persistence']}" if s.get("persistence") else None,
+           f"OOD split: {split}" if isinstance(split, str) and split else None,
            f"types: {plain(s['types'])}" if s.get("types") else None]
     sub = " · ".join(x for x in sub if x)
     fig.suptitle("Task robustness vs corruption severity" + (f"\n{sub}" if sub else ""))
@@ -547,8 +585,9 @@ def _pareto_panel(ax, pts: dict[str, tuple[float, float]], best: str | None) -> 
     for d, (x, y) in pts.items():
         color, marker = defense_style(d)
         label = "no defense" if d == "no_defense" else d + (" (best heuristic)" if d == best else "")
-        ax.scatter([x], [y], s=95, color=color, marker=marker, edgecolors="white", linewidths=0.8, zorder=3,
-                   label=label)
+        # no defense on top and smaller: a defense with (near) identical numbers must not hide it
+        ax.scatter([x], [y], s=45 if d == "no_defense" else 110, color=color, marker=marker, edgecolors="white",
+                   linewidths=0.8, zorder=4 if d == "no_defense" else 3, label=label)
     ax.set_xlim(*_pad([p[0] for p in pts.values()], 0.15))
     ax.set_ylim(*_pad([p[1] for p in pts.values()], 0.15))
 
@@ -615,22 +654,23 @@ def fig_sensitivity(inp: Inputs) -> bytes:
     log = _wide(values)
     show = (lambda y: np.where(y > 0, y, math.nan)) if log else (lambda y: y)  # log axes cannot show zero drift
     for label, y, color, marker, ls in lines:
-        ax.plot(d, show(y), color=color, marker=marker, ls=ls, lw=2, ms=6, label=label, zorder=3)
+        ax.plot(d, show(y), color=color, marker=marker, ls=ls, lw=2, ms=6, label=label,
+                zorder=3 if ls == "-" else 4)
     if np.isfinite(vs_rep).any():
         ax.plot(d, show(vs_rep), color=BLUE, marker="D", mfc="white", ls=(0, (1, 1.5)), lw=1.5, ms=5,
                 label="cachemedic vs repaired-clean logits", zorder=3)
+    title = "Logit sensitivity (lower is more stable)"
     if log:
         ax.set_yscale("log")
         if any(math.isfinite(v) and v <= 0 for v in values):
-            ax.text(0.02, 0.98, "zero drift not shown on the log axis", transform=ax.transAxes, fontsize=8.5,
-                    color=GREY, va="top")
+            title += "\n(log scale: zero drift is not shown)"
     ax.set_xticks(d)
     ax.set_xticklabels([f"{x:g}" for x in d])
     scale = inp.stab_settings.get("delta_scale")
     per_entry = f" (per-entry size δ·{scale:g}·RMS)" if isinstance(scale, (int, float)) else ""
     ax.set_xlabel("perturbation size δ" + per_entry)
     ax.set_ylabel("logit drift ‖Δz‖₂ over top-k logits" + (" (log)" if log else ""))
-    ax.set_title("Logit sensitivity (lower is more stable)")
+    ax.set_title(title)
 
     # Right panel: the same drifts relative to no defense, so "more or less sensitive" is read off directly.
     keep = np.array([p.baseline > 0 and math.isfinite(p.baseline) for p in inp.sens])
@@ -638,7 +678,7 @@ def fig_sensitivity(inp: Inputs) -> bytes:
     for label, y, color, marker, ls in lines[1:]:
         r = np.where(keep, y / np.where(keep, [p.baseline for p in inp.sens], 1.0), math.nan)
         ratios += list(r)
-        rax.plot(d[keep], r[keep], color=color, marker=marker, ls=ls, lw=2, ms=6, zorder=3)
+        rax.plot(d[keep], r[keep], color=color, marker=marker, ls=ls, lw=2, ms=6, zorder=3 if ls == "-" else 4)
     rax.axhline(1.0, color=BLACK, lw=1, ls=":", zorder=1)
     if _wide(ratios + [1.0], 8.0):
         rax.set_yscale("log")
@@ -704,9 +744,12 @@ def fig_amplification(inp: Inputs) -> bytes:
         if k == 2:
             cb = fig.colorbar(im, ax=ax, shrink=0.9)
             cb.set_label("after / before (< 1: repair damps)")
-            ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-                     if norm.vmin <= t <= norm.vmax]
-            cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+            if norm.vmax / norm.vmin < 4:
+                ticks = [t for t in MaxNLocator(6).tick_values(norm.vmin, norm.vmax) if norm.vmin <= t <= norm.vmax]
+            else:
+                ticks = [t for t in (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+                         if norm.vmin <= t <= norm.vmax]
+            cb.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
             cb.minorticks_off()
     axes[0].set_ylabel("layer" + ("  (* outside the protected set)" if a["flagged"] else ""))
     delta = f" at δ = {a['delta']:g}" if a["delta"] is not None and math.isfinite(a["delta"]) else ""
@@ -767,8 +810,8 @@ def table_main(inp: Inputs) -> str:
            "; robustness AUC: trapezoid over $\\epsilon$ of the normalised score. CIs: 95\\% bootstrap "
            "over examples, paired for differences."]
     for key, what in (("cachemedic_minus_best_heuristic", "CacheMedic $-$ best heuristic, $\\Delta$\\,AUC"),
-                      ("clean_cachemedic_minus_no_defense", "CacheMedic $-$ no defense, $\\Delta$clean score"),
-                      ("clean_cachemedic_minus_best_heuristic", "CacheMedic $-$ best heuristic, $\\Delta$clean score")):
+                      ("clean_cachemedic_minus_no_defense", "CacheMedic $-$ no defense, $\\Delta$\\,clean score"),
+                      ("clean_cachemedic_minus_best_heuristic", "CacheMedic $-$ best heuristic, $\\Delta$\\,clean score")):
         b = inp.boot.get(key)
         if b is not None:
             cap.append(f"{what}: {tnum(fmt_ci(b['diff'], (b['ci_low'], b['ci_high'])))}.")
@@ -899,6 +942,8 @@ def report_md(inp: Inputs) -> str:
                          f"(cachemedic / pair = {fmt(p.cachemedic / p.no_contr, 3)})"
                          if p.no_contr > 0 else f"λ_contr = 0 pair {fmt(p.no_contr)}")
         L.append(f"- Logit drift at δ = {delta:g}: " + "; ".join(parts) + ".")
+    if not inp.has_pair:
+        L.append("- No paired λ_contr = 0 run was given to stability, so there is no contraction ablation here.")
     p0 = _sens_at(inp, 0.0)
     if p0 is not None:
         L.append(f"- At δ = 0 the repair's own drift on a clean cache is {fmt(p0.cachemedic)} "
@@ -916,10 +961,14 @@ def report_md(inp: Inputs) -> str:
     # settings and provenance
     s = inp.settings
     L += ["## Settings and data", ""]
-    for key, label in (("tasks", "Tasks"), ("eps", "ε grid"), ("types", "Corruption types"),
-                       ("persistence", "Persistence"), ("data_sources", "Data sources"), ("checkpoint", "Checkpoint")):
+    if s.get("tasks"):
+        L.append(f"- Tasks: {tasks_text(s['tasks'])}.")
+    for key, label in (("eps", "ε grid"), ("types", "Corruption types"), ("persistence", "Persistence"),
+                       ("data_sources", "Data sources")):
         if s.get(key) not in (None, "", [], {}):
             L.append(f"- {label}: {plain(s[key])}.")
+    if s.get("checkpoint"):
+        L.append(f"- Repair checkpoint: {checkpoint_text(s['checkpoint'], inp.config_hash)}.")
     if ood_text(s):
         L.append(f"- Out-of-distribution protocol: {ood_text(s)}.")
     L += [f"- Note: {n}" for n in (s.get("notes") or []) if isinstance(n, str)]

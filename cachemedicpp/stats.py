@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -81,8 +81,3 @@ def paired_difference(point_a: float, point_b: float, samples_a, samples_b, n: i
 def to_list(a) -> list:
     """Plain Python floats (JSON) from an array."""
     return [float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
-
-
-def mean_of(rows: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
-    vals = list(rows.values()) if isinstance(rows, Mapping) else list(rows)
-    return np.mean(np.stack(vals, axis=0), axis=0)
