@@ -27,6 +27,18 @@ def _tokenizer_text() -> str:
     return "\n".join(parts)
 
 
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread: tiny models gain nothing from thread pools, a busy machine makes them
+    crawl, and subprocesses pinned the same way compute the same bits (bit-identical resume checks)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     from cachemedicpp import hf

@@ -32,13 +32,7 @@ PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
           "clean_cachemedic_minus_no_defense", "clean_cachemedic_minus_best_heuristic"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # subprocesses run on one thread too: the same thread count computes the same bits
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cfg(folder: Path, data: dict) -> Path:

@@ -25,14 +25,7 @@ SENS = "stability.logit_sensitivity"
 AMP = "stability.amplification_map"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and a busy machine makes thread pools crawl; the
-    # subprocess of the kill test is pinned to the same count so both compute the same bits
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cfg(tmp_path: Path, data: dict, name: str = "cfg.yaml"):

@@ -29,13 +29,7 @@ SPEC_FIELDS = ("run_id", "phase", "timestamp_utc", "step", "loss_total", "loss_k
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the subprocesses run on one thread too: the same thread count computes the same bits
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cfg(folder: Path, data: dict, name: str = "cfg.yaml"):
