@@ -4,18 +4,20 @@
                                  [--config configs/quickstart.yaml] [--model NAME] [--device auto|cpu|cuda]
 
 Measurements (each a key of the results JSON; every ratio is taken between runs interleaved in one
-process, after a warm-up, and the median over repetitions is reported):
+process, after a warm-up, and the median over repetitions is reported; wall-time ratios are the
+measurements, CPU-time ratios are reported beside them):
 
 - `train_step`: `train.Trainer.step` / a bare step of the same shapes with no harness (clean prefill of
   the prefix, teacher continuation forward, student continuation forward whose protected layers read
   `K * s` for one scalar parameter `s`, the same distillation loss, backward).
-- `eval_grid`: the eval grid's wall time / the bare forwards that grid needs (one clean prefill per
-  example and one continuation forward per cell), on a small grid in a temporary run dir.
+- `eval_grid`: the wall time of the eval grid (`eval.score_example` over every example of a small grid
+  built from the base config) / the bare forwards that grid needs (one clean prefill per example and
+  one continuation forward per cell); plus `eval.run` once, end to end, in a temporary run dir.
 - `decode`: greedy decoding tokens/s at several cache lengths with the repair operator active (its U
   perturbed so it is not the identity) / tokens/s with the hook installed and no plan; the same for a
   naive operator that materialises the repaired K/V for every query (the reference's approach), and for
   `folded`, a prototype that applies the same low-rank correction to the query and to the attention
-  output instead of to K and V (exactly equal in exact arithmetic, independent of the cache length).
+  output instead of to K and V (equal in exact arithmetic, and independent of the cache length).
 - `memory`: peak memory of each workload. On CPU every workload runs in a fresh subprocess with glibc's
   mmap threshold pinned (so freed tensors leave the resident set), the kernel's peak-RSS mark is reset
   after setup and warm-up (`/proc/self/clear_refs`), and the peak is read from `VmHWM` after one unit of
@@ -67,7 +69,7 @@ class Settings:
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     reps: int = 5
     lengths: list[int] = field(default_factory=lambda: [256, 1024, 2048])
-    decode_tokens: int = 32
+    decode_tokens: int = 8  # per timed run; each repetition times 2 runs of a variant and 2 of no defense
     memory: str = "subprocess"  # subprocess | inprocess | off
     memory_lengths: list[int] = field(default_factory=lambda: [2048])
     memory_of: list[str] = field(default_factory=lambda: ["train_step", "eval_grid", "decode"])
@@ -75,6 +77,7 @@ class Settings:
     eval_examples: int = 1  # per task of the base config
     eval_eps: list[float] = field(default_factory=lambda: [0.0, 0.16, 0.64])
     eval_end_to_end: bool = True
+    eval_reps: int | None = None  # default: reps
     only: list[str] = field(default_factory=lambda: ["train_step", "eval_grid", "decode", "memory"])
     threads: int | None = None
     quick: bool = False
@@ -185,19 +188,16 @@ def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
 
 
 class NaiveRepair:
-    """Attention over materialised per-query K̂, V̂ (`repair.reference_attention`); ignores the kernel."""
+    """Attention over materialised per-query K̂, V̂ (`repair.reference_attention`, causal for queries
+    that are the last Tq positions); ignores the model's kernel."""
 
     def __init__(self, op, scaling: float):
         self.op, self.layers, self.scaling = op, op.layers, scaling
 
     def attend(self, layer, q, k, v, kernel):
-        return repair_reference_attention(self.op, layer, q, k, v, self.scaling)
+        from cachemedicpp.repair import reference_attention
 
-
-def repair_reference_attention(op, layer, q, k, v, scaling):
-    from cachemedicpp.repair import reference_attention
-
-    return reference_attention(op, layer, q, k, v, scaling)
+        return reference_attention(self.op, layer, q, k, v, self.scaling)
 
 
 class FoldedRepair:
@@ -206,12 +206,31 @@ class FoldedRepair:
     q·K̂_sᵀ = q·K_sᵀ + ((qU_k) ⊙ α_k)·(K_s W_k)ᵀ = (q + ((qU_k) ⊙ α_k) W_kᵀ)·K_sᵀ, and since the softmax
     weights p sum the V̂_s linearly, Σ_s p_s V̂_s = o + ((o W_v) ⊙ α_v) U_vᵀ with o = Σ_s p_s V_s.
     The kernel then runs on the unmodified K and V: O(Tq·d·r) extra work, whatever the cache length.
+    For family A with parameters shared across heads, the K and V gates also run as one MLP (first
+    layers concatenated, second layers block-diagonal) with plain matmuls, which cuts the number of
+    small ops per layer; those fused weights are a snapshot taken at construction (inference only).
     """
 
     def __init__(self, op):
         self.op, self.layers = op, op.layers
+        self._fused = {}
+        if op.family == "A" and op.groups == 1:
+            with torch.no_grad():
+                self._fused = {l: self._fuse(l) for l in op.layers}
+
+    def _fuse(self, layer: int) -> dict:
+        facs = self.op._factors(layer)
+        gates = [facs[w].gate for w in facs]
+        fused = {"which": list(facs), "r": self.op.rank, "alpha_max": gates[0].alpha_max,
+                 "w1": torch.cat([g.w1[0] for g in gates], dim=1), "b1": torch.cat([g.b1[0] for g in gates]),
+                 "w2": torch.block_diag(*[g.w2[0] for g in gates]), "b2": torch.cat([g.b2[0] for g in gates])}
+        for w in facs:
+            fused[w] = (facs[w].w[0].detach().clone(), facs[w].u[0].detach().clone())
+        return fused
 
     def attend(self, layer, q, k, v, kernel):
+        if layer in self._fused and not torch.is_grad_enabled():
+            return self._attend_fused(self._fused[layer], q, k, v, kernel)
         op = self.op
         hq = q.shape[1]
         facs = op._factors(layer)
@@ -225,6 +244,23 @@ class FoldedRepair:
             w, u = facs["V"].wu()
             ow = torch.einsum("bthd,hdr->bthr", out.float(), op._per_query_head(w, hq)) * alpha["V"].transpose(1, 2)
             out = out + torch.einsum("bthr,hdr->bthd", ow, op._per_query_head(u, hq)).to(out.dtype)
+        return out
+
+    @staticmethod
+    def _attend_fused(f: dict, q, k, v, kernel):
+        r = f["r"]
+        x = q.float()
+        h = torch.nn.functional.gelu(torch.addmm(f["b1"], x.reshape(-1, x.shape[-1]), f["w1"]))
+        a = (f["alpha_max"] * torch.sigmoid(torch.addmm(f["b2"], h, f["w2"]))).view(*x.shape[:-1], -1)
+        i = 0
+        if "K" in f["which"]:
+            w, u = f["K"]
+            q = q + (((x @ u) * a[..., :r]) @ w.T).to(q.dtype)
+            i = r
+        out = kernel(q, k, v)  # [B, Tq, Hq, d]
+        if "V" in f["which"]:
+            w, u = f["V"]
+            out = out + (((out.float() @ w) * a[..., i:i + r].transpose(1, 2)) @ u.T).to(out.dtype)
         return out
 
 
@@ -379,11 +415,42 @@ def bench_train(s: Settings, lm: hf.LoadedModel) -> dict:
                                "parameter) + the same KD loss + backward; no harness"}
 
 
+def abba(dev: torch.device, base: Workload, others: Sequence[Workload], reps: int) -> dict:
+    """Each of `others` timed against `base` in ABBA blocks (base, x, x, base; then x, base, base, x),
+    so a drift in machine speed cancels within a block. One ratio per block and workload:
+    base time / x time (a throughput ratio). Returns raw (wall, cpu) run times and the ratios."""
+    for w in (base, *others):  # warm-up
+        w.run(w.prepare())
+    res = {w.name: {"wall": [], "cpu": []} for w in (base, *others)}
+    ratios = {w.name: {"wall": [], "cpu": []} for w in others}
+    for r in range(reps):
+        k = r % len(others)
+        for x in list(others[k:]) + list(others[:k]):
+            order = (base, x, x, base) if r % 2 == 0 else (x, base, base, x)
+            sums = {base.name: [0.0, 0.0], x.name: [0.0, 0.0]}
+            for w in order:
+                arg = w.prepare()
+                tw, tc = _timed(dev, lambda: w.run(arg))
+                del arg
+                res[w.name]["wall"].append(tw)
+                res[w.name]["cpu"].append(tc)
+                sums[w.name][0] += tw
+                sums[w.name][1] += tc
+            ratios[x.name]["wall"].append(sums[base.name][0] / sums[x.name][0])
+            ratios[x.name]["cpu"].append(sums[base.name][1] / sums[x.name][1])
+        gc.collect()
+    return {"runs": res, "ratios": ratios}
+
+
 def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
     cfg = bench_config(s, str(lm.device), lm.arch)
     op = perturbed_operator(cfg, lm)
     out: dict[str, Any] = {"protect_layers": list(op.layers), "rank": op.rank, "apply_to": op.apply_to,
-                           "family": op.family, "tokens_timed": s.decode_tokens,
+                           "family": op.family, "tokens_per_run": s.decode_tokens,
+                           "design": "per repetition and variant an ABBA block against no defense "
+                                     "(none, v, v, none or v, none, none, v), each run decoding tokens_per_run "
+                                     "tokens greedily from a copy of one shared prefilled cache; ratio = "
+                                     "time(none) / time(v) per block, median over repetitions",
                            "agreement_max_abs_logit_diff": variant_agreement(lm, op, seed=s.seed),
                            "lengths": {}}
     for length in s.lengths:
@@ -391,20 +458,20 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
             raise ConfigError(f"--lengths: {length} + {s.decode_tokens} decoded tokens exceeds the model's "
                               f"{lm.arch.max_positions} positions")
         start = prefilled(lm, length, s.seed)  # one prefill shared by every variant
-        ws = [decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in DECODE_VARIANTS]
-        t, c = interleaved(lm.device, ws, s.reps)
-        sec = {v: t[f"decode_{v}_{length}"] for v in DECODE_VARIANTS}
-        cpu = {v: c[f"decode_{v}_{length}"] for v in DECODE_VARIANTS}
-        tps = {v: [s.decode_tokens / x for x in sec[v]] for v in DECODE_VARIANTS}
-        row: dict[str, Any] = {"tokens_per_sec": {v: _median(tps[v]) for v in DECODE_VARIANTS},
-                               "sec_per_run": sec, "cpu_sec_per_run": cpu, "ratios": {}, "ratio_of_medians": {},
-                               "cpu_time_ratios": {}, "per_rep_ratios": {}}
+        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in DECODE_VARIANTS}
+        res = abba(lm.device, ws["none"], [ws[v] for v in DECODE_VARIANTS[1:]], s.reps)
+        runs = {v: res["runs"][ws[v].name] for v in DECODE_VARIANTS}
+        row: dict[str, Any] = {
+            "tokens_per_sec": {v: s.decode_tokens / _median(runs[v]["wall"]) for v in DECODE_VARIANTS},
+            "sec_per_run": {v: runs[v]["wall"] for v in DECODE_VARIANTS},
+            "cpu_sec_per_run": {v: runs[v]["cpu"] for v in DECODE_VARIANTS},
+            "ratios": {}, "cpu_time_ratios": {}, "ratio_of_fastest_runs": {}, "per_rep_ratios": {}}
         for v in DECODE_VARIANTS[1:]:
-            per_rep = paired_ratios(tps[v], tps["none"])
-            row["per_rep_ratios"][v] = per_rep
-            row["ratios"][v] = _median(per_rep)
-            row["ratio_of_medians"][v] = _ratio(row["tokens_per_sec"][v], row["tokens_per_sec"]["none"])
-            row["cpu_time_ratios"][v] = _median(paired_ratios(cpu["none"], cpu[v]))  # throughput ratio
+            rat = res["ratios"][ws[v].name]
+            row["per_rep_ratios"][v] = rat["wall"]
+            row["ratios"][v] = _median(rat["wall"])
+            row["cpu_time_ratios"][v] = _median(rat["cpu"])
+            row["ratio_of_fastest_runs"][v] = min(runs["none"]["wall"]) / min(runs[v]["wall"])
         out["lengths"][str(length)] = row
         del ws, start
         gc.collect()
@@ -499,7 +566,7 @@ def bench_eval(s: Settings, lm: hf.LoadedModel) -> dict:
     except ImportError as e:
         return {"skipped": f"cachemedicpp.eval is not available ({e})"}
     grid, bare, extra = eval_workloads(s, lm)
-    t, c = interleaved(lm.device, [grid, bare], s.reps, warmup=0)  # the set-up ran the grid once
+    t, c = interleaved(lm.device, [grid, bare], s.eval_reps or s.reps, warmup=0)  # the set-up ran the grid once
     strict_wall = [w for w, _ in extra["strict"]]
     per_rep = paired_ratios(t["eval_grid"], t["eval_bare"])
     out = {"ratio": _median(per_rep), "ratio_of_medians": _ratio(_median(t["eval_grid"]), _median(t["eval_bare"])),
@@ -704,7 +771,7 @@ def run_device(s: Settings, device: str) -> dict:
         log.info("[%s] train step vs bare step (%d reps)", device, s.reps)
         dev_res["train_step"] = bench_train(s, lm)
     if "eval_grid" in s.only:
-        log.info("[%s] eval grid vs bare forwards (%d reps)", device, s.reps)
+        log.info("[%s] eval grid vs bare forwards (%d reps)", device, s.eval_reps or s.reps)
         dev_res["eval_grid"] = bench_eval(s, lm)
     if "decode" in s.only:
         log.info("[%s] decode at lengths %s (%d reps x %d tokens)", device, s.lengths, s.reps, s.decode_tokens)
@@ -815,7 +882,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="override model.name (a hub id, a folder, a GGUF, embedded:...)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CPU, and CUDA too when available (default)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per timed run (default 32; quick 8)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per timed run (default 8; quick 4)")
     p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
                    help="how peak memory is measured on CPU (default: a fresh subprocess per workload)")
     p.add_argument("--memory-lengths", default=None, help="decode lengths whose memory is measured (default: the longest)")
@@ -838,12 +905,12 @@ def _ints(text: str, what: str) -> list[int]:
 def settings_from_args(a: argparse.Namespace) -> Settings:
     s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick)
     if a.quick:
-        s.reps, s.lengths, s.decode_tokens = 2, [256], 8
-        s.eval_eps, s.eval_end_to_end, s.memory_of = [0.0, 0.16], False, ["decode"]
+        s.reps, s.lengths, s.decode_tokens = 2, [256], 4
+        s.eval_eps, s.eval_end_to_end, s.eval_reps, s.memory_of = [0.0, 0.16], False, 1, ["decode"]
     if a.reps is not None:
         if a.reps < 1:
             raise ConfigError("--reps: must be at least 1")
-        s.reps = a.reps
+        s.reps, s.eval_reps = a.reps, None
     if a.lengths:
         s.lengths = _ints(a.lengths, "--lengths")
     if a.decode_tokens is not None:

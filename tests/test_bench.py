@@ -65,7 +65,10 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     row = dec["lengths"]["16"]
     assert set(row["tokens_per_sec"]) == set(bench.DECODE_VARIANTS)
     assert set(row["ratios"]) == {"repair", "naive", "folded"}
-    assert all(len(row["sec_per_run"][v]) == 1 for v in bench.DECODE_VARIANTS)
+    # one ABBA block per variant and repetition: two runs of each variant, two of no defense per block
+    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "folded"))
+    assert len(row["sec_per_run"]["none"]) == 6
+    assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "folded"))
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] > 1e-6  # the perturbed operator really changes the output
     assert agree["naive_vs_repair"] < 1e-4 and agree["folded_vs_repair"] < 1e-4
@@ -86,7 +89,7 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
 def test_quick_settings():
     s = bench.settings_from_args(bench.parse_args(["--quick", "--device", "cpu"]))
     assert (s.reps, s.lengths, s.memory_lengths, s.memory_of) == (2, [256], [256], ["decode"])
-    assert not s.eval_end_to_end
+    assert not s.eval_end_to_end and s.eval_reps == 1
     s = bench.settings_from_args(bench.parse_args(["--lengths", "256,1024,2048", "--reps", "3", "--device", "cpu"]))
     assert (s.reps, s.lengths, s.memory_lengths, s.devices) == (3, [256, 1024, 2048], [2048], ["cpu"])
 
@@ -120,6 +123,9 @@ def test_repair_variants_compute_the_same_attention(tiny_lm):
     assert not torch.allclose(factored, plain, atol=1e-4)
     torch.testing.assert_close(folded, factored, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(naive, factored, atol=1e-5, rtol=1e-4)
+    with torch.enable_grad():  # the general (unfused) folded path
+        general = bench.FoldedRepair(op).attend(layer, q, k, v, kernel).detach()
+    torch.testing.assert_close(general, factored, atol=1e-5, rtol=1e-4)
 
 
 def test_memory_probe_in_a_subprocess(tiny_model_dir):
