@@ -16,8 +16,8 @@ measurements, CPU-time ratios are reported beside them):
 - `decode`: greedy decoding tokens/s at several cache lengths with the repair operator active (its U
   perturbed so it is not the identity) / tokens/s with the hook installed and no plan; the same for a
   naive operator that materialises the repaired K/V for every query (the reference's approach), and for
-  `folded`, a prototype that applies the same low-rank correction to the query and to the attention
-  output instead of to K and V (equal in exact arithmetic, and independent of the cache length).
+  `augmented`, the earlier factored form that appends r columns to q, K and V (exact too, but its cost
+  grows with the cache length; the operator now folds the correction into q and the output instead).
 - `memory`: peak memory of each workload. On CPU every workload runs in a fresh subprocess with glibc's
   mmap threshold pinned (so freed tensors leave the resident set), the kernel's peak-RSS mark is reset
   after setup and warm-up (`/proc/self/clear_refs`), and the peak is read from `VmHWM` after one unit of
@@ -43,11 +43,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-# Idle OpenMP workers must sleep rather than spin: on a machine shared with other busy processes, spinning
-# workers of a 2-thread pool made a SmolLM2 forward ~20x slower (and its timings pure noise). Only effective
-# when set before torch is first imported; `machine.omp_wait_policy` records what was in effect.
+# On a machine shared with other busy processes, OpenMP workers that spin while they wait made a 2-thread
+# SmolLM2 forward ~20x slower and its timings pure noise; with OMP_WAIT_POLICY=PASSIVE they sleep instead,
+# which costs ~20% on a quiet machine. So: PASSIVE when the 1-minute load average already exceeds the
+# cores at start, the OpenMP default otherwise, unless the caller set the variable. Only effective before
+# torch is first imported; `machine.omp_wait_policy` records what was in effect and why.
 _OMP_POLICY_BEFORE_TORCH = "torch" not in sys.modules
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" in os.environ:
+    _OMP_POLICY_REASON = "set by the caller"
+elif os.getloadavg()[0] > (os.cpu_count() or 1):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _OMP_POLICY_REASON = "set to PASSIVE: load average above the core count at start"
+else:
+    _OMP_POLICY_REASON = "OpenMP default (machine not overloaded at start)"
 
 import torch  # noqa: E402
 
@@ -58,7 +66,7 @@ log = logging.getLogger("cachemedicpp")
 
 FORMAT = "cachemedicpp.bench/1"
 TARGETS = {"train_step": ("<=", 1.15), "eval_grid": ("<=", 1.3), "decode_repair": (">=", 0.95)}
-DECODE_VARIANTS = ("none", "repair", "naive", "folded")
+DECODE_VARIANTS = ("none", "repair", "naive", "augmented")
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 
@@ -66,6 +74,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 class Settings:
     config: str = str(DEFAULT_CONFIG)
     model: str | None = None
+    protect_layers: list[int] = field(default_factory=lambda: [10, 11, 12, 13])  # the 4 protected layers measured
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     reps: int = 5
     lengths: list[int] = field(default_factory=lambda: [256, 1024, 2048])
@@ -141,23 +150,23 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "loadavg_start": list(os.getloadavg()),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if _OMP_POLICY_BEFORE_TORCH else
-        f"{os.environ.get('OMP_WAIT_POLICY')} (set after torch was imported: may not be in effect)",
+        "omp_wait_policy": {"value": os.environ.get("OMP_WAIT_POLICY"), "reason": _OMP_POLICY_REASON,
+                            "set_before_torch_import": _OMP_POLICY_BEFORE_TORCH},
     })
     return info
 
 
 def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None):
-    """The run config the workloads use: the base config with the model/device overrides, protected
-    layers that exist in the model (the base config's, else the first four), and a small eval grid (the
-    base config's tasks, types and persistence; `eval_examples` per task and `eval_eps`)."""
-    over: dict[str, Any] = {"device": device, "dtype": "float32"}
+    """The run config the workloads use: the base config with the model/device overrides, the settings'
+    protected layers (the first four when the model is shallower), and a small eval grid (the base
+    config's tasks, types and persistence; `eval_examples` per task and `eval_eps`)."""
+    over: dict[str, Any] = {"device": device, "dtype": "float32", "repair.protect_layers": list(s.protect_layers)}
     if s.model:
         over["model.name"] = s.model
     cfg = load_config(s.config, over)
     over["eval.tasks"] = [dict(t, num_examples=s.eval_examples) for t in cfg.eval.tasks]
     over["eval.corruption_eval.eps"] = list(s.eval_eps)
-    if arch is not None and max(cfg.repair.protect_layers) >= arch.num_layers:
+    if arch is not None and max(s.protect_layers) >= arch.num_layers:
         over["repair.protect_layers"] = list(range(min(4, arch.num_layers)))
     return load_config(s.config, over)
 
@@ -200,87 +209,53 @@ class NaiveRepair:
         return reference_attention(self.op, layer, q, k, v, self.scaling)
 
 
-class FoldedRepair:
-    """The low-rank correction moved onto the query and the attention output.
-
-    q·K̂_sᵀ = q·K_sᵀ + ((qU_k) ⊙ α_k)·(K_s W_k)ᵀ = (q + ((qU_k) ⊙ α_k) W_kᵀ)·K_sᵀ, and since the softmax
-    weights p sum the V̂_s linearly, Σ_s p_s V̂_s = o + ((o W_v) ⊙ α_v) U_vᵀ with o = Σ_s p_s V_s.
-    The kernel then runs on the unmodified K and V: O(Tq·d·r) extra work, whatever the cache length.
-    For family A with parameters shared across heads, the K and V gates also run as one MLP (first
-    layers concatenated, second layers block-diagonal) with plain matmuls, which cuts the number of
-    small ops per layer; those fused weights are a snapshot taken at construction (inference only).
-    """
+class AugmentedRepair:
+    """The earlier factored form: r columns appended to q, K and V of every protected layer,
+        q·K̂ᵀ = [q, (qU_k) ⊙ α_k]·[K, K W_k]ᵀ,   Σ p V̂ = (p·[V, V W_v]) folded back through U_v.
+    Exact, but every decoding step recomputes `K W` over the whole cache and copies K and V into wider
+    tensors, so its cost grows with the cache length; `RepairOperator.attend` moves the correction onto
+    q and the attention output instead and leaves the cache alone."""
 
     def __init__(self, op):
         self.op, self.layers = op, op.layers
-        self._fused = {}
-        if op.family == "A" and op.groups == 1:
-            with torch.no_grad():
-                self._fused = {l: self._fuse(l) for l in op.layers}
-
-    def _fuse(self, layer: int) -> dict:
-        facs = self.op._factors(layer)
-        gates = [facs[w].gate for w in facs]
-        fused = {"which": list(facs), "r": self.op.rank, "alpha_max": gates[0].alpha_max,
-                 "w1": torch.cat([g.w1[0] for g in gates], dim=1), "b1": torch.cat([g.b1[0] for g in gates]),
-                 "w2": torch.block_diag(*[g.w2[0] for g in gates]), "b2": torch.cat([g.b2[0] for g in gates])}
-        for w in facs:
-            fused[w] = (facs[w].w[0].detach().clone(), facs[w].u[0].detach().clone())
-        return fused
 
     def attend(self, layer, q, k, v, kernel):
-        if layer in self._fused and not torch.is_grad_enabled():
-            return self._attend_fused(self._fused[layer], q, k, v, kernel)
-        op = self.op
-        hq = q.shape[1]
+        op, hq, d = self.op, q.shape[1], q.shape[-1]
         facs = op._factors(layer)
-        alpha = op.gates(layer, q)  # [B, Hq, Tq, r]
+        alpha = op.gates(layer, q)
         if "K" in facs:
             w, u = facs["K"].wu()
-            qu = torch.einsum("bhtd,hdr->bhtr", q.float(), op._per_query_head(u, hq)) * alpha["K"]
-            q = q + torch.einsum("bhtr,hdr->bhtd", qu, op._per_query_head(w, hq)).to(q.dtype)
-        out = kernel(q, k, v)  # [B, Tq, Hq, d]
+            kw = torch.matmul(k.float(), op._per_kv_head(w))
+            qu = torch.matmul(q.float(), op._per_query_head(u, hq)) * alpha["K"]
+            q, k = torch.cat([q, qu.to(q.dtype)], dim=-1), torch.cat([k, kw.to(k.dtype)], dim=-1)
         if "V" in facs:
             w, u = facs["V"].wu()
-            ow = torch.einsum("bthd,hdr->bthr", out.float(), op._per_query_head(w, hq)) * alpha["V"].transpose(1, 2)
-            out = out + torch.einsum("bthr,hdr->bthd", ow, op._per_query_head(u, hq)).to(out.dtype)
-        return out
-
-    @staticmethod
-    def _attend_fused(f: dict, q, k, v, kernel):
-        r = f["r"]
-        x = q.float()
-        h = torch.nn.functional.gelu(torch.addmm(f["b1"], x.reshape(-1, x.shape[-1]), f["w1"]))
-        a = (f["alpha_max"] * torch.sigmoid(torch.addmm(f["b2"], h, f["w2"]))).view(*x.shape[:-1], -1)
-        i = 0
-        if "K" in f["which"]:
-            w, u = f["K"]
-            q = q + (((x @ u) * a[..., :r]) @ w.T).to(q.dtype)
-            i = r
-        out = kernel(q, k, v)  # [B, Tq, Hq, d]
-        if "V" in f["which"]:
-            w, u = f["V"]
-            out = out + (((out.float() @ w) * a[..., i:i + r].transpose(1, 2)) @ u.T).to(out.dtype)
-        return out
+            v = torch.cat([v, torch.matmul(v.float(), op._per_kv_head(w)).to(v.dtype)], dim=-1)
+        out = kernel(q, k, v)  # [B, Tq, Hq, d (+ r)]
+        if "V" not in facs:
+            return out[..., :d]
+        pvw = out[..., d:].float().transpose(1, 2) * alpha["V"]  # [B, Hq, Tq, r]
+        corr = torch.matmul(pvw, op._per_query_head(u, hq).transpose(-1, -2)).transpose(1, 2)
+        return out[..., :d] + corr.to(out.dtype)
 
 
 def decode_plans(op, lm: hf.LoadedModel) -> dict[str, hf.HookPlan | None]:
     scaling = lm.arch.head_dim ** -0.5
     return {"none": None, "repair": hf.HookPlan(repair=op), "naive": hf.HookPlan(repair=NaiveRepair(op, scaling)),
-            "folded": hf.HookPlan(repair=FoldedRepair(op))}
+            "augmented": hf.HookPlan(repair=AugmentedRepair(op))}
 
 
 def variant_agreement(lm: hf.LoadedModel, op, length: int = 48, seed: int = 0) -> dict:
-    """Max |Δlogit| of one decode step between the factored operator and the naive / folded forms."""
+    """Max |Δlogit| of one decode step between the operator and the naive / augmented forms."""
     ids = _random_ids(lm, length + 1, seed)
     plans = decode_plans(op, lm)
     with torch.no_grad():
         _, cache = hf.forward(lm.model, ids[:, :-1], logits_to_keep=1)
         z = {n: hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache), plans[n])[0].float()
-             for n in ("none", "repair", "naive", "folded")}
+             for n in ("none", "repair", "naive", "augmented")}
     return {"repair_vs_none": float((z["repair"] - z["none"]).abs().max()),
             "naive_vs_repair": float((z["naive"] - z["repair"]).abs().max()),
-            "folded_vs_repair": float((z["folded"] - z["repair"]).abs().max())}
+            "augmented_vs_repair": float((z["augmented"] - z["repair"]).abs().max())}
 
 
 def _random_ids(lm: hf.LoadedModel, n: int, seed: int) -> torch.Tensor:
@@ -834,7 +809,8 @@ def table(results: dict) -> str:
     m = results["machine"]
     lines.append(f"machine: {m['cpu_model']} | nproc {m['nproc']} | torch threads {m['torch_threads']} | "
                  f"torch {m['torch']} | transformers {m['transformers']} | gpu {m['gpu_name'] or '-'} | "
-                 f"loadavg {m['loadavg_start'][0]:.1f} -> {m.get('loadavg_end', [float('nan')])[0]:.1f}")
+                 f"loadavg {m['loadavg_start'][0]:.1f} -> {m.get('loadavg_end', [float('nan')])[0]:.1f} | "
+                 f"OMP_WAIT_POLICY {m['omp_wait_policy']['value'] or 'default'}")
     for dev, r in results.get("train_step", {}).items():
         lines.append(f"[{dev}] train step: {_fmt(r['median_train_step_sec'])} s vs bare {_fmt(r['median_bare_step_sec'])} s"
                      f"  ratio {_fmt(r['ratio'])} (target <= 1.15; CPU-time ratio {_fmt(r.get('cpu_time_ratio'))})")
@@ -887,23 +863,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how peak memory is measured on CPU (default: a fresh subprocess per workload)")
     p.add_argument("--memory-lengths", default=None, help="decode lengths whose memory is measured (default: the longest)")
     p.add_argument("--only", default=None, help="subset of train_step,eval_grid,decode,memory")
+    p.add_argument("--layers", default="10,11,12,13",
+                   help="protected layers of the repair in every workload (default 10,11,12,13)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, minimum: int = 1) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise ConfigError(f"{what}: expected positive integers, got {text!r}")
+    if not vals or any(v < minimum for v in vals):
+        raise ConfigError(f"{what}: expected integers >= {minimum}, got {text!r}")
     return vals
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
-    s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick)
+    s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick,
+                 protect_layers=sorted(set(_ints(a.layers, "--layers", minimum=0))))
     if a.quick:
         s.reps, s.lengths, s.decode_tokens = 2, [256], 4
         s.eval_eps, s.eval_end_to_end, s.eval_reps, s.memory_of = [0.0, 0.16], False, 1, ["decode"]

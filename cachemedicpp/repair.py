@@ -10,10 +10,12 @@ GQA awareness (K/V arrive with H_kv heads; each query head's gate acts on its KV
 - C: A's form with one set of parameters shared by all protected layers, the gate also fed a learned
      layer embedding (and optionally a KV-head embedding).
 
-Because the correction is low rank, attention never materialises a per-query K̂:
-    q·K̂ᵀ = q·Kᵀ + ((q U_k) ⊙ α(q))·(K W_k)ᵀ        → append r columns to q and to K,
-    Σ_s p_s V̂_s = p·V + ((p·(V W_v)) ⊙ α_v(q)) U_vᵀ  → append r columns to V, fold them back after.
-The model's own kernel (mask, scaling, softcap, GQA repeat) runs on the augmented tensors.
+Because the correction is low rank and linear in K and V, attention never materialises a per-query K̂
+and never touches the cache: the correction moves onto the query and onto the attention output,
+    q·K̂_sᵀ = q·K_sᵀ + ((q U_k) ⊙ α_k(q))·(K_s W_k)ᵀ = (q + ((q U_k) ⊙ α_k(q)) W_kᵀ)·K_sᵀ,
+    Σ_s p_s V̂_s = o + ((o W_v) ⊙ α_v(q)) U_vᵀ  with o = Σ_s p_s V_s (the weights p sum V̂ linearly).
+The model's own kernel (mask, scaling, softcap, GQA repeat) runs once on the unmodified K and V, so the
+extra work is O(Tq·d·r) per layer whatever the cache length.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class _Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, P, n, d_in] -> [B, P, n, r]
-        h = torch.nn.functional.gelu(torch.einsum("bpnd,pdr->bpnr", x, self.w1) + self.b1[None, :, None])
-        a = self.alpha_max * torch.sigmoid(torch.einsum("bpnr,prs->bpns", h, self.w2) + self.b2[None, :, None])
+        h = torch.nn.functional.gelu(torch.matmul(x, self.w1) + self.b1[:, None])
+        a = self.alpha_max * torch.sigmoid(torch.matmul(h, self.w2) + self.b2[:, None])
         if self.scale is not None:
             a = a * self.scale.clamp(0.0, 1.0)[None, :, None]
         return a
@@ -152,32 +154,24 @@ class RepairOperator(nn.Module):
     # ---------------------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Attention with the repaired K/V in factored form; returns [B, Tq, Hq, d] like the kernel."""
-        hq, d = q.shape[1], q.shape[-1]
+        """Attention with the repaired K/V in folded form; returns [B, Tq, Hq, d] like the kernel."""
+        hq = q.shape[1]
         facs = self._factors(layer)
-        if not torch.is_grad_enabled() and self.is_identity(layer):
-            return kernel(q, k, v)  # an exactly-identity operator leaves the kernel call untouched
-        alpha = self.gates(layer, q)
-        q_aug, k_aug, v_aug = q, k, v
+        alpha = self.gates(layer, q)  # {"K"|"V": [B, Hq, Tq, r]}
         if "K" in facs:
             w, u = facs["K"].wu()
-            kw = torch.einsum("bhtd,hdr->bhtr", k.float(), self._per_kv_head(w))
-            qu = torch.einsum("bhtd,hdr->bhtr", q.float(), self._per_query_head(u, hq)) * alpha["K"]
-            q_aug = torch.cat([q, qu.to(q.dtype)], dim=-1)
-            k_aug = torch.cat([k, kw.to(k.dtype)], dim=-1)
+            qu = torch.matmul(q.float(), self._per_query_head(u, hq)) * alpha["K"]  # [B, Hq, Tq, r]
+            q = q + torch.matmul(qu, self._per_query_head(w, hq).transpose(-1, -2)).to(q.dtype)
+        out = kernel(q, k, v)  # [B, Tq, Hq, d]
         if "V" in facs:
             w, u = facs["V"].wu()
-            vw = torch.einsum("bhtd,hdr->bhtr", v.float(), self._per_kv_head(w))
-            v_aug = torch.cat([v, vw.to(v.dtype)], dim=-1)
-        out = kernel(q_aug, k_aug, v_aug)  # [B, Tq, Hq, d (+ r)]
-        if "V" not in facs:
-            return out
-        base, pvw = out[..., :d], out[..., d:].float()
-        corr = torch.einsum("bthr,hdr->bthd", pvw * alpha["V"].transpose(1, 2), self._per_query_head(u, hq))
-        return base + corr.to(base.dtype)
+            ow = torch.matmul(out.float().transpose(1, 2), self._per_query_head(w, hq)) * alpha["V"]
+            out = out + torch.matmul(ow, self._per_query_head(u, hq).transpose(-1, -2)).transpose(1, 2).to(out.dtype)
+        return out
 
     def is_identity(self, layer: int) -> bool:
-        """True when every correction of `layer` is exactly zero (zero U, or zero B-gate scale)."""
+        """True when every correction of `layer` is exactly zero (zero U, or zero B-gate scale). Then
+        `attend` adds exact zeros to q and to the output, so it equals the bare kernel bit for bit."""
         for f in self._factors(layer).values():
             z = f.gate.scale if f.family == "B" else f.u
             if bool(z.detach().any()):

@@ -9,17 +9,10 @@ import json
 import pytest
 import torch
 
-from cachemedicpp import bench, hf
+from cachemedicpp import bench
 from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and a busy machine makes thread pools crawl
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_settings(model_dir, **kw) -> bench.Settings:
@@ -41,7 +34,8 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert r["format"] == bench.FORMAT
     for key in ("machine", "settings", "targets", "train_step", "eval_grid", "decode", "memory", "summary"):
         assert key in r, key
-    for key in ("cpu_model", "nproc", "torch_threads", "torch", "transformers", "loadavg_start", "loadavg_end"):
+    for key in ("cpu_model", "nproc", "torch_threads", "torch", "transformers", "loadavg_start", "loadavg_end",
+                "omp_wait_policy"):
         assert key in r["machine"], key
     assert r["machine"]["torch_threads"] == 1
 
@@ -64,14 +58,14 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert dec["rank"] == 8 and dec["apply_to"] == "KV"
     row = dec["lengths"]["16"]
     assert set(row["tokens_per_sec"]) == set(bench.DECODE_VARIANTS)
-    assert set(row["ratios"]) == {"repair", "naive", "folded"}
+    assert set(row["ratios"]) == {"repair", "naive", "augmented"}
     # one ABBA block per variant and repetition: two runs of each variant, two of no defense per block
-    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "folded"))
+    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "augmented"))
     assert len(row["sec_per_run"]["none"]) == 6
-    assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "folded"))
+    assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "augmented"))
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] > 1e-6  # the perturbed operator really changes the output
-    assert agree["naive_vs_repair"] < 1e-4 and agree["folded_vs_repair"] < 1e-4
+    assert agree["naive_vs_repair"] < 1e-4 and agree["augmented_vs_repair"] < 1e-4
 
     mem = r["memory"]["cpu"]
     expected = {"train_step", "train_bare", "eval_grid", "eval_bare"} | {f"decode_{v}_16" for v in bench.DECODE_VARIANTS}
@@ -116,16 +110,13 @@ def test_repair_variants_compute_the_same_attention(tiny_lm):
 
     with torch.no_grad():
         factored = op.attend(layer, q, k, v, kernel)
-        folded = bench.FoldedRepair(op).attend(layer, q, k, v, kernel)
+        augmented = bench.AugmentedRepair(op).attend(layer, q, k, v, kernel)
         naive = bench.NaiveRepair(op, scaling).attend(layer, q, k, v, kernel)
         plain = kernel(q, k, v)
-    assert factored.shape == folded.shape == naive.shape == (1, 5, hq, d)
+    assert factored.shape == augmented.shape == naive.shape == (1, 5, hq, d)
     assert not torch.allclose(factored, plain, atol=1e-4)
-    torch.testing.assert_close(folded, factored, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(augmented, factored, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(naive, factored, atol=1e-5, rtol=1e-4)
-    with torch.enable_grad():  # the general (unfused) folded path
-        general = bench.FoldedRepair(op).attend(layer, q, k, v, kernel).detach()
-    torch.testing.assert_close(general, factored, atol=1e-5, rtol=1e-4)
 
 
 def test_memory_probe_in_a_subprocess(tiny_model_dir):
@@ -137,10 +128,35 @@ def test_memory_probe_in_a_subprocess(tiny_model_dir):
     assert "clear_refs" in res["method"] or "maxrss" in res["method"]
 
 
+def test_bench_config_uses_the_settings_layers(tiny_lm):
+    lm = tiny_lm("llama")
+    n = lm.arch.num_layers
+    cfg = bench.bench_config(tiny_settings(lm.source, protect_layers=[n - 1]), "cpu", lm.arch)
+    assert list(cfg.repair.protect_layers) == [n - 1]
+    cfg = bench.bench_config(tiny_settings(lm.source, protect_layers=[n, n + 1]), "cpu", lm.arch)
+    assert list(cfg.repair.protect_layers) == list(range(min(4, n)))  # beyond the model: the first layers
+
+
+def test_bare_train_step_backpropagates_through_the_model(tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = bench.bench_config(tiny_settings(lm.source), "cpu", lm.arch)
+    ids = torch.randint(0, 500, (cfg.train.batch_size, cfg.train.prefix_len + cfg.train.cont_len),
+                        generator=torch.Generator().manual_seed(0))
+    scale = torch.ones((), requires_grad=True)
+    loss = bench.bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale)
+    assert loss == 0.0 or loss > 0  # KL of identical forwards: zero up to rounding
+    assert scale.grad is not None and torch.isfinite(scale.grad)
+    with torch.no_grad():
+        scale.fill_(50.0)  # a student that differs from the teacher: a real loss with a nonzero gradient
+    assert bench.bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale) > 1e-6
+    assert float(scale.grad.abs()) > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--lengths", "0,16"], "--lengths"),
     (["--lengths", "abc"], "--lengths"),
     (["--reps", "0"], "--reps"),
+    (["--layers", "-1"], "--layers"),
     (["--only", "train_step,bogus"], "--only"),
     (["--config", "/nonexistent.yaml"], "--config"),
 ])
