@@ -408,7 +408,8 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     rng = stats.seeded_rng(seed, "eval-bootstrap")
     # one resample of example indices per task, shared by every cell and defense: paired comparisons
     idx = {t: stats.bootstrap_indices(values[t].shape[0], samples, rng) for t in order}
-    boot = _summarise(task_info, {t: stats.resampled_means(values[t], idx[t]) for t in order}, cells, names, types, eps)
+    resampled = {t: stats.resampled_means(values[t], idx[t]) for t in order}
+    boot = _summarise(task_info, resampled, cells, names, types, eps)
 
     clean_idx = {c.defense: i for i, c in enumerate(cells) if c.ctype == CLEAN}
     rows = []
@@ -436,6 +437,19 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
             paired[f"clean_cachemedic_minus_{label}"] = {"metric": "clean_score", "other": other, **stats.paired_difference(
                 float(point["clean_regression"][REPAIR_NAME][0]), float(point["clean_regression"][other][0]),
                 boot["clean_regression"][REPAIR_NAME], boot["clean_regression"][other], n_total)}
+    # per corruption type: the same AUC over that type's cells alone, and its paired differences (the
+    # overall best heuristic), so a multi-type grid shows under which types the repair helps
+    auc_by_type, paired_by_type = {}, {}
+    for ty in types:
+        pt = _summarise(task_info, {t: values[t].mean(axis=0, keepdims=True) for t in order}, cells, names, [ty], eps)
+        bt = _summarise(task_info, resampled, cells, names, [ty], eps)
+        auc_by_type[ty] = {d: float(pt["auc"][d][0]) for d in names}
+        if REPAIR_NAME in names:
+            paired_by_type[ty] = {
+                f"cachemedic_minus_{label}": {"metric": "robustness_auc", "other": other, **stats.paired_difference(
+                    auc_by_type[ty][REPAIR_NAME], auc_by_type[ty][other], bt["auc"][REPAIR_NAME], bt["auc"][other],
+                    n_total)}
+                for other, label in (("no_defense", "no_defense"), (best, "best_heuristic")) if other is not None}
     return {
         "task_curves": rows,
         "clean_metrics": {t: {d: float(point["value"][t][0, clean_idx[d]]) for d in names} for t in order},
@@ -450,6 +464,8 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
         "best_heuristic_name": best,
         "heuristic_auc": auc[best] if best else None,
         "paired_bootstrap": paired,
+        "robustness_auc_by_type": auc_by_type,
+        "paired_bootstrap_by_type": paired_by_type,
         "exposure": {t: float(exposures[t]) for t in order},
         "overhead": None,
     }

@@ -16,7 +16,7 @@ import argparse
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -179,6 +179,7 @@ class Inputs:
     paired_cfg: dict | None = None
     paired_dir: str | None = None
     oracle_note: str = ""
+    by_type: dict = field(default_factory=dict)  # {type: {"auc": {...}, "boot": {...}}}, informational
 
     @property
     def has_pair(self) -> bool:
@@ -275,7 +276,14 @@ def _load_task(path: Path) -> dict:
                      for t, per in _mapping(doc.get(*m, "clean_metrics")).items() if isinstance(per, dict)}
     exposure = {str(t): float(v) for t, v in _mapping(doc.get(*m, "exposure")).items() if _is_num(v)}
     settings = doc.get("settings") or {}
-    return dict(run_id=doc.get("run_id"), config_hash=doc.get("config_hash"),
+    by_type = {}
+    for ty, per in _mapping(doc.get(*m, "robustness_auc_by_type")).items():
+        boots = _mapping(_mapping(doc.get(*m, "paired_bootstrap_by_type")).get(ty))
+        if isinstance(per, dict):
+            by_type[str(ty)] = {"auc": {d: float(v) for d, v in per.items() if _is_num(v)},
+                                "boot": {k: b for k, b in boots.items() if isinstance(b, dict)
+                                         and all(_is_num(b.get(f)) for f in ("diff", "ci_low", "ci_high"))}}
+    return dict(run_id=doc.get("run_id"), config_hash=doc.get("config_hash"), by_type=by_type,
                 curves=_curves(doc, *m, "score_vs_eps", best=best), by_task=by_task, auc=auc, auc_ci=auc_ci,
                 clean=clean, clean_metrics=clean_metrics, best=best, boot=boot, overhead=overhead, exposure=exposure,
                 settings=settings if isinstance(settings, dict) else {},
@@ -919,6 +927,22 @@ def report_md(inp: Inputs) -> str:
         n = f", n = {b['n']} examples" if b.get("n") is not None else ""
         L.append(f"- Paired bootstrap, {what}: {fmt(b['diff'])} [{fmt(b['ci_low'])}, {fmt(b['ci_high'])}]{n}; "
                  f"{verdict}.")
+    if len(inp.by_type) > 1:
+        L += ["", "By corruption type (robustness AUC over that type's cells; paired bootstrap 95% CI of the "
+              "difference; * where it excludes zero):", "",
+              f"| type | no defense | {inp.best or '-'} | cachemedic | cachemedic − no defense | "
+              f"cachemedic − {inp.best or 'best heuristic'} |", "|---|---|---|---|---|---|"]
+        for ty, e in inp.by_type.items():
+            def diff(key):
+                b = e["boot"].get(key)
+                if b is None:
+                    return "–"
+                return f"{fmt(b['diff'])} [{fmt(b['ci_low'])}, {fmt(b['ci_high'])}]{'*' if excludes_zero(b) else ''}"
+            a = e["auc"]
+            L.append(f"| {ty} | {fmt(a.get('no_defense', math.nan))} | {fmt(a.get(inp.best, math.nan)) if inp.best else '–'} | "
+                     f"{fmt(a.get('cachemedic', math.nan))} | {diff('cachemedic_minus_no_defense')} | "
+                     f"{diff('cachemedic_minus_best_heuristic')} |")
+        L.append("")
     if inp.overhead:
         tp = "; ".join(f"{'no defense' if d == 'no_defense' else d} {fmt(v['tokens_per_sec'])} tokens/s"
                        for d, v in inp.overhead.items())

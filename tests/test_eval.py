@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -26,7 +27,8 @@ SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1
 DEFENSES = ["no_defense", "reset_clear", "smoothing", "masking_dropout", "clipping_renorm", "cachemedic"]
 METRIC_KEYS = {"task_curves", "clean_metrics", "clean_scores", "score_vs_eps", "score_vs_eps_by_task",
                "robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "clean_regression",
-               "best_heuristic_name", "heuristic_auc", "paired_bootstrap", "exposure", "overhead"}
+               "best_heuristic_name", "heuristic_auc", "paired_bootstrap", "robustness_auc_by_type",
+               "paired_bootstrap_by_type", "exposure", "overhead"}
 ROW_KEYS = {"task", "corruption_type", "epsilon", "defense", "value", "score", "n", "ci_low", "ci_high"}
 PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
           "clean_cachemedic_minus_no_defense", "clean_cachemedic_minus_best_heuristic"}
@@ -140,6 +142,19 @@ def test_metrics_keys_shapes_and_files(baseline):
     pb = m["paired_bootstrap"]["cachemedic_minus_no_defense"]
     assert set(pb) >= {"diff", "ci_low", "ci_high", "n", "samples"} and pb["n"] == 9 and pb["samples"] == 50
     assert pb["diff"] == pytest.approx(m["robustness_auc"]["cachemedic"] - m["robustness_auc"]["no_defense"])
+    # per type: the overall curve averages the types at every eps > 0 (eps 0 is the shared clean cell) and
+    # the trapezoid is linear, so the overall AUC is the mean of the per-type AUCs
+    assert set(m["robustness_auc_by_type"]) == set(types) == set(m["paired_bootstrap_by_type"])
+    for d in DEFENSES:
+        assert m["robustness_auc"][d] == pytest.approx(np.mean([m["robustness_auc_by_type"][ty][d] for ty in types]))
+    assert m["robustness_auc_by_type"]["gaussian"] != m["robustness_auc_by_type"]["contiguous_overwrite"]
+    for ty in types:
+        pt = m["paired_bootstrap_by_type"][ty]
+        assert set(pt) == {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic"}
+        a = m["robustness_auc_by_type"][ty]
+        assert pt["cachemedic_minus_no_defense"]["diff"] == pytest.approx(a["cachemedic"] - a["no_defense"])
+        assert pt["cachemedic_minus_best_heuristic"]["diff"] == pytest.approx(a["cachemedic"] - a[best])
+        assert pt["cachemedic_minus_no_defense"]["ci_low"] <= pt["cachemedic_minus_no_defense"]["ci_high"]
     assert m["overhead"] is None
     # the checkpoint's operator is not the identity: cachemedic changes the scores
     assert m["clean_metrics"]["wikitext2_ppl"]["cachemedic"] != m["clean_metrics"]["wikitext2_ppl"]["no_defense"]

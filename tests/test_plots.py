@@ -283,3 +283,26 @@ def test_no_heuristic_evaluated_and_partial_overhead(tmp_path):
     assert "No heuristic defense was evaluated" in report
     assert "loto_holdout_quant_noise (held out: quant_noise)" in report
     assert "smoothing n/a tokens/s" in report
+
+
+def test_report_lists_each_corruption_type(tmp_path):
+    def by_type(d):
+        m = d["metrics"]
+        m["robustness_auc_by_type"] = {"gaussian": {"no_defense": 0.31, "smoothing": 0.30, "cachemedic": 0.35},
+                                       "quant_noise": {"no_defense": 0.48, "smoothing": 0.39, "cachemedic": 0.47}}
+        pb = lambda diff, lo, hi: {"diff": diff, "ci_low": lo, "ci_high": hi, "n": 9}  # noqa: E731
+        m["paired_bootstrap_by_type"] = {
+            "gaussian": {"cachemedic_minus_no_defense": pb(0.04, 0.01, 0.07),
+                         "cachemedic_minus_best_heuristic": pb(0.05, -0.01, 0.1)},
+            "quant_noise": {"cachemedic_minus_no_defense": pb(-0.01, -0.03, 0.02)}}
+
+    rd = make_run(tmp_path, task=by_type)
+    assert plots.run(rd) == 0
+    report = (rd / "paper" / "report.md").read_text()
+    assert "| gaussian | 0.3100 | 0.3000 | 0.3500 | 0.0400 [0.0100, 0.0700]* | 0.0500 [-0.0100, 0.1000] |" in report
+    assert "| quant_noise | 0.4800 | 0.3900 | 0.4700 | -0.0100 [-0.0300, 0.0200] | – |" in report
+
+    rd2 = make_run(tmp_path / "one", task=lambda d: d["metrics"].update(
+        robustness_auc_by_type={"gaussian": {"no_defense": 0.3, "cachemedic": 0.3}}))
+    assert plots.run(rd2) == 0
+    assert "By corruption type" not in (rd2 / "paper" / "report.md").read_text()  # one type: nothing to split
