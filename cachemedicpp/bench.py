@@ -177,7 +177,7 @@ def load_lm(s: Settings, device: str) -> hf.LoadedModel:
 
 
 def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
-    """The configured operator with nonzero U (B: nonzero gate scale), so no identity shortcut is taken."""
+    """The configured operator with nonzero U (B: nonzero gate scale): a real correction, not the identity."""
     from cachemedicpp.repair import build_operator
 
     op = build_operator(cfg.repair.to_dict(), lm.arch, seed=cfg.seed).to(lm.device)
