@@ -389,6 +389,18 @@ def test_on_read_persistence_and_untrained_operator(tiny_cfg, tmp_path):
     assert rows[("gaussian", 0.16, "cachemedic")] == rows[("gaussian", 0.16, "no_defense")]
     assert set(m["overhead"]) == {"no_defense", "smoothing", "cachemedic"}
     assert all(v["tokens_per_sec"] > 0 and v["wall_sec"] > 0 and v["peak_mem_mb"] > 0 for v in m["overhead"].values())
+    assert all("peak" in v["peak_mem_method"] for v in m["overhead"].values())
+
+
+def test_cpu_peak_mark_reset_follows_the_work():
+    # the peak mark is per defense, not the process's lifetime peak
+    if not ev._reset_cpu_peak():
+        pytest.skip("this kernel cannot reset the peak RSS mark")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    high = ev._cpu_peak_mib()
+    del big
+    assert ev._reset_cpu_peak()
+    assert ev._cpu_peak_mib() < high - 32
 
 
 @pytest.mark.slow
