@@ -575,15 +575,6 @@ def _rss_kib() -> tuple[int, int]:
     return hwm, rss
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: reset the peak RSS mark to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _pin_mmap_threshold() -> bool:
     """Make glibc serve large blocks by mmap and unmap them on free (no dynamic threshold), so the RSS
     follows the live tensors instead of a heap that keeps freed memory."""
@@ -610,7 +601,9 @@ def measure_memory(w: Workload, dev: torch.device) -> dict:
         peak = torch.cuda.max_memory_allocated(dev)
         return {"peak_delta_mib": (peak - before) / 2**20, "peak_mib": peak / 2**20, "before_mib": before / 2**20,
                 "method": "torch.cuda.max_memory_allocated - memory_allocated before the unit"}
-    reset = _reset_peak_rss()
+    from cachemedicpp.eval import reset_cpu_peak
+
+    reset = reset_cpu_peak()
     _, before = _rss_kib()
     max_before = _maxrss_kib()
     w.run(arg)

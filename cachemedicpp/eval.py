@@ -405,7 +405,8 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
               names: list[str], types: list[str], eps: list[float], samples: int, seed: int) -> dict:
     """metrics["..."] of task_metrics.json from raw per-example values ({task: [n, n_cells]})."""
     order = list(values)
-    point = _summarise(task_info, {t: values[t].mean(axis=0, keepdims=True) for t in order}, cells, names, types, eps)
+    means = {t: values[t].mean(axis=0, keepdims=True) for t in order}
+    point = _summarise(task_info, means, cells, names, types, eps)
     rng = stats.seeded_rng(seed, "eval-bootstrap")
     # one resample of example indices per task, shared by every cell and defense: paired comparisons
     idx = {t: stats.bootstrap_indices(values[t].shape[0], samples, rng) for t in order}
@@ -428,13 +429,16 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
         lo, hi = stats.percentile_ci(boot["auc"][best if name == "best_heuristic" else name], CI_ALPHA)
         auc_ci[name] = [float(lo), float(hi)]
     n_total = int(sum(v.shape[0] for v in values.values()))
+    others = [(o, label) for o, label in (("no_defense", "no_defense"), (best, "best_heuristic")) if o is not None]
+
+    def auc_difference(point_auc: dict, boot_auc: dict, other: str) -> dict:
+        return {"metric": "robustness_auc", "other": other, **stats.paired_difference(
+            point_auc[REPAIR_NAME], point_auc[other], boot_auc[REPAIR_NAME], boot_auc[other], n_total)}
+
     paired = {}
     if REPAIR_NAME in names:
-        for other, label in (("no_defense", "no_defense"), (best, "best_heuristic")):
-            if other is None:
-                continue
-            paired[f"cachemedic_minus_{label}"] = {"metric": "robustness_auc", "other": other, **stats.paired_difference(
-                auc[REPAIR_NAME], auc[other], boot["auc"][REPAIR_NAME], boot["auc"][other], n_total)}
+        for other, label in others:
+            paired[f"cachemedic_minus_{label}"] = auc_difference(auc, boot["auc"], other)
             paired[f"clean_cachemedic_minus_{label}"] = {"metric": "clean_score", "other": other, **stats.paired_difference(
                 float(point["clean_regression"][REPAIR_NAME][0]), float(point["clean_regression"][other][0]),
                 boot["clean_regression"][REPAIR_NAME], boot["clean_regression"][other], n_total)}
@@ -442,15 +446,12 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     # overall best heuristic), so a multi-type grid shows under which types the repair helps
     auc_by_type, paired_by_type = {}, {}
     for ty in types:
-        pt = _summarise(task_info, {t: values[t].mean(axis=0, keepdims=True) for t in order}, cells, names, [ty], eps)
+        pt = _summarise(task_info, means, cells, names, [ty], eps)
         bt = _summarise(task_info, resampled, cells, names, [ty], eps)
         auc_by_type[ty] = {d: float(pt["auc"][d][0]) for d in names}
         if REPAIR_NAME in names:
-            paired_by_type[ty] = {
-                f"cachemedic_minus_{label}": {"metric": "robustness_auc", "other": other, **stats.paired_difference(
-                    auc_by_type[ty][REPAIR_NAME], auc_by_type[ty][other], bt["auc"][REPAIR_NAME], bt["auc"][other],
-                    n_total)}
-                for other, label in (("no_defense", "no_defense"), (best, "best_heuristic")) if other is not None}
+            paired_by_type[ty] = {f"cachemedic_minus_{label}": auc_difference(auc_by_type[ty], bt["auc"], other)
+                                  for other, label in others}
     return {
         "task_curves": rows,
         "clean_metrics": {t: {d: float(point["value"][t][0, clean_idx[d]]) for d in names} for t in order},
@@ -487,7 +488,7 @@ def unit_matrices(ctx: EvalContext, units: dict) -> tuple[dict[str, np.ndarray],
 # overhead (timing; the only non-deterministic part of the metrics)
 
 
-def _reset_cpu_peak() -> bool:
+def reset_cpu_peak() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -497,7 +498,7 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def _cpu_peak_mib() -> float:
+def cpu_peak_mib() -> float:
     """The process's peak RSS in MiB since the last reset (VmHWM), else since it started (ru_maxrss)."""
     try:
         m = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
@@ -533,7 +534,7 @@ def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 method = "torch.cuda.max_memory_allocated during the timed runs"
             else:
-                method = ("peak RSS (VmHWM) during the timed runs, peak mark reset before them" if _reset_cpu_peak()
+                method = ("peak RSS (VmHWM) during the timed runs, peak mark reset before them" if reset_cpu_peak()
                           else "peak RSS of the whole process so far (the peak mark could not be reset)")
             t0, tokens = time.perf_counter(), 0
             for _ in range(reps):
@@ -545,7 +546,7 @@ def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() / 2**20
             else:
-                peak = _cpu_peak_mib()
+                peak = cpu_peak_mib()
             wall = time.perf_counter() - t0
             out[d] = {"tokens_per_sec": tokens / wall if wall > 0 else None, "wall_sec": wall, "peak_mem_mb": peak,
                       "peak_mem_method": method, "tokens": tokens}

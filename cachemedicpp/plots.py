@@ -932,16 +932,16 @@ def report_md(inp: Inputs) -> str:
               "difference; * where it excludes zero):", "",
               f"| type | no defense | {inp.best or '-'} | cachemedic | cachemedic − no defense | "
               f"cachemedic − {inp.best or 'best heuristic'} |", "|---|---|---|---|---|---|"]
+        def diff(b: dict | None) -> str:
+            if b is None:
+                return "–"
+            return f"{fmt(b['diff'])} [{fmt(b['ci_low'])}, {fmt(b['ci_high'])}]{'*' if excludes_zero(b) else ''}"
+
         for ty, e in inp.by_type.items():
-            def diff(key):
-                b = e["boot"].get(key)
-                if b is None:
-                    return "–"
-                return f"{fmt(b['diff'])} [{fmt(b['ci_low'])}, {fmt(b['ci_high'])}]{'*' if excludes_zero(b) else ''}"
-            a = e["auc"]
+            a, b = e["auc"], e["boot"]
             L.append(f"| {ty} | {fmt(a.get('no_defense', math.nan))} | {fmt(a.get(inp.best, math.nan)) if inp.best else '–'} | "
-                     f"{fmt(a.get('cachemedic', math.nan))} | {diff('cachemedic_minus_no_defense')} | "
-                     f"{diff('cachemedic_minus_best_heuristic')} |")
+                     f"{fmt(a.get('cachemedic', math.nan))} | {diff(b.get('cachemedic_minus_no_defense'))} | "
+                     f"{diff(b.get('cachemedic_minus_best_heuristic'))} |")
         L.append("")
     if inp.overhead:
         tp = "; ".join(f"{'no defense' if d == 'no_defense' else d} {fmt(v['tokens_per_sec'])} tokens/s"

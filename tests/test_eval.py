@@ -394,13 +394,13 @@ def test_on_read_persistence_and_untrained_operator(tiny_cfg, tmp_path):
 
 def test_cpu_peak_mark_reset_follows_the_work():
     # the peak mark is per defense, not the process's lifetime peak
-    if not ev._reset_cpu_peak():
+    if not ev.reset_cpu_peak():
         pytest.skip("this kernel cannot reset the peak RSS mark")
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
-    high = ev._cpu_peak_mib()
+    high = ev.cpu_peak_mib()
     del big
-    assert ev._reset_cpu_peak()
-    assert ev._cpu_peak_mib() < high - 32
+    assert ev.reset_cpu_peak()
+    assert ev.cpu_peak_mib() < high - 32
 
 
 @pytest.mark.slow
