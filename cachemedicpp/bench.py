@@ -523,7 +523,7 @@ def eval_end_to_end(cfg, op) -> dict:
     progress and metrics files): what a user waits for."""
     from cachemedicpp import eval as eval_mod
     from cachemedicpp.repair import repair_checkpoint_payload
-    from cachemedicpp.rundir import atomic_torch_save
+    from cachemedicpp.fileio import atomic_torch_save
 
     with tempfile.TemporaryDirectory(prefix="cachemedicpp-bench-") as tmp:
         ck = Path(tmp) / "checkpoints" / "repair_step_1.pt"

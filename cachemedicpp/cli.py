@@ -11,7 +11,9 @@ import traceback
 from typing import Callable, Sequence
 
 from cachemedicpp.config import Config, ConfigError, load_config, parse_set_args
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_FAILED
+
+# every command's exit codes
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PAUSED = 0, 1, 2, 3
 
 
 def phase_parser(phase: str, description: str) -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jsonschema
 import yaml
@@ -39,6 +39,17 @@ class ConfigError(Exception):
     def __init__(self, problems: str | Iterable[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def lookup(kind: str, name: Any, table: Mapping[str, Any] | Sequence[str], *, key: str = "",
+           known: str = "known", note: str = "", error: type[ConfigError] | None = None) -> Any:
+    """A registry entry by name (the name itself where `table` is a sequence of names). An unknown name is
+    bad input: one message naming the config key, the closest known name and all known names."""
+    if name in table:
+        return table[name] if isinstance(table, Mapping) else name
+    close = difflib.get_close_matches(str(name), [str(k) for k in table], n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise (error or ConfigError)(f"{key + ': ' if key else ''}unknown {kind} {name!r}{hint}; {known}: {list(table)}{note}")
 
 
 def load_schema(name: str) -> dict:
@@ -214,11 +225,7 @@ def load_ood_split(name: str, path: str | None, base: Path | None = None) -> dic
     splits = (doc or {}).get("splits", doc) if isinstance(doc, dict) else None
     if not isinstance(splits, dict):
         raise ConfigError(f"OOD splits file {split_path}: expected a mapping of split names")
-    if name not in splits:
-        close = difflib.get_close_matches(name, list(splits), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"eval.ood_protocol: unknown split {name!r}{hint}; known: {sorted(splits)}")
-    split = splits[name]
+    split = lookup("split", name, dict(sorted(splits.items())), key="eval.ood_protocol")
     train_types, test_type = split.get("train_types"), split.get("test_type")
     if not isinstance(train_types, list) or not isinstance(test_type, str):
         raise ConfigError(f"OOD split {name} in {split_path}: needs train_types (list) and test_type")

@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -47,6 +44,7 @@ from torch import Tensor
 
 from cachemedicpp import config
 from cachemedicpp.config import ConfigError
+from cachemedicpp.seeding import torch_rng as rng
 
 TYPES = config.CORRUPTION_TYPES + ("targeted",)
 LAYER_MODES = ("all", "bernoulli", "targeted")
@@ -54,8 +52,7 @@ TIME_MODES = ("all_past", "old_only", "window")
 
 
 def _check_type(ctype: str) -> None:
-    if ctype not in TYPES:
-        raise ConfigError(f"unknown corruption type {ctype!r}; known: {list(TYPES)}")
+    config.lookup("corruption type", ctype, TYPES)
 
 
 def _round_half_up(x: float) -> int:
@@ -91,32 +88,6 @@ def severity(ctype: str, eps: float, params: Mapping, eps_ref: float) -> dict:
         return {"bits": min(16, max(2, _round_half_up(int(params["quant_bits"]) - math.log2(s))))}
     w0, w1 = (int(x) for x in params["overwrite_window"])
     return {"start": w0, "block_len": max(0, _round_half_up((w1 - w0) * s))}
-
-
-# --------------------------------------------------------------------------------------------------
-# seeding
-
-
-def _canon(p):
-    # JSON-native values, so that 3 and numpy.int64(3) (or 0.16 and numpy.float64(0.16)) seed alike
-    if isinstance(p, bool) or p is None or isinstance(p, str):
-        return p
-    if isinstance(p, numbers.Integral):
-        return int(p)
-    if isinstance(p, numbers.Real):
-        return float(p)
-    if isinstance(p, (tuple, list)):
-        return [_canon(x) for x in p]
-    return str(p)
-
-
-def rng(seed: int, *parts) -> torch.Generator:
-    """A CPU generator seeded by sha256 of (seed, *parts), reduced to 63 bits."""
-    blob = json.dumps([_canon(seed)] + [_canon(p) for p in parts], separators=(",", ":"))
-    digest = hashlib.sha256(blob.encode()).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
-    return g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,8 +256,7 @@ class Corruptor:
 
     def _check_modes(self) -> None:
         for key, known in (("layer_mode", LAYER_MODES), ("head_mode", LAYER_MODES), ("time_mode", TIME_MODES)):
-            if self.axes[key] not in known:
-                raise ConfigError(f"corruption.axes.{key}: unknown mode {self.axes[key]!r}; known: {list(known)}")
+            config.lookup("mode", self.axes[key], known, key=f"corruption.axes.{key}")
 
     # ---- region
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cachemedicpp import config
-from cachemedicpp.config import ConfigError
+from cachemedicpp.config import lookup
 
 ORACLE_NOTE = "heuristics act on the region the corruption's masks select (an oracle advantage)"
 DEFAULT_DROPOUT_SEED = 0
@@ -96,10 +96,8 @@ DEFENSES: dict[str, Callable] = {
 
 
 def get_defense(name: str) -> Callable:
-    if name not in DEFENSES:
-        raise ConfigError(f"unknown defense {name!r}; known heuristic defenses: {list(DEFENSES)} "
-                          "(cachemedic is the learned repair operator, not a heuristic)")
-    return DEFENSES[name]
+    return lookup("defense", name, DEFENSES, known="known heuristic defenses",
+                  note=" (cachemedic is the learned repair operator, not a heuristic)")
 
 
 def apply_defense(name: str, k: Tensor, v: Tensor, mask: Tensor, baseline: Mapping,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,10 +32,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cachemedicpp import cli, corruption, defenses, hf, repair, stats, tasks
+from cachemedicpp import cli, corruption, defenses, hf, memory, repair, seeding, stats, tasks
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.rundir import (EXIT_OK, EXIT_PAUSED, JsonlLog, PhaseSession, RunDir, atomic_write_json,
-                                 read_json, truncate_jsonl)
+from cachemedicpp.cli import EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import atomic_write_json, read_json, truncate_jsonl
+from cachemedicpp.phase import JsonlLog, PhaseSession
+from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
 
@@ -193,7 +193,7 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
 def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> torch.Generator:
     """A defense's own randomness (masking_dropout): per example, defense and layer, the same in every
     cell of the example, so defense noise is paired across eps like the corruption."""
-    return corruption.rng(ctx.cfg.seed, "eval-defense", ex.example_id, name, layer)
+    return seeding.torch_rng(ctx.cfg.seed, "eval-defense", ex.example_id, name, layer)
 
 
 def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region) -> dict:
@@ -407,7 +407,7 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     order = list(values)
     means = {t: values[t].mean(axis=0, keepdims=True) for t in order}
     point = _summarise(task_info, means, cells, names, types, eps)
-    rng = stats.seeded_rng(seed, "eval-bootstrap")
+    rng = seeding.numpy_rng(seed, "eval-bootstrap")
     # one resample of example indices per task, shared by every cell and defense: paired comparisons
     idx = {t: stats.bootstrap_indices(values[t].shape[0], samples, rng) for t in order}
     resampled = {t: stats.resampled_means(values[t], idx[t]) for t in order}
@@ -488,27 +488,6 @@ def unit_matrices(ctx: EvalContext, units: dict) -> tuple[dict[str, np.ndarray],
 # overhead (timing; the only non-deterministic part of the metrics)
 
 
-def reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_peak_mib() -> float:
-    """The process's peak RSS in MiB since the last reset (VmHWM), else since it started (ru_maxrss)."""
-    try:
-        m = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
-        if m:
-            return int(m.group(1)) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
     """Per defense: tokens/s of scoring continuations over a corrupted cache (the shared clean prefill
     excluded), wall seconds, and peak memory during that defense's timed runs (CUDA allocator peak; on CPU
@@ -529,24 +508,14 @@ def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
             rows = {ex.key: next(cell_rows(sub, ex, caches[ex.key], dedupe=False)) for ex in exs}
             for ex in exs:  # warm-up
                 run_batch(sub, ex, caches[ex.key], [rows[ex.key]], cell.repaired)
-            if ctx.lm.device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                method = "torch.cuda.max_memory_allocated during the timed runs"
-            else:
-                method = ("peak RSS (VmHWM) during the timed runs, peak mark reset before them" if reset_cpu_peak()
-                          else "peak RSS of the whole process so far (the peak mark could not be reset)")
+            method = memory.method(ctx.lm.device, memory.reset_peak(ctx.lm.device))
             t0, tokens = time.perf_counter(), 0
             for _ in range(reps):
                 for ex in exs:
                     row = next(cell_rows(sub, ex, caches[ex.key], dedupe=False))
                     run_batch(sub, ex, caches[ex.key], [row], cell.repaired)
                     tokens += int(ex.feeds.numel())
-            if ctx.lm.device.type == "cuda":
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() / 2**20
-            else:
-                peak = cpu_peak_mib()
+            peak = memory.peak_mib(ctx.lm.device)
             wall = time.perf_counter() - t0
             out[d] = {"tokens_per_sec": tokens / wall if wall > 0 else None, "wall_sec": wall, "peak_mem_mb": peak,
                       "peak_mem_method": method, "tokens": tokens}
@@ -560,8 +529,7 @@ def overhead_protocol(ctx: EvalContext, reps: int = 3) -> dict:
     return {"corruption_type": next((t for t in ctx.types), CLEAN), "epsilon": next((e for e in ctx.eps if e > 0), 0.0),
             "reps": reps, "examples": list(first.values()),
             "tokens": "continuation tokens scored over the corrupted, defended cache (the clean prefill excluded)",
-            "peak_mem": "cuda max_memory_allocated" if ctx.lm.device.type == "cuda"
-            else "process peak RSS (ru_maxrss), cumulative over the process"}
+            "peak_mem": f"per defense, during its timed runs: {memory.method(ctx.lm.device)}"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +548,7 @@ def resolve_checkpoint(cfg: Config, rd: RunDir, names: Sequence[str]) -> dict:
     """Which repair weights cachemedic uses. A missing checkpoint is bad input unless allowed."""
     if REPAIR_NAME not in names:
         return {"path": None, "step": None, "sha256": None, "status": "cachemedic not evaluated"}
-    p = repair.latest_repair_checkpoint(rd.checkpoints)
+    p = rd.latest_repair_checkpoint()
     if p is None:
         if not cfg.eval.allow_missing_checkpoint:
             raise ConfigError(

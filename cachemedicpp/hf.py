@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from cachemedicpp.config import ConfigError
+from cachemedicpp.config import ConfigError, lookup
 
 log = logging.getLogger("cachemedicpp")
 
@@ -229,9 +229,8 @@ def _package_dir(pkg: str) -> Path | None:
 
 def embedded_gguf(name: str) -> Path:
     """Path of an embedded model's GGUF file (assembling chunked packages into the cache once)."""
-    if name not in EMBEDDED_MODELS:
-        raise ModelLoadError(f"model.name: unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
-    parts, fname = EMBEDDED_MODELS[name]
+    parts, fname = lookup("embedded model", name, dict(sorted(EMBEDDED_MODELS.items())), key="model.name",
+                          error=ModelLoadError)
     files = []
     for pkg, inner in parts:
         d = _package_dir(pkg)

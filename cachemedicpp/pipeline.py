@@ -14,7 +14,7 @@ from typing import Sequence
 
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config
-from cachemedicpp.rundir import EXIT_OK
+from cachemedicpp.cli import EXIT_OK
 
 PHASES = ("train", "eval", "stability", "plots")
 

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cachemedicpp.config import ConfigError, resolve_path
-from cachemedicpp.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_json
+from cachemedicpp.fileio import atomic_write_bytes, atomic_write_text, read_json
+from cachemedicpp.rundir import RunDir
 
 FIGURES = ("figA_score_vs_eps.png", "figB_clean_vs_overhead_pareto.png", "figC_logit_sensitivity.png",
            "figD_amplification_map.png")

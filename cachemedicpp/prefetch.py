@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 from cachemedicpp import ROOT
 from cachemedicpp.config import ConfigError, load_config
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 # The fast preset, with the model each config names (used when a preset file is absent).
 DEFAULT_PRESET = (

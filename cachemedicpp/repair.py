@@ -26,15 +26,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from cachemedicpp.config import ConfigError
+from cachemedicpp.config import ConfigError, lookup
 
 FAMILIES = ("A", "B", "C")
 
 
 def get_family(name: str) -> str:
-    if name not in FAMILIES:
-        raise ConfigError(f"repair.family: unknown family {name!r}; known: {list(FAMILIES)}")
-    return name
+    return lookup("family", name, FAMILIES, key="repair.family")
 
 
 class _Gate(nn.Module):
@@ -268,7 +266,7 @@ def repair_checkpoint_payload(op: RepairOperator, step: int, config_hash: str, r
 
 def load_repair_checkpoint(path, repair_cfg: Mapping, arch, seed: int = 0) -> tuple[RepairOperator, dict]:
     """Rebuild the operator from a repair checkpoint; a damaged or mismatched file is bad input."""
-    from cachemedicpp.rundir import load_checkpoint
+    from cachemedicpp.fileio import load_checkpoint
 
     payload = load_checkpoint(path, "repair checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != "cachemedicpp.repair/1":
@@ -279,17 +277,3 @@ def load_repair_checkpoint(path, repair_cfg: Mapping, arch, seed: int = 0) -> tu
     except (RuntimeError, KeyError) as e:
         raise ConfigError(f"repair checkpoint {path} does not match the configured operator: {e}") from None
     return op, payload
-
-
-def latest_repair_checkpoint(checkpoints_dir) -> "Path | None":
-    from pathlib import Path
-
-    best = None
-    for p in Path(checkpoints_dir).glob("repair_step_*.pt"):
-        try:
-            n = int(p.stem.rsplit("_", 1)[1])
-        except ValueError:
-            continue
-        if best is None or n > best[0]:
-            best = (n, p)
-    return best[1] if best else None

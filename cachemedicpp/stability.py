@@ -23,7 +23,7 @@ Definitions (all in fp32; the model is loaded in float32 whatever `dtype` says):
 
 One unit of work is one prompt. Results are kept per unit in `metrics/stability_progress.json`, so a
 paused or killed run resumes where it stopped and produces bit-identical metrics: every direction is drawn
-from `corruption.rng(seed, "stability", ...)`, never from a shared stream.
+from `seeding.torch_rng(seed, "stability", ...)`, never from a shared stream.
 """
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ from typing import Any, Sequence
 import torch
 
 from cachemedicpp import config as config_mod
-from cachemedicpp import corruption, data, defenses, hf, repair
+from cachemedicpp import data, defenses, hf, repair, seeding
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.rundir import (EXIT_OK, EXIT_PAUSED, PhaseSession, RunDir, atomic_write_json, read_json)
+from cachemedicpp.cli import EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import atomic_write_json, read_json
+from cachemedicpp.phase import PhaseSession
+from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
 
@@ -119,7 +122,7 @@ def check_paired_run(cfg: Config, paired_run_dir: str | None) -> dict | None:
     lam = theirs.get("train.lambda_contr")
     if lam != 0:
         raise ConfigError(f"{what} has train.lambda_contr = {lam!r}; the paired run must have lambda_contr = 0")
-    ckpt = repair.latest_repair_checkpoint(path / "checkpoints")
+    ckpt = RunDir(path).latest_repair_checkpoint()
     if ckpt is None:
         raise ConfigError(f"{what} has no checkpoints/repair_step_*.pt")
     return {"run_dir": str(path), "config_hash": config_mod.config_hash(stored), "lambda_contr": lam,
@@ -158,7 +161,7 @@ def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
 
 
 def repair_checkpoint(rd: RunDir, allow_missing: bool) -> dict:
-    ckpt = repair.latest_repair_checkpoint(rd.checkpoints)
+    ckpt = rd.latest_repair_checkpoint()
     if ckpt is None:
         if not allow_missing:
             raise ConfigError(f"no repair checkpoint in {rd.checkpoints} (run train first, or set "
@@ -308,7 +311,7 @@ def measure_prompt(lm: hf.LoadedModel, s: Setup, op, op_paired, p_idx: int, ids:
             if dl == 0:
                 continue
             for x, tag, size in ((k, "K", rms[l][0]), (v, "V", rms[l][1])):
-                gen = corruption.rng(seed, PHASE, p_idx, dl, j, l, tag)
+                gen = seeding.torch_rng(seed, PHASE, p_idx, dl, j, l, tag)
                 target = dl * s.delta_scale * size * math.sqrt(count)
                 x[r] += _direction(gen, (1,) + tuple(x.shape[1:]), mask, target)[0].to(dev, x.dtype)
         hf.set_kv(base, l, k, v)
@@ -326,7 +329,7 @@ def measure_prompt(lm: hf.LoadedModel, s: Setup, op, op_paired, p_idx: int, ids:
         # row by row with one seed: a random defense (masking_dropout) is the same fixed map for every
         # row, so the rows differ only by their perturbation
         out = [defenses.apply_defense(s.heuristic, k[r:r + 1], v[r:r + 1], masks[l][0].to(dev), s.baseline_cfg,
-                                      gen=corruption.rng(seed, PHASE, p_idx, "heuristic", s.heuristic, l))
+                                      gen=seeding.torch_rng(seed, PHASE, p_idx, "heuristic", s.heuristic, l))
                for r in range(n)]
         hf.set_kv(heur, l, torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]))
     z_h = _last_logits(lm, token, heur, None)
@@ -363,7 +366,7 @@ def measure_prompt(lm: hf.LoadedModel, s: Setup, op, op_paired, p_idx: int, ids:
                 count = int(mask.sum()) * k.shape[-1]
                 targets = []
                 for x, tag, size in ((k, "K", rms[l][0]), (v, "V", rms[l][1])):
-                    gen = corruption.rng(seed, PHASE, "map", p_idx, s.map_delta, j, l, h, tag)
+                    gen = seeding.torch_rng(seed, PHASE, "map", p_idx, s.map_delta, j, l, h, tag)
                     target = s.map_delta * s.delta_scale * size * math.sqrt(count)
                     x[r] += _direction(gen, (1,) + tuple(x.shape[1:]), mask, target)[0].to(dev, x.dtype)
                     targets.append(target)
@@ -503,7 +506,7 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
             "map_cachemedic_reference": "repaired clean logits (cachemedic_vs_clean_no_defense: undefended clean)",
             "paired_run": paired, "repair": {**ckpt, "family": cfg.repair.family, "rank": cfg.repair.rank},
             "prompts": prompt_info, "model": cfg.model.name, "compute_dtype": "float32",
-            "config_dtype": cfg.dtype, "seed": s.seed, "rng": "corruption.rng(seed, 'stability', ...)",
+            "config_dtype": cfg.dtype, "seed": s.seed, "rng": "seeding.torch_rng(seed, 'stability', ...)",
         }
         # what the units depend on beyond the config hash: a change discards saved progress
         fingerprint = {"repair": ckpt,

@@ -6,18 +6,10 @@ of (config seed, purpose), so a resumed evaluation reproduces its confidence int
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Sequence
 
 import numpy as np
-
-
-def seeded_rng(seed: int, *parts) -> np.random.Generator:
-    """A numpy generator seeded by sha256 of (seed, *parts)."""
-    blob = json.dumps([int(seed)] + [str(p) for p in parts], separators=(",", ":"))
-    return np.random.default_rng(int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big"))
 
 
 def trapezoid_auc(x: Sequence[float], y) -> np.ndarray | float:

@@ -44,8 +44,10 @@ import numpy as np
 from cachemedicpp import pipeline
 from cachemedicpp.config import (HASH_EXCLUDE, Config, ConfigError, apply_overrides, config_hash, load_schema,
                                  read_yaml, resolve, resolve_path, validate)
-from cachemedicpp.rundir import (ACK_FILES, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, Heartbeat, RunDir,
-                                 atomic_write_json, atomic_write_text, read_json, utc_now)
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json, utc_now
+from cachemedicpp.phase import Heartbeat
+from cachemedicpp.rundir import RunDir, SweepDir
 
 PHASES = pipeline.PHASES
 # names a run may not take: they are the sweep dir's own files and folders
@@ -304,7 +306,9 @@ def _pause_reason(pause: Path) -> str:
 
 
 def _phase_ack_reason(run_dir: Path, phase: str) -> str:
-    ack = run_dir / "control" / ACK_FILES.get(phase, "")
+    if phase not in ("train", "eval", "stability"):
+        return "paused"
+    ack = RunDir(run_dir).pause_ack(phase)
     try:
         return str(json.loads(ack.read_text(encoding="utf-8")).get("reason") or "paused")
     except (OSError, ValueError):
@@ -722,7 +726,7 @@ class Sweep:
         if stopper is not None or plan.pause_file.exists():
             reason = (self.signal_name or (stopper or {}).get("reason")
                       or (_pause_reason(plan.pause_file) if plan.pause_file.exists() else "paused"))
-            atomic_write_json(plan.sweep_dir / "control" / ACK_FILES["sweep"], {
+            atomic_write_json(SweepDir(plan.sweep_dir).pause_ack("sweep"), {
                 "run_id": plan.run_id, "phase": "sweep", "timestamp_utc": utc_now(), "step": self.completed(),
                 "reason": reason, "run": (stopper or {}).get("name"), "run_phase": (stopper or {}).get("phase"),
                 "pid": os.getpid()})

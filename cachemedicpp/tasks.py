@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cachemedicpp import corruption, data
-from cachemedicpp.config import ConfigError
+from cachemedicpp import data, seeding
+from cachemedicpp.config import ConfigError, lookup
 
 IGNORE = -100
 SST2_LABELS = (" negative", " positive")
@@ -183,7 +183,7 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
         text = ""
         if few:
             # a fixed draw, not the run seed: runs of a multi-seed sweep share one evaluation set
-            g = corruption.rng(DEMO_SEED, "sst2-demos", i)
+            g = seeding.torch_rng(DEMO_SEED, "sst2-demos", i)
             pick = torch.randperm(len(demos), generator=g)[:few].tolist()
             text = "".join(f"{sst2_prompt(demos[j][0])}{SST2_LABELS[demos[j][1]]}\n\n" for j in pick)
         full = _ids(tok, text + sst2_prompt(sentence), special=True)
@@ -255,7 +255,7 @@ def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exampl
     at = int(round(float(lc.position_frac) * n_fill))
     out = []
     for i in range(int(task_cfg["num_examples"])):
-        g = corruption.rng(int(lc.seed), "needle-filler", i)
+        g = seeding.torch_rng(int(lc.seed), "needle-filler", i)
         start = int(torch.randint(0, stream.numel() - n_fill + 1, (1,), generator=g))
         fill = stream[start:start + n_fill].tolist()
         full = bos + fill[:at] + needle + fill[at:] + question
@@ -307,9 +307,7 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ConfigError(f"eval.tasks: unknown task {name!r}; known: {list(TASKS)}")
-    return TASKS[name]
+    return lookup("task", name, TASKS, key="eval.tasks")
 
 
 def load_sources(cfg, lm, names: Sequence[str]) -> dict:

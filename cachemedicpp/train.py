@@ -16,31 +16,27 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
-from cachemedicpp import data, hf
+from cachemedicpp import data, hf, memory
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.corruption import Corruptor, donor_kv, rng
-from cachemedicpp.repair import build_operator, latest_repair_checkpoint, repair_checkpoint_payload
-from cachemedicpp.rundir import (EXIT_OK, EXIT_PAUSED, JsonlLog, PhaseSession, RunDir, atomic_torch_save,
-                                 load_checkpoint, read_jsonl, truncate_jsonl)
+from cachemedicpp.corruption import Corruptor, donor_kv
+from cachemedicpp.seeding import torch_rng as rng
+from cachemedicpp.repair import build_operator, repair_checkpoint_payload
+from cachemedicpp.cli import EXIT_OK
+from cachemedicpp.fileio import atomic_torch_save, load_checkpoint, read_jsonl, truncate_jsonl
+from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
+from cachemedicpp.rundir import RunDir
 
+PHASE = "train"
 STATE_FORMAT = "cachemedicpp.train_state/1"
 LOSS_KEYS = ("loss_total", "loss_kd", "loss_id", "loss_contr", "rho_mean", "rho_p95")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class Trainer:
@@ -221,23 +217,8 @@ def read_state(path: Path, chash: str | None = None) -> dict:
 
 
 def _clear_previous(rd: RunDir) -> None:
-    for p in list(rd.checkpoints.glob("repair_step_*.pt")) + list(rd.checkpoints.glob("train_state_*.pt")):
+    for p in rd.training_files():
         p.unlink()
-    for name in ("train.jsonl", "train_heartbeat.jsonl", "train_heartbeat.json"):
-        (rd.logs / name).unlink(missing_ok=True)
-
-
-def _clear_stale_temps(rd: RunDir) -> None:
-    """Temp files left by a process killed mid-write (the lock guarantees no writer is alive)."""
-    for folder, patterns in ((rd.checkpoints, (".repair_step_*.pt.tmp*", ".train_state_*.pt.tmp*")),
-                             (rd.logs, (".train*.tmp*",)), (rd.control, (".pause_ack.json.tmp*",))):
-        for pat in patterns:
-            for p in folder.glob(pat):
-                p.unlink(missing_ok=True)
-
-
-def _rel(rd: RunDir, p: Path | None) -> str | None:
-    return str(p.relative_to(rd.path)) if p is not None else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,23 +228,21 @@ def _rel(rd: RunDir, p: Path | None) -> str | None:
 def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: str | None = None,
         sweep_pause: Path | None = None) -> int:
     t = cfg.train
-    latest = RunDir(run_dir).checkpoints / "train_state_latest.pt"
+    latest = RunDir(run_dir).train_state()
     if resume and latest.is_file():
         read_state(latest)  # a damaged state is refused before anything in the run dir is touched
-    with PhaseSession(cfg, run_dir, "train", config_path, sweep_pause=sweep_pause) as s:
+    with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
         rd = s.rd
-        _clear_stale_temps(rd)
         if not resume:
             _clear_previous(rd)
         state = read_state(latest, cfg.hash) if resume and latest.is_file() else None
         start, elapsed = (int(state["step"]), float(state["elapsed_sec"])) if state else (0, 0.0)
-        truncate_jsonl(rd.logs / "train.jsonl", lambda r: r.get("step", 0) <= start)
+        truncate_jsonl(rd.log(PHASE), lambda r: r.get("step", 0) <= start)
         hb = s.heartbeat(t.steps, elapsed_before=elapsed)
-        hb.latest = {"checkpoint": _rel(rd, latest_repair_checkpoint(rd.checkpoints)),
-                     "state": _rel(rd, latest if latest.is_file() else None)}
+        hb.latest = {"checkpoint": rd.rel(rd.latest_repair_checkpoint()),
+                     "state": rd.rel(latest if latest.is_file() else None)}
         s.step = start
-        final = rd.checkpoints / f"repair_step_{t.steps}.pt"
-        if start >= t.steps and final.is_file():
+        if start >= t.steps and rd.repair_checkpoint(t.steps).is_file():
             hb.beat("completed", start, reason="already complete", force=True)
             _summary(rd, t.steps, elapsed)
             return EXIT_OK
@@ -274,51 +253,40 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
         trainer = Trainer(cfg, lm)
         if state is not None:
             trainer.load_state(state, latest)
-        log = JsonlLog(rd.logs / "train.jsonl", s.run_id, "train")
+        log = JsonlLog(rd.log(PHASE), s.run_id, PHASE)
 
         def save(step: int, repair: bool, periodic: bool) -> None:
             # order matters for a kill mid-save: outputs first, the resume point last
             st = trainer.state(step, hb.elapsed(), cfg.hash)
             if repair:
-                rep = rd.checkpoints / f"repair_step_{step}.pt"
+                rep = rd.repair_checkpoint(step)
                 payload = repair_checkpoint_payload(trainer.op, step, cfg.hash, cfg.repair.to_dict())
                 payload["data_source"] = trainer.data_source
                 atomic_torch_save(rep, payload)
-                hb.latest["checkpoint"] = _rel(rd, rep)
+                hb.latest["checkpoint"] = rd.rel(rep)
             if periodic:
-                atomic_torch_save(rd.checkpoints / f"train_state_step_{step}.pt", st)
+                atomic_torch_save(rd.train_state(step), st)
             atomic_torch_save(latest, st)
-            hb.latest["state"] = _rel(rd, latest)
+            hb.latest["state"] = rd.rel(latest)
 
-        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        step = start
-        while step < t.steps:
-            reason = s.pause.requested()
-            if reason:
-                save(step, repair=False, periodic=False)
-                s.pause.acknowledge(s.run_id, step, reason, _rel(rd, latest))
-                hb.beat("paused", step, reason=reason, force=True)
-                bar.close()
-                print(f"train: paused at step {step}/{t.steps} ({reason}); rerun the same command to resume",
-                      file=sys.stderr)
-                return EXIT_PAUSED
-            step += 1
+        def one_step(step: int) -> Done:
             t0 = time.perf_counter()
             out = trainer.step(step)
             dt = time.perf_counter() - t0
             tps = out.pop("tokens") / dt if dt > 0 else None
-            s.step = step
             if step % t.log_every == 0 or step == t.steps:
-                log.write(step, **out, tokens_per_sec=tps, peak_memory_mb=peak_memory_mb(lm.device),
+                log.write(step, **out, tokens_per_sec=tps, peak_memory_mb=memory.peak_mib(lm.device),
                           memory_kind="cuda_max_allocated" if lm.device.type == "cuda" else "process_max_rss",
                           lr=trainer.opt.param_groups[0]["lr"], step_time_sec=dt)
             if step % t.save_every == 0 and step != t.steps:
                 save(step, repair=True, periodic=True)
-            hb.beat("running", step, unit=f"step {step}", tokens_per_sec=tps)
-            bar.update(1)
-            bar.set_postfix(loss=f"{out['loss_total']:.4f}", kd=f"{out['loss_kd']:.4f}")
-        bar.close()
+            return Done(tps, {"loss": f"{out['loss_total']:.4f}", "kd": f"{out['loss_kd']:.4f}"})
+
+        code = run_units(s, range(start + 1, t.steps + 1), name=lambda step: f"step {step}", work=one_step,
+                         save=lambda: save(s.step, repair=False, periodic=False), state=latest, total=t.steps,
+                         unit="step")
+        if code != EXIT_OK:
+            return code
         save(t.steps, repair=True, periodic=True)
         hb.beat("completed", t.steps, reason="done", force=True)
         _summary(rd, t.steps, hb.elapsed())
@@ -340,14 +308,14 @@ def kd_trend(records: list[dict], frac: float = 0.2) -> dict:
 
 
 def _summary(rd: RunDir, steps: int, elapsed: float) -> None:
-    k = kd_trend(read_jsonl(rd.logs / "train.jsonl"))
+    k = kd_trend(read_jsonl(rd.log(PHASE)))
     print(f"train: {steps} steps in {elapsed:.1f}s; corrupted-step KD {k['kd_first']:.4f} -> {k['kd_last']:.4f} "
           f"(first -> last fifth of {k['logged']} logged), with/without repair {k['ratio_first']:.3f} -> "
-          f"{k['ratio_last']:.3f}; checkpoint {rd.checkpoints / f'repair_step_{steps}.pt'}", file=sys.stderr)
+          f"{k['ratio_last']:.3f}; checkpoint {rd.repair_checkpoint(steps)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_phase("train", "Train the KV-cache repair operator by self-distillation.", argv,
+    return run_phase(PHASE, "Train the KV-cache repair operator by self-distillation.", argv,
                      lambda cfg, run_dir, a: run(cfg, run_dir, resume=a.resume, config_path=a.config))
 
 

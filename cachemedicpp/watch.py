@@ -30,7 +30,7 @@ from typing import Callable, TextIO
 
 import yaml
 
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
 
 PHASE_ORDER = ("train", "eval", "stability", "plots", "sweep")
 TERMINAL_EXIT = {"completed": EXIT_OK, "paused": EXIT_PAUSED, "failed": EXIT_FAILED}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachemedicpp import bench
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

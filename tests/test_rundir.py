@@ -11,8 +11,10 @@ import sys
 import pytest
 
 from cachemedicpp.config import ConfigError, load_config
-from cachemedicpp.rundir import (Heartbeat, JsonlLog, PauseControl, RunDir, atomic_write_json, load_checkpoint,
-                                 read_json, read_jsonl, repair_jsonl_tail, truncate_jsonl, validate_records)
+from cachemedicpp.fileio import (atomic_write_json, load_checkpoint, read_json, read_jsonl, repair_jsonl_tail,
+    truncate_jsonl, validate_records)
+from cachemedicpp.phase import Heartbeat, JsonlLog, PauseControl
+from cachemedicpp.rundir import RunDir
 
 
 def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):

@@ -19,7 +19,9 @@ import yaml
 
 from cachemedicpp import ROOT, repair, rundir, stability
 from cachemedicpp.config import ConfigError, load_config
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED, RunDir, read_jsonl
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import read_jsonl
+from cachemedicpp.rundir import RunDir
 
 SENS = "stability.logit_sensitivity"
 AMP = "stability.amplification_map"

@@ -15,7 +15,8 @@ import yaml
 
 from cachemedicpp import ROOT, sweep
 from cachemedicpp.config import CORRUPTION_TYPES, ConfigError, config_hash
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED, read_jsonl
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import read_jsonl
 
 METRIC_FILES = ("metrics/task_metrics.json", "metrics/stability_metrics.json")
 HELD_OUT = "contiguous_overwrite"

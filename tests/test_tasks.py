@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachemedicpp import corruption, data, eval as ev, stats, tasks
+from cachemedicpp import corruption, data, eval as ev, seeding, stats, tasks
 from cachemedicpp.config import ConfigError, load_config
 
 
@@ -178,9 +178,9 @@ def test_trapezoid_auc():
 
 def test_bootstrap_is_seeded_and_paired():
     x = np.arange(10, dtype=float)[:, None] * np.array([[1.0, 2.0]])
-    a = stats.bootstrap_indices(10, 200, stats.seeded_rng(3, "t"))
-    b = stats.bootstrap_indices(10, 200, stats.seeded_rng(3, "t"))
-    c = stats.bootstrap_indices(10, 200, stats.seeded_rng(4, "t"))
+    a = stats.bootstrap_indices(10, 200, seeding.numpy_rng(3, "t"))
+    b = stats.bootstrap_indices(10, 200, seeding.numpy_rng(3, "t"))
+    c = stats.bootstrap_indices(10, 200, seeding.numpy_rng(4, "t"))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     means = stats.resampled_means(x, a)
     assert means.shape == (200, 2) and np.allclose(means[:, 1], 2 * means[:, 0])

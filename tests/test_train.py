@@ -19,7 +19,8 @@ import yaml
 
 from cachemedicpp import ROOT, train
 from cachemedicpp.config import load_config
-from cachemedicpp.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED, read_jsonl, validate_records
+from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.fileio import read_jsonl, validate_records
 
 FAST = {"train.steps": 8, "train.prefix_len": 24, "train.cont_len": 8, "train.log_every": 1,
         "train.save_every": 3}

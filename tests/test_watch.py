@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cachemedicpp import ROOT, watch
-from cachemedicpp.rundir import Heartbeat, atomic_write_json
+from cachemedicpp.fileio import atomic_write_json
+from cachemedicpp.phase import Heartbeat
 
 
 def beat(run_dir: Path, phase: str, status: str, step: int, total: int = 10, run_id: str = "run-1", **kw) -> dict:
