@@ -9,6 +9,7 @@ torn last line (kill mid-append) is cut off on reopen. A missing or damaged inpu
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -71,6 +72,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path} is corrupted ({e}); delete it or rerun with --no-resume") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The first 16 hex digits of a file's sha256: how runs identify a checkpoint they used."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:

@@ -222,6 +222,11 @@ class RunDir(_Layout):
         """{step: path} of the periodic training states, by step."""
         return self._stepped(f"{self._STATE}step_")
 
+    @staticmethod
+    def checkpoint_step(path: Path) -> int:
+        """The step in a repair checkpoint's or periodic state's file name."""
+        return int(Path(path).stem.rsplit("_", 1)[1])
+
     def latest_repair_checkpoint(self) -> Path | None:
         ckpts = self.repair_checkpoints()
         return ckpts[max(ckpts)] if ckpts else None
