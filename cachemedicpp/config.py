@@ -31,6 +31,8 @@ CORRUPTION_TYPES = (
 # Keys that name where something lives rather than what is computed: excluded from the config hash
 # so that moving a sweep or a split file does not orphan its runs.
 HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir")
+# Keys the two runs of a contraction ablation pair may differ in: where things live, and the ablated weight.
+PAIRING_IGNORED = HASH_EXCLUDE + ("train.lambda_contr",)
 
 
 class ConfigError(Exception):
@@ -171,6 +173,29 @@ def validate(data: Any, schema: dict, what: str = "config") -> None:
         problems.append(f"{key}: {err.message}")
     if problems:
         raise ConfigError([f"{what}: {p}" for p in problems])
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of a nested mapping (an empty mapping is a leaf)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def pairing_differences(ours: Mapping, theirs: Mapping) -> list[tuple[str, Any, Any]]:
+    """(key, ours, theirs) for every resolved-config key two runs of an ablation pair may not differ in."""
+    a, b = flatten(dict(ours)), flatten(dict(theirs))
+    missing = "<absent>"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if not any(k == i or k.startswith(i + ".") for i in PAIRING_IGNORED) and a.get(k, missing) != b.get(k, missing)]
+
+
+def section_defaults(section: str, data: Mapping | None = None) -> dict:
+    """One config section with every schema default filled in (for callers given a partial section)."""
+    return fill_defaults(load_schema("config")["properties"][section], copy.deepcopy(dict(data or {})))
 
 
 def fill_defaults(schema: dict, data: Any) -> Any:

@@ -33,7 +33,6 @@ corruption keeps its layers and heads while the sequence grows.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass, field
@@ -218,13 +217,21 @@ _TRANSFORMS = {
 }
 
 
+def time_mask(T: int, mode: str, N_recent: int, window: Sequence[int]) -> Tensor:
+    """bool [T]: the positions a time mode selects (all, all but the last N_recent, or [a, b))."""
+    t = torch.arange(T)
+    if mode == "all_past":
+        return torch.ones(T, dtype=torch.bool)
+    if mode == "old_only":
+        return t < T - int(N_recent)
+    if mode == "window":
+        a, b = (int(x) for x in window)
+        return (t >= a) & (t < b)
+    raise ConfigError(f"corruption time_mode: unknown mode {mode!r}; known: {list(TIME_MODES)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # the corruptor
-
-
-def _filled(corruption: Mapping) -> dict:
-    schema = config.load_schema("config")["properties"]["corruption"]
-    return config.fill_defaults(schema, copy.deepcopy(dict(corruption)))
 
 
 class Corruptor:
@@ -232,7 +239,7 @@ class Corruptor:
 
     def __init__(self, corruption: Mapping, protect_layers: Sequence[int], num_kv_heads: int, seed: int,
                  donor_kv: dict[int, tuple[Tensor, Tensor]] | None = None):
-        cfg = _filled(corruption)
+        cfg = config.section_defaults("corruption", corruption)
         self.eps_ref = float(cfg["eps_ref"])
         self.persistence = cfg["persistence"]
         self.axes = dict(cfg["axes"])
@@ -295,17 +302,9 @@ class Corruptor:
 
     def time_mask(self, T: int, time_mode: str | None = None, N_recent: int | None = None,
                   window: Sequence[int] | None = None) -> Tensor:
-        mode = time_mode if time_mode is not None else self.axes["time_mode"]
-        t = torch.arange(T)
-        if mode == "all_past":
-            return torch.ones(T, dtype=torch.bool)
-        if mode == "old_only":
-            n = int(N_recent if N_recent is not None else self.axes["N_recent"])
-            return t < T - n
-        if mode == "window":
-            a, b = (int(x) for x in (window if window is not None else self.axes["window"]))
-            return (t >= a) & (t < b)
-        raise ConfigError(f"corruption time_mode: unknown mode {mode!r}; known: {list(TIME_MODES)}")
+        return time_mask(T, time_mode if time_mode is not None else self.axes["time_mode"],
+                         N_recent if N_recent is not None else self.axes["N_recent"],
+                         window if window is not None else self.axes["window"])
 
     def region(self, ctype: str, eps: float, T: int, phase: str, example_id, *, time_mode=None,
                N_recent=None, window=None) -> Region:

@@ -23,7 +23,7 @@ DEFAULT_DROPOUT_SEED = 0
 
 @functools.lru_cache(maxsize=1)
 def _baseline_defaults() -> dict:
-    return config.fill_defaults(config.load_schema("config")["properties"]["baseline"], {})
+    return config.section_defaults("baseline")
 
 
 def _baseline(baseline: Mapping | None) -> dict:
