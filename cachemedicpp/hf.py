@@ -371,10 +371,6 @@ def forward(model, input_ids: torch.Tensor, cache=None, plan: HookPlan | None = 
     return out.logits, cache
 
 
-def num_cache_layers(cache) -> int:
-    return len(cache.layers)
-
-
 def get_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     lay = cache.layers[layer]
     return lay.keys, lay.values
