@@ -21,6 +21,7 @@ Keys a writer does not always write are `NotRequired`; values it may leave empty
 import argparse
 import collections.abc
 import json
+import re
 import sys
 import types
 from functools import lru_cache
@@ -139,7 +140,8 @@ class PairedDifference(TypedDict):
     ci_high: Annotated[float, "upper end of the 95% percentile bootstrap interval of the difference"]
     n: Annotated[int, "examples over all tasks behind the bootstrap"]
     samples: Annotated[int, "bootstrap resamples (eval.bootstrap_samples)"]
-    frac_samples_le_0: Annotated[float, "fraction of resampled differences <= 0 (a one-sided bootstrap p-value)"]
+    frac_samples_le_0: Annotated[float, "fraction of resampled differences <= 0 (a one-sided bootstrap p-value for "
+                                        "cachemedic > other)"]
 
 
 class PairedBootstrap(TypedDict):
@@ -218,7 +220,7 @@ class TaskInfo(TypedDict):
 
     num_examples: Annotated[int, "examples requested (eval.tasks[].num_examples)"]
     n: Annotated[int, "examples built and scored (fewer when the source has fewer)"]
-    few_shot: Annotated[int, "demonstrations in front of each prompt (sst2_prompted; 0 elsewhere)"]
+    few_shot: Annotated[int, "eval.tasks[].few_shot: demonstrations in front of each prompt (used by sst2_prompted)"]
     kind: Annotated[Literal["ppl", "accuracy"], "how raw values become a value and a score"]
     value_name: Annotated[Literal["perplexity", "accuracy"], "what `value` in task_curves is"]
     source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>')"]
@@ -229,7 +231,8 @@ class TaskInfo(TypedDict):
     first_token_note: NotRequired[Annotated[str, "wikitext2_ppl: how the continuation's first token is predicted"]]
     # wikitext2_ppl, needle_long_context
     context_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context: context tokens per example"]]
-    cache_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context: tokens held in the KV cache"]]
+    cache_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context: tokens held in the KV cache "
+                                          "(needle: of the first example)"]]
     # sst2_prompted
     labels: NotRequired[Annotated[list[str], "sst2_prompted: the label strings scored (negative, positive)"]]
     demo_source: NotRequired[Annotated[str | None, "sst2_prompted: source of the demonstrations (null: none)"]]
@@ -355,8 +358,9 @@ class TaskSettings(TypedDict):
 
 
 class TaskMetricsFile(TypedDict):
-    """metrics/task_metrics.json, written by `python -m cachemedicpp.eval`: task robustness under the
-    corruption grid, per defense."""
+    """metrics/task_metrics.json, written by `python -m cachemedicpp.eval`.
+
+    Task robustness under the corruption grid, per defense."""
 
     run_id: RunId
     config_hash: ConfigHash
@@ -373,11 +377,11 @@ class SensitivityPoint(TypedDict):
     (logit units, fp32) of the change of the top-k clean logits, against the clean undefended logits unless
     the key says otherwise."""
 
-    delta_norm: Annotated[float, "perturbation size delta (per-entry size relative to the layer's RMS, before "
-                                 "delta_scale)"]
+    delta_norm: Annotated[float, "perturbation size delta: ||Delta_l||_F = delta * delta_scale * rms(S_l) * "
+                                 "sqrt(#masked entries), per perturbed layer and K/V tensor"]
     baseline: Annotated[float, "drift with no defense"]
-    heuristics: Annotated[dict[str, float], "keys: the heuristic measured (one: settings.heuristic); its drift, "
-                                            "applied on the perturbed region (an oracle advantage)"]
+    heuristics: Annotated[dict[str, float], "keys: the heuristic measured (one entry, settings.heuristic); drift "
+                                            "with it applied on the perturbed region (an oracle advantage)"]
     heuristics_vs_defended_clean: Annotated[dict[str, float],
                                             "keys: the heuristic measured; drift against the heuristic's own "
                                             "output on the clean cache"]
@@ -403,7 +407,8 @@ AmplificationMap = TypedDict("AmplificationMap", {
     "baseline": Annotated[list[list[float | None]],
                           "[layer][head]: gamma = median over prompts x directions of drift / ||Delta_{l,h}||_F "
                           "(logits per unit of K+V Frobenius norm) for a perturbation confined to layer l, head h "
-                          "and the segment, no defense; null where no perturbation fell in the segment"],
+                          "and the segment, no defense; null where that layer's cache holds none of the segment "
+                          "(sliding-window layers)"],
     "cachemedic": Annotated[list[list[float | None]],
                             "[layer][head]: gamma with the repair active, drift against the repaired clean logits"],
     "cachemedic_vs_clean_no_defense": Annotated[list[list[float | None]],
@@ -467,7 +472,8 @@ class StabilitySettings(TypedDict):
     num_directions: Annotated[int, "random directions per prompt and delta"]
     time_mode: Annotated[Literal["all_past", "old_only", "window"], "which cached positions are perturbed"]
     N_recent: Annotated[int, "recent positions spared under old_only"]
-    window: Annotated[list[int] | None, "[start, end) positions under time_mode window; null otherwise"]
+    window: Annotated[list[int] | None, "[start, end) positions (corruption.axes.window) under time_mode window; "
+                                        "null otherwise"]
     layers: Annotated[list[int], "layers of the amplification map"]
     sensitivity_layers: Annotated[list[int], "layers perturbed for the sensitivity curves (inside protect_layers)"]
     protect_layers: Annotated[list[int], "repair.protect_layers"]
@@ -504,8 +510,9 @@ StabilityMetrics.__doc__ = "metrics of stability_metrics.json."
 
 
 class StabilityMetricsFile(TypedDict):
-    """metrics/stability_metrics.json, written by `python -m cachemedicpp.stability`: how far the output logits
-    move per unit of KV-cache perturbation, with and without repair."""
+    """metrics/stability_metrics.json, written by `python -m cachemedicpp.stability`.
+
+    How far the output logits move per unit of KV-cache perturbation, with and without repair."""
 
     run_id: RunId
     config_hash: ConfigHash
@@ -609,7 +616,8 @@ def _convert(tp: Any, defs: _Defs) -> dict:
     if origin in (dict, collections.abc.Mapping):
         if args and args[0] is not str:
             raise TypeError(f"JSON object keys are strings: {tp}")
-        return {"type": "object", "additionalProperties": _convert(args[1], defs) if args else {}}
+        values = _convert(args[1], defs) if args else {}
+        return {"type": "object", **({"additionalProperties": values} if values else {})}
     if origin in (Union, types.UnionType):
         parts = [_convert(a, defs) for a in args]
         if all(set(p) == {"type"} and isinstance(p["type"], str) for p in parts):
@@ -640,9 +648,8 @@ def json_schema(td: type) -> dict:
     defs = _Defs()
     body = _object(td, defs)
     name = next((f for f, t in SCHEMAS.items() if t is td), f"{td.__name__}.schema.json")
-    doc = (td.__doc__ or "").strip()
-    out = {"$schema": DRAFT, "$id": f"cachemedicpp/{name}", "title": doc.splitlines()[0].strip() if doc else td.__name__,
-           **body}
+    title = re.split(r"(?<=\.)\s+", _doc(td), maxsplit=1)[0] or td.__name__
+    out = {"$schema": DRAFT, "$id": f"cachemedicpp/{name}", "title": title, **body}
     if defs.schemas:
         out["$defs"] = dict(sorted(defs.schemas.items()))
     return out

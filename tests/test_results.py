@@ -1,7 +1,6 @@
 """results: the typed description of task_metrics.json and stability_metrics.json, the schemas generated
 from it, and real files of tiny eval / stability runs validated against them."""
 
-from __future__ import annotations
 
 import copy
 import json
@@ -11,11 +10,12 @@ import jsonschema
 import pytest
 import torch
 
-from cachemedicpp import repair, results, rundir
 from cachemedicpp import eval as ev
-from cachemedicpp import stability
+from cachemedicpp import repair, results, stability
+from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import SCHEMA_DIR, load_config, load_schema
-from cachemedicpp.rundir import EXIT_OK, RunDir
+from cachemedicpp.fileio import atomic_torch_save, validate_records
+from cachemedicpp.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,7 +155,7 @@ def _checkpoint(cfg, arch, run_dir: Path, seed: int, step: int = 1) -> None:
         for name, p in op.named_parameters():
             if name.endswith(".u"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    rundir.atomic_torch_save(Path(run_dir) / "checkpoints" / f"repair_step_{step}.pt",
+    atomic_torch_save(Path(run_dir) / "checkpoints" / f"repair_step_{step}.pt",
                              repair.repair_checkpoint_payload(op, step, cfg.hash, cfg.repair.to_dict()))
 
 
@@ -178,11 +178,20 @@ def real(tmp_path_factory, tiny_model_dir, tiny_lm) -> dict:
     """Metrics files of tiny runs that between them take every optional branch of the writers:
     A (llama): every defense with a checkpoint, overhead timed, few-shot SST-2; its stability reads A's
       best heuristic and compares against a paired lambda_contr = 0 run.
-    B (gemma3, sliding layers): no_defense alone under an OOD split (one type, no heuristic, no repair);
-      its stability measures the untrained identity operator with a window segment and no paired run."""
+    B (llama): no_defense alone under an OOD split (one type, no heuristic, no repair, no overhead).
+    C (gemma3, sliding layers): stability alone, the untrained identity operator, a window segment, the
+      fallback heuristic and no paired run (stored as "stab_b")."""
     from conftest import tiny_config
 
-    root = tmp_path_factory.mktemp("results")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the function-scoped one_thread fixture comes too late for a module fixture
+    try:
+        return _real_runs(tmp_path_factory.mktemp("results"), tiny_model_dir, tiny_lm, tiny_config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_runs(root: Path, tiny_model_dir, tiny_lm, tiny_config) -> dict:
     out = {}
     # A
     data_a = tiny_config(tiny_model_dir("llama"), **{**SMALL, "eval.measure_overhead": True})
@@ -197,16 +206,19 @@ def real(tmp_path_factory, tiny_model_dir, tiny_lm) -> dict:
     _checkpoint(cfg_p, arch, paired, seed=7)
     assert stability.run(cfg_a, rd_a, paired_run_dir=str(paired)) == EXIT_OK
     out["task_a"], out["stab_a"] = _read(rd_a, "task_metrics.json"), _read(rd_a, "stability_metrics.json")
-    # B
-    data_b = tiny_config(tiny_model_dir("gemma3"), **{**SMALL,
+    # B: the bare minimum of an eval
+    data_b = tiny_config(tiny_model_dir("llama"), **{**SMALL,
         "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}], "eval.defenses": ["no_defense"],
-        "eval.ood_protocol": "loto_holdout_gaussian", "eval.allow_missing_checkpoint": True,
-        "stability.time_mode": "window"})
-    cfg_b = load_config(data=data_b)
+        "eval.ood_protocol": "loto_holdout_gaussian"})
     rd_b = root / "b"
-    assert ev.run(cfg_b, rd_b) == EXIT_OK
-    assert stability.run(cfg_b, rd_b) == EXIT_OK
-    out["task_b"], out["stab_b"] = _read(rd_b, "task_metrics.json"), _read(rd_b, "stability_metrics.json")
+    assert ev.run(load_config(data=data_b), rd_b) == EXIT_OK
+    out["task_b"] = _read(rd_b, "task_metrics.json")
+    # C: stability on sliding-window layers, identity operator, window segment, no eval, no paired run
+    data_c = tiny_config(tiny_model_dir("gemma3"), **{**SMALL, "eval.allow_missing_checkpoint": True,
+                                                      "stability.time_mode": "window"})
+    rd_c = root / "c"
+    assert stability.run(load_config(data=data_c), rd_c) == EXIT_OK
+    out["stab_b"] = _read(rd_c, "stability_metrics.json")
     return out
 
 
@@ -227,6 +239,7 @@ def test_real_files_take_the_optional_branches(real):
     assert sb["settings"]["repair"]["identity_operator"] and "note" in sb["settings"]["repair"]
     assert sb["settings"]["window"] is not None and sa["settings"]["window"] is None
     assert sa["settings"]["heuristic"] == a["metrics"][results.BEST_HEURISTIC_NAME]
+    assert sb["settings"]["sliding_layers"] and sb["settings"]["heuristic_origin"].startswith("stability.heuristic")
 
 
 @pytest.mark.parametrize("key, which", [("task_a", results.TASK_METRICS_SCHEMA),
@@ -237,7 +250,7 @@ def test_real_files_validate(real, key, which):
     doc = real[key]
     assert results.validate(doc, which) == []
     assert results.validate(doc, results.METRIC_RECORD_SCHEMA) == []
-    assert rundir.validate_records([doc], "metric_record") == []
+    assert validate_records([doc], "metric_record") == []
     other = (results.STABILITY_METRICS_SCHEMA if which == results.TASK_METRICS_SCHEMA
              else results.TASK_METRICS_SCHEMA)
     assert results.validate(doc, other)  # the two files are told apart
@@ -273,7 +286,7 @@ def test_broken_documents_name_the_key(real):
         results.validate(stab, "nope")
 
 
-def test_main_check_and_write(tmp_path, monkeypatch, capsys):
+def test_main_check_and_write(tmp_path):
     assert results.main(["--check"]) == 0
     written = results.write_schemas(tmp_path)
     assert sorted(p.name for p in written) == sorted(results.SCHEMAS)
