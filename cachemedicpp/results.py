@@ -41,8 +41,6 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # --------------------------------------------------------------------------------------------------
 # names readers and writers share
 
-TASK_METRICS_FILE = "task_metrics.json"  # under <run_dir>/metrics/
-STABILITY_METRICS_FILE = "stability_metrics.json"  # under <run_dir>/metrics/
 TASK_METRICS_SCHEMA = "task_metrics.schema.json"  # under schemas/
 STABILITY_METRICS_SCHEMA = "stability_metrics.schema.json"
 METRIC_RECORD_SCHEMA = "metric_record.schema.json"  # the envelope both files share
@@ -54,7 +52,6 @@ RUN_ID, CONFIG_HASH, METRICS, SETTINGS = "run_id", "config_hash", "metrics", "se
 BEST_HEURISTIC_NAME = "best_heuristic_name"  # metrics key: the name of the heuristic that won (or null)
 BEST_HEURISTIC_SERIES = "best_heuristic"  # entry/series label standing for that heuristic in AUC maps and curves
 NO_DEFENSE, CACHEMEDIC = "no_defense", "cachemedic"  # defense names of the baseline and the learned repair
-HEURISTICS = ("reset_clear", "smoothing", "masking_dropout", "clipping_renorm")  # registry order (tie-break)
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
 CLEAN_REGRESSION, PAIRED_BOOTSTRAP, OVERHEAD = "clean_regression", "paired_bootstrap", "overhead"
 SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK = "score_vs_eps", "score_vs_eps_by_task"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cachemedicpp import eval as ev
-from cachemedicpp import repair, results, stability
+from cachemedicpp import defenses, repair, results, stability
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import SCHEMA_DIR, load_config, load_schema
 from cachemedicpp.fileio import atomic_torch_save, validate_records
@@ -140,8 +140,7 @@ def test_reader_constants_are_keys_of_the_typeddicts():
     assert env == set(results.MetricRecord.__annotations__) == set(results.TaskMetricsFile.__annotations__) \
         == set(results.StabilityMetricsFile.__annotations__)
     # the writers' own spellings agree with the shared ones
-    assert ev.HEURISTICS == results.HEURISTICS and ev.REPAIR_NAME == results.CACHEMEDIC
-    assert ev.METRICS_FILE == results.TASK_METRICS_FILE and stability.MAP_DEFENSES == results.MAP_DEFENSES
+    assert ev.REPAIR_NAME == results.CACHEMEDIC and stability.MAP_DEFENSES == results.MAP_DEFENSES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +225,7 @@ def test_real_files_take_the_optional_branches(real):
     """The fixture really exercises what the schemas make optional or nullable."""
     a, b = real["task_a"], real["task_b"]
     assert a["metrics"]["overhead"] and a["settings"]["overhead"] and b["metrics"]["overhead"] is None
-    assert a["metrics"]["best_heuristic_name"] in results.HEURISTICS and b["metrics"]["best_heuristic_name"] is None
+    assert a["metrics"]["best_heuristic_name"] in defenses.DEFENSES and b["metrics"]["best_heuristic_name"] is None
     assert len(a["metrics"]["paired_bootstrap"]) == 4 and b["metrics"]["paired_bootstrap"] == {}
     assert b["settings"]["ood_split"]["test_type"] == "gaussian" and a["settings"]["ood_split"] is None
     assert a["settings"]["checkpoint"]["status"] == "loaded" and "config_hash" in a["settings"]["checkpoint"]
