@@ -29,6 +29,9 @@ tag "K" or "V", drawn on the CPU and moved to the tensor's device. One draw of s
 shared by every batch row: rows of one call are copies of one example (one per defense or grid cell)
 and must see the same corruption. The region's layer and head draws do not depend on T, so an on-read
 corruption keeps its layers and heads while the sequence grows.
+
+Why one long module: the types, their severity map, the region and the seeded draws are one
+definition (the family C of SPEC §4) that a reader checks against the spec in one place.
 """
 
 from __future__ import annotations

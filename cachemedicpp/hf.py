@@ -11,6 +11,9 @@ Layers the plan does not name call the model's own kernel untouched, so they sta
 Sliding-window layers (Gemma-3) keep only the last `sliding_window` positions in their cache: an at-rest
 edit to an older position disappears from those layers once it falls out of the window, while
 full-attention layers keep it. `ArchInfo.sliding_layers` names them so callers can report it.
+
+Why one long module: it is the only place that touches transformers (loading, the hook, the cache API,
+tiny test models), so that a transformers upgrade is checked in one file by its contract tests.
 """
 
 from __future__ import annotations
@@ -291,26 +294,41 @@ def _load_gguf_converted(gguf: Path, notes: list[str]) -> Path:
     return target
 
 
-def model_source(model_cfg: Mapping, notes: list[str] | None = None) -> tuple[str, dict]:
-    """Where the weights come from: (path or hub id, extra from_pretrained kwargs)."""
-    notes = notes if notes is not None else []
+def model_kind(model_cfg: Mapping) -> tuple[str, Any]:
+    """What `model.name` names, deciding without loading or converting anything: ("embedded", name),
+    ("gguf", path), ("folder", path) or ("hub", repo id). A local path that does not exist, or a folder
+    that is no saved model, is bad input."""
     name, gguf_file = model_cfg["name"], model_cfg.get("gguf_file")
     if name.startswith("embedded:"):
-        return str(_load_gguf_converted(embedded_gguf(name), notes)), {}
+        return "embedded", name
     p = Path(name).expanduser()
     if gguf_file:
         p = p / gguf_file
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelLoadError(f"model.name: GGUF file not found: {p}")
-        return str(_load_gguf_converted(p, notes)), {}
+        return "gguf", p
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model.name: {p} is a folder but holds no config.json (not a saved HF model)")
-        return str(p), {}
+        return "folder", p
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model.name: local path {name!r} does not exist")
-    return name, ({"revision": model_cfg["revision"]} if model_cfg.get("revision") else {})
+    return "hub", name
+
+
+def model_source(model_cfg: Mapping, notes: list[str] | None = None) -> tuple[str, dict]:
+    """Where the weights come from: (path or hub id, extra from_pretrained kwargs). GGUF files (embedded
+    or local) are dequantised once into the conversion cache."""
+    notes = notes if notes is not None else []
+    kind, where = model_kind(model_cfg)
+    if kind == "embedded":
+        return str(_load_gguf_converted(embedded_gguf(where), notes)), {}
+    if kind == "gguf":
+        return str(_load_gguf_converted(where, notes)), {}
+    if kind == "folder":
+        return str(where), {}
+    return where, ({"revision": model_cfg["revision"]} if model_cfg.get("revision") else {})
 
 
 def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32") -> LoadedModel:

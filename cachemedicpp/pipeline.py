@@ -12,21 +12,21 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cachemedicpp.cli import run_phase
-from cachemedicpp.config import Config
-from cachemedicpp.cli import EXIT_OK
+from cachemedicpp.cli import EXIT_OK, run_phase
+from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.fileio import read_jsonl
+from cachemedicpp.rundir import RunDir
 
 PHASES = ("train", "eval", "stability", "plots")
 
 
-def phase_done(run_dir: Path, phase: str) -> bool:
-    """Whether a phase's outputs are complete (so a resumed sweep can skip it without loading a model)."""
-    from cachemedicpp.rundir import read_jsonl
-
-    run_dir = Path(run_dir)
+def phase_done(run_dir: str | Path, phase: str) -> bool:
+    """Whether a phase's outputs are complete (so a resumed sweep can skip it without loading a model):
+    plots by its report, the others by a last heartbeat that says completed."""
+    rd = RunDir(run_dir)
     if phase == "plots":
-        return (run_dir / "paper" / "report.md").is_file()
-    hb = read_jsonl(run_dir / "logs" / f"{phase}_heartbeat.jsonl")
+        return rd.report.is_file()
+    hb = read_jsonl(rd.timeline(phase))
     return bool(hb) and hb[-1].get("status") == "completed"
 
 
@@ -67,16 +67,16 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
         if rc != EXIT_OK:
             return rc
     if verbose:
-        _where(Path(run_dir).resolve(), time.perf_counter() - t0)
+        _where(RunDir(run_dir), time.perf_counter() - t0)
     return EXIT_OK
 
 
-def _where(rd: Path, seconds: float) -> None:
+def _where(rd: RunDir, seconds: float) -> None:
     print(f"\ncachemedicpp: pipeline finished in {seconds / 60:.1f} min. Results:")
-    print(f"  report   {rd / 'paper' / 'report.md'}")
-    print(f"  figures  {rd / 'paper' / 'figures'}/")
-    print(f"  tables   {rd / 'paper' / 'tables'}/")
-    print(f"  metrics  {rd / 'metrics' / 'task_metrics.json'}, {rd / 'metrics' / 'stability_metrics.json'}")
+    print(f"  report   {rd.report}")
+    print(f"  figures  {rd.figures}/")
+    print(f"  tables   {rd.tables}/")
+    print(f"  metrics  {rd.task_metrics}, {rd.stability_metrics}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = [x.strip() for x in a.phases.split(",") if x.strip()]
         bad = [x for x in phases if x not in PHASES]
         if bad:
-            from cachemedicpp.config import ConfigError
-
             raise ConfigError(f"--phases: unknown phase(s) {bad}; known: {list(PHASES)}")
         return run(cfg, run_dir, resume=a.resume, config_path=a.config, phases=phases)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cachemedicpp import ROOT
+from cachemedicpp.cli import EXIT_FAILED, EXIT_OK, guarded
 from cachemedicpp.config import ConfigError, load_config
-from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 # The fast preset, with the model each config names (used when a preset file is absent).
 DEFAULT_PRESET = (
@@ -121,17 +121,22 @@ def resolve_targets(configs: Sequence[str] = (), specs: Sequence[str] = (),
 
 
 def classify(t: Target) -> str:
-    """embedded | local | hub | missing-local (mirrors how `hf.model_source` reads `model.name`)."""
-    if t.name.startswith("embedded:"):
-        return "embedded"
-    p = Path(t.name).expanduser()
-    if t.gguf_file:
-        p = p / t.gguf_file
-    if p.exists():
+    """embedded | local | hub | missing-local, by `hf.model_kind`'s rule (anything on disk is local)."""
+    from cachemedicpp import hf
+
+    if _local_path(t).exists():
         return "local"
-    if p.suffix == ".gguf" or t.name.startswith((".", "/", "~")) or t.name.count("/") > 1:
+    try:
+        kind, _ = hf.model_kind({"name": t.name, "gguf_file": t.gguf_file, "revision": t.revision})
+    except hf.ModelLoadError:
         return "missing-local"
-    return "hub"
+    return kind if kind in ("embedded", "hub") else "local"
+
+
+def _local_path(t: Target) -> Path:
+    """Where the target would be on disk (model.name, joined with model.gguf_file when set)."""
+    p = Path(t.name).expanduser()
+    return p / t.gguf_file if t.gguf_file else p
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,13 +273,13 @@ def prepare(t: Target, dry_run: bool = False) -> Result:
     if kind == "embedded":
         return prepare_embedded(t, dry_run)
     if kind == "local":
-        p = Path(t.name).expanduser() / (t.gguf_file or "")
+        p = _local_path(t)
         if p.is_dir() and not (p / "config.json").is_file():
             return Result(t, "local", "failed", note=f"{p} holds no config.json (not a saved model folder)")
         note = "GGUF: converted into the conversion cache on first load" if p.suffix == ".gguf" else ""
         return Result(t, "local", "ready", "local", str(p.resolve()), note=note)
     if kind == "missing-local":
-        return Result(t, "local", "failed", note=f"local path {Path(t.name) / (t.gguf_file or '')} does not exist")
+        return Result(t, "local", "failed", note=f"local path {_local_path(t)} does not exist")
     return prepare_hub(t, dry_run)
 
 
@@ -343,12 +348,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return run(args.config, args.model, args.dry_run)
-    except ConfigError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return guarded(lambda: run(args.config, args.model, args.dry_run))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ class RepairOperator(nn.Module):
         self.float()
 
     # ---------------------------------------------------------------------------------------------
-    def _factors(self, layer: int) -> nn.ModuleDict:
+    def factors(self, layer: int) -> nn.ModuleDict:
+        """The K and V correction factors of `layer` ({"K"|"V": module with .wu() and .gate}); family C
+        shares one set across the protected layers."""
         return self.shared if self.family == "C" else self.per_layer[str(layer)]
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class RepairOperator(nn.Module):
         if extra:
             x = torch.cat([x] + extra, dim=-1)
         xg = self._grouped(x)
-        return {w: self._ungroup(f.gate(xg), hq, t) for w, f in self._factors(layer).items()}
+        return {w: self._ungroup(f.gate(xg), hq, t) for w, f in self.factors(layer).items()}
 
     def _per_query_head(self, m: torch.Tensor, hq: int) -> torch.Tensor:
         """[P, d, r] -> [Hq, d, r] (each query head uses its KV group's parameters)."""
@@ -154,7 +156,7 @@ class RepairOperator(nn.Module):
                kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Attention with the repaired K/V in folded form; returns [B, Tq, Hq, d] like the kernel."""
         hq = q.shape[1]
-        facs = self._factors(layer)
+        facs = self.factors(layer)
         alpha = self.gates(layer, q)  # {"K"|"V": [B, Hq, Tq, r]}
         if "K" in facs:
             w, u = facs["K"].wu()
@@ -170,7 +172,7 @@ class RepairOperator(nn.Module):
     def is_identity(self, layer: int) -> bool:
         """True when every correction of `layer` is exactly zero (zero U, or zero B-gate scale). Then
         `attend` adds exact zeros to q and to the output, so it equals the bare kernel bit for bit."""
-        for f in self._factors(layer).values():
+        for f in self.factors(layer).values():
             z = f.gate.scale if f.family == "B" else f.u
             if bool(z.detach().any()):
                 return False
@@ -180,7 +182,7 @@ class RepairOperator(nn.Module):
         """Materialised per-query X̂: [B, Hq, Tq, Tk, d] (reference path for tests and the naive benchmark)."""
         hq, g = q.shape[1], q.shape[1] // x.shape[1]
         xr = x.float().repeat_interleave(g, dim=1)  # [B, Hq, Tk, d]
-        facs = self._factors(layer)
+        facs = self.factors(layer)
         if which not in facs:
             return xr[:, :, None].expand(-1, -1, q.shape[2], -1, -1)
         w, u = facs[which].wu()
@@ -196,7 +198,7 @@ class RepairOperator(nn.Module):
         x = x[:, :, :tr].float()
         dlt = x - ref.float()  # [B, Hkv, S, d]
         dd = dlt.pow(2).sum(dim=(-1, -2))  # [B, Hkv]
-        facs = self._factors(layer)
+        facs = self.factors(layer)
         if which not in facs:
             return dd.sum(-1).mean()
         hq, hkv = q.shape[1], x.shape[1]
@@ -214,21 +216,6 @@ class RepairOperator(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def reference_attention(op: RepairOperator, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scaling: float, causal_offset: int | None = None) -> torch.Tensor:
-    """Naive attention over materialised per-query K̂, V̂ (causal, queries are the last Tq positions).
-    Returns [B, Tq, Hq, d]. O(Tq·Tk·d) memory per head: what the factored form avoids."""
-    tq, tk = q.shape[2], k.shape[2]
-    kh, vh = op.repaired(layer, q, k, "K"), op.repaired(layer, q, v, "V")  # [B, Hq, Tq, Tk, d]
-    scores = torch.einsum("bhtd,bhtsd->bhts", q.float(), kh) * scaling
-    off = tk - tq if causal_offset is None else causal_offset
-    allowed = torch.arange(tk)[None, :] <= (torch.arange(tq)[:, None] + off)
-    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhts,bhtsd->bhtd", p, vh)
-    return out.transpose(1, 2).to(q.dtype)
 
 
 def build_operator(repair_cfg: Mapping, arch, seed: int = 0) -> RepairOperator:

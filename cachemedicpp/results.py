@@ -16,6 +16,9 @@ choice of heuristic). This module is the single description they share:
 
 Objects are closed (`additionalProperties: false`): a key a writer adds must be described here first.
 Keys a writer does not always write are `NotRequired`; values it may leave empty are `X | None`.
+
+Why one long module: the description is the schema of two files that share their envelope and most
+record types; split up, a reader would have to assemble one file's format from several places.
 """
 
 import argparse

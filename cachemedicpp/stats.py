@@ -50,6 +50,17 @@ def percentile_ci(samples, alpha: float = 0.05, axis: int = 0) -> tuple[np.ndarr
     return lo, hi
 
 
+def mean_ci(values: Sequence[float], seed: int = 0, samples: int = 2000, alpha: float = 0.05) -> list[float] | None:
+    """Percentile bootstrap CI of the mean of a few independent units (runs, pairs), resampled with
+    replacement; None below two units."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    means = resampled_means(x, bootstrap_indices(x.size, samples, np.random.default_rng(seed)))
+    lo, hi = percentile_ci(means, alpha)
+    return [float(lo), float(hi)]
+
+
 def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k/n (well behaved at 0 and n)."""
     if n <= 0:

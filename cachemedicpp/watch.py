@@ -31,13 +31,13 @@ from typing import Callable, TextIO
 import yaml
 
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
+from cachemedicpp.pipeline import PHASES
+from cachemedicpp.rundir import RunDir, SweepDir
 
-PHASE_ORDER = ("train", "eval", "stability", "plots", "sweep")
+SWEEP = "sweep"  # the phase name of a sweep's own heartbeat
+PHASE_ORDER = (*PHASES, SWEEP)
 TERMINAL_EXIT = {"completed": EXIT_OK, "paused": EXIT_PAUSED, "failed": EXIT_FAILED}
 LIVE = ("running", "resumed")
-# folders of a run dir; never mistaken for the runs of a sweep
-RUN_DIR_PARTS = {"logs", "checkpoints", "metrics", "control", "paper"}
-SWEEP_PLAN = "sweep_resolved.yaml"  # written by the sweep; lists its runs in execution order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +51,7 @@ class PhaseState:
     source: str  # "snapshot" or "timeline"
     path: Path
     ts: float  # seconds since the epoch
+    folder: RunDir | SweepDir  # paths in the record are relative to it
     stale: str | None = None  # why the record is stale, None when it is not
 
     @property
@@ -94,11 +95,10 @@ def _last_timeline_record(path: Path) -> dict | None:
     return None
 
 
-def read_phase(logs_dir: Path, phase: str) -> PhaseState | None:
+def read_phase(folder: RunDir | SweepDir, phase: str) -> PhaseState | None:
     """Newest readable state of one phase: its snapshot, or the timeline when that is newer or the
     snapshot cannot be read."""
-    snap_path = logs_dir / f"{phase}_heartbeat.json"
-    line_path = logs_dir / f"{phase}_heartbeat.jsonl"
+    snap_path, line_path = folder.heartbeat(phase), folder.timeline(phase)
     cands = []
     for source, path, rec in (("snapshot", snap_path, _read_snapshot(snap_path)),
                               ("timeline", line_path, _last_timeline_record(line_path))):
@@ -110,22 +110,16 @@ def read_phase(logs_dir: Path, phase: str) -> PhaseState | None:
                 ts = path.stat().st_mtime
             except OSError:
                 continue
-        cands.append(PhaseState(phase, rec, source, path, ts))
+        cands.append(PhaseState(phase, rec, source, path, ts, folder))
     if not cands:
         return None
     # on equal timestamps the snapshot wins (same record, written first)
     return max(cands, key=lambda s: (s.ts, s.source == "snapshot"))
 
 
-def heartbeat_phases(logs_dir: Path) -> list[str]:
+def heartbeat_phases(folder: RunDir | SweepDir) -> list[str]:
     """Phases that have any heartbeat file, in pipeline order."""
-    if not logs_dir.is_dir():
-        return []
-    names = set()
-    for p in logs_dir.iterdir():
-        for suffix in ("_heartbeat.json", "_heartbeat.jsonl"):
-            if p.name.endswith(suffix) and not p.name.startswith("."):
-                names.add(p.name[: -len(suffix)])
+    names = {folder.heartbeat_phase(p.name) for p in folder.heartbeat_files()}
     order = {ph: i for i, ph in enumerate(PHASE_ORDER)}
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
@@ -187,11 +181,11 @@ class SweepView:
 
 
 def read_run(path: Path, now: float, stale_after: float, host: str) -> RunView:
-    view = RunView(path)
-    for phase in heartbeat_phases(path / "logs"):
-        if phase == "sweep":
+    view, rd = RunView(path), RunDir(path)
+    for phase in heartbeat_phases(rd):
+        if phase == SWEEP:
             continue
-        st = read_phase(path / "logs", phase)
+        st = read_phase(rd, phase)
         if st is not None:
             st.stale = stale_reason(st.record, st.ts, now, stale_after, host)
             view.phases.append(st)
@@ -199,9 +193,9 @@ def read_run(path: Path, now: float, stale_after: float, host: str) -> RunView:
 
 
 def _planned_runs(path: Path) -> list[str]:
-    """Run names in the order the sweep runs them (`sweep_resolved.yaml`), so runs not started yet show."""
+    """Run names in the order the sweep runs them (its plan), so runs not started yet show."""
     try:
-        doc = yaml.safe_load((path / SWEEP_PLAN).read_text(encoding="utf-8"))
+        doc = yaml.safe_load(SweepDir(path).plan.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return []
     names = doc.get("execution_order") if isinstance(doc, dict) else None
@@ -210,29 +204,29 @@ def _planned_runs(path: Path) -> list[str]:
 
 
 def sweep_runs(path: Path) -> list[Path]:
-    """The sweep's planned runs, then any other sub-folder that is a run dir (`config_resolved.yaml` or
-    `logs/`). A planned run may not have a folder yet."""
+    """The sweep's planned runs, then any other sub-folder that is a run dir (a resolved config or a logs
+    folder). A planned run may not have a folder yet."""
     if not path.is_dir():
         return []
     out = [path / n for n in _planned_runs(path)]
     for p in sorted(path.iterdir()):
-        if p.is_dir() and p.name not in RUN_DIR_PARTS and not p.name.startswith(".") and p not in out:
-            if (p / "config_resolved.yaml").is_file() or (p / "logs").is_dir():
+        if p.is_dir() and p.name not in RunDir.PARTS and not p.name.startswith(".") and p not in out:
+            rd = RunDir(p)
+            if rd.resolved_config_path.is_file() or rd.logs.is_dir():
                 out.append(p)
     return out
 
 
 def is_sweep_dir(path: Path) -> bool:
-    logs = path / "logs"
-    return (logs / "sweep_heartbeat.json").exists() or (logs / "sweep_heartbeat.jsonl").exists() \
-        or (path / SWEEP_PLAN).is_file() or bool(sweep_runs(path))
+    sd = SweepDir(path)
+    return sd.heartbeat(SWEEP).exists() or sd.timeline(SWEEP).exists() or sd.plan.is_file() or bool(sweep_runs(path))
 
 
 def read_view(path: Path, stale_after: float, now: float | None = None) -> RunView | SweepView:
     now = time.time() if now is None else now
     host = socket.gethostname()
     if is_sweep_dir(path):
-        sweep = read_phase(path / "logs", "sweep")
+        sweep = read_phase(SweepDir(path), SWEEP)
         if sweep is not None:
             sweep.stale = stale_reason(sweep.record, sweep.ts, now, stale_after, host)
         return SweepView(path, sweep, [read_run(p, now, stale_after, host) for p in sweep_runs(path)])
@@ -244,8 +238,8 @@ def has_heartbeat(view: RunView | SweepView) -> bool:
 
 
 def heartbeat_files(path: Path) -> list[Path]:
-    dirs = [path / "logs"] + [p / "logs" for p in sweep_runs(path)]
-    return sorted(f for d in dirs if d.is_dir() for f in d.glob("*_heartbeat.json*"))
+    """Every heartbeat file of the dir and of its runs (a sweep's)."""
+    return sorted(f for d in [SweepDir(path), *map(RunDir, sweep_runs(path))] for f in d.heartbeat_files())
 
 
 def signature(path: Path) -> tuple:
@@ -264,12 +258,17 @@ def signature(path: Path) -> tuple:
 # rendering
 
 
-def fmt_duration(sec) -> str:
-    if sec is None:
-        return "-"
+def _as_float(x) -> float | None:
+    """A record's number, or None when it is missing or not a number (shown as '-')."""
     try:
-        sec = float(sec)
+        return None if x is None else float(x)
     except (TypeError, ValueError):
+        return None
+
+
+def fmt_duration(sec) -> str:
+    sec = _as_float(sec)
+    if sec is None:
         return "-"
     sec = max(sec, 0.0)
     if sec < 60:
@@ -283,11 +282,8 @@ def fmt_duration(sec) -> str:
 
 
 def fmt_num(x, digits: int = 3) -> str:
+    x = _as_float(x)
     if x is None:
-        return "-"
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
         return "-"
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
 
@@ -308,9 +304,7 @@ def _ago(ts: float, now: float) -> str:
 
 def _run_path(st: PhaseState, p) -> str:
     """Checkpoint paths are recorded relative to the run dir; show where they are from anywhere."""
-    if not p:
-        return "-"
-    return str(st.path.parent.parent / p) if not os.path.isabs(str(p)) else str(p)
+    return str(st.folder.resolve(str(p))) if p else "-"
 
 
 def render_state(st: PhaseState, now: float, title: str) -> list[str]:
@@ -420,8 +414,9 @@ def watch(path: Path, follow: bool = False, stop_on_terminal: bool = False, inte
     view = read_view(path, stale_after)
     if not follow:
         if not has_heartbeat(view):
-            print(f"error: no heartbeat in {path} (looked for logs/<phase>_heartbeat.json[l] in the dir "
-                  "and in its run sub-folders)", file=sys.stderr)
+            where = f"{RunDir.LOGS}/{RunDir.heartbeat_name('<phase>')}[l]"
+            print(f"error: no heartbeat in {path} (looked for {where} in the dir and in its run sub-folders)",
+                  file=sys.stderr)
             return EXIT_BAD_INPUT
         print(render(view), file=out, flush=True)
         code = terminal_exit(view) if stop_on_terminal else None

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from cachemedicpp import bench
+from cachemedicpp.bench.memory_probe import probe_subprocess
+from cachemedicpp.bench.workloads import bare_train_step, perturbed_operator
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
+from cachemedicpp.repair_reference import AugmentedRepair, NaiveRepair, causal_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +94,7 @@ def test_quick_settings():
 def test_repair_variants_compute_the_same_attention(tiny_lm):
     lm = tiny_lm("llama")
     cfg = bench.bench_config(tiny_settings(lm.source), "cpu", lm.arch)
-    op = bench.perturbed_operator(cfg, lm)
+    op = perturbed_operator(cfg, lm)
     layer = op.layers[0]
     g = torch.Generator().manual_seed(0)
     hq, hkv, d = lm.arch.num_heads, lm.arch.num_kv_heads, lm.arch.head_dim
@@ -99,19 +102,12 @@ def test_repair_variants_compute_the_same_attention(tiny_lm):
     k = torch.randn(1, hkv, 12, d, generator=g)
     v = torch.randn(1, hkv, 12, d, generator=g)
     scaling = d ** -0.5
-    allowed = torch.arange(12)[None, :] <= torch.arange(5)[:, None] + 7  # queries are the last 5 positions
-
-    def kernel(qq, kk, vv):  # plain causal attention with GQA repeat, like the model's eager kernel
-        kk = kk.repeat_interleave(hq // hkv, dim=1)
-        vv = vv.repeat_interleave(hq // hkv, dim=1)
-        s = (qq @ kk.transpose(-1, -2)) * scaling
-        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-        return (p @ vv).transpose(1, 2)
+    kernel = causal_attention(scaling)  # like the model's eager kernel; the queries are the last 5 positions
 
     with torch.no_grad():
         factored = op.attend(layer, q, k, v, kernel)
-        augmented = bench.AugmentedRepair(op).attend(layer, q, k, v, kernel)
-        naive = bench.NaiveRepair(op, scaling).attend(layer, q, k, v, kernel)
+        augmented = AugmentedRepair(op).attend(layer, q, k, v, kernel)
+        naive = NaiveRepair(op, scaling).attend(layer, q, k, v, kernel)
         plain = kernel(q, k, v)
     assert factored.shape == augmented.shape == naive.shape == (1, 5, hq, d)
     assert not torch.allclose(factored, plain, atol=1e-4)
@@ -121,7 +117,7 @@ def test_repair_variants_compute_the_same_attention(tiny_lm):
 
 def test_memory_probe_in_a_subprocess(tiny_model_dir):
     s = tiny_settings(tiny_model_dir("llama"))
-    res = bench._probe_subprocess({"kind": "decode", "variant": "naive", "length": 16}, s, "cpu")
+    res = probe_subprocess({"kind": "decode", "variant": "naive", "length": 16}, s, "cpu")
     assert "error" not in res, res
     assert res["peak_mib"] >= res["before_mib"] > 0
     assert res["peak_delta_mib"] >= 0
@@ -143,12 +139,12 @@ def test_bare_train_step_backpropagates_through_the_model(tiny_lm):
     ids = torch.randint(0, 500, (cfg.train.batch_size, cfg.train.prefix_len + cfg.train.cont_len),
                         generator=torch.Generator().manual_seed(0))
     scale = torch.ones((), requires_grad=True)
-    loss = bench.bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale)
+    loss = bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale)
     assert loss == 0.0 or loss > 0  # KL of identical forwards: zero up to rounding
     assert scale.grad is not None and torch.isfinite(scale.grad)
     with torch.no_grad():
         scale.fill_(50.0)  # a student that differs from the teacher: a real loss with a nonzero gradient
-    assert bench.bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale) > 1e-6
+    assert bare_train_step(lm, cfg, list(cfg.repair.protect_layers), ids, scale) > 1e-6
     assert float(scale.grad.abs()) > 0
 
 

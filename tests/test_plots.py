@@ -142,13 +142,13 @@ def test_overhead_null_and_no_pair_no_config(tmp_path):
 def test_pareto_uses_auc_when_overhead_is_null(tmp_path, monkeypatch):
     """Figure B never invents throughput: with overhead null its x axis is the robustness AUC."""
     titles = []
-    orig = plots._pareto_panel
+    orig = plots.figures._pareto_panel
 
     def spy(ax, pts, best):
         orig(ax, pts, best)
         titles.append(dict(pts))
 
-    monkeypatch.setattr(plots, "_pareto_panel", spy)
+    monkeypatch.setattr(plots.figures, "_pareto_panel", spy)
     inp = plots.load_inputs(make_run(tmp_path, lambda d: d["metrics"].update(overhead=None)))
     plots.fig_pareto(inp)
     assert len(titles) == 1

@@ -9,7 +9,8 @@ import torch
 from cachemedicpp import hf
 from cachemedicpp.config import ConfigError
 from cachemedicpp.corruption import Corruptor
-from cachemedicpp.repair import (RepairOperator, build_operator, expected_params, reference_attention)
+from cachemedicpp.repair import RepairOperator, build_operator, expected_params
+from cachemedicpp.repair_reference import NaiveRepair, causal_attention
 
 FAMILIES = ["A", "B", "C"]
 
@@ -22,18 +23,6 @@ def _perturb(op, scale=0.3, seed=0):
     return op
 
 
-def _kernel(scaling):
-    def kernel(q, k, v):
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        s = (q @ k.transpose(-1, -2)) * scaling
-        tq, tk = q.shape[2], k.shape[2]
-        allowed = torch.arange(tk)[None] <= torch.arange(tq)[:, None] + (tk - tq)
-        return (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2)
-
-    return kernel
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("apply_to", ["K", "V", "KV"])
@@ -42,8 +31,9 @@ def test_factored_equals_materialised(family, share, apply_to):
     q, k, v = torch.randn(2, 6, 12, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
     op = _perturb(RepairOperator(family, [0, 3], 8, 6, 3, rank=3, apply_to=apply_to, share_across_heads=share))
     for layer in (0, 3):
-        out = op.attend(layer, q, k, v, _kernel(8**-0.5))
-        ref = reference_attention(op, layer, q, k, v, 8**-0.5)
+        kernel = causal_attention(8**-0.5)
+        out = op.attend(layer, q, k, v, kernel)
+        ref = NaiveRepair(op, 8**-0.5).attend(layer, q, k, v, kernel)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

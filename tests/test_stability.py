@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import ROOT, repair, rundir, stability
+from cachemedicpp import ROOT, repair, stability
+from cachemedicpp import fileio
 from cachemedicpp.config import ConfigError, load_config
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
 from cachemedicpp.fileio import read_jsonl
@@ -46,7 +47,7 @@ def save_checkpoint(run_dir: Path, cfg, arch, seed: int = 1, scale: float = 0.3,
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     assert not op.is_identity(op.layers[0])
     path = Path(run_dir) / "checkpoints" / f"repair_step_{step}.pt"
-    rundir.atomic_torch_save(path, repair.repair_checkpoint_payload(op, step, cfg.hash, cfg.repair.to_dict()))
+    fileio.atomic_torch_save(path, repair.repair_checkpoint_payload(op, step, cfg.hash, cfg.repair.to_dict()))
     return path
 
 
@@ -71,7 +72,7 @@ def test_delta_choice_and_direction_size():
         stability.map_delta([0.0])
     mask = torch.zeros(1, 2, 10, 1, dtype=torch.bool)
     mask[:, 1, :6] = True
-    d = stability._direction(torch.Generator().manual_seed(0), (1, 2, 10, 4), mask, 3.5)
+    d = stability.direction(torch.Generator().manual_seed(0), (1, 2, 10, 4), mask, 3.5)
     assert math.isclose(float(d.norm()), 3.5, rel_tol=1e-6)
     assert torch.all(d[~mask.expand_as(d)] == 0) and torch.all(d[mask.expand_as(d)] != 0)
 
@@ -142,7 +143,7 @@ def test_trained_operator_and_task_metrics_heuristic(tmp_path, tiny_cfg, tiny_lm
     cfg_path, cfg = write_cfg(tmp_path, tiny_cfg("llama"))
     rd = tmp_path / "run"
     save_checkpoint(rd, cfg, tiny_lm("llama").arch)
-    rundir.atomic_write_json(rd / "metrics" / "task_metrics.json",
+    fileio.atomic_write_json(rd / "metrics" / "task_metrics.json",
                              {"run_id": "x", "config_hash": cfg.hash, "settings": {},
                               "metrics": {"best_heuristic_name": "masking_dropout"}})
     assert stability.main(main_args(cfg_path, rd)) == EXIT_OK

@@ -1,0 +1,3 @@
+from cachemedicpp.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The timed measurements: train step vs bare step, eval grid vs bare forwards, decode tokens/s of each
+repair variant vs no defense. Each returns its block of the results JSON for one device."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from cachemedicpp import hf
+from cachemedicpp.bench.settings import DECODE_VARIANTS, Settings, bench_config
+from cachemedicpp.bench.timing import abba, interleaved, median, paired_ratios, ratio
+from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator,
+                                          prefilled, train_workloads, variant_agreement)
+from cachemedicpp.config import ConfigError
+
+TRAIN_BARE = ("clean prefix prefill (no grad) + teacher continuation forward (no grad) + student continuation "
+              "forward reading K*s on the protected layers (s: one scalar parameter) + the same KD loss + "
+              "backward; no harness")
+EVAL_GRID = ("eval.score_example over every example (clean prefill shared per example, cells corrupted, "
+             "defended and batched as the eval does, repair active on cachemedic cells)")
+EVAL_BARE = ("per example one clean prefill + one batch-1 continuation forward of its feeds per grid cell, no "
+             "hook plan, cache copies untimed; `ratio_vs_computed_cells` counts only the cells the eval "
+             "computes (it reuses cells provably equal to a clean cell)")
+DECODE_DESIGN = ("per repetition and variant an ABBA block against no defense (none, v, v, none or v, none, "
+                 "none, v), each run decoding tokens_per_run tokens greedily from a copy of one shared "
+                 "prefilled cache; ratio = time(none) / time(v) per block, median over repetitions")
+
+
+def bench_train(s: Settings, lm: hf.LoadedModel) -> dict:
+    cfg = bench_config(s, str(lm.device), lm.arch)
+    train, bare = train_workloads(cfg, lm)
+    t, c = interleaved(lm.device, [train, bare], s.reps)
+    per_rep = paired_ratios(t["train_step"], t["train_bare"])
+    info = dict(train.info)
+    info["step_corruption_types"] = info["step_corruption_types"][1:]  # drop the warm-up step
+    return {"ratio": median(per_rep), "ratio_of_medians": ratio(median(t["train_step"]), median(t["train_bare"])),
+            "per_rep_ratios": per_rep, "train_step_sec": t["train_step"], "bare_step_sec": t["train_bare"],
+            "median_train_step_sec": median(t["train_step"]), "median_bare_step_sec": median(t["train_bare"]),
+            "cpu_time_ratio": median(paired_ratios(c["train_step"], c["train_bare"])),
+            "train_step_cpu_sec": c["train_step"], "bare_step_cpu_sec": c["train_bare"],
+            "target": "<= 1.15", "shapes": info, "bare_definition": TRAIN_BARE}
+
+
+def bench_eval(s: Settings, lm: hf.LoadedModel) -> dict:
+    grid, bare, extra = eval_workloads(s, lm)
+    t, c = interleaved(lm.device, [grid, bare], s.eval_reps or s.reps, warmup=0)  # the set-up ran the grid once
+    strict_wall = [w for w, _ in extra["strict"]]
+    per_rep = paired_ratios(t["eval_grid"], t["eval_bare"])
+    out = {"ratio": median(per_rep), "ratio_of_medians": ratio(median(t["eval_grid"]), median(t["eval_bare"])),
+           "ratio_vs_computed_cells": median(paired_ratios(t["eval_grid"], strict_wall)),
+           "cpu_time_ratio": median(paired_ratios(c["eval_grid"], c["eval_bare"])), "per_rep_ratios": per_rep,
+           "grid_sec": t["eval_grid"], "bare_sec": t["eval_bare"], "bare_computed_cells_sec": strict_wall,
+           "grid_cpu_sec": c["eval_grid"], "bare_cpu_sec": c["eval_bare"],
+           "median_grid_sec": median(t["eval_grid"]), "median_bare_sec": median(t["eval_bare"]),
+           "cells": grid.info["cells_per_example"] * grid.info["examples"], "grid": grid.info, "target": "<= 1.3",
+           "grid_definition": EVAL_GRID, "bare_definition": EVAL_BARE}
+    if s.eval_end_to_end:
+        e2e = eval_end_to_end(extra["cfg"], extra["op"])
+        e2e["ratio_vs_bare"] = ratio(e2e["wall_sec"], out["median_bare_sec"])
+        e2e["note"] = "includes model load, data loading, example building, bootstrap aggregation and file writes"
+        out["end_to_end"] = e2e
+    return out
+
+
+def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
+    cfg = bench_config(s, str(lm.device), lm.arch)
+    op = perturbed_operator(cfg, lm)
+    out: dict[str, Any] = {"protect_layers": list(op.layers), "rank": op.rank, "apply_to": op.apply_to,
+                           "family": op.family, "tokens_per_run": s.decode_tokens, "design": DECODE_DESIGN,
+                           "agreement_max_abs_logit_diff": variant_agreement(lm, op, seed=s.seed),
+                           "lengths": {}}
+    for length in s.lengths:
+        if length + s.decode_tokens > lm.arch.max_positions:
+            raise ConfigError(f"--lengths: {length} + {s.decode_tokens} decoded tokens exceeds the model's "
+                              f"{lm.arch.max_positions} positions")
+        start = prefilled(lm, length, s.seed)  # one prefill shared by every variant
+        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in DECODE_VARIANTS}
+        res = abba(lm.device, ws["none"], [ws[v] for v in DECODE_VARIANTS[1:]], s.reps)
+        out["lengths"][str(length)] = _decode_row(s, {v: res["runs"][ws[v].name] for v in DECODE_VARIANTS},
+                                                  {v: res["ratios"][ws[v].name] for v in DECODE_VARIANTS[1:]})
+        del ws, start
+        gc.collect()
+    return out
+
+
+def _decode_row(s: Settings, runs: dict, ratios: dict) -> dict:
+    """One cache length's block: tokens/s and run times per variant, ratios to no defense."""
+    row: dict[str, Any] = {
+        "tokens_per_sec": {v: s.decode_tokens / median(runs[v]["wall"]) for v in DECODE_VARIANTS},
+        "sec_per_run": {v: runs[v]["wall"] for v in DECODE_VARIANTS},
+        "cpu_sec_per_run": {v: runs[v]["cpu"] for v in DECODE_VARIANTS},
+        "ratios": {}, "cpu_time_ratios": {}, "ratio_of_fastest_runs": {}, "per_rep_ratios": {}}
+    for v, rat in ratios.items():
+        row["per_rep_ratios"][v] = rat["wall"]
+        row["ratios"][v] = median(rat["wall"])
+        row["cpu_time_ratios"][v] = median(rat["cpu"])
+        row["ratio_of_fastest_runs"][v] = min(runs["none"]["wall"]) / min(runs[v]["wall"])
+    return row

@@ -1,0 +1,3 @@
+from cachemedicpp.eval.stage import main
+
+raise SystemExit(main())

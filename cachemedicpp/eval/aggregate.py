@@ -1,0 +1,158 @@
+"""Aggregation: the metrics block of the task metrics file as a pure function of the per-example values.
+
+The bootstrap draws one resample of example indices per task from (seed, "eval-bootstrap") and shares it
+by every cell and defense, so comparisons are paired and the file is bit-identical for the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cachemedicpp import seeding, stats, tasks
+from cachemedicpp.eval.grid import CLEAN, HEURISTICS, REPAIR_NAME, Cell, EvalContext
+from cachemedicpp.results import NO_DEFENSE
+
+CI_ALPHA = 0.05
+
+
+def unit_matrices(ctx: EvalContext, units: dict) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """({task: [n, n_cells] raw values}, {task: mean exposure}) from the finished units, in example order."""
+    values: dict[str, list] = {}
+    expo: dict[str, list] = {}
+    for ex in ctx.examples:
+        u = units[ex.key]
+        values.setdefault(ex.task, []).append([u["cells"][c.key] for c in ctx.cells])
+        expo.setdefault(ex.task, []).append(u["exposure"])
+    return ({t: np.asarray(v, dtype=np.float64) for t, v in values.items()},
+            {t: float(np.mean(v)) for t, v in expo.items()})
+
+
+def _summarise(ctx_tasks: dict, means: dict[str, np.ndarray], cells: list[Cell], names: list[str],
+               types: list[str], eps: list[float]) -> dict:
+    """Curves, AUCs and clean scores for S sets of per-task cell means ({task: [S, n_cells]})."""
+    idx = {c.key: i for i, c in enumerate(cells)}
+    nd = idx[Cell(CLEAN, 0.0, NO_DEFENSE).key]
+    out = {"value": {}, "score": {}, "by_task": {}, "clean": {}}
+    for t, m in means.items():
+        kind = ctx_tasks[t]["kind"]
+        score = tasks.score_from_means(kind, m, m[:, nd:nd + 1])
+        out["value"][t] = tasks.value_from_mean(kind, m)
+        out["score"][t] = score
+        curves = {}
+        for d in names:
+            cols = []
+            for e in eps:
+                if e == 0:
+                    cols.append(score[:, idx[Cell(CLEAN, 0.0, d).key]])
+                else:
+                    cols.append(np.mean([score[:, idx[Cell(ty, e, d).key]] for ty in types], axis=0))
+            curves[d] = np.stack(cols, axis=1)  # [S, n_eps]
+        out["by_task"][t] = curves
+        out["clean"][t] = {d: score[:, idx[Cell(CLEAN, 0.0, d).key]] for d in names}
+    out["curve"] = {d: np.mean([out["by_task"][t][d] for t in means], axis=0) for d in names}
+    out["auc"] = {d: np.asarray(stats.trapezoid_auc(eps, out["curve"][d])) for d in names}
+    out["auc_by_task"] = {t: {d: np.asarray(stats.trapezoid_auc(eps, out["by_task"][t][d])) for d in names}
+                          for t in means}
+    out["clean_regression"] = {d: np.mean([out["clean"][t][d] for t in means], axis=0) for d in names}
+    return out
+
+
+def best_heuristic(auc: dict[str, float], names: Sequence[str]) -> str | None:
+    """Fixed rule: the heuristic with the highest robustness AUC (ties: registry order)."""
+    best = None
+    for h in HEURISTICS:
+        if h in names and (best is None or auc[h] > auc[best]):
+            best = h
+    return best
+
+
+def _curve_block(curves: dict, boot: dict, eps: list[float], names: list[str], best: str | None) -> dict:
+    def pick(name):
+        return None if name is None or name not in curves else stats.to_list(curves[name][0])
+
+    ci = {}
+    for name in names + (["best_heuristic"] if best else []):
+        src = boot[best if name == "best_heuristic" else name]
+        lo, hi = stats.percentile_ci(src, CI_ALPHA, axis=0)
+        ci[name] = {"low": stats.to_list(lo), "high": stats.to_list(hi)}
+    return {"eps": list(eps), "no_defense": pick(NO_DEFENSE), "best_heuristic": pick(best),
+            "cachemedic": pick(REPAIR_NAME), "per_defense": {d: pick(d) for d in names}, "ci": ci}
+
+
+def _task_rows(point: dict, boot: dict, values: dict[str, np.ndarray], cells: list[Cell]) -> list[dict]:
+    """One row per task and cell: value, normalised score and its CI."""
+    rows = []
+    for t in values:
+        lo, hi = stats.percentile_ci(boot["score"][t], CI_ALPHA, axis=0)
+        for i, c in enumerate(cells):
+            rows.append({"task": t, "corruption_type": c.ctype, "epsilon": c.eps, "defense": c.defense,
+                         "value": float(point["value"][t][0, i]), "score": float(point["score"][t][0, i]),
+                         "n": int(values[t].shape[0]), "ci_low": float(lo[i]), "ci_high": float(hi[i])})
+    return rows
+
+
+def _paired(metric: str, key: str, point: dict, boot: dict, other: str, n: int) -> dict:
+    """cachemedic − `other` on point[key] / boot[key], over the shared resamples."""
+    return {"metric": metric, "other": other, **stats.paired_difference(
+        float(point[key][REPAIR_NAME][0]), float(point[key][other][0]), boot[key][REPAIR_NAME], boot[key][other], n)}
+
+
+def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[str, float], cells: list[Cell],
+              names: list[str], types: list[str], eps: list[float], samples: int, seed: int) -> dict:
+    """metrics["..."] of the task metrics file from raw per-example values ({task: [n, n_cells]})."""
+    order = list(values)
+    means = {t: values[t].mean(axis=0, keepdims=True) for t in order}
+    point = _summarise(task_info, means, cells, names, types, eps)
+    rng = seeding.numpy_rng(seed, "eval-bootstrap")
+    # one resample of example indices per task, shared by every cell and defense: paired comparisons
+    idx = {t: stats.bootstrap_indices(values[t].shape[0], samples, rng) for t in order}
+    resampled = {t: stats.resampled_means(values[t], idx[t]) for t in order}
+    boot = _summarise(task_info, resampled, cells, names, types, eps)
+
+    auc = {d: float(point["auc"][d][0]) for d in names}
+    best = best_heuristic(auc, names)
+    auc_all = dict(auc, **({"best_heuristic": auc[best]} if best else {}))
+    auc_ci = {}
+    for name in auc_all:
+        lo, hi = stats.percentile_ci(boot["auc"][best if name == "best_heuristic" else name], CI_ALPHA)
+        auc_ci[name] = [float(lo), float(hi)]
+    n_total = int(sum(v.shape[0] for v in values.values()))
+    others = [(o, label) for o, label in ((NO_DEFENSE, "no_defense"), (best, "best_heuristic")) if o is not None]
+    paired = {}
+    if REPAIR_NAME in names:
+        for other, label in others:
+            paired[f"cachemedic_minus_{label}"] = _paired("robustness_auc", "auc", point, boot, other, n_total)
+            paired[f"clean_cachemedic_minus_{label}"] = _paired("clean_score", "clean_regression", point, boot, other,
+                                                                n_total)
+    # per corruption type: the same AUC over that type's cells alone, and its paired differences (the
+    # overall best heuristic), so a multi-type grid shows under which types the repair helps
+    auc_by_type, paired_by_type = {}, {}
+    for ty in types:
+        pt = _summarise(task_info, means, cells, names, [ty], eps)
+        bt = _summarise(task_info, resampled, cells, names, [ty], eps)
+        auc_by_type[ty] = {d: float(pt["auc"][d][0]) for d in names}
+        if REPAIR_NAME in names:
+            paired_by_type[ty] = {f"cachemedic_minus_{label}": _paired("robustness_auc", "auc", pt, bt, other, n_total)
+                                  for other, label in others}
+    clean_idx = {c.defense: i for i, c in enumerate(cells) if c.ctype == CLEAN}
+    return {
+        "task_curves": _task_rows(point, boot, values, cells),
+        "clean_metrics": {t: {d: float(point["value"][t][0, clean_idx[d]]) for d in names} for t in order},
+        "clean_scores": {t: {d: float(point["clean"][t][d][0]) for d in names} for t in order},
+        "score_vs_eps": _curve_block(point["curve"], boot["curve"], eps, names, best),
+        "score_vs_eps_by_task": {t: _curve_block(point["by_task"][t], boot["by_task"][t], eps, names, best)
+                                 for t in order},
+        "robustness_auc": auc_all,
+        "robustness_auc_ci": auc_ci,
+        "robustness_auc_by_task": {t: {d: float(point["auc_by_task"][t][d][0]) for d in names} for t in order},
+        "clean_regression": {d: float(point["clean_regression"][d][0]) for d in names},
+        "best_heuristic_name": best,
+        "heuristic_auc": auc[best] if best else None,
+        "paired_bootstrap": paired,
+        "robustness_auc_by_type": auc_by_type,
+        "paired_bootstrap_by_type": paired_by_type,
+        "exposure": {t: float(exposures[t]) for t in order},
+        "overhead": None,
+    }

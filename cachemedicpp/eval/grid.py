@@ -1,0 +1,338 @@
+"""The evaluation grid and the scoring of one example.
+
+Per example (one unit of work, key "<task>/<index>"):
+  1. prefill the clean context once (no hook);
+  2. for every grid cell — defenses × (clean + types × eps) — copy that cache (one batch row per cell),
+     corrupt its old region at rest with the draws of (seed, "eval", example id, type, eps, layer), so
+     every defense sees the very same corrupted cache (paired), apply the heuristic defense on the
+     region the corruption's masks select (an oracle advantage, recorded), and write it back;
+  3. score the example's continuation rows with one forward over the batched cache; cachemedic rows run
+     with the repair operator active inside attention (their own batches).
+Clean cells use eps 0 with the region of the first evaluated type, so heuristics act on clean inputs
+too (their clean cost is measured, never a silent no-op). A cell whose input is provably identical to
+its defense's clean cell (eps 0 on the same region, or a region covering nothing at rest) reuses the
+clean cell's value instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cachemedicpp import corruption, defenses, hf, repair, seeding, tasks
+from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.results import CACHEMEDIC as REPAIR_NAME
+from cachemedicpp.results import NO_DEFENSE
+
+PHASE = "eval"  # also the name of the corruption draw stream: changing it changes every draw
+CLEAN = "clean"
+HEURISTICS = tuple(d for d in defenses.DEFENSES if d != NO_DEFENSE)  # registry order breaks best-heuristic ties
+PASS_THROUGH = (NO_DEFENSE, REPAIR_NAME)  # defenses that leave the cache as read
+
+
+# --------------------------------------------------------------------------------------------------
+# the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    ctype: str  # "clean" or a corruption type
+    eps: float
+    defense: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.ctype}|{float(self.eps)!r}|{self.defense}"
+
+    @property
+    def repaired(self) -> bool:
+        return self.defense == REPAIR_NAME
+
+
+def make_grid(defense_names: Sequence[str], types: Sequence[str], eps: Sequence[float]) -> list[Cell]:
+    cells = [Cell(CLEAN, 0.0, d) for d in defense_names]
+    cells += [Cell(t, float(e), d) for t in types for e in eps for d in defense_names]
+    return cells
+
+
+def eval_defenses(cfg: Config) -> tuple[list[str], list[str]]:
+    """(defenses evaluated, notes). no_defense is always evaluated: it normalises perplexity."""
+    names, notes = [], []
+    for d in cfg.eval.defenses:
+        if d != REPAIR_NAME:
+            defenses.get_defense(d)  # unknown name -> ConfigError listing the known ones
+        if d not in names:
+            names.append(d)
+    if NO_DEFENSE not in names:
+        names.insert(0, NO_DEFENSE)
+        notes.append("no_defense added: it is the baseline and normalises perplexity")
+    return names, notes
+
+
+@dataclass
+class Row:
+    """One grid cell of one example, ready to be batched."""
+
+    cell: Cell
+    overrides: dict | None  # layer -> (k, v) batch-1 tensors written at rest (None: clean cache)
+    on_read: Callable | None  # (layer, k, v) -> (k, v) for on-read persistence
+    region: corruption.Region
+    alias: Cell | None = None  # provably identical to this cell: reuse its value
+
+
+@dataclass
+class EvalContext:
+    cfg: Config
+    lm: hf.LoadedModel
+    corruptor: corruption.Corruptor
+    op: repair.RepairOperator | None
+    defense_names: list[str]
+    types: list[str]
+    eps: list[float]
+    cells: list[Cell]
+    examples: list[tasks.Example]
+    task_info: dict
+    sources: dict
+    baseline: dict
+    persistence: str
+    ref_type: str
+    batch_rows: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer a corruption may touch (protected layers and targeted ones)."""
+        ls = set(self.cfg.repair.protect_layers)
+        if "targeted" in self.types:
+            ls |= set(self.cfg.corruption.axes.layers)
+        return sorted(ls)
+
+
+# --------------------------------------------------------------------------------------------------
+# building the context
+
+
+def _needs_donor(cfg: Config, types: Sequence[str]) -> bool:
+    return "contiguous_overwrite" in types or (
+        "targeted" in types and cfg.corruption.params.targeted_base == "contiguous_overwrite")
+
+
+def _check_grid(cfg: Config, n_layers: int) -> None:
+    bad = [l for l in list(cfg.repair.protect_layers) + list(cfg.corruption.axes.layers) if l >= n_layers]
+    if bad:
+        raise ConfigError(f"repair.protect_layers / corruption.axes.layers: {sorted(set(bad))} out of range for "
+                          f"a {n_layers}-layer model")
+    task_names = [t["name"] for t in cfg.eval.tasks]
+    dup = sorted({n for n in task_names if task_names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"eval.tasks: task(s) {dup} listed twice")
+    for n in task_names:
+        tasks.get_task(n)
+
+
+def _build_examples(cfg: Config, lm: hf.LoadedModel, notes: list[str]) -> tuple[list, dict, dict]:
+    """(examples of every task in config order, per-task info, data sources)."""
+    sources = tasks.load_sources(cfg, lm, [t["name"] for t in cfg.eval.tasks])
+    examples, info = [], {}
+    for tcfg in cfg.eval.tasks:
+        task = tasks.get_task(tcfg["name"])
+        exs, tinfo = task.build(lm, cfg, tcfg, sources)
+        if not exs:
+            raise ConfigError(f"eval.tasks {task.name}: no example could be built")
+        if len(exs) < int(tcfg["num_examples"]):
+            notes.append(f"{task.name}: {len(exs)} examples available, {tcfg['num_examples']} requested")
+        info[task.name] = {"num_examples": int(tcfg["num_examples"]), "n": len(exs), "few_shot": int(tcfg["few_shot"]),
+                           "kind": task.kind, "value_name": task.value_name, **tinfo}
+        examples += exs
+    return examples, info, sources
+
+
+def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | None = None) -> EvalContext:
+    """Examples, corruptor (with donor KV when needed) and grid for one evaluation."""
+    names, notes = eval_defenses(cfg)
+    types = list(cfg.eval.corruption_eval.types)
+    eps = sorted({float(e) for e in cfg.eval.corruption_eval.eps})
+    _check_grid(cfg, lm.arch.num_layers)
+    examples, info, sources = _build_examples(cfg, lm, notes)
+    donor = None
+    if _needs_donor(cfg, types):
+        longest = max(int(e.prefix.numel()) for e in examples)
+        layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
+        donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
+    corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
+                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor)
+    axes = cfg.corruption.axes
+    needles = [e for e in examples if e.task == "needle_long_context"]
+    if needles:
+        where = (f"corruption.axes.time_mode={axes.time_mode}, N_recent={axes.N_recent}, window={list(axes.window)}")
+        tasks.check_needle(needles, corruptor.time_mask, where)
+    if REPAIR_NAME in names and op is None:
+        raise ValueError("cachemedic is evaluated but no repair operator was given")
+    ref = next((t for t in types if t != "targeted"), types[0])
+    return EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
+                       make_grid(names, types, eps), examples, info, sources, cfg.baseline.to_dict(),
+                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# one example
+
+
+def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> torch.Generator:
+    """A defense's own randomness (masking_dropout): per example, defense and layer, the same in every
+    cell of the example, so defense noise is paired across eps like the corruption."""
+    return seeding.torch_rng(ctx.cfg.seed, "eval-defense", ex.example_id, name, layer)
+
+
+def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region):
+    return defenses.apply_defense(name, k, v, region.mask(layer), ctx.baseline, gen=defense_rng(ctx, ex, name, layer))
+
+
+def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region) -> dict:
+    if name in PASS_THROUGH:
+        return dict(kv)
+    return {l: _defend_layer(ctx, ex, name, l, k, v, region) for l, (k, v) in kv.items()}
+
+
+def _covers_nothing(region: corruption.Region) -> bool:
+    return not region.layers or not bool(region.time.any())
+
+
+def _same_region(a: corruption.Region, b: corruption.Region) -> bool:
+    return (a.layers == b.layers and torch.equal(a.time, b.time)
+            and all(torch.equal(a.heads[l], b.heads[l]) for l in a.layers))
+
+
+def _region(ctx: EvalContext, ctype: str, eps: float, T: int, ex: tasks.Example) -> corruption.Region:
+    if ctype == CLEAN:
+        return ctx.corruptor.region(ctx.ref_type, 0.0, T, PHASE, ex.example_id)
+    return ctx.corruptor.region(ctype, eps, T, PHASE, ex.example_id)
+
+
+def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
+    """On-read persistence: corrupt what attention reads, then defend it, with the region of the length read."""
+    corrupt = None if cell.ctype == CLEAN else ctx.corruptor.on_read(cell.ctype, cell.eps, PHASE, ex.example_id)
+    regions: dict[int, corruption.Region] = {}
+
+    def fn(layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = int(k.shape[2])
+        if T not in regions:
+            regions.clear()
+            regions[T] = _region(ctx, cell.ctype, cell.eps, T, ex)
+        if corrupt is not None:
+            k, v = corrupt(layer, k, v)
+        if cell.defense not in PASS_THROUGH and layer in regions[T].layers:
+            k, v = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T])
+        return k, v
+
+    return fn
+
+
+def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = True) -> Iterator[Row]:
+    """The grid's rows for one example, in grid order. At rest, every defense of a (type, eps) pair
+    starts from one corrupted copy of the clean K/V."""
+    T = int(ex.prefix.numel())
+    ref = _region(ctx, CLEAN, 0.0, T, ex)
+    at_rest = ctx.persistence == "at_rest"
+    group: tuple | None = None
+    region, kv = ref, {}
+    for cell in ctx.cells:
+        if (cell.ctype, cell.eps) != group:
+            group = (cell.ctype, cell.eps)
+            region = ref if cell.ctype == CLEAN else _region(ctx, cell.ctype, cell.eps, T, ex)
+            kv = {l: hf.get_kv(clean_cache, l) for l in region.layers}
+            if at_rest and cell.ctype != CLEAN:
+                kv, _ = ctx.corruptor.apply_cache(kv, cell.ctype, cell.eps, PHASE, ex.example_id, region=region)
+        if dedupe and cell.ctype != CLEAN and (
+                (cell.eps == 0 and _same_region(region, ref))
+                or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
+            yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
+            continue
+        if at_rest:
+            yield Row(cell, _defend(ctx, ex, cell.defense, kv, region), None, region)
+        else:
+            yield Row(cell, None, _read_fn(ctx, ex, cell), region)
+
+
+def _rows_on_read(fns: list[Callable | None]) -> Callable:
+    """One on-read function for a batch: row i goes through its own cell's function."""
+
+    def fn(layer, k, v):
+        ks, vs = [], []
+        for i, f in enumerate(fns):
+            ki, vi = k[i:i + 1], v[i:i + 1]
+            if f is not None:
+                ki, vi = f(layer, ki, vi)
+            ks.append(ki)
+            vs.append(vi)
+        return torch.cat(ks), torch.cat(vs)
+
+    return fn
+
+
+def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row], repaired: bool) -> list[float]:
+    """Score `rows` (cells of one example) with one forward over a batched copy of the cache."""
+    R = ex.rows
+    cache = hf.repeat_cache(clean_cache, R * len(rows))
+    layers = sorted({l for r in rows if r.overrides for l in r.overrides})
+    for l in layers:
+        k0, v0 = hf.get_kv(clean_cache, l)
+        ks, vs = [], []
+        for r in rows:
+            k, v = r.overrides.get(l, (k0, v0)) if r.overrides else (k0, v0)
+            ks.append(k.expand(R, -1, -1, -1))
+            vs.append(v.expand(R, -1, -1, -1))
+        hf.set_kv(cache, l, torch.cat(ks), torch.cat(vs))
+    plan = None
+    reads = [r.on_read for r in rows for _ in range(R)]
+    if repaired or any(f is not None for f in reads):
+        plan = hf.HookPlan(layers=frozenset(ctx.layers) if any(reads) else frozenset(),
+                           on_read=_rows_on_read(reads) if any(reads) else None,
+                           repair=ctx.op if repaired else None)
+    feeds = ex.feeds.repeat(len(rows), 1).to(ctx.lm.device)
+    logits, _ = hf.forward(ctx.lm.model, feeds, cache, plan=plan)
+    logits = logits.float().cpu()
+    score = tasks.get_task(ex.task).score
+    return [score(logits[i * R:(i + 1) * R], ex) for i in range(len(rows))]
+
+
+def exposure(ctx: EvalContext, regions: Sequence[corruption.Region]) -> float:
+    """Mean fraction of the corruptible layers' context K/V entries that the masks cover."""
+    vals = []
+    for reg in regions:
+        layers = sorted(set(ctx.layers) | set(reg.layers))
+        vals.append(sum(reg.fraction(l) for l in layers) / max(1, len(layers)))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> dict:
+    """All grid cells of one example: {"cells": {cell key: raw value}, "exposure": float, "tokens": int}."""
+    with torch.no_grad():
+        _, clean = hf.forward(ctx.lm.model, ex.prefix[None].to(ctx.lm.device), logits_to_keep=1)
+        per_batch = max(1, ctx.batch_rows // ex.rows)
+        values: dict[str, float] = {}
+        pending: dict[bool, list[Row]] = {False: [], True: []}
+        aliases, regions, seen = [], [], set()
+        for row in cell_rows(ctx, ex, clean, dedupe):
+            if row.cell.ctype != CLEAN and (row.cell.ctype, row.cell.eps) not in seen:
+                seen.add((row.cell.ctype, row.cell.eps))
+                regions.append(row.region)
+            if row.alias is not None:
+                aliases.append(row)
+                continue
+            q = pending[row.cell.repaired]
+            q.append(row)
+            if len(q) == per_batch:
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired)))
+                q.clear()
+        for repaired, q in pending.items():
+            if q:
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired)))
+        computed = len(values)
+        for row in aliases:
+            values[row.cell.key] = values[row.alias.key]
+    return {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions),
+            "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}

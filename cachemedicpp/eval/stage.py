@@ -1,0 +1,230 @@
+"""The eval stage: checkpoint resolution, resumable progress, the settings record, `run` and `main`.
+
+Progress holds each finished unit's raw per-cell values; a resumed run skips exactly those units and
+recomputes nothing, and the task metrics file is a pure function of them (deterministic bootstrap): an
+interrupted run produces a bit-identical file. Wall times live only in the optional `overhead` block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
+from cachemedicpp import cli, defenses, hf, repair, tasks
+from cachemedicpp.cli import EXIT_OK
+from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.eval.aggregate import CI_ALPHA, aggregate, unit_matrices
+from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
+from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
+from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
+from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, ROBUSTNESS_AUC, RUN_ID,
+                                  SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
+from cachemedicpp.rundir import RunDir
+
+log = logging.getLogger("cachemedicpp")
+
+NOT_EVALUATED = "cachemedic not evaluated"
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint and progress
+
+
+def resolve_checkpoint(cfg: Config, rd: RunDir, names: Sequence[str]) -> dict:
+    """Which repair weights cachemedic uses. A missing checkpoint is bad input unless allowed."""
+    if REPAIR_NAME not in names:
+        return {"path": None, "step": None, "sha256": None, "status": NOT_EVALUATED}
+    p = rd.latest_repair_checkpoint()
+    if p is None:
+        if not cfg.eval.allow_missing_checkpoint:
+            raise ConfigError(
+                f"no repair checkpoint in {rd.checkpoints}: run `python -m cachemedicpp.train` on this run dir "
+                "first, set eval.allow_missing_checkpoint=true to score the untrained identity operator as "
+                "cachemedic, or remove cachemedic from eval.defenses")
+        return {"path": None, "step": None, "sha256": None,
+                "status": "missing: untrained identity operator scored as cachemedic (eval.allow_missing_checkpoint)"}
+    return {"path": rd.rel(p), "step": None, "sha256": file_sha256(p), "status": "loaded"}
+
+
+def load_operator(cfg: Config, rd: RunDir, ckpt: dict, arch) -> repair.RepairOperator | None:
+    if ckpt["status"] == NOT_EVALUATED:
+        return None
+    if ckpt["path"] is None:
+        return repair.build_operator(cfg.repair.to_dict(), arch, cfg.seed)
+    op, payload = repair.load_repair_checkpoint(rd.resolve(ckpt["path"]), cfg.repair.to_dict(), arch, cfg.seed)
+    ckpt["step"] = int(payload.get("step", -1))
+    ckpt["config_hash"] = payload.get("config_hash")
+    return op
+
+
+def examples_fingerprint(examples: Sequence[tasks.Example]) -> str:
+    """Hash of every example's token ids: a resumed run must score the same inputs (e.g. the same data
+    source, which can change when a hub dataset becomes reachable or not)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.key.encode())
+        for t in (ex.prefix, ex.feeds, ex.targets):
+            h.update(t.to(torch.int64).numpy().tobytes())
+        h.update(str(ex.label).encode())
+    return h.hexdigest()[:16]
+
+
+def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume: bool) -> dict:
+    """Finished units from a previous run of the same config, checkpoint and examples (else none)."""
+    keys = [ex.key for ex in ctx.examples]
+    fresh = {"status": "running", "config_hash": cfg.hash, "checkpoint": ckpt.get("sha256"),
+             "examples": examples_fingerprint(ctx.examples), "total_units": len(keys), "completed_units": 0,
+             "elapsed_wall_sec": 0.0, "units": {}}
+    if not resume or not path.is_file():
+        return fresh
+    prog = read_json(path, "eval progress")
+    if not isinstance(prog, dict) or prog.get("config_hash") != cfg.hash:
+        raise ConfigError(f"eval progress {path} belongs to another config; rerun with --no-resume")
+    if prog.get("checkpoint") != ckpt.get("sha256"):
+        log.warning("repair checkpoint changed since the saved eval progress: recomputing every unit")
+        return fresh
+    if prog.get("examples") != fresh["examples"]:
+        log.warning("evaluation examples changed since the saved eval progress (data source?): recomputing "
+                    "every unit")
+        return fresh
+    want = {c.key for c in ctx.cells}
+    units = {k: u for k, u in (prog.get("units") or {}).items()
+             if k in keys and isinstance(u, dict) and set((u.get("cells") or {})) == want}
+    fresh.update(units=units, completed_units=len(units), elapsed_wall_sec=float(prog.get("elapsed_wall_sec", 0.0)))
+    return fresh
+
+
+# --------------------------------------------------------------------------------------------------
+# what the results record besides the numbers
+
+
+def settings(ctx: EvalContext, ckpt: dict) -> dict:
+    cfg = ctx.cfg
+    ax = cfg.corruption.axes
+    data_sources = {k: v for k, v in ctx.sources.items() if k.endswith("_source")}
+    return {
+        "tasks": ctx.task_info,
+        "eps": ctx.eps,
+        "types": ctx.types,
+        "defenses": ctx.defense_names,
+        "heuristics": [h for h in HEURISTICS if h in ctx.defense_names],
+        "persistence": ctx.persistence,
+        "corruption_region": {"time_mode": ax.time_mode, "N_recent": ax.N_recent, "window": list(ax.window),
+                              "layer_mode": ax.layer_mode, "head_mode": ax.head_mode,
+                              "protect_layers": list(cfg.repair.protect_layers), "eps_ref": cfg.corruption.eps_ref},
+        "ood_protocol": cfg.eval.ood_protocol,
+        "ood_split": cfg.eval.ood_split.to_dict() if cfg.eval.ood_split is not None else None,
+        "data_sources": {k[:-len("_source")]: v for k, v in data_sources.items()},
+        "checkpoint": ckpt,
+        "seeds": {"seed": cfg.seed, "long_context_seed": cfg.data.long_context.seed,
+                  "corruption_draws": "sha256(seed, 'eval', example_id, type, eps, layer, draw, K|V)",
+                  "bootstrap": "sha256(seed, 'eval-bootstrap')"},
+        "bootstrap_samples": int(cfg.eval.bootstrap_samples),
+        "ci": f"{int(100 * (1 - CI_ALPHA))}% percentile bootstrap over examples; one resample of example indices "
+              "per task shared by every cell and defense (paired)",
+        "oracle_note": defenses.ORACLE_NOTE,
+        "clean_cells": f"eps 0 on the region {ctx.ref_type}'s masks select at eps 0; heuristics act on it",
+        "score": "accuracy as is; perplexity as ppl_clean_no_defense / ppl (above 1 when a defense lowers "
+                 "perplexity below the clean undefended one; not clipped)",
+        "score_vs_eps": "mean normalised score over tasks x types; eps 0 uses the clean cells",
+        "robustness_auc": "trapezoid over eps of score_vs_eps (unnormalised)",
+        "best_heuristic_rule": "highest robustness_auc among the evaluated heuristics (ties: registry order)",
+        "exposure": "fraction of the corruptible layers' context K/V entries inside the corruption masks, "
+                    "mean over examples and (type, eps) cells",
+        "model": {"name": cfg.model.name, "revision": cfg.model.revision,
+                  "dtype": str(ctx.lm.dtype).replace("torch.", ""), "device": ctx.lm.device.type,
+                  "arch": ctx.lm.arch.to_dict()},
+        "cell_batch_size": ctx.batch_rows,
+        "overhead": overhead_protocol(ctx) if cfg.eval.measure_overhead else None,
+        "notes": list(ctx.notes),
+    }
+
+
+def _summary_records(metrics: dict, ctx: EvalContext) -> list[dict]:
+    recs = []
+    for t, block in list(metrics[SCORE_VS_EPS_BY_TASK].items()) + [("all", metrics[SCORE_VS_EPS])]:
+        n = ctx.task_info[t]["n"] if t != "all" else sum(i["n"] for i in ctx.task_info.values())
+        for j, e in enumerate(block["eps"]):
+            recs.append({"kind": "summary", "task": t, "epsilon": e, "n": n,
+                         "scores": {d: v[j] for d, v in block["per_defense"].items()},
+                         "best_heuristic": metrics[BEST_HEURISTIC_NAME]})
+    return recs
+
+
+def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict) -> dict:
+    """The task metrics file and one summary log record per (task, eps), from the finished units."""
+    cfg, rd = ctx.cfg, s.rd
+    values, expo = unit_matrices(ctx, units)
+    metrics = aggregate(ctx.task_info, values, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps,
+                        int(cfg.eval.bootstrap_samples), int(cfg.seed))
+    if cfg.eval.measure_overhead:
+        metrics["overhead"] = measure_overhead(ctx)
+    atomic_write_json(rd.task_metrics, {RUN_ID: s.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,
+                                        SETTINGS: settings(ctx, ckpt)})
+    # drop this run's earlier summary records so a rerun never duplicates them
+    truncate_jsonl(rd.log(PHASE), lambda r: not (r.get("run_id") == s.run_id and r.get("kind") == "summary"))
+    elog = JsonlLog(rd.log(PHASE), s.run_id, PHASE)
+    for rec in _summary_records(metrics, ctx):
+        elog.write(len(ctx.examples), **rec)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = None, sweep_pause=None) -> int:
+    names, _ = eval_defenses(cfg)
+    ckpt = resolve_checkpoint(cfg, RunDir(run_dir), names)  # fail before any expensive work
+    with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
+        rd = s.rd
+        progress_path = rd.progress(PHASE)
+        if not resume:
+            progress_path.unlink(missing_ok=True)
+            rd.task_metrics.unlink(missing_ok=True)
+        lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
+        ctx = build_context(cfg, lm, load_operator(cfg, rd, ckpt, lm.arch))
+        total = len(ctx.examples)
+        prog = load_progress(progress_path, cfg, ckpt, ctx, resume)
+        units = prog["units"]
+        hb = s.heartbeat(total, prog["elapsed_wall_sec"])
+        hb.latest = {"checkpoint": ckpt["path"], "state": rd.rel(progress_path)}
+        s.step = len(units)
+        hb.beat("resumed" if units else "running", s.step, reason="resume" if units else "start", force=True)
+        log.info("eval: %d units (%d done), %d cells each, persistence %s", total, len(units), len(ctx.cells),
+                 ctx.persistence)
+
+        def save(status: str) -> None:
+            prog.update(status=status, completed_units=len(units), elapsed_wall_sec=round(hb.elapsed(), 3))
+            atomic_write_json(progress_path, prog)
+
+        def score(ex: tasks.Example) -> Done:
+            t0 = time.perf_counter()
+            units[ex.key] = package.score_example(ctx, ex)
+            dt = time.perf_counter() - t0
+            save("running")
+            return Done(tokens_per_sec=units[ex.key]["tokens"] / dt if dt > 0 else None)
+
+        code = run_units(s, [ex for ex in ctx.examples if ex.key not in units], name=lambda ex: ex.key,
+                         work=score, save=lambda: save("paused"), state=progress_path, total=total, unit="ex")
+        if code != EXIT_OK:
+            return code
+        metrics = write_results(s, ctx, ckpt, units)
+        save("completed")
+        hb.beat("completed", s.step, reason="done", force=True)
+        log.info("eval done: robustness AUC %s", {k: round(v, 4) for k, v in metrics[ROBUSTNESS_AUC].items()})
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body(cfg, run_dir, args) -> int:
+        return run(cfg, run_dir, resume=args.resume, config_path=args.config)
+
+    return cli.run_phase(PHASE, "Evaluate tasks under the corruption grid (paired, resumable).", argv, body)

@@ -1,0 +1,3 @@
+from cachemedicpp.plots.stage import main
+
+raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""The four figures, each rendered to PNG bytes in memory (nothing is written here).
+
+Figures are deterministic for the same metrics: no timestamps or software tag in the PNG metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib import colors as mcolors
+from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cachemedicpp.config import ConfigError
+from cachemedicpp.plots.inputs import Curves, Inputs
+from cachemedicpp.plots.outputs import FIGURES
+from cachemedicpp.plots.text import fmt, plain
+from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, METRICS, NO_DEFENSE,
+                                  OVERHEAD, ROBUSTNESS_AUC)
+
+DPI = 150
+Z_ORDER = {CACHEMEDIC: 0, BEST_HEURISTIC_SERIES: 1, NO_DEFENSE: 2}
+
+# Okabe-Ito palette (distinguishable under the common colour-vision deficiencies); every curve also
+# gets its own marker and line style so the figures survive greyscale printing.
+BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE, GREY = (
+    "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#8C8C8C")
+DEFENSE_STYLE = {  # colour, marker
+    NO_DEFENSE: (BLACK, "o"),
+    "reset_clear": (VERMILLION, "v"),
+    "smoothing": (ORANGE, "s"),
+    "masking_dropout": (GREEN, "P"),
+    "clipping_renorm": (PURPLE, "X"),
+    CACHEMEDIC: (BLUE, "D"),
+}
+SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
+NO_CONTR_STYLE = (SKY, "^")  # a lighter shade of cachemedic's blue: the same operator without L_contr
+RC = {
+    "font.size": 10.5, "axes.titlesize": 11.5, "axes.labelsize": 10.5, "legend.fontsize": 9.5,
+    "xtick.labelsize": 9.5, "ytick.labelsize": 9.5, "figure.titlesize": 13, "axes.grid": True,
+    "grid.alpha": 0.3, "grid.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False,
+}
+
+
+def defense_style(name: str) -> tuple[str, str]:
+    if name in DEFENSE_STYLE:
+        return DEFENSE_STYLE[name]
+    # an unknown defense still gets the same style on every run (a stable hash of its name)
+    return SPARE_STYLES[sum(map(ord, name)) % len(SPARE_STYLES)]
+
+
+def heuristic_label(best: str) -> str:
+    return f"best heuristic ({best})"
+
+
+def render_figures(inp: Inputs) -> dict[str, bytes]:
+    """{file name: PNG bytes} of the four figures, in FIGURES order."""
+    with rc_context(RC):
+        figs = [fig_score_vs_eps(inp), fig_pareto(inp), fig_sensitivity(inp), fig_amplification(inp)]
+    return dict(zip(FIGURES, figs))
+
+
+def _new_figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
+    return buf.getvalue()
+
+
+def _pad(values: Sequence[float], frac: float = 0.12, floor: float | None = None) -> tuple[float, float]:
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(v.min()), float(v.max())
+    span = hi - lo if hi > lo else max(abs(hi), 1e-3) * 0.2
+    lo, hi = lo - frac * span, hi + frac * span
+    if floor is not None and float(v.min()) >= floor:
+        lo = max(lo, floor)
+    return lo, hi
+
+
+def _set_x_ticks(ax, xs: np.ndarray) -> None:
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:g}" for x in xs])
+
+
+# --------------------------------------------------------------------------------------------------
+# figure A: score vs eps
+
+
+def _series_style(name: str, best: str | None) -> dict:
+    if name == BEST_HEURISTIC_SERIES:
+        color, marker = defense_style(best)
+        return dict(color=color, marker=marker, ls="--", label=heuristic_label(best))
+    color, marker = defense_style(name)
+    return dict(color=color, marker=marker, ls="-" if name == CACHEMEDIC else ":",
+                label="no defense" if name == NO_DEFENSE else name)
+
+
+def _draw_curves(ax, c: Curves, best: str | None, auc: dict[str, float] | None = None) -> None:
+    vals: list[float] = []
+    for name in c.series:
+        st = _series_style(name, best)
+        if auc is not None:
+            a = (auc.get(name, math.nan) if name != BEST_HEURISTIC_SERIES
+                 else auc.get(BEST_HEURISTIC_SERIES, auc.get(best or "", math.nan)))
+            st["label"] += f"  (AUC {fmt(a)})"
+        # solid cachemedic underneath, so a dotted/dashed curve lying on it stays visible
+        ax.plot(c.eps, c.series[name], lw=2, ms=6, zorder=3 + Z_ORDER[name], **st)
+        band = c.ci.get(name, c.ci.get(best) if name == BEST_HEURISTIC_SERIES else None)
+        if band is not None:
+            lo, hi = band
+            # light fill plus edges in the curve's own colour and style: overlapping bands stay attributable
+            ax.fill_between(c.eps, lo, hi, color=st["color"], alpha=0.10, lw=0, zorder=2)
+            for edge in (lo, hi):
+                ax.plot(c.eps, edge, color=st["color"], ls=st["ls"], lw=0.8, alpha=0.7, zorder=2)
+            vals += [*lo, *hi]
+        vals += list(c.series[name])
+    _set_x_ticks(ax, c.eps)
+    ax.set_ylim(*_pad(vals, 0.08, floor=0.0))
+    ax.set_xlabel("corruption severity ε")
+
+
+def _settings_subtitle(s: dict) -> str:
+    split = s.get("ood_split")
+    split = split.get("name") if isinstance(split, dict) else split or s.get("ood_protocol")
+    sub = [f"persistence: {s['persistence']}" if s.get("persistence") else None,
+           f"OOD split: {split}" if isinstance(split, str) and split else None,
+           f"types: {plain(s['types'])}" if s.get("types") else None]
+    return " · ".join(x for x in sub if x)
+
+
+def fig_score_vs_eps(inp: Inputs) -> bytes:
+    tasks = list(inp.by_task) if len(inp.by_task) >= 2 else []
+    ncols = min(len(tasks), 3) if tasks else 1
+    nrows_tasks = math.ceil(len(tasks) / ncols) if tasks else 0
+    fig = _new_figure(11.0, 5.6 + 3.3 * nrows_tasks)
+    gs = fig.add_gridspec(1 + nrows_tasks, ncols, height_ratios=[1.5] + [1.0] * nrows_tasks)
+    main = fig.add_subplot(gs[0, :])
+    _draw_curves(main, inp.curves, inp.best, auc=inp.auc)
+    main.set_ylabel("normalised score (higher is better)")
+    main.set_title("Mean over tasks × corruption types" + (" (bands: 95% CI)" if inp.curves.ci else ""))
+    handles, labels = main.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
+    task_axes = []
+    for i, t in enumerate(tasks):
+        ax = fig.add_subplot(gs[1 + i // ncols, i % ncols])
+        _draw_curves(ax, inp.by_task[t], inp.best)
+        ax.set_title(t)
+        if i % ncols == 0:
+            ax.set_ylabel("normalised score")
+        task_axes.append(ax)
+    if task_axes:  # one y range for all task panels, so tasks compare at a glance
+        lims = [ax.get_ylim() for ax in task_axes]
+        for ax in task_axes:
+            ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+    sub = _settings_subtitle(inp.settings)
+    fig.suptitle("Task robustness vs corruption severity" + (f"\n{sub}" if sub else ""))
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure B: quality vs cost
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the non-dominated points when both coordinates are to be maximised, by increasing x."""
+    front = []
+    for name, (x, y) in points.items():
+        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for o, (ox, oy) in points.items() if o != name)
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def _pareto_panel(ax, pts: dict[str, tuple[float, float]], best: str | None) -> None:
+    front = pareto_front(pts)
+    if len(front) > 1:
+        ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], ls="--", color=GREY, lw=1.5, zorder=1,
+                label="Pareto front")
+    ax.scatter([pts[n][0] for n in front], [pts[n][1] for n in front], s=300, facecolors="none", edgecolors=GREY,
+               linewidths=1.6, zorder=2, label="Pareto-optimal (non-dominated)")
+    for d, (x, y) in pts.items():
+        color, marker = defense_style(d)
+        label = "no defense" if d == NO_DEFENSE else d + (" (best heuristic)" if d == best else "")
+        # no defense on top and smaller: a defense with (near) identical numbers must not hide it
+        ax.scatter([x], [y], s=45 if d == NO_DEFENSE else 110, color=color, marker=marker, edgecolors="white",
+                   linewidths=0.8, zorder=4 if d == NO_DEFENSE else 3, label=label)
+    ax.set_xlim(*_pad([p[0] for p in pts.values()], 0.15))
+    ax.set_ylim(*_pad([p[1] for p in pts.values()], 0.15))
+
+
+def _pareto_panels(inp: Inputs, defenses: list[str]) -> tuple[list[tuple], str, str]:
+    """(x values, y values, x label, y label, subtitle) per panel, the figure title, and the metrics key
+    a defense needs to be plotted."""
+    auc = {d: inp.auc[d] for d in defenses if d in inp.auc}
+    clean_y = "clean score (mean normalised)"
+    if inp.overhead is not None:
+        tp = {d: inp.overhead[d]["tokens_per_sec"] for d in defenses if d in inp.overhead}
+        panels = [(tp, inp.clean, "throughput (processed tokens/s)", clean_y, "Clean score vs throughput"),
+                  (tp, auc, "throughput (processed tokens/s)", "robustness AUC",
+                   "Robustness AUC vs throughput")]
+        title = "Cost of each defense: quality vs throughput (up and right is better)"
+        return panels, title, f"{METRICS}.{OVERHEAD}.<defense>.tokens_per_sec"
+    panels = [(auc, inp.clean, "robustness AUC", clean_y, "Clean score vs robustness AUC")]
+    title = (f"Throughput not measured (overhead is null in {inp.task_path.name}):\n"
+             "clean score vs robustness AUC instead (up and right is better)")
+    return panels, title, f"{METRICS}.{ROBUSTNESS_AUC}.<defense>"
+
+
+def fig_pareto(inp: Inputs) -> bytes:
+    """Clean score (and robustness) against throughput; without overhead data, clean score vs AUC."""
+    defenses = [d for d in inp.clean if d != BEST_HEURISTIC_SERIES]
+    panels, title, needed = _pareto_panels(inp, defenses)
+    fig = _new_figure(12.5 if len(panels) == 2 else 8.5, 5.4)
+    missing: set[str] = set()
+    for i, (xs, ys, xlabel, ylabel, sub) in enumerate(panels):
+        pts = {d: (xs[d], ys[d]) for d in defenses
+               if d in xs and d in ys and math.isfinite(xs[d]) and math.isfinite(ys[d])}
+        if not pts:
+            raise ConfigError(f"{inp.task_path}: no defense has both {METRICS}.{CLEAN_REGRESSION}.<defense> "
+                              f"and {needed}")
+        missing |= set(defenses) - set(pts)
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _pareto_panel(ax, pts, inp.best)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(sub)
+        if i == 0:
+            handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    if missing:
+        title += f"\nnot plotted (no data): {', '.join(sorted(missing))}"
+    fig.suptitle(title)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure C: logit sensitivity
+
+
+def _wide(values: Sequence[float], ratio: float = 30.0) -> bool:
+    v = [x for x in values if math.isfinite(x) and x > 0]
+    return len(v) >= 2 and max(v) / min(v) > ratio
+
+
+def _sensitivity_lines(inp: Inputs) -> list[tuple]:
+    """(label, drift per delta, colour, marker, line style); no defense first."""
+    lines = [("no defense", np.array([p.baseline for p in inp.sens]), BLACK, "o", ":")]
+    for h in sorted({h for p in inp.sens for h in p.heuristics}):
+        color, marker = defense_style(h)
+        label = heuristic_label(h) if h == inp.best else f"heuristic ({h})"
+        lines.append((label, np.array([p.heuristics.get(h, math.nan) for p in inp.sens]), color, marker, "--"))
+    lines.append(("cachemedic", np.array([p.cachemedic for p in inp.sens]), BLUE, "D", "-"))
+    if inp.has_pair:
+        lines.append((r"cachemedic, $\lambda_{\mathrm{contr}} = 0$ pair", np.array([p.no_contr for p in inp.sens]),
+                      *NO_CONTR_STYLE, "-."))
+    return lines
+
+
+def _drift_panel(ax, inp: Inputs, d: np.ndarray, lines: list[tuple]) -> None:
+    vs_rep = np.array([p.vs_repaired for p in inp.sens])
+    values = [v for _, y, *_ in lines for v in y] + list(vs_rep)
+    log = _wide(values)
+    show = (lambda y: np.where(y > 0, y, math.nan)) if log else (lambda y: y)  # log axes cannot show zero drift
+    for label, y, color, marker, ls in lines:
+        ax.plot(d, show(y), color=color, marker=marker, ls=ls, lw=2, ms=6, label=label,
+                zorder=3 if ls == "-" else 4)
+    if np.isfinite(vs_rep).any():
+        ax.plot(d, show(vs_rep), color=BLUE, marker="D", mfc="white", ls=(0, (1, 1.5)), lw=1.5, ms=5,
+                label="cachemedic vs repaired-clean logits", zorder=3)
+    title = "Logit sensitivity (lower is more stable)"
+    if log:
+        ax.set_yscale("log")
+        if any(math.isfinite(v) and v <= 0 for v in values):
+            title += "\n(log scale: zero drift is not shown)"
+    _set_x_ticks(ax, d)
+    scale = inp.stab_settings.get("delta_scale")
+    per_entry = f" (per-entry size δ·{scale:g}·RMS)" if isinstance(scale, (int, float)) else ""
+    ax.set_xlabel("perturbation size δ" + per_entry)
+    ax.set_ylabel("logit drift ‖Δz‖₂ over top-k logits" + (" (log)" if log else ""))
+    ax.set_title(title)
+
+
+def _relative_panel(rax, inp: Inputs, d: np.ndarray, lines: list[tuple]) -> None:
+    """The same drifts relative to no defense, so "more or less sensitive" is read off directly."""
+    keep = np.array([p.baseline > 0 and math.isfinite(p.baseline) for p in inp.sens])
+    ratios = []
+    for label, y, color, marker, ls in lines[1:]:
+        r = np.where(keep, y / np.where(keep, [p.baseline for p in inp.sens], 1.0), math.nan)
+        ratios += list(r)
+        rax.plot(d[keep], r[keep], color=color, marker=marker, ls=ls, lw=2, ms=6, zorder=3 if ls == "-" else 4)
+    rax.axhline(1.0, color=BLACK, lw=1, ls=":", zorder=1)
+    if _wide(ratios + [1.0], 8.0):
+        rax.set_yscale("log")
+    _set_x_ticks(rax, d[keep])
+    rax.set_xlabel("perturbation size δ")
+    rax.set_ylabel("drift / drift without defense")
+    rax.set_title("Relative to no defense (< 1: less sensitive)")
+
+
+def fig_sensitivity(inp: Inputs) -> bytes:
+    d = np.array([p.delta for p in inp.sens])
+    lines = _sensitivity_lines(inp)
+    fig = _new_figure(12.0, 5.8)
+    ax, rax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    _drift_panel(ax, inp, d, lines)
+    _relative_panel(rax, inp, d, lines)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
+    fig.suptitle("Stability of output logits under random cache perturbations")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure D: amplification map
+
+
+def _annotate(ax, grid: np.ndarray, norm, cmap) -> None:
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid[i, j]
+            if not math.isfinite(v):
+                continue
+            r, g, b, _ = cmap(norm(v))
+            ax.text(j, i, fmt(float(v), 3), ha="center", va="center", fontsize=7.5,
+                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+
+
+def _map_norms(before: np.ndarray, after: np.ndarray, ratio: np.ndarray) -> tuple:
+    """One colour scale shared by the before and after maps, and a log scale centred on 1 for the ratio."""
+    both = np.concatenate([before.ravel(), after.ravel()])
+    finite = both[np.isfinite(both)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    shared = (mcolors.LogNorm(vmin, vmax) if vmin > 0 and vmax / vmin > 100 else mcolors.Normalize(vmin, vmax))
+    rf = ratio[np.isfinite(ratio) & (ratio > 0)]
+    m = float(np.abs(np.log10(rf)).max()) if rf.size else 0.0
+    m = max(m, 0.05)
+    rnorm = mcolors.LogNorm(10 ** -m, 10 ** m)  # symmetric in log space: 1 sits at the centre colour
+    return shared, rnorm
+
+
+def _ratio_colorbar(fig, im, ax, norm) -> None:
+    cb = fig.colorbar(im, ax=ax, shrink=0.9)
+    cb.set_label("after / before (< 1: repair damps)")
+    if norm.vmax / norm.vmin < 4:
+        ticks = [t for t in MaxNLocator(6).tick_values(norm.vmin, norm.vmax) if norm.vmin <= t <= norm.vmax]
+    else:
+        ticks = [t for t in (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+                 if norm.vmin <= t <= norm.vmax]
+    cb.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+    cb.minorticks_off()
+
+
+def fig_amplification(inp: Inputs) -> bytes:
+    a = inp.amp
+    before, after = a["before"], a["after"]
+    L, H = before.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(before > 0, after / before, math.nan)
+    shared, rnorm = _map_norms(before, after, ratio)
+    seq, div = colormaps["viridis"], colormaps["RdBu_r"]
+    annotate = L * H <= 60
+
+    fig = _new_figure(min(4.0 + 2.4 * H, 13.5) if H > 3 else 11.0, max(4.2, 0.32 * L + 2.2))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    ylabels = [f"{l}*" if l in a["flagged"] else str(l) for l in a["layers"]]
+    panels = [(before, shared, seq, "before: no repair"), (after, shared, seq, "after: cachemedic repair"),
+              (ratio, rnorm, div, "ratio after / before")]
+    for k, (ax, (grid, norm, cmap, title)) in enumerate(zip(axes, panels)):
+        im = ax.imshow(np.ma.masked_invalid(grid), norm=norm, cmap=cmap, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(H), [str(h) for h in a["heads"]])
+        ax.set_yticks(range(L), ylabels if k == 0 else [""] * L)
+        ax.set_xlabel("KV head")
+        ax.grid(False)
+        ax.set_title(title)
+        if annotate:
+            _annotate(ax, grid, norm, cmap)
+        if k == 1:
+            fig.colorbar(im, ax=axes[:2], label=r"amplification γ = drift / $\|\Delta\|_F$", shrink=0.9)
+        if k == 2:
+            _ratio_colorbar(fig, im, ax, norm)
+    axes[0].set_ylabel("layer" + ("  (* outside the protected set)" if a["flagged"] else ""))
+    delta = f" at δ = {a['delta']:g}" if a["delta"] is not None and math.isfinite(a["delta"]) else ""
+    fig.suptitle(f"Amplification map γ(layer, head){delta}: median drift per unit perturbation\n"
+                 "ratio < 1 (blue) means the repair damps the perturbation, > 1 (red) amplifies it")
+    return _png(fig)

@@ -1,0 +1,381 @@
+"""Reading and validating a run's metrics into `Inputs`, before anything is drawn.
+
+Every accessor fails with the file and the dotted key (`ConfigError`, exit 2), so a missing or malformed
+input is one clear message. Required keys are the ones a figure or table needs; informational extras
+are shown when well-formed and never a reason to refuse the figures. Key names come from
+`cachemedicpp.results`, the one description of the metrics files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cachemedicpp.config import ConfigError, resolve_path
+from cachemedicpp.fileio import read_json
+from cachemedicpp.results import (AMP_KEY, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES, CACHEMEDIC,
+                                  CACHEMEDIC_MINUS_NO_DEFENSE, CLEAN_REGRESSION, CONFIG_HASH, METRICS, NO_DEFENSE,
+                                  OVERHEAD, PAIRED_BOOTSTRAP, ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI, RUN_ID, SCORE_VS_EPS,
+                                  SCORE_VS_EPS_BY_TASK, SENS_KEY, SETTINGS, STAB_SETTINGS_KEY)
+from cachemedicpp.rundir import RunDir
+
+SERIES = (NO_DEFENSE, BEST_HEURISTIC_SERIES, CACHEMEDIC)  # the curves of a score-vs-eps block
+CI_FIELDS = ("diff", "ci_low", "ci_high")  # of a paired-bootstrap entry
+
+
+def _show(keys: Sequence[Any]) -> str:
+    out = ""
+    for k in keys:
+        if isinstance(k, int):
+            out += f"[{k}]"
+        elif "." in str(k):
+            out += f'["{k}"]'
+        else:
+            out += ("." if out else "") + str(k)
+    return out
+
+
+class _Doc:
+    """A metrics JSON document whose accessors fail with the file and the dotted key."""
+
+    def __init__(self, data: Any, path: Path):
+        self.data, self.path = data, path
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+
+    def error(self, keys: Sequence[Any], what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key {_show(keys)} {what}")
+
+    @staticmethod
+    def _step(cur: Any, k: Any) -> tuple[bool, Any]:
+        if isinstance(k, int) and isinstance(cur, list):
+            return (True, cur[k]) if -len(cur) <= k < len(cur) else (False, None)
+        if isinstance(cur, dict) and k in cur:
+            return True, cur[k]
+        return False, None
+
+    def get(self, *keys: Any, default: Any = None) -> Any:
+        cur = self.data
+        for k in keys:
+            ok, cur = self._step(cur, k)
+            if not ok:
+                return default
+        return cur
+
+    def need(self, *keys: Any, kind: type | tuple | None = None) -> Any:
+        cur = self.data
+        for i, k in enumerate(keys):
+            ok, cur = self._step(cur, k)
+            if not ok:
+                raise ConfigError(f"{self.path}: missing required key {_show(keys[:i + 1])}")
+        if cur is None and kind is not None and not (isinstance(kind, tuple) and type(None) in kind):
+            raise self.error(keys, "is null (not measured?)")
+        if kind is not None and not isinstance(cur, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(t.__name__ for t in kind)
+            raise self.error(keys, f"must be a {names.replace('dict', 'mapping')}, got {type(cur).__name__}")
+        return cur
+
+    def num(self, value: Any, keys: Sequence[Any], allow_null: bool = True) -> float:
+        if value is None and allow_null:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(keys, f"must be a number, got {value!r}")
+        return float(value)
+
+    def need_num(self, *keys: Any) -> float:
+        """A required key whose value is a number or null (NaN)."""
+        return self.num(self.need(*keys), keys)
+
+    def nums(self, *keys: Any, length: int | None = None) -> np.ndarray:
+        seq = self.need(*keys, kind=list)
+        if length is not None and len(seq) != length:
+            raise self.error(keys, f"has {len(seq)} values, expected {length}")
+        return np.array([self.num(v, (*keys, i)) for i, v in enumerate(seq)], dtype=float)
+
+    def submap(self, *keys: Any) -> dict:
+        """An optional mapping: {} when absent or null, an error when something else."""
+        obj = self.get(*keys)
+        if obj is None:
+            return {}
+        if not isinstance(obj, dict):
+            raise self.error(keys, "must be a mapping")
+        return obj
+
+
+@dataclass
+class Curves:
+    eps: np.ndarray
+    series: dict[str, np.ndarray]
+    ci: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class SensPoint:
+    delta: float
+    baseline: float
+    heuristics: dict[str, float]
+    cachemedic: float
+    vs_repaired: float
+    no_contr: float
+
+
+@dataclass
+class Inputs:
+    run_dir: Path
+    task_path: Path
+    run_id: str
+    config_hash: str
+    curves: Curves
+    by_task: dict[str, Curves]
+    auc: dict[str, float]
+    auc_ci: dict[str, tuple[float, float]]
+    clean: dict[str, float]
+    clean_metrics: dict[str, dict[str, float]]
+    best: str | None  # None when the eval ran no heuristic defense
+    boot: dict[str, dict[str, float]]
+    overhead: dict[str, dict[str, float]] | None
+    exposure: dict[str, float]
+    settings: dict
+    sens: list[SensPoint]
+    amp: dict
+    stab_settings: dict
+    cfg: dict | None
+    paired_cfg: dict | None = None
+    paired_dir: str | None = None
+    oracle_note: str = ""
+    by_type: dict = field(default_factory=dict)  # {type: {"auc": {...}, "boot": {...}}}, informational
+
+    @property
+    def has_pair(self) -> bool:
+        return any(not math.isnan(p.no_contr) for p in self.sens)
+
+    def best_auc(self) -> float:
+        return self.auc.get(BEST_HEURISTIC_SERIES, self.auc.get(self.best or "", math.nan))
+
+    def best_auc_ci(self) -> tuple[float, float] | None:
+        return self.auc_ci.get(BEST_HEURISTIC_SERIES, self.auc_ci.get(self.best or ""))
+
+    def ppl_task(self) -> str | None:
+        """The perplexity task, whose clean perplexity the table and report show next to the scores."""
+        return next((t for t in self.clean_metrics if "ppl" in t), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# task metrics
+
+
+def _curves(doc: _Doc, *keys: Any, best: str | None) -> Curves:
+    eps = doc.nums(*keys, "eps")
+    if len(eps) == 0:
+        raise doc.error((*keys, "eps"), "is empty")
+    series = {name: doc.nums(*keys, name, length=len(eps)) for name in SERIES
+              if best or name != BEST_HEURISTIC_SERIES}
+    ci = {}
+    for name, band in doc.submap(*keys, "ci").items():
+        k = (*keys, "ci", name)
+        if not isinstance(band, dict):
+            raise doc.error(k, "must be a mapping {low, high}")
+        ci[name] = (doc.nums(*k, "low", length=len(eps)), doc.nums(*k, "high", length=len(eps)))
+    order = np.argsort(eps, kind="stable")
+    return Curves(eps[order], {n: s[order] for n, s in series.items()},
+                  {n: (lo[order], hi[order]) for n, (lo, hi) in ci.items()})
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mapping(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _numbers(obj: Any) -> dict[str, float]:
+    """The number-valued entries of an informational mapping; anything else is skipped."""
+    return {str(k): float(v) for k, v in _mapping(obj).items() if _is_num(v)}
+
+
+def _float_map(doc: _Doc, *keys: Any, required: Sequence[str] = ()) -> dict[str, float]:
+    """{name: number}: the required names must be numbers (or null); other entries that are not numbers
+    (extra breakdowns a newer writer may add) are skipped."""
+    obj = doc.need(*keys, kind=dict)
+    out = {str(k): float(v) if _is_num(v) else math.nan for k, v in obj.items() if v is None or _is_num(v)}
+    for name in required:
+        out[name] = doc.need_num(*keys, name)
+    return out
+
+
+def _auc(doc: _Doc, best: str | None) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    auc = _float_map(doc, METRICS, ROBUSTNESS_AUC, required=(NO_DEFENSE, CACHEMEDIC))
+    if best and BEST_HEURISTIC_SERIES not in auc and best not in auc:
+        key = f"{METRICS}.{ROBUSTNESS_AUC}"
+        raise ConfigError(f"{doc.path}: missing required key {key}.{BEST_HEURISTIC_SERIES} (or {key}.{best})")
+    auc_ci = {}
+    for name, pair in doc.submap(METRICS, ROBUSTNESS_AUC_CI).items():
+        k = (METRICS, ROBUSTNESS_AUC_CI, name)
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise doc.error(k, "must be a [low, high] pair")
+        auc_ci[name] = (doc.num(pair[0], (*k, 0)), doc.num(pair[1], (*k, 1)))
+    return auc, auc_ci
+
+
+def _paired_bootstrap(doc: _Doc) -> dict[str, dict[str, float]]:
+    boot = {}
+    boot_obj = doc.need(METRICS, PAIRED_BOOTSTRAP, kind=dict)
+    doc.need(METRICS, PAIRED_BOOTSTRAP, CACHEMEDIC_MINUS_NO_DEFENSE, kind=dict)
+    for name, entry in boot_obj.items():
+        k = (METRICS, PAIRED_BOOTSTRAP, name)
+        if not isinstance(entry, dict):
+            raise doc.error(k, "must be a mapping {diff, ci_low, ci_high, n}")
+        boot[name] = {f: doc.need_num(*k, f) for f in CI_FIELDS}
+        boot[name]["n"] = entry.get("n")
+    return boot
+
+
+def _overhead(doc: _Doc) -> dict[str, dict[str, float]] | None:
+    """Cost per defense, or None when it was not measured (figure B then plots AUC instead)."""
+    k = (METRICS, OVERHEAD)
+    overhead = doc.get(*k)
+    if overhead is None:
+        return None
+    if not isinstance(overhead, dict) or not overhead:
+        raise doc.error(k, "must be null or a non-empty mapping {defense: {tokens_per_sec, ...}}")
+    # tokens_per_sec is what figure B plots; the others are only carried along
+    return {d: {f: doc.num(doc.need(*k, d, f) if f == "tokens_per_sec" else doc.get(*k, d, f), (*k, d, f))
+                for f in ("tokens_per_sec", "wall_sec", "peak_mem_mb")} for d in overhead}
+
+
+def _by_type(doc: _Doc) -> dict:
+    """Robustness AUC and paired bootstraps per corruption type (informational: malformed parts are skipped)."""
+    by_type = {}
+    boots_by_type = _mapping(doc.get(METRICS, "paired_bootstrap_by_type"))
+    for ty, per in _mapping(doc.get(METRICS, "robustness_auc_by_type")).items():
+        boots = _mapping(boots_by_type.get(ty))
+        if isinstance(per, dict):
+            by_type[str(ty)] = {"auc": _numbers(per),
+                                "boot": {k: b for k, b in boots.items() if isinstance(b, dict)
+                                         and all(_is_num(b.get(f)) for f in CI_FIELDS)}}
+    return by_type
+
+
+def _load_task(path: Path) -> dict:
+    doc = _Doc(read_json(path, "task metrics"), path)
+    doc.need(METRICS, kind=dict)
+    best = doc.need(METRICS, BEST_HEURISTIC_NAME, kind=(str, type(None)))
+    auc, auc_ci = _auc(doc, best)
+    clean = _float_map(doc, METRICS, CLEAN_REGRESSION, required=(NO_DEFENSE, CACHEMEDIC))
+    boot = _paired_bootstrap(doc)
+    overhead = _overhead(doc)
+    by_task = {str(t): _curves(doc, METRICS, SCORE_VS_EPS_BY_TASK, t, best=best)
+               for t in doc.submap(METRICS, SCORE_VS_EPS_BY_TASK)}
+    clean_metrics = {str(t): _numbers(per) for t, per in _mapping(doc.get(METRICS, "clean_metrics")).items()
+                     if isinstance(per, dict)}
+    settings = doc.get(SETTINGS) or {}
+    return dict(run_id=doc.get(RUN_ID), config_hash=doc.get(CONFIG_HASH), by_type=_by_type(doc),
+                curves=_curves(doc, METRICS, SCORE_VS_EPS, best=best), by_task=by_task, auc=auc, auc_ci=auc_ci,
+                clean=clean, clean_metrics=clean_metrics, best=best, boot=boot, overhead=overhead,
+                exposure=_numbers(doc.get(METRICS, "exposure")),
+                settings=settings if isinstance(settings, dict) else {},
+                oracle_note=(doc.get(METRICS, "oracle_note") or doc.get(SETTINGS, "oracle_note")
+                             or doc.get(SETTINGS, "heuristic_note")))
+
+
+# --------------------------------------------------------------------------------------------------
+# stability metrics
+
+
+def _sens_points(doc: _Doc) -> list[SensPoint]:
+    pts_key = (METRICS, SENS_KEY, "points")
+    raw = doc.need(*pts_key, kind=list)
+    if not raw:
+        raise doc.error(pts_key, "is empty")
+    points = []
+    for i, p in enumerate(raw):
+        k = (*pts_key, i)
+        doc.need(*k, kind=dict)
+        heur = doc.get(*k, "heuristics") or {}
+        if not isinstance(heur, dict):
+            raise doc.error((*k, "heuristics"), "must be a mapping {name: value}")
+        points.append(SensPoint(
+            delta=doc.num(doc.need(*k, "delta_norm"), (*k, "delta_norm"), allow_null=False),
+            baseline=doc.need_num(*k, "baseline"),
+            heuristics={str(h): doc.num(v, (*k, "heuristics", h)) for h, v in heur.items()},
+            cachemedic=doc.need_num(*k, "cachemedic"),
+            vs_repaired=doc.num(p.get("cachemedic_vs_repaired_clean"), (*k, "cachemedic_vs_repaired_clean")),
+            no_contr=doc.num(p.get("cachemedic_no_contr"), (*k, "cachemedic_no_contr"))))
+    points.sort(key=lambda p: p.delta)
+    return points
+
+
+def _amplification(doc: _Doc) -> dict:
+    a = (METRICS, AMP_KEY)
+    layers, heads = ([int(doc.num(v, (*a, name, i), allow_null=False))
+                      for i, v in enumerate(doc.need(*a, name, kind=list))] for name in ("layers", "heads"))
+    if not layers or not heads:
+        raise doc.error(a, "has no layers or no heads")
+    grids = {}
+    for name in ("baseline", "cachemedic"):
+        rows = doc.need(*a, name, kind=list)
+        if len(rows) != len(layers):
+            raise doc.error((*a, name), f"has {len(rows)} rows, expected one per layer ({len(layers)})")
+        grids[name] = np.stack([doc.nums(*a, name, i, length=len(heads)) for i in range(len(rows))])
+    flagged = doc.get(*a, "flagged_layers") or []
+    amp_delta = doc.get(*a, "delta_norm")
+    return {"layers": layers, "heads": heads, "before": grids["baseline"], "after": grids["cachemedic"],
+            "delta": None if amp_delta is None else doc.num(amp_delta, (*a, "delta_norm")),
+            "flagged": {int(x) for x in flagged if isinstance(x, (int, float))}}
+
+
+def _load_stability(path: Path) -> dict:
+    doc = _Doc(read_json(path, "stability metrics"), path)
+    points = _sens_points(doc)
+    amp = _amplification(doc)
+    st = doc.get(METRICS, STAB_SETTINGS_KEY) or doc.get(SETTINGS) or {}
+    return dict(config_hash=doc.get(CONFIG_HASH), sens=points, amp=amp,
+                stab_settings=st if isinstance(st, dict) else {})
+
+
+# --------------------------------------------------------------------------------------------------
+# the run dir
+
+
+def _paired_config(rd: RunDir, cfg: dict | None, stab_settings: dict) -> tuple[dict | None, str | None]:
+    """Settings of the paired lambda_contr = 0 run, when its directory can be found (optional)."""
+    paired = stab_settings.get("paired_run")
+    spec = ((paired.get("run_dir") if isinstance(paired, dict) else None) or stab_settings.get("paired_run_dir")
+            or ((cfg or {}).get("stability") or {}).get("paired_run_dir"))
+    if not isinstance(spec, str) or not spec:
+        return None, None
+    for cand in (resolve_path(spec), rd.path.parent / spec):
+        try:
+            stored = RunDir(cand).stored_config()
+        except ConfigError:
+            stored = None
+        if stored is not None:
+            return stored, str(spec)
+    return None, str(spec)
+
+
+def load_inputs(run_dir: str | Path) -> Inputs:
+    rd = RunDir(run_dir)
+    task_path, stab_path = rd.task_metrics, rd.stability_metrics
+    task, stab = _load_task(task_path), _load_stability(stab_path)
+    th, sh = task["config_hash"], stab["config_hash"]
+    if th and sh and th != sh:
+        raise ConfigError(f"{task_path} (config {th}) and {stab_path} (config {sh}) come from different configs; "
+                          "rerun eval or stability for this run dir")
+    cfg = rd.stored_config()  # optional; a corrupted one is an error naming the file
+    paired_cfg, paired_dir = _paired_config(rd, cfg, stab["stab_settings"])
+    oracle = task.pop("oracle_note")
+    if not isinstance(oracle, str) or not oracle:
+        from cachemedicpp.defenses import ORACLE_NOTE  # here, not at the top: defenses imports torch
+
+        oracle = ORACLE_NOTE
+    return Inputs(run_dir=rd.path, task_path=task_path,
+                  run_id=str(task["run_id"] or rd.path.name), config_hash=str(th or sh or "unknown"),
+                  **{k: v for k, v in task.items() if k not in ("run_id", "config_hash")},
+                  sens=stab["sens"], amp=stab["amp"], stab_settings=stab["stab_settings"], cfg=cfg,
+                  paired_cfg=paired_cfg, paired_dir=paired_dir, oracle_note=oracle)

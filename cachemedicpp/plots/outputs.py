@@ -1,0 +1,14 @@
+"""The names of the files plots writes. The run dir owns the folders (`RunDir.figure`, `RunDir.table`,
+`RunDir.report`); these names are plots' own outputs, spelled here only."""
+
+from __future__ import annotations
+
+FIG_SCORE_VS_EPS = "figA_score_vs_eps.png"
+FIG_PARETO = "figB_clean_vs_overhead_pareto.png"
+FIG_SENSITIVITY = "figC_logit_sensitivity.png"
+FIG_AMPLIFICATION = "figD_amplification_map.png"
+FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)
+
+TABLE_MAIN = "table_main_results.tex"
+TABLE_ABLATION = "table_ablation_summary.tex"
+TABLES = (TABLE_MAIN, TABLE_ABLATION)

@@ -1,0 +1,3 @@
+from cachemedicpp.stability.stage import main
+
+raise SystemExit(main())

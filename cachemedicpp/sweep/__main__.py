@@ -1,0 +1,3 @@
+from cachemedicpp.sweep.runner import main
+
+raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""The sweep's summary: key metrics per run, mean ± std per group (seeds), and the paired contraction
+ablation, written as summary.json + summary.md in the sweep dir after every run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cachemedicpp import pipeline, results as R
+from cachemedicpp.config import ConfigError, flatten
+from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json, utc_now
+from cachemedicpp.rundir import RunDir
+from cachemedicpp.stats import mean_ci
+from cachemedicpp.sweep.plan import Plan, RunSpec
+
+SENS_DELTAS = (1.0, 2.0)
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# one run
+
+
+def run_metrics(run_dir: Path) -> dict:
+    """Key metrics of a run from its metrics files (whatever exists so far)."""
+    rd, out = RunDir(run_dir), {}
+    task = _read_optional(rd.task_metrics, out)
+    if task:
+        out.update(_task_summary(task.get(R.METRICS) or {}))
+    stab = _read_optional(rd.stability_metrics, out)
+    if stab:
+        out["sensitivity"] = _sensitivity_summary((stab.get(R.METRICS) or {}).get(R.SENS_KEY) or {})
+    return out
+
+
+def _task_summary(m: Mapping) -> dict:
+    """AUC and clean score of no defense, the best heuristic and cachemedic; eval's paired bootstrap."""
+    best = m.get(R.BEST_HEURISTIC_NAME)
+
+    def three(d: Mapping) -> dict:
+        return {R.NO_DEFENSE: _num(d.get(R.NO_DEFENSE)),
+                R.BEST_HEURISTIC_SERIES: _num(d.get(R.BEST_HEURISTIC_SERIES, d.get(best))),
+                R.CACHEMEDIC: _num(d.get(R.CACHEMEDIC))}
+
+    auc = three(m.get(R.ROBUSTNESS_AUC) or {})
+    return {
+        "best_heuristic_name": best,
+        "auc": auc,
+        "clean": three(m.get(R.CLEAN_REGRESSION) or {}),
+        "auc_diff": {R.CACHEMEDIC_MINUS_NO_DEFENSE: _sub(auc[R.CACHEMEDIC], auc[R.NO_DEFENSE]),
+                     R.CACHEMEDIC_MINUS_BEST_HEURISTIC: _sub(auc[R.CACHEMEDIC], auc[R.BEST_HEURISTIC_SERIES])},
+        "paired_bootstrap": {
+            k: {f: _num(v.get(f)) for f in ("diff", "ci_low", "ci_high")} | {"n": v.get("n"), "metric": v.get("metric")}
+            for k, v in (m.get(R.PAIRED_BOOTSTRAP) or {}).items() if isinstance(v, dict)},
+    }
+
+
+def _sensitivity_summary(sens: Mapping) -> dict:
+    """Logit drift at the summary's perturbation sizes, per defense (and the paired twin's operator)."""
+    out = {}
+    for p in sens.get("points") or []:
+        if isinstance(p, dict) and _num(p.get("delta_norm")) in SENS_DELTAS:
+            heur = p.get("heuristics") or {}
+            out[f"delta_{_num(p['delta_norm']):g}"] = {
+                R.NO_DEFENSE: _num(p.get("baseline")),
+                R.BEST_HEURISTIC_SERIES: _num(next(iter(heur.values()))) if heur else None,
+                R.CACHEMEDIC: _num(p.get(R.CACHEMEDIC)),
+                "cachemedic_no_contr": _num(p.get("cachemedic_no_contr"))}
+    return out
+
+
+def _read_optional(path: Path, out: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        doc = read_json(path, "metrics")
+    except ConfigError as e:
+        out.setdefault("errors", []).append(str(e))
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """Flat {dotted key: value} of a run's numeric metrics (the per-run bootstrap CIs left out)."""
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("paired_bootstrap", "errors")})
+    return {k: v for k, v in flat.items() if _num(v) is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# across runs
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = BOOTSTRAP_SEED,
+                 samples: int = BOOTSTRAP_SAMPLES) -> list[float] | None:
+    """Percentile 95% CI of the mean, resampling the units (runs or pairs) with replacement."""
+    return mean_ci(values, seed, samples)
+
+
+def describe(values: Sequence[float], ci: bool) -> dict:
+    x = np.asarray(values, dtype=np.float64)
+    out = {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None, "n": int(x.size)}
+    if ci:
+        out["ci95"] = bootstrap_ci(x)
+    return out
+
+
+def group_summary(members: list[dict]) -> dict:
+    """Mean ± std over the completed runs of a group (e.g. seeds); bootstrap CIs across runs for the AUC
+    differences."""
+    done = [m for m in members if m["status"] == "completed"]
+    flats = [numeric_metrics(m["metrics"]) for m in done]
+    keys = sorted(set().union(*flats)) if flats else []
+    stats = {k: describe([f[k] for f in flats if k in f], ci=k.startswith("auc_diff."))
+             for k in keys if all(k in f for f in flats)}
+    return {"runs": [m["name"] for m in members], "completed": [m["name"] for m in done],
+            "seeds": sorted({m["seed"] for m in done}), "metrics": stats}
+
+
+def ablation_summary(records: dict[str, dict]) -> dict:
+    """λ_contr > 0 minus its λ_contr = 0 twin, per metric, over the pairs where both sides completed."""
+    pairs = []
+    for name, rec in records.items():
+        twin = rec.get("paired_with")
+        if twin and rec["status"] == "completed" and records.get(twin, {}).get("status") == "completed":
+            pairs.append((name, twin))
+    diffs: dict[str, list[float]] = {}
+    for name, twin in pairs:
+        a, b = numeric_metrics(records[name]["metrics"]), numeric_metrics(records[twin]["metrics"])
+        # only what the operator changes: the undefended and heuristic numbers are the same on both sides
+        for k in (a.keys() & b.keys()) - {k for k in a if R.CACHEMEDIC not in k}:
+            diffs.setdefault(k, []).append(a[k] - b[k])
+    return {"pairs": [{"run": n, "twin": t, "seed": records[n]["seed"],
+                       "lambda_contr": [records[n]["lambda_contr"], records[t]["lambda_contr"]]} for n, t in pairs],
+            "contrast": "run (lambda_contr > 0) minus twin (lambda_contr = 0)",
+            "metrics": {k: describe(v, ci=True) for k, v in sorted(diffs.items()) if len(v) == len(pairs)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# the files
+
+
+class Summary:
+    """`summary.json` + `summary.md` in the sweep dir, rebuilt from the run dirs after every run."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.live: dict[str, dict] = {}  # this invocation's outcome per run
+        self.over_budget = {r.name for r in plan.runs} - {r.name for r in plan.active()}
+
+    def status(self, r: RunSpec, done: list[str]) -> str:
+        live = self.live.get(r.name, {})
+        if len(done) == len(self.plan.phases):
+            return "completed"
+        if live.get("status") not in (None, "completed"):
+            return live["status"]
+        if r.name in self.over_budget:
+            return "over_budget"
+        return "incomplete" if done else "pending"
+
+    def record(self, r: RunSpec) -> dict:
+        done = [p for p in self.plan.phases if pipeline.phase_done(r.run_dir, p)]
+        live = self.live.get(r.name, {})
+        split = r.cfg.eval.ood_split
+        return {
+            "name": r.name, "status": self.status(r, done), "phases_done": done, "run_dir": r.name,
+            "config_hash": r.cfg.hash, "group": r.group, "paired_with": r.paired_with, "seed": r.cfg.seed,
+            "lambda_contr": r.cfg.train.lambda_contr, "ood_protocol": r.cfg.eval.ood_protocol,
+            "ood_test_type": split["test_type"] if split else None, "overrides": r.overrides,
+            "this_invocation": live.get("action"), "error": live.get("error"), "reason": live.get("reason"),
+            "metrics": run_metrics(r.run_dir),
+        }
+
+    def write(self, status: str) -> dict:
+        plan = self.plan
+        records = {r.name: self.record(r) for r in plan.runs}
+        groups: dict[str, list[dict]] = {}
+        for r in plan.runs:
+            if r.group:
+                groups.setdefault(r.group, []).append(records[r.name])
+        doc = {
+            "sweep_name": plan.name, "run_id": plan.run_id, "status": status, "updated_utc": utc_now(),
+            "sweep_config": str(plan.sweep_file), "base_config": str(plan.base_config),
+            "description": plan.description, "phases": plan.phases,
+            "runs_total": len(plan.runs),
+            "runs_completed": sum(1 for x in records.values() if x["status"] == "completed"),
+            "order": [r.name for r in plan.runs],
+            "runs": list(records.values()),
+            "groups": {g: group_summary(m) for g, m in groups.items()},
+            "ablation": ablation_summary(records) if any(r.paired_with for r in plan.runs) else None,
+            "notes": {"bootstrap": f"percentile 95% CI of the mean over runs (groups) or pairs (ablation), "
+                                   f"{BOOTSTRAP_SAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}",
+                      "std": "sample standard deviation (ddof = 1)",
+                      "per_run_ci": "metrics.paired_bootstrap: eval's paired bootstrap over examples"},
+        }
+        atomic_write_json(plan.dir.summary_json, doc)
+        atomic_write_text(plan.dir.summary_md, render_markdown(doc))
+        return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# summary.md
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}g}"
+
+
+def _stat(s: dict | None) -> str:
+    if not s:
+        return "–"
+    txt = _f(s["mean"]) + (f" ± {_f(s['std'])}" if s.get("std") is not None else "")
+    if s.get("ci95"):
+        txt += f" [{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]"
+    return txt + f" (n={s['n']})"
+
+
+def _run_row(r: dict) -> str:
+    m = r["metrics"]
+    auc, clean = m.get("auc") or {}, m.get("clean") or {}
+    s1 = (m.get("sensitivity") or {}).get("delta_1") or {}
+    best = _f(auc.get(R.BEST_HEURISTIC_SERIES))
+    if m.get("best_heuristic_name"):
+        best += f" ({m['best_heuristic_name']})"
+    return (f"| {r['name']} | {r['status']} | {r['group'] or ''} | {r['paired_with'] or ''} | {r['seed']} | "
+            f"{r['lambda_contr']:g} | {r['ood_test_type'] or ''} | {_f(auc.get(R.NO_DEFENSE))} | {best} | "
+            f"{_f(auc.get(R.CACHEMEDIC))} | {_f(clean.get(R.CACHEMEDIC))} | "
+            f"{_f((m.get('auc_diff') or {}).get(R.CACHEMEDIC_MINUS_NO_DEFENSE))} | "
+            f"{_f(s1.get(R.NO_DEFENSE), 3)} / {_f(s1.get(R.CACHEMEDIC), 3)} |")
+
+
+def render_markdown(doc: dict) -> str:
+    L = [f"# Sweep {doc['sweep_name']}", "",
+         f"Status **{doc['status']}**, {doc['runs_completed']}/{doc['runs_total']} runs complete "
+         f"(updated {doc['updated_utc']}).", ""]
+    if doc["description"]:
+        L += [doc["description"].strip(), ""]
+    L += ["| run | status | group | paired with | seed | λ_contr | OOD held out | AUC none | AUC best heur. | "
+          "AUC cachemedic | clean cachemedic | Δ AUC vs none | sens δ=1 none / cachemedic |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += [_run_row(r) for r in doc["runs"]]
+    for g, gs in doc["groups"].items():
+        L += ["", f"## Group {g}: mean ± std [bootstrap 95% CI across runs] over {len(gs['completed'])} completed "
+                  f"of {len(gs['runs'])} runs (seeds {gs['seeds']})", "", "| metric | value |", "|---|---|"]
+        L += [f"| {k} | {_stat(s)} |" for k, s in gs["metrics"].items()]
+    ab = doc.get("ablation")
+    if ab:
+        L += ["", f"## Contraction ablation: {ab['contrast']}, over {len(ab['pairs'])} pairs", "",
+              "Pairs: " + (", ".join(f"{p['run']} − {p['twin']} (seed {p['seed']})" for p in ab["pairs"])
+                           or "none complete yet"),
+              "", "| metric | mean ± std [bootstrap 95% CI across pairs] |", "|---|---|"]
+        L += [f"| {k} | {_stat(s)} |" for k, s in ab["metrics"].items()]
+    return "\n".join(L) + "\n"
