@@ -241,6 +241,8 @@ def normalise_weights(weights: Mapping[str, float], keep: Iterable[str] | None =
     total = sum(kept.values())
     if total <= 0:
         raise ConfigError(f"corruption.mixture: no positive weight left after filtering to {list(keep or [])}")
+    if abs(total - 1.0) <= 1e-12:  # already normalised: dividing again would move the last bits (and the hash)
+        return {t: w for t, w in kept.items() if w > 0}
     return {t: w / total for t, w in kept.items() if w > 0}
 
 

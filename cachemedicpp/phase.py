@@ -53,6 +53,7 @@ class Heartbeat:
         self._rate_ref: tuple[float, int] | None = None
         self.tokens_per_sec: float | None = None
         self.latest: dict[str, Any] = {"checkpoint": None, "state": None}
+        self.extra: dict[str, Any] = {}  # fields every record of this session carries (e.g. resumed_from)
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.t0)
@@ -78,7 +79,7 @@ class Heartbeat:
             "tokens_per_sec": round(self.tokens_per_sec, 1) if self.tokens_per_sec else None,
             "elapsed_wall_sec": round(self.elapsed(), 2), "pid": os.getpid(), "host": socket.gethostname(),
             "latest_checkpoint": self.latest.get("checkpoint"), "latest_state": self.latest.get("state"),
-            "current_unit": unit, **extra,
+            "current_unit": unit, **self.extra, **extra,
         }
         atomic_write_json(self.snapshot, rec)
         append_jsonl(self.timeline, rec)
@@ -117,7 +118,7 @@ class PauseControl:
         if self.request.exists():
             return RunDir.PAUSE_REQUEST
         if self.extra_request is not None and self.extra_request.exists():
-            return f"sweep pause.request ({self.extra_request})"
+            return f"sweep {RunDir.PAUSE_REQUEST}"  # no path: a heartbeat records none outside its run dir
         return None
 
     def acknowledge(self, run_id: str, step: int, reason: str, state_path: str | None = None) -> Path:

@@ -86,6 +86,11 @@ class _Layout:
     def pause_request(self) -> Path:
         return self.control / self.PAUSE_REQUEST
 
+    @property
+    def lock_file(self) -> Path:
+        """The file `lock()` holds while a process works on the folder."""
+        return self.path / self.LOCK
+
     def pause_ack(self, phase: str) -> Path:
         return self.control / self.pause_ack_name(phase)
 

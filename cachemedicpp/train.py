@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,8 +31,8 @@ from cachemedicpp.corruption import Corruptor, donor_kv
 from cachemedicpp.seeding import torch_rng as rng
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
 from cachemedicpp.cli import EXIT_OK
-from cachemedicpp.fileio import atomic_torch_save, load_checkpoint, read_jsonl, truncate_jsonl
-from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
+from cachemedicpp.fileio import atomic_torch_save, atomic_write_bytes, load_checkpoint, read_jsonl, truncate_jsonl
+from cachemedicpp.phase import Done, Heartbeat, JsonlLog, PhaseSession, run_units
 from cachemedicpp.rundir import RunDir
 
 PHASE = "train"
@@ -208,12 +209,76 @@ def _merge_reports(reports: list[dict]) -> dict:
 
 def read_state(path: Path, chash: str | None = None) -> dict:
     """A train state file, checked; a damaged or foreign file is bad input naming the file."""
+    state = _intact_state(path)
+    _check_owner(state, path, chash)
+    return state
+
+
+def _intact_state(path: Path) -> dict:
+    """A state file that loads and is a training state; ConfigError (naming the file) when it is damaged."""
     state = load_checkpoint(path, "train state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ConfigError(f"train state {path}: not a cachemedicpp training state; delete it or rerun with --no-resume")
+    return state
+
+
+def _check_owner(state: dict, path: Path, chash: str | None) -> None:
     if chash is not None and state.get("config_hash") != chash:
         raise ConfigError(f"train state {path} belongs to config {state.get('config_hash')}, not {chash}")
-    return state
+
+
+@dataclass
+class ResumePoint:
+    """The state a run resumes from, and why it is not train_state_latest.pt when it is not."""
+
+    path: Path
+    state: dict
+    fallback: str | None = None  # what was wrong with the newer states; None when latest was used
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def resume_point(rd: RunDir, chash: str | None = None) -> ResumePoint | None:
+    """The newest intact training state: train_state_latest.pt, or, when that is missing or unreadable
+    (a torn file must not end the run), the newest periodic state that loads. Each candidate is verified
+    by loading it. None when the run has no state at all; bad input when states exist but none is intact,
+    or when the one found belongs to another config (that is not damage: never skipped)."""
+    latest = rd.train_state()
+    periodic = [p for _, p in sorted(rd.periodic_states().items(), reverse=True)]
+    candidates = ([latest] if latest.is_file() else []) + periodic
+    if not candidates:
+        return None
+    damaged: list[str] = [] if latest.is_file() else [f"{latest.name} missing"]
+    for path in candidates:
+        try:
+            state = _intact_state(path)
+        except ConfigError as e:
+            damaged.append(f"{path.name} unreadable: {_first_line(e)}")
+            continue
+        _check_owner(state, path, chash)
+        return ResumePoint(path, state, "; ".join(damaged) if path != latest else None)
+    tried = ", ".join(p.name for p in periodic) or "none"
+    raise ConfigError(f"no intact training state to resume from in {rd.checkpoints}: {latest} "
+                      f"{'is missing' if not latest.is_file() else 'is corrupted or unreadable'} and no periodic "
+                      f"state loads (tried: {tried}; {'; '.join(damaged)}); delete them or rerun with --no-resume")
+
+
+def _first_line(e: ConfigError, limit: int = 160) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fall_back(rd: RunDir, point: ResumePoint, hb: Heartbeat) -> str:
+    """Resume from an older state than train_state_latest.pt: say so (stderr, and every heartbeat of this
+    session), and make the resume point whole again before any work, so that a pause right away, or the
+    next resume, finds an intact latest state."""
+    atomic_write_bytes(rd.train_state(), point.path.read_bytes())
+    why = f"resume from {rd.rel(point.path)} ({point.fallback})"
+    hb.extra = {"resumed_from": rd.rel(point.path), "resume_fallback": point.fallback}
+    print(f"train: {why}; the steps after {point.step} are recomputed", file=sys.stderr)
+    return why
 
 
 def _clear_previous(rd: RunDir) -> None:
@@ -229,30 +294,33 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
         sweep_pause: Path | None = None) -> int:
     t = cfg.train
     latest = RunDir(run_dir).train_state()
-    if resume and latest.is_file():
-        read_state(latest)  # a damaged state is refused before anything in the run dir is touched
+    if resume:
+        resume_point(RunDir(run_dir))  # no intact state: refused before anything in the run dir is touched
     with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
         rd = s.rd
         if not resume:
             _clear_previous(rd)
-        state = read_state(latest, cfg.hash) if resume and latest.is_file() else None
+        point = resume_point(rd, cfg.hash) if resume else None
+        state = point.state if point else None
         start, elapsed = (int(state["step"]), float(state["elapsed_sec"])) if state else (0, 0.0)
         truncate_jsonl(rd.log(PHASE), lambda r: r.get("step", 0) <= start)
         hb = s.heartbeat(t.steps, elapsed_before=elapsed)
+        fallback = _fall_back(rd, point, hb) if point is not None and point.fallback else None
         hb.latest = {"checkpoint": rd.rel(rd.latest_repair_checkpoint()),
                      "state": rd.rel(latest if latest.is_file() else None)}
         s.step = start
         if start >= t.steps and rd.repair_checkpoint(t.steps).is_file():
-            hb.beat("completed", start, reason="already complete", force=True)
+            hb.beat("completed", start, reason="; ".join(filter(None, ["already complete", fallback])), force=True)
             _summary(rd, t.steps, elapsed)
             return EXIT_OK
-        hb.beat("resumed" if start else "running", start, reason="resume" if start else "start", force=True)
+        hb.beat("resumed" if start else "running", start, reason=(fallback or "resume") if start else "start",
+                force=True)
 
         torch.manual_seed(cfg.seed)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
         trainer = Trainer(cfg, lm)
         if state is not None:
-            trainer.load_state(state, latest)
+            trainer.load_state(state, point.path)
         log = JsonlLog(rd.log(PHASE), s.run_id, PHASE)
 
         def save(step: int, repair: bool, periodic: bool) -> None:

@@ -1,8 +1,10 @@
 """train: the files a run writes, log and record schemas, bit-identical resume after a pause request,
-SIGTERM or SIGKILL, --no-resume, bad input, and a frozen model with a learning operator."""
+SIGTERM or SIGKILL or from the newest intact state when the latest one is torn, --no-resume, bad input,
+and a frozen model with a learning operator."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -369,16 +371,90 @@ def test_different_config_is_refused_naming_the_key(tmp_path, straight, capsys):
 
 
 def test_corrupted_train_state_is_bad_input_and_touches_nothing(tmp_path, straight, capsys):
+    """Only when no state is intact: the latest and every periodic state torn."""
     cfg_path, cfg, ref = straight["fast"]
     rd = tmp_path / "run"
     shutil.copytree(ref, rd)
     state = rd / "checkpoints" / "train_state_latest.pt"
-    state.write_bytes(state.read_bytes()[:200])
+    for p in [state, *(rd / "checkpoints").glob("train_state_step_*.pt")]:
+        p.write_bytes(p.read_bytes()[:200])
     before = snapshot(rd)
     assert train.main(args(cfg_path, rd)) == EXIT_BAD_INPUT
     msg = capsys.readouterr().err
     assert str(state) in msg and "Traceback" not in msg
+    assert len(msg.strip().splitlines()) == 1 and "no intact training state" in msg
+    assert "train_state_step_8.pt, train_state_step_6.pt, train_state_step_3.pt" in msg
     assert snapshot(rd) == before
+
+
+def _tear(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+@pytest.mark.parametrize("damage, resumed_step", [
+    (("latest",), 6),  # a torn latest state: the newest periodic one
+    (("latest", 6), 3),  # the newest periodic one torn too: the one before
+    (("missing",), 6),  # no latest state at all, periodic ones beside it
+])
+def test_torn_latest_state_resumes_from_the_newest_intact_one(tmp_path, straight, monkeypatch, capsys, damage,
+                                                              resumed_step):
+    from cachemedicpp import watch
+
+    cfg_path, cfg, ref = straight["fast"]
+    rd = tmp_path / "run"
+    with monkeypatch.context() as m:
+        pause_after(m, rd, 7)
+        assert train.run(cfg, rd, config_path=str(cfg_path)) == EXIT_PAUSED
+    ckpts = rd / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("train_state_*.pt")) == [
+        "train_state_latest.pt", "train_state_step_3.pt", "train_state_step_6.pt"]
+    for what in damage:
+        if what == "missing":
+            (ckpts / "train_state_latest.pt").unlink()
+        else:
+            _tear(ckpts / ("train_state_latest.pt" if what == "latest" else f"train_state_step_{what}.pt"))
+    capsys.readouterr()
+
+    ran = []
+    orig = train.Trainer.step
+    monkeypatch.setattr(train.Trainer, "step", lambda self, s: (ran.append(s), orig(self, s))[1])
+    assert train.main(args(cfg_path, rd)) == EXIT_OK
+    assert ran == list(range(resumed_step + 1, 9))  # at most the steps since that state are lost
+    err = capsys.readouterr().err
+    state = f"checkpoints/train_state_step_{resumed_step}.pt"
+    why = "train_state_latest.pt missing" if "missing" in damage else "train_state_latest.pt unreadable: "
+    assert f"train: resume from {state} ({why}" in err and "Traceback" not in err
+    resumed = [r for r in read_jsonl(rd / "logs" / "train_heartbeat.jsonl") if r["status"] == "resumed"]
+    assert resumed[-1]["step"] == resumed_step and resumed[-1]["reason"].startswith(f"resume from {state} ({why}")
+    assert resumed[-1]["resumed_from"] == state and heartbeat(rd)["resumed_from"] == state
+    if 6 in damage:
+        assert "train_state_step_6.pt unreadable" in resumed[-1]["resume_fallback"]
+
+    # the same final checkpoints (tensors), states and losses as an uninterrupted run
+    assert files_of(rd) == expected_files(8, 3) | {"control/pause_ack.json"}
+    assert_same_checkpoints(rd, ref)
+    assert losses(rd) == losses(ref)
+
+    # watch shows where the run resumed from
+    out = io.StringIO()
+    assert watch.watch(rd, out=out) == EXIT_OK
+    line = next(x for x in out.getvalue().splitlines() if x.strip().startswith("resumed "))
+    assert f"from {rd / state} ({why}" in line
+
+
+def test_a_completed_run_with_a_torn_latest_state_stays_complete(tmp_path, straight, monkeypatch):
+    cfg_path, cfg, ref = straight["fast"]
+    rd = tmp_path / "run"
+    shutil.copytree(ref, rd)
+    latest = rd / "checkpoints" / "train_state_latest.pt"
+    _tear(latest)
+    monkeypatch.setattr(train.hf, "load_model", lambda *a, **k: pytest.fail("a completed run loaded the model"))
+    assert train.main(args(cfg_path, rd)) == EXIT_OK
+    hb = heartbeat(rd)
+    assert hb["status"] == "completed" and hb["resumed_from"] == "checkpoints/train_state_step_8.pt"
+    assert hb["reason"].startswith("already complete; resume from checkpoints/train_state_step_8.pt")
+    assert latest.read_bytes() == (rd / "checkpoints" / "train_state_step_8.pt").read_bytes()  # whole again
+    assert_same_checkpoints(rd, ref)
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -248,6 +248,7 @@ def _previous_elapsed(snapshot: Path) -> float:
 def _resolved_yaml(plan: Plan) -> str:
     doc = copy.deepcopy(plan.raw)
     doc["base_config_resolved"] = str(plan.base_config)
+    doc["sweep_file"] = str(plan.sweep_file)
     doc["execution_order"] = [r.name for r in plan.runs]
     doc["config_hashes"] = {r.name: r.cfg.hash for r in plan.runs}
     return dump_yaml(doc)
