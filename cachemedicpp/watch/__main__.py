@@ -1,0 +1,3 @@
+from cachemedicpp.watch.stage import main
+
+raise SystemExit(main())
