@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cachemedicpp import ROOT
-from cachemedicpp.config import (CORRUPTION_TYPES, ConfigError, apply_overrides, config_hash, load_config,
+from cachemedicpp.config import (CORRUPTION_TYPES, ConfigError, apply_overrides, load_config,
                                  load_schema, parse_set_args, validate)
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
