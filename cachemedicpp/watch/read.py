@@ -190,7 +190,9 @@ class RunView:
 
     @property
     def current(self) -> PhaseState | None:
-        return max(self.phases, key=lambda s: s.ts) if self.phases else None
+        # the newest heartbeat; on a tie (same millisecond) the later phase of the pipeline
+        order = {p: i for i, p in enumerate(PHASE_ORDER)}
+        return max(self.phases, key=lambda s: (s.ts, order.get(s.phase, -1))) if self.phases else None
 
 
 @dataclass
