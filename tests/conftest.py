@@ -103,3 +103,18 @@ def tiny_cfg(tiny_model_dir):
         return tiny_config(tiny_model_dir(arch), **overrides)
 
     return make
+
+
+def pause_after(monkeypatch, run_dir: Path, k: int) -> None:
+    """Make a training run write control/pause.request right after step k."""
+    from cachemedicpp import train
+
+    orig = train.Trainer.step
+
+    def step(self, s):
+        out = orig(self, s)
+        if s == k:
+            (run_dir / "control" / "pause.request").write_text("")
+        return out
+
+    monkeypatch.setattr(train.Trainer, "step", step)

@@ -23,6 +23,7 @@ from cachemedicpp import ROOT, train
 from cachemedicpp.config import load_config
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
 from cachemedicpp.fileio import read_jsonl, validate_records
+from conftest import pause_after
 
 FAST = {"train.steps": 8, "train.prefix_len": 24, "train.cont_len": 8, "train.log_every": 1,
         "train.save_every": 3}
@@ -89,19 +90,6 @@ def losses(run_dir: Path) -> list[tuple]:
 
 def heartbeat(run_dir: Path) -> dict:
     return json.loads((run_dir / "logs" / "train_heartbeat.json").read_text())
-
-
-def pause_after(monkeypatch, run_dir: Path, k: int) -> None:
-    """Make the run write control/pause.request right after step k."""
-    orig = train.Trainer.step
-
-    def step(self, s):
-        out = orig(self, s)
-        if s == k:
-            (run_dir / "control" / "pause.request").write_text("")
-        return out
-
-    monkeypatch.setattr(train.Trainer, "step", step)
 
 
 def expected_files(steps: int, save_every: int) -> set[str]:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from cachemedicpp import ROOT, watch
+from conftest import pause_after
 from cachemedicpp.fileio import atomic_write_json
 from cachemedicpp.phase import Heartbeat
 
@@ -406,20 +407,6 @@ def same_checkpoints(run: Path, ref: Path) -> None:
         ta, tb = (x.get("operator", x.get("state_dict")) for x in (a, b))  # a training state, a repair checkpoint
         assert ta and set(ta) == set(tb) and all(torch.equal(v, tb[k]) for k, v in ta.items()), name
         assert a["step"] == b["step"], name
-
-
-def pause_after(monkeypatch, run_dir: Path, k: int) -> None:
-    from cachemedicpp import train
-
-    orig = train.Trainer.step
-
-    def step(self, s):
-        out = orig(self, s)
-        if s == k:
-            (run_dir / "control" / "pause.request").write_text("")
-        return out
-
-    monkeypatch.setattr(train.Trainer, "step", step)
 
 
 def test_next_when_paused_is_the_command_that_resumes(tmp_path, cfg_file, reference, monkeypatch, one_thread):
