@@ -1,9 +1,19 @@
-"""Heuristic defenses (no training), applied to a layer's K/V `[B, H_kv, T, d]` inside a region mask.
+"""Defenses other than the learned operator, applied to a layer's K/V `[B, H_kv, T, d]`. Four groups:
 
-They act on the region the corruption's masks select (`Region.mask`), which is an oracle advantage the
-learned operator does not get; results say so with `ORACLE_NOTE`. They act on clean inputs as well (a
-clean cell gets the same region), so a defense that costs clean accuracy shows it. Entries outside the
-mask are returned bit-identical; the arithmetic is fp32, cast back to the input dtype.
+- `no_defense`, the baseline.
+- Reference heuristics (`DEFENSES` minus no_defense): the reference's four, kept for comparison. They act
+  on the region the corruption's masks select (`Region.mask`), an oracle advantage the learned operator
+  does not get (`ORACLE_NOTE`); entries outside the mask are returned bit-identical.
+- Calibrated baselines (`CALIBRATED`): `range_clamp` and `norm_outlier_drop`, the fault-tolerance
+  literature's range restriction and outlier filtering, calibrated on clean training-text caches
+  (`calibration.py`). They see no corruption mask: they act on every cached entry of the protected layers.
+- Ceilings (`CEILINGS`): `oracle_drop`, attention ignores exactly the entries the corruption changed. Never
+  a candidate for the best baseline.
+
+All act on clean inputs as well (a clean cell gets the same treatment), so a defense that costs clean
+accuracy shows it. The arithmetic is fp32, cast back to the input dtype. `defend` is the one entry point
+eval and stability use: it returns the defended K/V and, for the dropping defenses, which entries
+attention must ignore (they leave through the attention mask, `hf.HookPlan.drop`).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from cachemedicpp import config
+from cachemedicpp import config, results
 from cachemedicpp.config import lookup
 
 ORACLE_NOTE = "heuristics act on the region the corruption's masks select (an oracle advantage)"
@@ -95,9 +105,55 @@ DEFENSES: dict[str, Callable] = {
 }
 
 
+CALIBRATED = ("range_clamp", "norm_outlier_drop")
+CEILINGS = ("oracle_drop",)
+REFERENCE = tuple(d for d in DEFENSES if d != "no_defense")
+GROUPS = {"no_defense": results.GROUP_BASELINE, **{d: results.GROUP_REFERENCE for d in REFERENCE},
+          **{d: results.GROUP_CALIBRATED for d in CALIBRATED}, **{d: results.GROUP_CEILING for d in CEILINGS},
+          results.CACHEMEDIC: results.GROUP_LEARNED}
+# candidates for "the best baseline": never the ceilings, never the learned operator
+CANDIDATES = REFERENCE + CALIBRATED
+
+
+def check_name(name: str) -> str:
+    """A defense name eval or stability may use (unknown -> bad input listing the known ones)."""
+    return lookup("defense", name, GROUPS)
+
+
 def get_defense(name: str) -> Callable:
     return lookup("defense", name, DEFENSES, known="known heuristic defenses",
                   note=" (cachemedic is the learned repair operator, not a heuristic)")
+
+
+def changed_entries(k0: Tensor, v0: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """bool [B, H, T]: the entries whose key or value differs from the clean cache's (NaN counts as changed)."""
+    return (k != k0.to(k.device)).any(-1) | (v != v0.to(v.device)).any(-1)
+
+
+def fit_drop(drop: Tensor, k_len: int) -> Tensor:
+    """An at-rest drop mask fitted to the keys a later forward reads: entries appended since are kept
+    (False), and a sliding layer that moved on keeps only its last `k_len`."""
+    if drop.shape[-1] < k_len:
+        drop = torch.cat([drop, drop.new_zeros(*drop.shape[:-1], k_len - drop.shape[-1])], dim=-1)
+    return drop[..., drop.shape[-1] - k_len:]
+
+
+def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None = None, baseline: Mapping | None = None,
+           gen: torch.Generator | None = None, cal=None, positions: Tensor | None = None,
+           clean: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(k, v, drop): one layer's K/V defended by `name`, and the entries attention must ignore (or None).
+
+    Reference heuristics need the region `mask`; calibrated baselines the calibration `cal` and the
+    absolute `positions` of the cached entries; oracle_drop the `clean` K/V of the same entries."""
+    if name in CALIBRATED:
+        if name == "range_clamp":
+            k, v = cal.clamp(layer, k, v, positions)
+            return k, v, None
+        return k, v, cal.outliers(layer, k, v, positions)
+    if name in CEILINGS:
+        return k, v, changed_entries(*clean, k, v)
+    k, v = apply_defense(name, k, v, mask, baseline or {}, gen)
+    return k, v, None
 
 
 def apply_defense(name: str, k: Tensor, v: Tensor, mask: Tensor, baseline: Mapping,

@@ -72,12 +72,16 @@ class HookPlan:
     record(layer, q, k, v): sees the tensors attention is about to use (after on_read).
     repair: an object with `.layers` and `.attend(layer, q, k, v, kernel)`; `kernel(q, k, v)` runs the
             model's own attention (mask, scaling, GQA, softcap) and returns `[B, Tq, Hq, dv]`.
+    drop(layer, k_len) -> bool [B, H_kv, k_len] or None: cached entries attention must ignore this
+            forward (per KV head, shared by its query heads). They leave through the attention mask, so
+            every base kernel honours them; a query never loses its own position (kept even if named).
     """
 
     layers: frozenset[int] = frozenset()
     on_read: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     record: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     repair: Any = None
+    drop: Callable[[int, int], torch.Tensor | None] | None = None
     calls: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,6 +124,10 @@ def _attention(module, query, key, value, attention_mask, *, _kind: str, **kwarg
     plan.calls[layer] = plan.calls.get(layer, 0) + 1
     if plan.on_read is not None:
         key, value = plan.on_read(layer, key, value)
+    if plan.drop is not None:
+        drop = plan.drop(layer, key.shape[2])
+        if drop is not None and bool(drop.any()):
+            attention_mask = _drop_mask(attention_mask, drop, query, key, additive=_kind == "eager")
     if plan.record is not None:
         plan.record(layer, query, key, value)
     if plan.repair is not None and layer in plan.repair.layers:
@@ -133,6 +141,29 @@ def _attention(module, query, key, value, attention_mask, *, _kind: str, **kwarg
         out = plan.repair.attend(layer, query, key, value, kernel)
         return out, (weights_box[0] if weights_box else None)
     return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def _drop_mask(attention_mask, drop: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+               additive: bool) -> torch.Tensor:
+    """The layer's attention mask with the `drop`ped keys removed: `[B, Hq, Tq, Tk]`, of the mask's own kind
+    (bool: True = attend; float: additive). Without a mask (the causal fast path) the causal one is built,
+    additive for the eager kernel."""
+    B, Hq, Tq, _ = query.shape
+    Tk = key.shape[2]
+    keep = ~drop.to(query.device).repeat_interleave(Hq // drop.shape[1], dim=1)[:, :, None, :]  # [B, Hq, 1, Tk]
+    own = torch.arange(Tk, device=query.device)[None, :] == torch.arange(Tk - Tq, Tk, device=query.device)[:, None]
+    keep = keep | own  # a query always sees itself: no row is left with nothing to attend to
+    if attention_mask is None:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)[None, None]
+        attention_mask = (allowed & keep).expand(B, Hq, Tq, Tk)
+        if not additive:
+            return attention_mask
+        return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    base = attention_mask[:, :, :, :Tk]
+    if base.dtype == torch.bool:
+        return base & keep
+    return base.masked_fill(~keep, torch.finfo(base.dtype).min)
 
 
 def _register() -> None:

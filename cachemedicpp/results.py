@@ -52,14 +52,32 @@ METRIC_RECORD_SCHEMA = "metric_record.schema.json"  # the envelope both files sh
 RUN_ID, CONFIG_HASH, METRICS, SETTINGS = "run_id", "config_hash", "metrics", "settings"
 
 # task_metrics.json: metrics[...]
-BEST_HEURISTIC_NAME = "best_heuristic_name"  # metrics key: the name of the heuristic that won (or null)
-BEST_HEURISTIC_SERIES = "best_heuristic"  # entry/series label standing for that heuristic in AUC maps and curves
+BEST_HEURISTIC_NAME = "best_heuristic_name"  # metrics key: the best baseline chosen on validation data (or null)
+BEST_HEURISTIC_SERIES = "best_heuristic"  # entry/series label standing for that baseline in AUC maps and curves
 NO_DEFENSE, CACHEMEDIC = "no_defense", "cachemedic"  # defense names of the baseline and the learned repair
+ORACLE_DROP = "oracle_drop"  # defense name of the ceiling (never a candidate for the best baseline)
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
-CLEAN_REGRESSION, PAIRED_BOOTSTRAP, OVERHEAD = "clean_regression", "paired_bootstrap", "overhead"
+ROBUSTNESS_AUC_BY_TASK, ROBUSTNESS_AUC_BY_TYPE = "robustness_auc_by_task", "robustness_auc_by_type"
+CLEAN_REGRESSION, CLEAN_SCORES = "clean_regression", "clean_scores"
+PAIRED_BOOTSTRAP, PAIRED_BOOTSTRAP_BY_TYPE, OVERHEAD = "paired_bootstrap", "paired_bootstrap_by_type", "overhead"
 SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK = "score_vs_eps", "score_vs_eps_by_task"
 CACHEMEDIC_MINUS_NO_DEFENSE = "cachemedic_minus_no_defense"  # paired_bootstrap entries
 CACHEMEDIC_MINUS_BEST_HEURISTIC = "cachemedic_minus_best_heuristic"
+BEST_BASELINE_CHOICE = "best_baseline_choice"  # how best_heuristic_name was chosen (validation grid)
+DEFENSE_GROUPS = "defense_groups"  # {defense: one of DEFENSE_GROUP_NAMES}
+DAMAGE, DAMAGE_BY_TYPE = "damage", "damage_by_type"  # AUC lost to corruption: clean ceiling - no_defense
+RECOVERED_FRACTION, RECOVERED_FRACTION_BY_TYPE = "recovered_fraction", "recovered_fraction_by_type"
+
+# the groups of metrics.defense_groups (defenses.GROUPS spells the same strings)
+GROUP_BASELINE = "baseline"  # no_defense
+GROUP_REFERENCE = "reference heuristic (oracle region)"  # reset_clear, smoothing, ...: act on the corruption's region
+GROUP_CALIBRATED = "calibrated baseline"  # range_clamp, norm_outlier_drop: no oracle, calibrated on clean caches
+GROUP_CEILING = "ceiling"  # oracle_drop: attention ignores exactly the changed entries
+GROUP_LEARNED = "learned"  # cachemedic
+DEFENSE_GROUP_NAMES = (GROUP_BASELINE, GROUP_REFERENCE, GROUP_CALIBRATED, GROUP_CEILING, GROUP_LEARNED)
+
+# task_metrics.json: settings[...]
+CALIBRATION, VALIDATION, OOD_SPLIT = "calibration", "validation", "ood_split"
 
 # stability_metrics.json: metrics[...]
 SENS_KEY = "stability.logit_sensitivity"
@@ -95,11 +113,13 @@ class MetricRecord(TypedDict):
 class TaskCurveRow(TypedDict):
     """One grid cell of one task: its value, normalised score and bootstrap interval."""
 
-    task: Annotated[str, "task name (wikitext2_ppl, sst2_prompted, needle_long_context)"]
+    task: Annotated[str, "task name (wikitext2_ppl, sst2_prompted, needle_long_context, kv_retrieval)"]
     corruption_type: Annotated[str, "corruption type of the cell, or 'clean' for the uncorrupted cell (eps 0)"]
     epsilon: Annotated[float, "corruption severity of the cell (0 for clean cells)"]
-    defense: Annotated[str, "defense of the cell (no_defense, a heuristic, or cachemedic)"]
-    value: Annotated[float, "task value from the mean over examples: perplexity (wikitext2_ppl) or accuracy in [0, 1]"]
+    defense: Annotated[str, "defense of the cell (no_defense, a reference heuristic, a calibrated baseline, "
+                            "oracle_drop, or cachemedic; groups in metrics.defense_groups)"]
+    value: Annotated[float, "task value from the mean over examples: perplexity (wikitext2_ppl), or accuracy / "
+                            "fraction recalled (kv_retrieval) in [0, 1]"]
     score: Annotated[float, "normalised score: accuracy as is; perplexity as ppl_clean_no_defense / ppl (not clipped)"]
     n: Annotated[int, "examples of the task averaged in this cell"]
     ci_low: Annotated[float, "lower end of the 95% percentile bootstrap interval of `score` (examples resampled)"]
@@ -120,13 +140,14 @@ class CurveBlock(TypedDict):
     eps: Annotated[list[float], "severities, ascending (eval.corruption_eval.eps, de-duplicated)"]
     no_defense: Annotated[list[float] | None, "score of no_defense per eps"]
     best_heuristic: Annotated[list[float] | None,
-                              "score of the best heuristic (best_heuristic_name) per eps; null when no heuristic "
-                              "was evaluated"]
+                              "score of the best baseline (best_heuristic_name, chosen on validation data) per eps; "
+                              "null when no candidate was evaluated"]
     cachemedic: Annotated[list[float] | None, "score of the learned repair per eps; null when it was not evaluated"]
     per_defense: Annotated[dict[str, list[float]], "keys: every evaluated defense; score per eps"]
     ci: Annotated[dict[str, CurveCI],
-                  "keys: every evaluated defense, plus best_heuristic when one was evaluated; 95% percentile "
-                  "bootstrap band of the curve (one resample of examples per task shared by all defenses)"]
+                  "keys: every evaluated defense, plus best_heuristic when a best baseline was chosen; 95% "
+                  "percentile bootstrap band of the curve (one resample of examples per task shared by all "
+                  "defenses)"]
 
 
 class PairedDifference(TypedDict):
@@ -134,7 +155,7 @@ class PairedDifference(TypedDict):
 
     metric: Annotated[Literal["robustness_auc", "clean_score"],
                       "what is compared: robustness_auc, or clean_score (clean_regression)"]
-    other: Annotated[str, "the defense subtracted (no_defense, or the best heuristic's name)"]
+    other: Annotated[str, "the defense subtracted (no_defense, or the best baseline's name)"]
     diff: Annotated[float, "point estimate: cachemedic minus other"]
     ci_low: Annotated[float, "lower end of the 95% percentile bootstrap interval of the difference"]
     ci_high: Annotated[float, "upper end of the 95% percentile bootstrap interval of the difference"]
@@ -146,23 +167,23 @@ class PairedDifference(TypedDict):
 
 class PairedBootstrap(TypedDict):
     """Paired differences of cachemedic against the baselines. Empty when cachemedic was not evaluated;
-    the best_heuristic entries need an evaluated heuristic."""
+    the best_heuristic entries need a chosen best baseline (best_heuristic_name)."""
 
     cachemedic_minus_no_defense: NotRequired[Annotated[PairedDifference, "robustness AUC, cachemedic - no_defense"]]
     cachemedic_minus_best_heuristic: NotRequired[Annotated[PairedDifference,
-                                                           "robustness AUC, cachemedic - best heuristic"]]
+                                                           "robustness AUC, cachemedic - best baseline"]]
     clean_cachemedic_minus_no_defense: NotRequired[Annotated[PairedDifference,
                                                              "clean score (clean_regression), cachemedic - no_defense"]]
     clean_cachemedic_minus_best_heuristic: NotRequired[Annotated[PairedDifference,
-                                                                 "clean score, cachemedic - best heuristic"]]
+                                                                 "clean score, cachemedic - best baseline"]]
 
 
 class PairedBootstrapAUC(TypedDict):
-    """Paired robustness-AUC differences over one corruption type's cells (against the overall best heuristic)."""
+    """Paired robustness-AUC differences over one corruption type's cells (against the overall best baseline)."""
 
     cachemedic_minus_no_defense: NotRequired[Annotated[PairedDifference, "robustness AUC, cachemedic - no_defense"]]
     cachemedic_minus_best_heuristic: NotRequired[Annotated[PairedDifference,
-                                                           "robustness AUC, cachemedic - best heuristic"]]
+                                                           "robustness AUC, cachemedic - best baseline"]]
 
 
 class OverheadEntry(TypedDict):
@@ -173,6 +194,47 @@ class OverheadEntry(TypedDict):
     peak_mem_mb: Annotated[float, "peak memory in MiB during the timed runs (see peak_mem_method)"]
     peak_mem_method: Annotated[str, "how peak_mem_mb was measured (CUDA allocator peak, or CPU peak RSS)"]
     tokens: Annotated[int, "continuation tokens scored in the timed runs"]
+
+
+DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned"]
+assert get_args(DefenseGroup) == DEFENSE_GROUP_NAMES
+
+
+class Damage(TypedDict):
+    """What the corruption costs: the robustness AUC lost between the clean ceiling and no_defense, with a
+    95% percentile paired bootstrap over examples (the resamples every interval of the file shares)."""
+
+    auc_clean: Annotated[float, "AUC of the flat curve at no_defense's clean score (its clean cell at every eps): "
+                                "the ceiling a perfect defense reaches"]
+    auc_no_defense: Annotated[float, "robustness AUC of no_defense (over the same cells)"]
+    diff: Annotated[float, "the damage: auc_clean - auc_no_defense"]
+    ci_low: Annotated[float, "lower end of the 95% percentile paired bootstrap interval of diff"]
+    ci_high: Annotated[float, "upper end of the 95% percentile paired bootstrap interval of diff"]
+    n: Annotated[int, "examples over all tasks behind the bootstrap"]
+
+
+class RecoveredFraction(TypedDict):
+    """The share of the damage a defense wins back, (AUC_defense - AUC_no_defense) / (AUC_clean -
+    AUC_no_defense): 1 back at the clean ceiling, 0 no better than no defense, below 0 worse."""
+
+    value: Annotated[float | None, "the fraction; null when the damage is 0"]
+    ci_low: Annotated[float | None, "lower end of its 95% percentile paired bootstrap interval; null when the "
+                                    "damage is 0"]
+    ci_high: Annotated[float | None, "upper end of its 95% percentile paired bootstrap interval; null when the "
+                                     "damage is 0"]
+
+
+class BestBaselineChoice(TypedDict):
+    """How best_heuristic_name was chosen: every candidate (reference heuristics and calibrated baselines
+    evaluated; never oracle_drop or cachemedic) scored on a validation grid of held-in corruption types and
+    validation examples separate from the test examples, then a fixed rule."""
+
+    rule: Annotated[str, "the fixed rule applied to validation_auc"]
+    types: Annotated[list[str], "corruption types of the validation grid (held-in types)"]
+    examples: Annotated[int, "validation examples over all tasks"]
+    validation_auc: Annotated[dict[str, float], "keys: candidate defense; its robustness AUC on the validation grid"]
+    validation_auc_no_defense: Annotated[float, "robustness AUC of no_defense on the validation grid (for reference)"]
+    chosen: Annotated[str | None, "the candidate chosen (= best_heuristic_name); null when none"]
 
 
 class TaskMetrics(TypedDict):
@@ -188,8 +250,8 @@ class TaskMetrics(TypedDict):
     score_vs_eps: Annotated[CurveBlock, "normalised score vs eps, mean over tasks"]
     score_vs_eps_by_task: Annotated[dict[str, CurveBlock], "keys: task; that task's score vs eps"]
     robustness_auc: Annotated[dict[str, float],
-                              "keys: every evaluated defense, plus best_heuristic when one was evaluated; unnormalised "
-                              "trapezoid area under score_vs_eps over eps"]
+                              "keys: every evaluated defense, plus best_heuristic (the chosen best baseline) when one "
+                              "was chosen; unnormalised trapezoid area under score_vs_eps over eps"]
     robustness_auc_ci: Annotated[dict[str, tuple[float, float]],
                                  "keys as robustness_auc; [low, high] 95% percentile bootstrap interval of the AUC"]
     robustness_auc_by_task: Annotated[dict[str, dict[str, float]],
@@ -197,9 +259,22 @@ class TaskMetrics(TypedDict):
     clean_regression: Annotated[dict[str, float],
                                 "keys: evaluated defense; clean-cell normalised score, mean over tasks"]
     best_heuristic_name: Annotated[str | None,
-                                   "the evaluated heuristic with the highest robustness_auc (ties: registry order); "
-                                   "null when none was evaluated"]
-    heuristic_auc: Annotated[float | None, "robustness_auc of best_heuristic_name (null without one)"]
+                                   "the best baseline: the candidate (reference heuristic or calibrated baseline) "
+                                   "chosen on the validation grid by best_baseline_choice.rule; null when no candidate "
+                                   "was evaluated"]
+    heuristic_auc: Annotated[float | None, "robustness_auc of best_heuristic_name on the test grid (null without one)"]
+    best_baseline_choice: Annotated[BestBaselineChoice | None,
+                                    "how best_heuristic_name was chosen; null when no validation ran (no candidate)"]
+    defense_groups: Annotated[dict[str, DefenseGroup],
+                              "keys: every evaluated defense; its group: baseline (no_defense), reference heuristic "
+                              "(oracle region), calibrated baseline, ceiling (oracle_drop) or learned (cachemedic)"]
+    damage: Annotated[Damage, "robustness AUC lost to corruption: clean ceiling - no_defense, over every type"]
+    damage_by_type: Annotated[dict[str, Damage], "keys: evaluated corruption type; damage over that type's cells alone"]
+    recovered_fraction: Annotated[dict[str, RecoveredFraction],
+                                  "keys: every evaluated defense but no_defense; the share of the damage it recovers"]
+    recovered_fraction_by_type: Annotated[dict[str, dict[str, RecoveredFraction]],
+                                          "keys: evaluated corruption type, then every evaluated defense but "
+                                          "no_defense; recovered fraction over that type's cells alone"]
     paired_bootstrap: Annotated[PairedBootstrap, "paired differences of cachemedic against the baselines"]
     robustness_auc_by_type: Annotated[dict[str, dict[str, float]],
                                       "keys: evaluated corruption type, then evaluated defense; AUC over that type's "
@@ -222,17 +297,20 @@ class TaskInfo(TypedDict):
     n: Annotated[int, "examples built and scored (fewer when the source has fewer)"]
     few_shot: Annotated[int, "eval.tasks[].few_shot: demonstrations in front of each prompt (used by sst2_prompted)"]
     kind: Annotated[Literal["ppl", "accuracy"], "how raw values become a value and a score"]
-    value_name: Annotated[Literal["perplexity", "accuracy"], "what `value` in task_curves is"]
+    value_name: Annotated[Literal["perplexity", "accuracy", "fraction recalled"], "what `value` in task_curves is"]
     source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>')"]
+    start: NotRequired[Annotated[int, "index of the first example in the task's source order (test examples start "
+                                      "at 0; validation examples come after them)"]]
     # wikitext2_ppl
     window_len: NotRequired[Annotated[int, "wikitext2_ppl: tokens per window (eval.max_seq_len)"]]
     cont_len: NotRequired[Annotated[int, "wikitext2_ppl: scored continuation tokens at the end of each window"]]
     scored_tokens_per_example: NotRequired[Annotated[int, "wikitext2_ppl: tokens whose NLL is averaged per example"]]
     first_token_note: NotRequired[Annotated[str, "wikitext2_ppl: how the continuation's first token is predicted"]]
-    # wikitext2_ppl, needle_long_context
-    context_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context: context tokens per example"]]
-    cache_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context: tokens held in the KV cache "
-                                          "(needle: of the first example)"]]
+    # wikitext2_ppl, needle_long_context, kv_retrieval
+    context_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context / kv_retrieval: context tokens per "
+                                            "example"]]
+    cache_len: NotRequired[Annotated[int, "wikitext2_ppl / needle_long_context / kv_retrieval: tokens held in the KV "
+                                          "cache (needle, kv_retrieval: of the first example)"]]
     # sst2_prompted
     labels: NotRequired[Annotated[list[str], "sst2_prompted: the label strings scored (negative, positive)"]]
     demo_source: NotRequired[Annotated[str | None, "sst2_prompted: source of the demonstrations (null: none)"]]
@@ -240,16 +318,24 @@ class TaskInfo(TypedDict):
     cache_len_min: NotRequired[Annotated[int, "sst2_prompted: shortest cached prompt, tokens"]]
     cache_len_max: NotRequired[Annotated[int, "sst2_prompted: longest cached prompt, tokens"]]
     label_balance: NotRequired[Annotated[float, "sst2_prompted: fraction of positive gold labels"]]
+    # needle_long_context, kv_retrieval
+    seed: NotRequired[Annotated[int, "needle_long_context / kv_retrieval: seed of the filler, key-value and position "
+                                     "draws (data.long_context.seed)"]]
+    scoring: NotRequired[Annotated[str, "needle_long_context / kv_retrieval: the exact-match rule"]]
     # needle_long_context
-    seed: NotRequired[Annotated[int, "needle_long_context: seed of the filler draws (data.long_context.seed)"]]
-    needle_tokens: NotRequired[Annotated[int, "needle_long_context: tokens of the needle line"]]
-    needle_span: NotRequired[Annotated[list[int] | None,
-                                       "needle_long_context: [start, end) token positions of the first example's "
-                                       "needle"]]
-    answer_tokens: NotRequired[Annotated[int, "needle_long_context: tokens of the answer"]]
-    needle: NotRequired[Annotated[str, "needle_long_context: the needle line"]]
-    question: NotRequired[Annotated[str, "needle_long_context: the question, ending with the answer cue"]]
-    scoring: NotRequired[Annotated[str, "needle_long_context: the exact-match rule"]]
+    needles: NotRequired[Annotated[Literal["seeded", "fixed"],
+                                   "needle_long_context: a key-value pair drawn per example (seeded) or the "
+                                   "configured needle in every example (fixed; data.long_context.needles)"]]
+    needle_spans: NotRequired[Annotated[list[tuple[int, int]],
+                                        "needle_long_context: per example, the [start, end) token positions of its "
+                                        "needle line in the cache"]]
+    distinct_keys: NotRequired[Annotated[int, "needle_long_context: distinct needle keys over the examples"]]
+    needle: NotRequired[Annotated[str, "needle_long_context: the needle line's template ({key}, {value})"]]
+    question: NotRequired[Annotated[str, "needle_long_context: the question's template ({key}), ending with the "
+                                         "answer cue"]]
+    # kv_retrieval
+    pairs: NotRequired[Annotated[int, "kv_retrieval: key-value lines per context (eval.tasks[].pairs), each "
+                                      "asked for"]]
 
 
 class CorruptionRegion(TypedDict):
@@ -325,6 +411,59 @@ class OverheadProtocol(TypedDict):
     peak_mem: Annotated[str, "what the peak memory figure is"]
 
 
+class CalibrationTry(TypedDict):
+    """One candidate tried during the selection."""
+
+    q: Annotated[float, "the candidate quantile (range_clamp: bounds at q and 1 - q; norm_outlier_drop: the "
+                        "token-norm band [q, 1 - q])"]
+    ppl: Annotated[float, "clean perplexity over the selection windows with it applied"]
+    cost: Annotated[float, "relative clean cost: ppl / ppl_no_defense - 1"]
+
+
+class CalibrationSelection(TypedDict):
+    """How each calibrated baseline's candidate was chosen on the selection windows (clean training text)."""
+
+    ppl_no_defense: Annotated[float, "clean perplexity over the selection windows without a defense"]
+    tried: Annotated[dict[str, list[CalibrationTry]],
+                     "keys: calibrated baseline; the candidates tried, tightest first, up to the one chosen"]
+
+
+class CalibrationChoice(TypedDict):
+    """The candidate a calibrated baseline uses."""
+
+    index: Annotated[int, "its index in baseline.calibration.clamp_q (range_clamp) or band_q (norm_outlier_drop)"]
+    q: Annotated[float, "its quantile"]
+
+
+class CalibrationRecord(TypedDict):
+    """The calibration of range_clamp and norm_outlier_drop: statistics of clean K/V from training-corpus
+    windows (never the evaluation text, never a corruption), stored in the run dir (calibration.py)."""
+
+    format: Annotated[str, "format tag of the stored calibration file"]
+    hash: Annotated[str, "hash of what it depends on: model, layers, calibration settings, data source"]
+    data_source: Annotated[str, "where the training text came from"]
+    windows: Annotated[int, "windows the statistics were gathered on"]
+    select_windows: Annotated[int, "further windows (disjoint) the candidates were chosen on"]
+    window_len: Annotated[int, "tokens per window"]
+    tokens: Annotated[int, "tokens in the statistics windows"]
+    layers: Annotated[list[int], "layers calibrated (repair.protect_layers)"]
+    sink_tokens: Annotated[int, "first positions left out of the statistics and never clamped or dropped "
+                                "(attention sinks)"]
+    keys: Annotated[str, "how keys are bounded (rotary pair norm, or per channel)"]
+    rule: Annotated[str, "the rule choosing each baseline's candidate"]
+    selection: Annotated[CalibrationSelection, "the clean costs seen while choosing"]
+    chosen: Annotated[dict[str, CalibrationChoice], "keys: calibrated baseline; the candidate it uses"]
+
+
+class ValidationSettings(TypedDict):
+    """The validation grid the best baseline is chosen on: held-in corruption types, examples after the
+    test examples of each task."""
+
+    num_examples: Annotated[dict[str, int], "keys: task; validation examples"]
+    types: Annotated[list[str], "corruption types of the validation grid (held-in: never the OOD test type)"]
+    start: Annotated[dict[str, int], "keys: task; index of its first validation example"]
+
+
 class TaskSettings(TypedDict):
     """settings of task_metrics.json: the protocol behind the numbers. String-valued keys named like a metric
     (score, score_vs_eps, robustness_auc, exposure, ...) state that metric's definition."""
@@ -333,7 +472,8 @@ class TaskSettings(TypedDict):
     eps: Annotated[list[float], "severities evaluated, ascending"]
     types: Annotated[list[str], "corruption types evaluated"]
     defenses: Annotated[list[str], "defenses evaluated (no_defense always included)"]
-    heuristics: Annotated[list[str], "evaluated heuristic defenses, registry order"]
+    heuristics: Annotated[list[str], "evaluated candidates for the best baseline (reference heuristics and "
+                                     "calibrated baselines), registry order"]
     persistence: Annotated[Literal["at_rest", "on_read"], "whether corruption is written into the cache or applied "
                                                           "to what attention reads"]
     corruption_region: Annotated[CorruptionRegion, "where corruption acts"]
@@ -344,16 +484,22 @@ class TaskSettings(TypedDict):
     seeds: Annotated[EvalSeeds, "seeds and derivations"]
     bootstrap_samples: Annotated[int, "bootstrap resamples behind every interval"]
     ci: Annotated[str, "definition of the intervals"]
-    oracle_note: Annotated[str, "heuristics get the corruption's own masks (an oracle advantage)"]
+    oracle_note: Annotated[str, "the reference heuristics get the corruption's own masks (an oracle advantage)"]
     clean_cells: Annotated[str, "definition of the clean cells"]
     score: Annotated[str, "definition of the normalised score"]
     score_vs_eps: Annotated[str, "definition of score_vs_eps"]
     robustness_auc: Annotated[str, "definition of robustness_auc"]
-    best_heuristic_rule: Annotated[str, "rule choosing best_heuristic_name"]
+    best_heuristic_rule: Annotated[str, "rule choosing best_heuristic_name (on the validation grid)"]
     exposure: Annotated[str, "definition of exposure"]
     model: Annotated[ModelInfo, "the model evaluated"]
     cell_batch_size: Annotated[int, "grid rows scored per batched forward (eval.cell_batch_size)"]
     overhead: Annotated[OverheadProtocol | None, "how metrics.overhead was timed; null unless eval.measure_overhead"]
+    calibration: Annotated[CalibrationRecord | None,
+                           "the clean-cache calibration of the calibrated baselines; null when none was evaluated"]
+    validation: Annotated[ValidationSettings | None,
+                          "the validation grid the best baseline is chosen on; null when no candidate was evaluated"]
+    defense_groups: Annotated[dict[str, DefenseGroup], "keys: every evaluated defense; its group (as "
+                                                       "metrics.defense_groups)"]
     notes: Annotated[list[str], "notes about this evaluation (e.g. fewer examples than requested)"]
 
 
@@ -380,8 +526,10 @@ class SensitivityPoint(TypedDict):
     delta_norm: Annotated[float, "perturbation size delta: ||Delta_l||_F = delta * delta_scale * rms(S_l) * "
                                  "sqrt(#masked entries), per perturbed layer and K/V tensor"]
     baseline: Annotated[float, "drift with no defense"]
-    heuristics: Annotated[dict[str, float], "keys: the heuristic measured (one entry, settings.heuristic); drift "
-                                            "with it applied on the perturbed region (an oracle advantage)"]
+    heuristics: Annotated[dict[str, float], "keys: the baseline measured (one entry, settings.heuristic); drift "
+                                            "with it applied: a reference heuristic on the perturbed region (an "
+                                            "oracle advantage), a calibrated baseline on every cached entry of the "
+                                            "protected layers"]
     heuristics_vs_defended_clean: Annotated[dict[str, float],
                                             "keys: the heuristic measured; drift against the heuristic's own "
                                             "output on the clean cache"]
@@ -397,7 +545,8 @@ class SensitivityBlock(TypedDict):
     """Logit sensitivity curves: drift vs perturbation size per defense."""
 
     points: Annotated[list[SensitivityPoint], "one per measured delta, ascending (0 always included)"]
-    heuristic: Annotated[str, "the heuristic measured (best heuristic of the eval, else stability.heuristic_fallback)"]
+    heuristic: Annotated[str, "the baseline measured (the eval's best baseline, chosen on validation data, else "
+                              "stability.heuristic_fallback)"]
     repair_clean_drift: Annotated[float, "drift the repair alone causes on the clean cache, mean over prompts"]
 
 
@@ -481,9 +630,9 @@ class StabilitySettings(TypedDict):
     heads: Annotated[list[int], "KV heads perturbed"]
     num_kv_heads: Annotated[int, "KV heads of the model"]
     sliding_layers: Annotated[list[int], "sliding-window layers of the model"]
-    heuristic: Annotated[str, "heuristic measured"]
-    heuristic_origin: Annotated[str, "where the heuristic came from (task_metrics.json or the fallback)"]
-    heuristic_note: Annotated[str, "heuristics get the perturbed region (an oracle advantage)"]
+    heuristic: Annotated[str, "the baseline measured (a reference heuristic or a calibrated baseline)"]
+    heuristic_origin: Annotated[str, "where it came from (task_metrics.json's best_heuristic_name or the fallback)"]
+    heuristic_note: Annotated[str, "reference heuristics get the perturbed region (an oracle advantage)"]
     reference: Annotated[str, "which logits drift is measured against"]
     map_delta_norm: Annotated[float, "perturbation size of the amplification maps"]
     map_delta_choice: Annotated[str, "why that size"]

@@ -236,6 +236,11 @@ class RunDir(_Layout):
         ckpts = self.repair_checkpoints()
         return ckpts[max(ckpts)] if ckpts else None
 
+    @property
+    def calibration(self) -> Path:
+        """Clean-cache statistics of the calibrated baselines (computed once per run, by eval or stability)."""
+        return self.checkpoints / "calibration.pt"
+
     def training_files(self) -> list[Path]:
         """What training writes (removed by --no-resume)."""
         files = [*self.repair_checkpoints().values(), *self.periodic_states().values(), self.train_state()]
@@ -329,6 +334,11 @@ class SweepDir(_Layout):
     @property
     def summary_md(self) -> Path:
         return self.path / self.SUMMARY_MD
+
+    @property
+    def loto_figure(self) -> Path:
+        """Recovered fractions per held-out type across the leave-one-type-out runs (written with the summary)."""
+        return self.path / "loto_summary.png"
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.path / name)

@@ -81,6 +81,20 @@ def paired_difference(point_a: float, point_b: float, samples_a, samples_b, n: i
             "samples": int(d.shape[0]), "frac_samples_le_0": float(np.mean(d <= 0))}
 
 
+def ratio_ci(num_point: float, den_point: float, num_samples, den_samples, alpha: float = 0.05) -> dict:
+    """Point value and percentile CI of num / den over paired resamples (resamples with den = 0 left out;
+    null where the point denominator is 0)."""
+    if den_point == 0:
+        return {"value": None, "ci_low": None, "ci_high": None}
+    n, d = np.asarray(num_samples, dtype=np.float64), np.asarray(den_samples, dtype=np.float64)
+    ok = d != 0
+    r = n[ok] / d[ok]
+    if not r.size:
+        return {"value": float(num_point / den_point), "ci_low": None, "ci_high": None}
+    lo, hi = np.percentile(r, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"value": float(num_point / den_point), "ci_low": float(lo), "ci_high": float(hi)}
+
+
 def to_list(a) -> list:
     """Plain Python floats (JSON) from an array."""
     return [float(v) for v in np.asarray(a, dtype=np.float64).ravel()]

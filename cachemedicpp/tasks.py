@@ -109,6 +109,11 @@ def _pad_id(tok) -> int:
     return 0
 
 
+def _span(task_cfg: Mapping) -> tuple[int, int]:
+    """(first example index, number of examples): validation examples start after the test examples."""
+    return int(task_cfg.get("start", 0) or 0), int(task_cfg["num_examples"])
+
+
 def _prefix(task: str, prompt: Sequence[int], answer_len: int, max_positions: int) -> torch.Tensor:
     """The cached part of a prompt (all but its last token), after checking prompt + answer fit."""
     if len(prompt) < 2:
@@ -139,9 +144,13 @@ def build_wikitext(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exam
     if L > lm.arch.max_positions:
         raise ConfigError(f"eval.max_seq_len ({L}) exceeds the model's {lm.arch.max_positions} positions")
     stream = sources["wikitext2_ids"]
-    windows = data.fixed_windows(stream, L, int(task_cfg["num_examples"]))
+    start, n = _span(task_cfg)
+    windows = data.fixed_windows(stream, L, start + n)[start:]
+    if not windows:
+        raise ConfigError(f"wikitext2_ppl: the text has fewer than {start + 1} windows of {L} tokens "
+                          "(validation examples come after the test examples)")
     out = []
-    for i, w in enumerate(windows):
+    for i, w in enumerate(windows, start=start):
         ctx, target = w[:L - cont], w[L - cont:]
         feed, tgt = _feed(int(ctx[-1]), target.tolist())
         out.append(Example("wikitext2_ppl", i, ctx[:-1].clone(), torch.tensor([feed]), torch.tensor([tgt])))
@@ -168,7 +177,8 @@ def sst2_prompt(sentence: str) -> str:
 def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
     tok = lm.tokenizer
     rows = sources["sst2"]
-    n = min(int(task_cfg["num_examples"]), len(rows))
+    start, n = _span(task_cfg)
+    n = min(start + n, len(rows))
     few = int(task_cfg.get("few_shot", 0) or 0)
     demos = sources["sst2_train"] if few else []
     if few and len(demos) < few:
@@ -178,7 +188,7 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
         raise ConfigError("sst2_prompted: a label tokenises to nothing")
     pad = _pad_id(tok)
     out = []
-    for i in range(n):
+    for i in range(start, n):
         sentence, label = rows[i]
         text = ""
         if few:
@@ -227,72 +237,172 @@ def needle_question(lc: Mapping) -> str:
     return q if q.rstrip().endswith(cue.strip()) else q.rstrip() + cue
 
 
-def needle_parts(lm, lc: Mapping) -> tuple[list[int], list[int], list[int]]:
+# A vocabulary written for this project: keys "<word>_<word>", values "<colour>-<digit>". Drawn per
+# example, so examples do not share one answer (24 copies of one needle are one example, not 24).
+KEY_WORDS = ("amber", "brisk", "cedar", "delta", "ember", "fable", "gleam", "harbor", "island", "jolly",
+             "kettle", "lunar", "maple", "nectar", "orbit", "pepper", "quarry", "river", "saddle", "timber",
+             "umber", "velvet", "willow", "zephyr")
+VALUE_WORDS = ("violet", "crimson", "golden", "silver", "cobalt", "scarlet", "olive", "indigo", "ivory",
+               "copper", "teal", "maroon")
+
+
+def draw_pairs(lc: Mapping, index: int, k: int, stream: str) -> list[tuple[str, str]]:
+    """k distinct (key, value) pairs of one example: seeded by (seed, stream, index), or the configured
+    fixed needle when `data.long_context.needles` is "fixed" (then k must be 1)."""
+    if lc["needles"] == "fixed":
+        return [(lc["needle_token"], lc["needle_value"])] * k
+    g = seeding.torch_rng(int(lc["seed"]), stream, index)
+    n = len(KEY_WORDS)
+    keys = torch.randperm(n * n, generator=g)[:k].tolist()
+    vals = torch.randint(0, len(VALUE_WORDS) * 10, (k,), generator=g).tolist()
+    return [(f"{KEY_WORDS[a // n]}_{KEY_WORDS[a % n]}", f"{VALUE_WORDS[b // 10]}-{b % 10}") for a, b in zip(keys, vals)]
+
+
+def needle_parts(lm, lc: Mapping, key: str, value: str) -> tuple[list[int], list[int], list[int]]:
     """Token ids of the needle line, the question (with its cue) and the answer."""
     tok = lm.tokenizer
-    needle = _ids(tok, "\n" + NEEDLE_TEMPLATE.format(token=lc["needle_token"], value=lc["needle_value"]) + "\n")
-    question = _ids(tok, "\n" + needle_question(lc))
-    answer = _ids(tok, " " + lc["needle_value"])
+    q = {**dict(lc), "needle_token": key, "needle_value": value}
+    needle = _ids(tok, "\n" + NEEDLE_TEMPLATE.format(token=key, value=value) + "\n")
+    question = _ids(tok, "\n" + needle_question(q))
+    answer = _ids(tok, " " + value)
     return needle, question, answer
 
 
-def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
-    lc = cfg.data.long_context
-    tok = lm.tokenizer
-    ctx_len = int(lc.context_len)
-    needle, question, answer = needle_parts(lm, lc)
-    bos = _ids(tok, "", special=True)  # whatever the tokenizer puts in front of a prompt (often nothing)
-    n_fill = ctx_len - len(needle) - len(bos)
-    if n_fill < 0:
-        raise ConfigError(f"data.long_context.context_len ({ctx_len}) is shorter than the needle ({len(needle)} tokens)")
-    total = ctx_len + len(question) + len(answer)
-    if total > lm.arch.max_positions:
-        raise ConfigError(f"data.long_context.context_len: {ctx_len} context + {len(question)} question + "
-                          f"{len(answer)} answer tokens exceed the model's {lm.arch.max_positions} positions")
-    stream = sources["wikitext2_ids"]
+def _positions(lc: Mapping, index: int, n_fill: int, k: int, stream: str, lines_len: int = 0) -> list[int]:
+    """Where the k needle lines go in the filler (sorted offsets), spread over `position_range` (per
+    example, seeded) or at `position_frac` when no range is set. The range is a fraction of the whole
+    context: every line, shifted by the `lines_len` tokens of the lines inserted before it, ends by its
+    upper end."""
+    rng = lc.get("position_range")
+    if not rng:
+        return [int(round(float(lc["position_frac"]) * n_fill))] * k
+    ctx_len = n_fill + lines_len
+    hi = max(0, min(n_fill, int(float(rng[1]) * ctx_len) - lines_len))
+    lo = min(int(round(float(rng[0]) * n_fill)), hi)
+    g = seeding.torch_rng(int(lc["seed"]), stream + "-position", index)
+    return sorted(int(x) for x in torch.randint(lo, hi + 1, (k,), generator=g))
+
+
+def _with_needles(bos: list[int], fill: list[int], lines: list[list[int]], at: list[int]) -> tuple[list[int], list]:
+    """bos + filler with each needle line inserted at its offset; the spans the lines occupy."""
+    out, spans, prev = list(bos), [], 0
+    for line, a in zip(lines, at):
+        out += fill[prev:a]
+        spans.append((len(out), len(out) + len(line)))
+        out += line
+        prev = a
+    return out + fill[prev:], spans
+
+
+def _filler(stream: torch.Tensor, lc: Mapping, index: int, n_fill: int, task: str) -> tuple[list[int], int]:
     if stream.numel() < n_fill + 1:
-        raise ConfigError(f"needle_long_context: the filler text has {stream.numel()} tokens, needs {n_fill}")
-    at = int(round(float(lc.position_frac) * n_fill))
+        raise ConfigError(f"{task}: the filler text has {stream.numel()} tokens, needs {n_fill}")
+    g = seeding.torch_rng(int(lc["seed"]), "needle-filler", index)
+    start = int(torch.randint(0, stream.numel() - n_fill + 1, (1,), generator=g))
+    return stream[start:start + n_fill].tolist(), start
+
+
+def _fits(task: str, ctx_len: int, used: int, tail: int, max_positions: int) -> int:
+    n_fill = ctx_len - used
+    if n_fill < 0:
+        raise ConfigError(f"data.long_context.context_len ({ctx_len}) is shorter than the {task} needle lines "
+                          f"({used} tokens)")
+    if ctx_len + tail > max_positions:
+        raise ConfigError(f"data.long_context.context_len: {ctx_len} context + {tail} question/answer tokens "
+                          f"exceed the model's {max_positions} positions")
+    return n_fill
+
+
+def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
+    lc = cfg.data.long_context.to_dict()
+    tok = lm.tokenizer
+    ctx_len = int(lc["context_len"])
+    bos = _ids(tok, "", special=True)  # whatever the tokenizer puts in front of a prompt (often nothing)
     out = []
-    for i in range(int(task_cfg["num_examples"])):
-        g = seeding.torch_rng(int(lc.seed), "needle-filler", i)
-        start = int(torch.randint(0, stream.numel() - n_fill + 1, (1,), generator=g))
-        fill = stream[start:start + n_fill].tolist()
-        full = bos + fill[:at] + needle + fill[at:] + question
+    start, n = _span(task_cfg)
+    for i in range(start, start + n):
+        (key, value), = draw_pairs(lc, i, 1, "needle-vocab")
+        needle, question, answer = needle_parts(lm, lc, key, value)
+        n_fill = _fits("needle_long_context", ctx_len, len(needle) + len(bos), len(question) + len(answer),
+                       lm.arch.max_positions)
+        fill, start = _filler(sources["wikitext2_ids"], lc, i, n_fill, "needle_long_context")
+        ctx, spans = _with_needles(bos, fill, [needle], _positions(lc, i, n_fill, 1, "needle", len(needle)))
+        full = ctx + question
         prefix = _prefix("needle_long_context", full, len(answer), lm.arch.max_positions)
         feeds, targets = _pad_rows([_feed(full[-1], answer)], _pad_id(tok))
-        span = (len(bos) + at, len(bos) + at + len(needle))
         out.append(Example("needle_long_context", i, prefix, feeds, targets,
-                           meta={"needle_span": span, "filler_start": start}))
-    info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc.seed), "context_len": ctx_len,
-            "cache_len": int(out[0].prefix.numel()) if out else 0, "needle_tokens": len(needle),
-            "needle_span": list(out[0].meta["needle_span"]) if out else None, "answer_tokens": len(answer),
-            "needle": NEEDLE_TEMPLATE.format(token=lc.needle_token, value=lc.needle_value),
-            "question": needle_question(lc),
+                           meta={"needle_spans": spans, "filler_start": start, "key": key, "value": value}))
+    info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,
+            "cache_len": int(out[0].prefix.numel()) if out else 0, "needles": lc["needles"],
+            "needle_spans": [list(ex.meta["needle_spans"][0]) for ex in out],
+            "needle": NEEDLE_TEMPLATE.format(token="{key}", value="{value}"),
+            "question": needle_question({**lc, "needle_token": "{key}"}),
+            "distinct_keys": len({ex.meta["key"] for ex in out}),
             "scoring": "exact match by teacher forcing: every answer token must be the argmax "
                        "(= greedy decoding emits the answer's tokens first)"}
     return out, info
 
 
+def build_retrieval(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
+    """kv_retrieval: k key-value lines spread over the old region; one scored row per key, x = the
+    fraction recalled, so partial damage to the context shows as a partial loss."""
+    lc = cfg.data.long_context.to_dict()
+    k = int(task_cfg.get("pairs") or 4)
+    if lc["needles"] == "fixed":
+        raise ConfigError("kv_retrieval needs data.long_context.needles: seeded (distinct keys per example)")
+    tok = lm.tokenizer
+    ctx_len = int(lc["context_len"])
+    bos = _ids(tok, "", special=True)
+    out = []
+    start, n = _span(task_cfg)
+    for i in range(start, start + n):
+        pairs = draw_pairs(lc, i, k, "retrieval-vocab")
+        parts = [needle_parts(lm, lc, key, value) for key, value in pairs]
+        lines = [p[0] for p in parts]
+        tail = max(len(q) + len(a) for _, q, a in parts)
+        n_fill = _fits("kv_retrieval", ctx_len, sum(map(len, lines)) + len(bos), tail, lm.arch.max_positions)
+        fill, start = _filler(sources["wikitext2_ids"], lc, i, n_fill, "kv_retrieval")
+        ctx, spans = _with_needles(bos, fill, lines, _positions(lc, i, n_fill, k, "retrieval",
+                                                             sum(map(len, lines))))
+        prefix = _prefix("kv_retrieval", ctx, tail, lm.arch.max_positions)
+        rows = []
+        for _, question, answer in parts:
+            f, t = _feed(ctx[-1], question + answer)
+            rows.append((f, [IGNORE] * len(question) + t[len(question):]))
+        feeds, targets = _pad_rows(rows, _pad_id(tok))
+        out.append(Example("kv_retrieval", i, prefix, feeds, targets,
+                           meta={"needle_spans": spans, "filler_start": start, "pairs": pairs}))
+    info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,
+            "cache_len": int(out[0].prefix.numel()) if out else 0, "pairs": k,
+            "scoring": "fraction of the k keys whose value is recalled exactly (teacher forcing, argmax)"}
+    return out, info
+
+
 def check_needle(examples: Sequence[Example], time_mask: Callable[[int], torch.Tensor], where: str) -> None:
-    """Raise unless every needle lies inside the corrupted (old) part of its cache."""
+    """Raise unless every needle line lies inside the corrupted (old) part of its cache."""
     for ex in examples:
-        a, b = ex.meta["needle_span"]
         T = int(ex.prefix.numel())
         m = time_mask(T)
-        if b > T or not bool(m[a:b].all()):
-            covered = torch.nonzero(m).flatten()
-            rng = f"[{int(covered[0])}, {int(covered[-1]) + 1})" if covered.numel() else "nothing"
-            raise ConfigError(
-                f"needle_long_context: the needle (tokens [{a}, {b}) of a {T}-token cache) is outside the "
-                f"corrupted region {rng} ({where}); lower data.long_context.position_frac or the recent "
-                "window, or raise data.long_context.context_len")
+        for a, b in ex.meta["needle_spans"]:
+            if b > T or not bool(m[a:b].all()):
+                covered = torch.nonzero(m).flatten()
+                rng = f"[{int(covered[0])}, {int(covered[-1]) + 1})" if covered.numel() else "nothing"
+                raise ConfigError(
+                    f"{ex.task}: a needle line (tokens [{a}, {b}) of a {T}-token cache) is outside the "
+                    f"corrupted region {rng} ({where}); narrow data.long_context.position_range (or lower "
+                    "position_frac), shorten the recent window, or raise data.long_context.context_len")
 
 
 def score_needle(logits: torch.Tensor, ex: Example) -> float:
     mask = ex.targets != IGNORE
     pred = logits.argmax(-1)
     return 1.0 if bool((pred[mask] == ex.targets[mask]).all()) else 0.0
+
+
+def score_retrieval(logits: torch.Tensor, ex: Example) -> float:
+    mask = ex.targets != IGNORE
+    hit = (logits.argmax(-1) == ex.targets) | ~mask
+    return float(hit.all(dim=-1).float().mean())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +413,7 @@ TASKS: dict[str, Task] = {
     "wikitext2_ppl": Task("wikitext2_ppl", "ppl", "perplexity", build_wikitext, score_wikitext),
     "sst2_prompted": Task("sst2_prompted", "accuracy", "accuracy", build_sst2, score_sst2),
     "needle_long_context": Task("needle_long_context", "accuracy", "accuracy", build_needle, score_needle),
+    "kv_retrieval": Task("kv_retrieval", "accuracy", "fraction recalled", build_retrieval, score_retrieval),
 }
 
 
@@ -314,7 +425,7 @@ def load_sources(cfg, lm, names: Sequence[str]) -> dict:
     """Load (once) the data the named tasks need; every entry records where it came from."""
     src: dict = {}
     d = cfg.data.to_dict()
-    if {"wikitext2_ppl", "needle_long_context"} & set(names):
+    if {"wikitext2_ppl", "needle_long_context", "kv_retrieval"} & set(names):
         text, src["wikitext2_source"] = data.load_text(d, "wikitext2")
         src["wikitext2_ids"] = data.tokenize_stream(lm.tokenizer, text)
     if "sst2_prompted" in names:

@@ -90,6 +90,9 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
                       {"name": "needle_long_context", "num_examples": 2}],
             "corruption_eval": {"eps": [0.0, 0.16], "types": ["gaussian", "contiguous_overwrite"]},
             "max_seq_len": 48, "cont_len": 8, "bootstrap_samples": 50,
+            # the reference grid; tests/test_fair_benchmark.py covers the calibrated baselines and oracle_drop
+            "defenses": ["no_defense", "reset_clear", "smoothing", "masking_dropout", "clipping_renorm", "cachemedic"],
+            "validation": {"num_examples": 1},
         },
         "stability": {"num_prompts": 2, "prompt_len": 24, "num_directions": 2, "topk_logits": 50, "N_recent": 8},
         "data": {"use_offline": True, "long_context": {"context_len": 40}},

@@ -51,7 +51,7 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     ev = r["eval_grid"]["cpu"]
     assert "skipped" not in ev
     assert ev["ratio"] > 0 and ev["ratio_vs_computed_cells"] > 0
-    assert ev["grid"]["examples"] == len(ev["grid"]["tasks"]) == 3  # one example per quickstart task
+    assert ev["grid"]["examples"] == len(ev["grid"]["tasks"]) == 4  # one example per quickstart task
     assert ev["cells"] == ev["grid"]["examples"] * ev["grid"]["cells_per_example"]
     assert all(0 < n <= ev["grid"]["cells_per_example"] for n in ev["grid"]["computed_cells_per_example"])
     assert "cachemedic" in ev["grid"]["defenses"]

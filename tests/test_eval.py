@@ -28,7 +28,8 @@ DEFENSES = ["no_defense", "reset_clear", "smoothing", "masking_dropout", "clippi
 METRIC_KEYS = {"task_curves", "clean_metrics", "clean_scores", "score_vs_eps", "score_vs_eps_by_task",
                "robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "clean_regression",
                "best_heuristic_name", "heuristic_auc", "paired_bootstrap", "robustness_auc_by_type",
-               "paired_bootstrap_by_type", "exposure", "overhead"}
+               "paired_bootstrap_by_type", "exposure", "overhead", "best_baseline_choice", "defense_groups", "damage",
+               "damage_by_type", "recovered_fraction", "recovered_fraction_by_type"}
 ROW_KEYS = {"task", "corruption_type", "epsilon", "defense", "value", "score", "n", "ci_low", "ci_high"}
 PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
           "clean_cachemedic_minus_no_defense", "clean_cachemedic_minus_best_heuristic"}
@@ -134,7 +135,10 @@ def test_metrics_keys_shapes_and_files(baseline):
         assert all(len(v["low"]) == len(v["high"]) == len(eps) for v in block["ci"].values())
     best = m["best_heuristic_name"]
     assert best in ev.HEURISTICS
-    assert m["robustness_auc"][best] == max(m["robustness_auc"][h] for h in ev.HEURISTICS)
+    # chosen on the validation grid (held-in types, other examples), never on these test AUCs
+    choice = m["best_baseline_choice"]
+    assert choice["chosen"] == best and set(choice["validation_auc"]) == set(defenses.REFERENCE)
+    assert choice["validation_auc"][best] == max(choice["validation_auc"].values())
     assert m["heuristic_auc"] == m["robustness_auc"]["best_heuristic"] == m["robustness_auc"][best]
     assert set(m["robustness_auc"]) == set(DEFENSES) | {"best_heuristic"} == set(m["robustness_auc_ci"])
     assert m["score_vs_eps"]["best_heuristic"] == m["score_vs_eps"]["per_defense"][best]
@@ -170,9 +174,11 @@ def test_metrics_keys_shapes_and_files(baseline):
     assert {(r["task"], r["epsilon"]) for r in logs} == {(t, e) for t in tasks_ + ["all"] for e in eps}
     assert len(logs) == 8 and all(r["phase"] == "eval" and r["run_id"] == doc["run_id"] for r in logs)
     hb = json.loads((rd / "logs" / "eval_heartbeat.json").read_text())
-    assert hb["status"] == "completed" and hb["step"] == hb["total_steps"] == 9
+    assert hb["status"] == "completed" and hb["step"] == hb["total_steps"] == 9 + 3  # 3 validation units
     prog = json.loads((rd / "metrics" / "eval_progress.json").read_text())
-    assert prog["status"] == "completed" and prog["completed_units"] == prog["total_units"] == 9
+    assert prog["status"] == "completed" and prog["completed_units"] == prog["total_units"] == 9 + 3
+    # validation examples come after the test ones: one per task
+    assert set(prog["validation_units"]) == {"wikitext2_ppl/00003", "sst2_prompted/00004", "needle_long_context/00002"}
     assert set(prog["units"]) == {f"{t}/{i:05d}" for t, n in (("wikitext2_ppl", 3), ("sst2_prompted", 4),
                                                               ("needle_long_context", 2)) for i in range(n)}
 
@@ -227,7 +233,7 @@ def test_all_defenses_see_the_same_corrupted_cache(tiny_cfg, tiny_lm, monkeypatc
         heur_inputs = {}
         for name, k, v in g["inputs"]:
             heur_inputs.setdefault(name, []).append((k, v))
-        assert set(heur_inputs) == set(ev.HEURISTICS)
+        assert set(heur_inputs) == set(defenses.REFERENCE)
         for layer_i, layer in enumerate(sorted(nd.overrides)):
             k_nd, v_nd = nd.overrides[layer]
             # cachemedic reads exactly the corrupted cache no_defense reads
@@ -298,13 +304,15 @@ def test_pause_request_then_resume_is_bit_identical(baseline, tmp_path, monkeypa
     assert not (rd / "control" / "pause.request").exists()
     assert not (rd / "metrics" / "task_metrics.json").exists()
     prog = json.loads((rd / "metrics" / "eval_progress.json").read_text())
-    assert prog["status"] == "paused" and prog["completed_units"] == 2 and len(prog["units"]) == 2
+    assert prog["status"] == "paused" and prog["completed_units"] == 2
+    assert len(prog["units"]) + len(prog["validation_units"]) == 2
     hb = json.loads((rd / "logs" / "eval_heartbeat.json").read_text())
     assert hb["status"] == "paused" and hb["step"] == 2
 
     calls.clear()
     assert ev.main(args(baseline["cfg_path"], rd)) == EXIT_OK
-    assert len(calls) == 7 and not set(calls) & set(prog["units"])  # exactly the unfinished units
+    done = set(prog["units"]) | set(prog["validation_units"])
+    assert len(calls) == 12 - 2 and not set(calls) & done  # exactly the unfinished units (3 of them validation)
     assert metrics_bytes(rd) == metrics_bytes(baseline["rd"])
     assert len(read_jsonl(rd / "logs" / "eval.jsonl")) == 8
     statuses = [r["status"] for r in read_jsonl(rd / "logs" / "eval_heartbeat.jsonl")]

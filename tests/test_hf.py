@@ -168,3 +168,51 @@ def test_embedded_model_loads_fast_and_hook_is_identity():
     with torch.no_grad():
         out, _ = hf.forward(lm.model, ids, plan=hf.HookPlan(layers=frozenset(range(30))))
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kind", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropped_entries_have_no_influence(tiny_lm, arch, kind):
+    # what attention is told to ignore may hold anything: the logits do not move
+    lm = tiny_lm(arch)
+    lm.model.set_attn_implementation(hf.HOOK_NAMES[kind])
+    try:
+        ids = _ids(lm, n=24)
+        layers = frozenset(range(lm.arch.num_layers))
+        H = lm.arch.num_kv_heads
+
+        def drop(layer, T):
+            d = torch.zeros(1, H, T, dtype=torch.bool)
+            d[:, :, 5:9] = True  # positions 5-8 of every KV head (a query at 5-8 still reads itself)
+            return d
+
+        def garbage(layer, k, v):
+            g = torch.Generator().manual_seed(layer)
+            k, v = k.clone(), v.clone()
+            k[:, :, 5:9] = 50 * torch.randn(k[:, :, 5:9].shape, generator=g)
+            v[:, :, 5:9] = 50 * torch.randn(v[:, :, 5:9].shape, generator=g)
+            return k, v
+
+        with torch.no_grad():
+            plain, _ = hf.forward(lm.model, ids, plan=hf.HookPlan(layers=layers))
+            dropped, _ = hf.forward(lm.model, ids, plan=hf.HookPlan(layers=layers, drop=drop))
+            both, _ = hf.forward(lm.model, ids, plan=hf.HookPlan(layers=layers, drop=drop, on_read=garbage))
+            nothing, _ = hf.forward(lm.model, ids, plan=hf.HookPlan(
+                layers=layers, drop=lambda l, T: torch.zeros(1, H, T, dtype=torch.bool)))
+        assert torch.equal(nothing, plain)  # an empty drop leaves the kernel's own path untouched
+        assert torch.allclose(dropped[:, 9:], both[:, 9:], atol=1e-5)  # the dropped content is never read
+        assert not torch.allclose(dropped[:, 9:], plain[:, 9:], atol=1e-4)  # the drop itself acts
+        assert torch.equal(dropped[:, :5], plain[:, :5])  # causal: earlier positions are untouched
+        assert torch.isfinite(both).all()
+    finally:
+        lm.model.set_attn_implementation(hf.HOOK_NAMES["eager"])
+
+
+def test_dropping_everything_keeps_each_query_on_itself(tiny_lm):
+    lm = tiny_lm("llama")
+    ids = _ids(lm, n=12)
+    plan = hf.HookPlan(layers=frozenset(range(lm.arch.num_layers)),
+                       drop=lambda l, T: torch.ones(1, lm.arch.num_kv_heads, T, dtype=torch.bool))
+    with torch.no_grad():
+        out, _ = hf.forward(lm.model, ids, plan=plan)
+    assert torch.isfinite(out).all()

@@ -1,4 +1,6 @@
-"""plots: figures, tables and report from small hand-made metrics files (tests/data/metrics/)."""
+"""plots: figures, tables and report from small hand-made metrics files (tests/data/metrics/):
+task_metrics.json is an older file (no fair-benchmark keys), task_metrics_fair.json a schema-valid one
+with calibrated baselines, oracle_drop, damage and recovered fractions."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachemedicpp import ROOT, plots
+from cachemedicpp import ROOT, plots, results
 
 DATA = Path(__file__).parent / "data" / "metrics"
 EXPECTED = {
@@ -28,12 +30,16 @@ def _load(name: str) -> dict:
     return json.loads((DATA / name).read_text())
 
 
-def make_run(tmp_path: Path, task=None, stab=None, config: bool = True) -> Path:
-    """A run dir holding the fixture metrics, optionally edited by `task(d)` / `stab(d)`."""
+FAIR = "task_metrics_fair.json"
+
+
+def make_run(tmp_path: Path, task=None, stab=None, config: bool = True, task_file: str = "task_metrics.json") -> Path:
+    """A run dir holding the fixture metrics (the task file: `task_file`), optionally edited by `task(d)` /
+    `stab(d)`."""
     rd = tmp_path / "run"
     (rd / "metrics").mkdir(parents=True)
     for name, edit in (("task_metrics.json", task), ("stability_metrics.json", stab)):
-        d = _load(name)
+        d = _load(task_file if name == "task_metrics.json" else name)
         if edit is not None:
             edit(d)
         (rd / "metrics" / name).write_text(json.dumps(d))
@@ -107,6 +113,10 @@ def test_outputs_from_sample_metrics(tmp_path):
     assert abl.count(r"\begin{tabular}") == 2
 
     report = (rd / "paper" / "report.md").read_text()
+    # an older metrics file: no damage, recovered fractions or validation choice, shown as such
+    assert "Damage (clean − no defense) = — (not in this metrics file)" in report
+    assert "| recovered fraction, 95% CI | — | — | — | — |" in report
+    assert "this metrics file records no validation choice" in report and "beats" not in report
     for needle in ("0.8567", "0.8517", "24.00", "0.1008 [0.0958, 0.1058]", "0.0742 [0.0705, 0.0779]",
                    "0.0412 [0.0321, 0.0507]", "excludes zero", "includes zero", "**smoothing**",
                    "δ = 1: no defense 5.300; cachemedic 2.610", "δ = 2: no defense 10.60", "0.49×",
@@ -280,7 +290,7 @@ def test_no_heuristic_evaluated_and_partial_overhead(tmp_path):
     check_table(main, ["No defense &", "CacheMedic &"])
     assert "Best heuristic" not in main
     report = (rd / "paper" / "report.md").read_text()
-    assert "No heuristic defense was evaluated" in report
+    assert "No baseline candidate was evaluated" in report
     assert "loto_holdout_quant_noise (held out: quant_noise)" in report
     assert "smoothing n/a tokens/s" in report
 
@@ -299,10 +309,115 @@ def test_report_lists_each_corruption_type(tmp_path):
     rd = make_run(tmp_path, task=by_type)
     assert plots.run(rd) == 0
     report = (rd / "paper" / "report.md").read_text()
-    assert "| gaussian | 0.3100 | 0.3000 | 0.3500 | 0.0400 [0.0100, 0.0700]* | 0.0500 [-0.0100, 0.1000] |" in report
-    assert "| quant_noise | 0.4800 | 0.3900 | 0.4700 | -0.0100 [-0.0300, 0.0200] | – |" in report
+    # an older file: no damage, oracle_drop or recovered fractions per type ("—")
+    assert ("| gaussian | — | 0.3100 | 0.3000 | — | 0.3500 | — | — | — | 0.0400 [0.0100, 0.0700]* | "
+            "0.0500 [-0.0100, 0.1000] |") in report
+    assert ("| quant_noise | — | 0.4800 | 0.3900 | — | 0.4700 | — | — | — | -0.0100 [-0.0300, 0.0200] | — |"
+            in report)
 
     rd2 = make_run(tmp_path / "one", task=lambda d: d["metrics"].update(
         robustness_auc_by_type={"gaussian": {"no_defense": 0.3, "cachemedic": 0.3}}))
     assert plots.run(rd2) == 0
     assert "By corruption type" not in (rd2 / "paper" / "report.md").read_text()  # one type: nothing to split
+
+
+# --------------------------------------------------------------------------------------------------
+# the fair benchmark: calibrated baselines, oracle_drop, damage, recovered fractions
+
+
+def test_fair_fixture_is_a_valid_task_metrics_file():
+    """The fixture is held to the schema, so the plots are tested against what eval writes."""
+    assert results.validate(_load(FAIR), results.TASK_METRICS_SCHEMA) == []
+
+
+def test_fair_metrics_table_and_report(tmp_path):
+    rd = make_run(tmp_path, task_file=FAIR)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED
+    main = (rd / "paper" / "tables" / "table_main_results.tex").read_text()
+    check_table(main, [
+        "Clean (ceiling) & 0.8567 & 24.00 & 0.1371 & 1 (by definition) & --- \\\\",
+        "No defense & 0.8567 & 24.00 & 0.0742 [0.0702, 0.0782] & 0 (by definition) & --- \\\\",
+        r"Best baseline (chosen on validation data: range\_clamp, calibrated) & 0.8501 & 24.16 & "
+        r"0.0865 [0.0825, 0.0905] & 0.1956 [0.1056, 0.2856] & --- \\",
+        r"oracle\_drop (ceiling) & 0.8567 & 24.00 & 0.1205 [0.1165, 0.1245] & 0.7368 [0.6468, 0.8268] & --- \\",
+        r"CacheMedic & 0.8517 & 24.12 & 0.1008 [0.0968, 0.1048] & 0.4231 [0.3331, 0.5131] & "
+        r"0.0266 [0.0173, 0.0359] \\"])
+    assert "Best calibrated baseline" not in main  # the best baseline is the calibrated one
+    assert "Damage (clean $-$ no defense) = 0.0629 [0.0568, 0.0690]" in main
+    assert "24 validation examples" in main and "best heuristic" not in main.lower()
+
+    report = (rd / "paper" / "report.md").read_text()
+    assert "Damage (clean − no defense) = 0.0629 [0.0568, 0.0690]" in report
+    assert "Best baseline (chosen on validation data: **range_clamp**, calibrated baseline)" in report
+    assert "validation AUC range_clamp 0.0872, smoothing 0.0841" in report
+    assert ("| | clean (ceiling) | no defense | best baseline (chosen on validation data: range_clamp, calibrated) | "
+            "oracle_drop (ceiling) | cachemedic |") in report
+    assert ("| recovered fraction, 95% CI | 1 (by definition) | 0 (by definition) | 0.1956 [0.1056, 0.2856] | "
+            "0.7368 [0.6468, 0.8268] | 0.4231 [0.3331, 0.5131] |") in report
+    assert ("| robustness AUC, 95% CI | 0.1371 | 0.0742 [0.0702, 0.0782] | 0.0865 [0.0825, 0.0905] | "
+            "0.1205 [0.1165, 0.1245] | 0.1008 [0.0968, 0.1048] |") in report
+    # per type: damage, AUCs and the recovered fractions of the best baseline, oracle_drop and cachemedic
+    assert ("| gaussian | 0.0535 [0.0455, 0.0615] | 0.0836 | 0.0971 | 0.1346 | 0.1129 | 0.2530 [0.1330, 0.3730] | "
+            "0.9534 [0.8334, 1.073] | 0.5474 [0.4274, 0.6674] | 0.0293 [0.0183, 0.0403]* | "
+            "0.0157 [0.0037, 0.0277]* |") in report
+    assert "best heuristic" not in report.lower() and "beats" not in report
+    assert ("- Calibrated baselines: calibrated on 4096 tokens of offline:data/offline/train_corpus.txt (clean "
+            "training text), layers 8–11") in report and "range_clamp q = 0.001 (clean cost +0.33%)" in report
+
+
+def test_fair_metrics_best_baseline_is_a_reference_heuristic(tmp_path):
+    """When validation picks a reference heuristic, the best calibrated baseline gets its own row; a null
+    recovered fraction (no damage) says so."""
+    def task(d):
+        m = d["metrics"]
+        m["best_heuristic_name"] = m["best_baseline_choice"]["chosen"] = "smoothing"
+        m["best_baseline_choice"]["validation_auc"]["smoothing"] = 0.09
+        m["robustness_auc"]["best_heuristic"] = m["robustness_auc"]["smoothing"]
+        m["robustness_auc_ci"]["best_heuristic"] = m["robustness_auc_ci"]["smoothing"]
+        m["recovered_fraction"]["oracle_drop"] = {"value": None, "ci_low": None, "ci_high": None}
+
+    rd = make_run(tmp_path, task, task_file=FAIR)
+    assert plots.run(rd) == 0
+    main = (rd / "paper" / "tables" / "table_main_results.tex").read_text()
+    check_table(main, [
+        r"Best baseline (chosen on validation data: smoothing, reference heuristic, oracle region) & 0.8367",
+        r"Best calibrated baseline (chosen on validation data: range\_clamp) & 0.8501 & 24.16 & "
+        r"0.0865 [0.0825, 0.0905] & 0.1956 [0.1056, 0.2856] & --- \\",
+        r"oracle\_drop (ceiling) & 0.8567 & 24.00 & 0.1205 [0.1165, 0.1245] & n/a (no damage) & --- \\"])
+    report = (rd / "paper" / "report.md").read_text()
+    assert "Best baseline (chosen on validation data: **smoothing**, reference heuristic (oracle region))" in report
+
+
+def test_fig_a_draws_ceilings_groups_and_calibrated_baselines(tmp_path, monkeypatch):
+    inp = plots.load_inputs(make_run(tmp_path, task_file=FAIR))
+    lines = {ln["style"]["label"]: ln for ln in plots.figures._panel_lines(inp, inp.curves, references=True)}
+    clean, ceiling = lines["clean (ceiling)"], lines["oracle_drop (ceiling)"]
+    assert clean["style"]["ls"] == ":" and np.allclose(clean["y"], 0.8567)  # no defense's clean score, flat
+    assert ceiling["style"]["ls"] == "--" and ceiling["style"]["color"] == plots.figures.GREY
+    best = lines["best baseline: range_clamp (calibrated, chosen on validation data)"]
+    other = lines["norm_outlier_drop (calibrated)"]
+    own = [ln["style"]["color"] for ln in lines.values() if not ln["ref"] and ln not in (clean, ceiling)]
+    assert len(own) == 4 and len(set(own)) == 4  # no defense, two calibrated baselines, cachemedic: own colours
+    assert best["style"]["ls"] == "--" and other["style"]["ls"] == "-."
+    assert {k for k, ln in lines.items() if ln["ref"]} == {"reset_clear", "smoothing", "masking_dropout",
+                                                            "clipping_renorm"}
+    from matplotlib.axes import Axes
+
+    titles, orig = [], Axes.legend
+
+    def spy(self, *a, **k):
+        titles.append(k.get("title"))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Axes, "legend", spy)
+    with Image.open(io.BytesIO(plots.fig_score_vs_eps(inp))) as im:
+        assert im.width >= 600
+    assert titles == ["reference heuristics, oracle region"]
+
+
+def test_fig_a_labels_of_an_older_file(tmp_path):
+    """Without a validation choice the best is still called the best heuristic (it was chosen on test data)."""
+    inp = plots.load_inputs(make_run(tmp_path))
+    labels = [ln["style"]["label"] for ln in plots.figures._panel_lines(inp, inp.curves, references=False)]
+    assert labels == ["clean (ceiling)", "no defense", "best heuristic (smoothing)", "cachemedic"]

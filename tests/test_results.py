@@ -128,8 +128,13 @@ def test_reader_constants_are_keys_of_the_typeddicts():
     tm, sm = results.TaskMetrics.__annotations__, results.StabilityMetrics.__annotations__
     for key in (results.BEST_HEURISTIC_NAME, results.ROBUSTNESS_AUC, results.ROBUSTNESS_AUC_CI,
                 results.CLEAN_REGRESSION, results.PAIRED_BOOTSTRAP, results.OVERHEAD, results.SCORE_VS_EPS,
-                results.SCORE_VS_EPS_BY_TASK):
+                results.SCORE_VS_EPS_BY_TASK, results.ROBUSTNESS_AUC_BY_TASK, results.ROBUSTNESS_AUC_BY_TYPE,
+                results.CLEAN_SCORES, results.PAIRED_BOOTSTRAP_BY_TYPE, results.BEST_BASELINE_CHOICE,
+                results.DEFENSE_GROUPS, results.DAMAGE, results.DAMAGE_BY_TYPE, results.RECOVERED_FRACTION,
+                results.RECOVERED_FRACTION_BY_TYPE):
         assert key in tm, key
+    for key in (results.CALIBRATION, results.VALIDATION, results.OOD_SPLIT):
+        assert key in results.TaskSettings.__annotations__, key
     for key in (results.SENS_KEY, results.AMP_KEY, results.STAB_SETTINGS_KEY):
         assert key in sm, key
     assert set(results.MAP_DEFENSES) <= set(results.AmplificationMap.__annotations__)
@@ -141,6 +146,73 @@ def test_reader_constants_are_keys_of_the_typeddicts():
         == set(results.StabilityMetricsFile.__annotations__)
     # the writers' own spellings agree with the shared ones
     assert ev.REPAIR_NAME == results.CACHEMEDIC and stability.MAP_DEFENSES == results.MAP_DEFENSES
+
+
+# --------------------------------------------------------------------------------------------------
+# the fair benchmark's keys (issue 16)
+
+
+FAIR = Path(__file__).parent / "data" / "metrics" / "task_metrics_fair.json"
+
+
+def _props(schema: dict, name: str) -> dict:
+    return schema["$defs"][name]["properties"]
+
+
+def test_fair_benchmark_keys_are_described():
+    schema = results.json_schema(results.TaskMetricsFile)
+    m = _props(schema, "TaskMetrics")
+    assert "validation" in m[results.BEST_HEURISTIC_NAME]["description"]
+    assert m[results.BEST_BASELINE_CHOICE]["anyOf"] == [{"$ref": "#/$defs/BestBaselineChoice"}, {"type": "null"}]
+    assert set(_props(schema, "BestBaselineChoice")) == {"rule", "types", "examples", "validation_auc",
+                                                         "validation_auc_no_defense", "chosen"}
+    assert m[results.DEFENSE_GROUPS]["additionalProperties"] == {"enum": list(results.DEFENSE_GROUP_NAMES)}
+    assert results.DEFENSE_GROUP_NAMES == ("baseline", "reference heuristic (oracle region)", "calibrated baseline",
+                                           "ceiling", "learned")
+    assert m[results.DAMAGE]["$ref"] == "#/$defs/Damage"
+    assert m[results.DAMAGE_BY_TYPE]["additionalProperties"] == {"$ref": "#/$defs/Damage"}
+    assert set(_props(schema, "Damage")) == {"auc_clean", "auc_no_defense", "diff", "ci_low", "ci_high", "n"}
+    assert "ceiling" in _props(schema, "Damage")["auc_clean"]["description"]
+    rf = _props(schema, "RecoveredFraction")
+    assert set(rf) == {"value", "ci_low", "ci_high"} and all(v["type"] == ["number", "null"] for v in rf.values())
+    assert "damage is 0" in rf["value"]["description"]
+    assert m[results.RECOVERED_FRACTION_BY_TYPE]["additionalProperties"]["additionalProperties"] == {
+        "$ref": "#/$defs/RecoveredFraction"}
+    st = _props(schema, "TaskSettings")
+    assert st[results.CALIBRATION]["anyOf"][1] == st[results.VALIDATION]["anyOf"][1] == {"type": "null"}
+    assert st[results.DEFENSE_GROUPS] == {**m[results.DEFENSE_GROUPS], "description": st[results.DEFENSE_GROUPS][
+        "description"]}  # settings repeats metrics.defense_groups
+    assert set(_props(schema, "CalibrationRecord")) == {
+        "format", "hash", "data_source", "windows", "select_windows", "window_len", "tokens", "layers",
+        "sink_tokens", "keys", "rule", "selection", "chosen"}
+    assert set(_props(schema, "CalibrationTry")) == {"q", "ppl", "cost"}
+    assert set(_props(schema, "ValidationSettings")) == {"num_examples", "types", "start"}
+    info = _props(schema, "TaskInfo")
+    assert {"needles", "needle_spans", "distinct_keys", "needle", "question", "pairs", "start"} <= set(info)
+    assert not {"needle_span", "needle_tokens", "answer_tokens"} & set(info)
+    assert "fraction recalled" in info["value_name"]["enum"]
+
+
+def test_fair_fixture_validates_and_broken_fair_keys_are_named():
+    doc = json.loads(FAIR.read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    m, st = doc["metrics"], doc["settings"]
+    m["defense_groups"]["oracle_drop"] = "oracle"
+    m["recovered_fraction"]["cachemedic"]["value"] = "high"
+    del m["damage"]["auc_clean"]
+    m["best_baseline_choice"]["validation_auc"]["smoothing"] = None
+    st["tasks"]["needle_long_context"]["needle_span"] = [1, 2]
+    st["calibration"]["chosen"]["range_clamp"]["index"] = 0.5
+    st["validation"] = {"types": ["gaussian"]}
+    problems = results.validate(doc, results.TASK_METRICS_SCHEMA)
+    joined = "\n".join(problems)
+    assert any(p.startswith("metrics.defense_groups.oracle_drop:") for p in problems), joined
+    assert any(p.startswith("metrics.recovered_fraction.cachemedic.value:") for p in problems), joined
+    assert "metrics.damage.auc_clean: required key missing" in problems, joined
+    assert any(p.startswith("metrics.best_baseline_choice.validation_auc.smoothing:") for p in problems), joined
+    assert any(p.startswith("settings.tasks.needle_long_context:") and "needle_span" in p for p in problems), joined
+    assert any(p.startswith("settings.calibration.chosen.range_clamp.index:") for p in problems), joined
+    assert any(p.startswith("settings.validation") for p in problems), joined
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +244,15 @@ SMALL = {
 }
 
 
+# every defense group: reference heuristics, calibrated baselines (a tiny calibration), oracle_drop, cachemedic
+EVERY_DEFENSE = {
+    "eval.defenses": ["no_defense", "range_clamp", "norm_outlier_drop", "reset_clear", "smoothing", "masking_dropout",
+                      "clipping_renorm", "oracle_drop", "cachemedic"],
+    "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
+    "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8, "baseline.calibration.sink_tokens": 2,
+}
+
+
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, tiny_model_dir, tiny_lm) -> dict:
     """Metrics files of tiny runs that between them take every optional branch of the writers:
@@ -193,7 +274,7 @@ def real(tmp_path_factory, tiny_model_dir, tiny_lm) -> dict:
 def _real_runs(root: Path, tiny_model_dir, tiny_lm, tiny_config) -> dict:
     out = {}
     # A
-    data_a = tiny_config(tiny_model_dir("llama"), **{**SMALL, "eval.measure_overhead": True})
+    data_a = tiny_config(tiny_model_dir("llama"), **{**SMALL, **EVERY_DEFENSE, "eval.measure_overhead": True})
     cfg_a = load_config(data=data_a)
     arch = tiny_lm("llama").arch
     rd_a = root / "a"
@@ -225,12 +306,19 @@ def test_real_files_take_the_optional_branches(real):
     """The fixture really exercises what the schemas make optional or nullable."""
     a, b = real["task_a"], real["task_b"]
     assert a["metrics"]["overhead"] and a["settings"]["overhead"] and b["metrics"]["overhead"] is None
-    assert a["metrics"]["best_heuristic_name"] in defenses.DEFENSES and b["metrics"]["best_heuristic_name"] is None
+    assert a["metrics"]["best_heuristic_name"] in defenses.CANDIDATES and b["metrics"]["best_heuristic_name"] is None
     assert len(a["metrics"]["paired_bootstrap"]) == 4 and b["metrics"]["paired_bootstrap"] == {}
     assert b["settings"]["ood_split"]["test_type"] == "gaussian" and a["settings"]["ood_split"] is None
     assert a["settings"]["checkpoint"]["status"] == "loaded" and "config_hash" in a["settings"]["checkpoint"]
     assert set(a["settings"]["tasks"]) == {"wikitext2_ppl", "sst2_prompted", "needle_long_context"}
     assert a["settings"]["tasks"]["sst2_prompted"]["demo_source"]
+    # the fair benchmark: a calibration, a validation grid and a choice in A; none of them in B
+    assert a["settings"]["calibration"]["chosen"] and b["settings"]["calibration"] is None
+    assert a["settings"]["validation"]["types"] and b["settings"]["validation"] is None
+    assert a["metrics"]["best_baseline_choice"]["chosen"] == a["metrics"]["best_heuristic_name"]
+    assert b["metrics"]["best_baseline_choice"] is None and b["metrics"]["recovered_fraction"] == {}
+    assert {"oracle_drop", "range_clamp", "cachemedic"} <= set(a["metrics"]["recovered_fraction"])
+    assert b["metrics"]["damage"]["n"] == 2 and set(b["metrics"]["damage_by_type"]) == {"gaussian"}
     sa, sb = real["stab_a"], real["stab_b"]
     assert sa["settings"]["paired_run"] and sb["settings"]["paired_run"] is None
     assert sa["metrics"][results.SENS_KEY]["points"][1]["cachemedic_no_contr"] is not None
@@ -238,6 +326,7 @@ def test_real_files_take_the_optional_branches(real):
     assert sb["settings"]["repair"]["identity_operator"] and "note" in sb["settings"]["repair"]
     assert sb["settings"]["window"] is not None and sa["settings"]["window"] is None
     assert sa["settings"]["heuristic"] == a["metrics"][results.BEST_HEURISTIC_NAME]
+    assert set(a["metrics"]["defense_groups"].values()) == set(results.DEFENSE_GROUP_NAMES)
     assert sb["settings"]["sliding_layers"] and sb["settings"]["heuristic_origin"].startswith("stability.heuristic")
 
 

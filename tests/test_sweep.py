@@ -252,6 +252,14 @@ def test_two_run_sweep_end_to_end(reference):
     assert g["metrics"]["auc_diff.cachemedic_minus_no_defense"]["ci95"] is not None
     md = (reference / "summary.md").read_text()
     assert "| plain | completed |" in md and "## Group g" in md
+    # the leave-one-type-out run gets its row from what eval really wrote
+    (row,) = summary["loto"]["rows"]
+    lm = json.loads((reference / "loto" / METRIC_FILES[0]).read_text())["metrics"]
+    assert row["run"] == "loto" and row["test_type"] == HELD_OUT and row["best_baseline"] == lm["best_heuristic_name"]
+    assert row["damage"]["diff"] == lm["damage_by_type"][HELD_OUT]["diff"]
+    assert row["recovered_fraction"]["cachemedic"]["value"] == lm["recovered_fraction_by_type"][HELD_OUT]["cachemedic"][
+        "value"]
+    assert (reference / summary["loto"]["figure"]).is_file() and "## Leave-one-type-out" in md
 
 
 def test_pause_mid_run_then_resume_is_bit_identical(tmp_path, base_config, reference, monkeypatch):
@@ -390,3 +398,110 @@ def test_missing_ray_is_a_clear_error(tmp_path, base_config, monkeypatch, capsys
     assert rc == EXIT_BAD_INPUT
     assert "--launcher ray needs Ray" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the leave-one-type-out table and figure (fake run metrics, no model)
+
+
+FAIR = Path(__file__).parent / "data" / "metrics" / "task_metrics_fair.json"
+
+
+def _fake_run(sweep_dir: Path, name: str, test_type: str | None, edit=None) -> None:
+    """A run dir whose plots phase is done and whose task metrics are the fair fixture, with its OOD split."""
+    rd = sweep_dir / name
+    (rd / "metrics").mkdir(parents=True)
+    (rd / "paper").mkdir()
+    (rd / "paper" / "report.md").write_text("done\n")
+    d = json.loads(FAIR.read_text())
+    d["settings"]["ood_split"] = None if test_type is None else {
+        "name": f"loto_holdout_{test_type}", "train_types": ["dropout_zero"], "test_type": test_type}
+    if edit is not None:
+        edit(d["metrics"])
+    (rd / "metrics" / "task_metrics.json").write_text(json.dumps(d))
+
+
+def test_loto_table_and_figure_from_run_metrics(tmp_path, base_config):
+    from PIL import Image
+    from cachemedicpp.sweep.summary import loto_summary
+
+    doc = {"sweep_name": "loto", "base_config": str(base_config), "phases": ["plots"], "runs": [
+        {"name": "plain"},
+        {"name": "hold_gauss", "overrides": {"eval.ood_protocol": "loto_holdout_gaussian"}},
+        {"name": "hold_over", "overrides": {"eval.ood_protocol": f"loto_holdout_{HELD_OUT}"}},
+        {"name": "hold_old", "overrides": {"eval.ood_protocol": "loto_holdout_quant_noise"}}]}
+    plan = sweep.load_plan(write_sweep(tmp_path, doc), str(tmp_path / "out"))
+    sweep_dir = plan.dir.path
+    _fake_run(sweep_dir, "plain", None)
+    _fake_run(sweep_dir, "hold_gauss", "gaussian")  # the file has gaussian's per-type entries: those are used
+
+    def only_overall(m):  # a run that evaluated the held-out type alone: no per-type breakdown
+        for k in ("robustness_auc_by_type", "paired_bootstrap_by_type", "damage_by_type",
+                  "recovered_fraction_by_type"):
+            m.pop(k)
+        m["recovered_fraction"]["oracle_drop"] = {"value": None, "ci_low": None, "ci_high": None}
+
+    _fake_run(sweep_dir, "hold_over", HELD_OUT, only_overall)
+
+    def older(m):  # before the fair benchmark: no damage, recovered fractions or oracle_drop
+        for k in ("damage", "damage_by_type", "recovered_fraction", "recovered_fraction_by_type",
+                  "best_baseline_choice", "defense_groups", "robustness_auc_by_type"):
+            m.pop(k)
+        m["robustness_auc"].pop("oracle_drop")
+
+    _fake_run(sweep_dir, "hold_old", "quant_noise", older)
+
+    summary = sweep.Summary(plan).write("completed")
+    on_disk = json.loads(plan.dir.summary_json.read_text())
+    assert on_disk["loto"] == summary["loto"]
+    rows = {r["run"]: r for r in summary["loto"]["rows"]}
+    assert [r["test_type"] for r in summary["loto"]["rows"]] == [HELD_OUT, "gaussian", "quant_noise"]
+    assert "plain" not in rows  # not a leave-one-type-out run
+
+    g = rows["hold_gauss"]
+    assert g["best_baseline"] == "range_clamp"
+    assert g["auc"] == {"clean": 0.13707, "no_defense": 0.0836, "best_heuristic": 0.09713, "oracle_drop": 0.13458,
+                        "cachemedic": 0.11287}
+    assert g["damage"]["diff"] == 0.05347 and g["damage"]["ci_low"] == 0.04547
+    assert g["recovered_fraction"]["cachemedic"] == {"value": 0.5474, "ci_low": 0.4274, "ci_high": 0.6674}
+    assert g["recovered_fraction"]["best_heuristic"]["value"] == 0.253
+    assert g["cachemedic_minus_no_defense"]["diff"] == 0.02927
+
+    o = rows["hold_over"]  # the overall numbers
+    assert o["auc"]["no_defense"] == 0.07418 and o["damage"]["diff"] == 0.06289
+    assert o["recovered_fraction"]["oracle_drop"] == {"value": None, "ci_low": None, "ci_high": None}
+    assert o["cachemedic_minus_no_defense"]["diff"] == 0.02661
+
+    old = rows["hold_old"]
+    assert old["damage"] is None and old["auc"]["clean"] is None and old["auc"]["oracle_drop"] is None
+    assert all(v is None for v in old["recovered_fraction"].values())
+
+    md = plan.dir.summary_md.read_text()
+    assert "## Leave-one-type-out: per held-out type" in md
+    assert ("| gaussian | hold_gauss | 0.1371 | 0.0836 | 0.09713 (range_clamp) | 0.1346 | 0.1129 | "
+            "0.05347 [0.04547, 0.06147] | 0.253 [0.133, 0.373] | 0.9534 [0.8334, 1.073] | 0.5474 [0.4274, 0.6674] | "
+            "0.02927 [0.01827, 0.04027] |") in md
+    assert (f"| {HELD_OUT} | hold_over | 0.1371 | 0.07418 | 0.08648 (range_clamp) | 0.1205 | 0.1008 | "
+            "0.06289 [0.05679, 0.06899] | 0.1956 [0.1056, 0.2856] | n/a | 0.4231 [0.3331, 0.5131] | ") in md
+    assert ("| quant_noise | hold_old | – | 0.07418 | 0.08648 (range_clamp) | – | 0.1008 | – | – | – | – | "
+            "0.02661 [0.01731, 0.03591] |") in md
+    assert "![Recovered fraction per held-out type](loto_summary.png)" in md
+    assert summary["loto"]["figure"] == "loto_summary.png" == plan.dir.loto_figure.name
+    with Image.open(plan.dir.loto_figure) as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 400
+
+    # group statistics leave the per-run CIs and the held-out block out
+    flat = sweep.numeric_metrics(sweep.run_metrics(sweep_dir / "hold_gauss"))
+    assert "recovered_fraction.cachemedic.value" in flat and "damage.diff" in flat
+    assert not any(k.startswith("held_out") or k.endswith((".ci_low", ".ci_high")) for k in flat)
+    assert loto_summary([{"name": "plain", "status": "completed", "metrics": {}}]) is None
+
+
+def test_no_loto_runs_no_loto_section(tmp_path, base_config):
+    doc = {"sweep_name": "plain", "base_config": str(base_config), "phases": ["plots"], "runs": [{"name": "a"}]}
+    plan = sweep.load_plan(write_sweep(tmp_path, doc), str(tmp_path / "out"))
+    _fake_run(plan.dir.path, "a", None)
+    summary = sweep.Summary(plan).write("completed")
+    assert summary["loto"] is None and not plan.dir.loto_figure.exists()
+    assert "Leave-one-type-out" not in plan.dir.summary_md.read_text()

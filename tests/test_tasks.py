@@ -73,22 +73,32 @@ def test_needle_inside_old_region_and_fits(tiny_cfg, tiny_lm):
     lm = tiny_lm("llama")
     cfg = _cfg(tiny_cfg)
     exs, info = _build(cfg, lm, "needle_long_context")
-    needle, question, answer = tasks.needle_parts(lm, cfg.data.long_context)
     cor = corruption.Corruptor(cfg.corruption.to_dict(), [0, 1], lm.arch.num_kv_heads, cfg.seed)
     for ex in exs:
-        a, b = ex.meta["needle_span"]
+        key, value = ex.meta["key"], ex.meta["value"]
+        needle, question, answer = tasks.needle_parts(lm, cfg.data.long_context.to_dict(), key, value)
+        (a, b), = ex.meta["needle_spans"]
         assert ex.prefix[a:b].tolist() == needle
         mask = cor.time_mask(ex.prefix.numel())
         assert mask[a:b].all()  # inside the corrupted old region
         assert ex.prefix.numel() + 1 + len(answer) <= lm.arch.max_positions
         assert ex.targets[0].tolist() == answer
         assert lm.tokenizer.decode(ex.prefix.tolist() + [int(ex.feeds[0, 0])]).endswith(
-            "Question: What is the_key? Answer: the_key =")
+            f"Question: What is {key}? Answer: {key} =")
     tasks.check_needle(exs, cor.time_mask, "test")
     assert exs[0].meta["filler_start"] != exs[1].meta["filler_start"]
+    # keys, values and positions are drawn per example (seeded: the same on every build)
+    many = _cfg(tiny_cfg, **{"eval.tasks": [{"name": "needle_long_context", "num_examples": 8}]})
+    exs8, info8 = _build(many, lm, "needle_long_context")
+    assert len({e.meta["key"] for e in exs8}) == 8 and info8["distinct_keys"] == 8
+    assert len({e.meta["needle_spans"][0][0] for e in exs8}) > 1
+    assert [e.meta["key"] for e in _build(many, lm, "needle_long_context")[0]] == [e.meta["key"] for e in exs8]
+    fixed = _cfg(tiny_cfg, **{"data.long_context.needles": "fixed", "data.long_context.position_range": None})
+    exs_f, _ = _build(fixed, lm, "needle_long_context")
+    assert {e.meta["key"] for e in exs_f} == {"the_key"} and len({e.meta["needle_spans"][0] for e in exs_f}) == 1
     # a recent window that swallows the needle is refused
     far = corruption.Corruptor({"axes": {"N_recent": exs[0].prefix.numel() - 5}}, [0, 1], lm.arch.num_kv_heads, 0)
-    with pytest.raises(ConfigError, match="needle"):
+    with pytest.raises(ConfigError, match="needle line"):
         tasks.check_needle(exs, far.time_mask, "N_recent too large")
     with pytest.raises(ConfigError, match="needle"):
         ev.build_context(_cfg(tiny_cfg, **{"corruption.axes.N_recent": 60,
@@ -97,6 +107,22 @@ def test_needle_inside_old_region_and_fits(tiny_cfg, tiny_lm):
     too_long = _cfg(tiny_cfg, **{"data.long_context.context_len": 600})
     with pytest.raises(ConfigError, match="positions"):
         _build(too_long, lm, "needle_long_context")
+
+
+def test_kv_retrieval_rows_ask_each_key(tiny_cfg, tiny_lm):
+    lm = tiny_lm("llama")
+    cfg = _cfg(tiny_cfg, **{"eval.tasks": [{"name": "kv_retrieval", "num_examples": 3, "pairs": 3}],
+                            "data.long_context.context_len": 120})
+    exs, info = _build(cfg, lm, "kv_retrieval")
+    cor = corruption.Corruptor(cfg.corruption.to_dict(), [0, 1], lm.arch.num_kv_heads, cfg.seed)
+    tasks.check_needle(exs, cor.time_mask, "test")
+    for ex in exs:
+        assert ex.rows == 3 and len(ex.meta["needle_spans"]) == 3 and len({k for k, _ in ex.meta["pairs"]}) == 3
+        for r, (key, value) in enumerate(ex.meta["pairs"]):
+            scored = ex.targets[r][ex.targets[r] != tasks.IGNORE].tolist()
+            assert scored == tasks.needle_parts(lm, cfg.data.long_context.to_dict(), key, value)[2]
+            assert key in lm.tokenizer.decode(ex.feeds[r].tolist())
+    assert exs[0].meta["pairs"] != exs[1].meta["pairs"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +154,12 @@ def test_scorers_match_manual_computation():
     assert tasks.score_needle(lg, nd) == 1.0
     lg[0, 1, 2] = 2.0
     assert tasks.score_needle(lg, nd) == 0.0
+
+    kv = tasks.Example("kv_retrieval", 0, torch.tensor([1]), torch.tensor([[2, 3], [2, 4]]),
+                       torch.tensor([[tasks.IGNORE, 9], [tasks.IGNORE, 7]]))
+    lg = torch.zeros(2, 2, V)
+    lg[0, 1, 9], lg[1, 1, 6] = 1.0, 1.0  # first key recalled, second not
+    assert tasks.score_retrieval(lg, kv) == 0.5
 
 
 def test_value_and_score_conversions():

@@ -73,6 +73,9 @@ def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None):
     cfg = load_config(s.config, over)
     over["eval.tasks"] = [dict(t, num_examples=s.eval_examples) for t in cfg.eval.tasks]
     over["eval.corruption_eval.eps"] = list(s.eval_eps)
+    # the calibrated baselines need a calibration; its statistics do not matter for timing: keep it small
+    over.update({"baseline.calibration.windows": 2, "baseline.calibration.select_windows": 1,
+                 "eval.validation.num_examples": 1})
     if arch is not None and max(s.protect_layers) >= arch.num_layers:
         over["repair.protect_layers"] = list(range(min(4, arch.num_layers)))
     return load_config(s.config, over)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from cachemedicpp import eval as ev
-from cachemedicpp import hf
+from cachemedicpp import calibration, defenses, hf
 from cachemedicpp.bench.settings import DECODE_VARIANTS, Settings, bench_config
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
@@ -170,7 +170,9 @@ def eval_workloads(s: Settings, lm: hf.LoadedModel) -> tuple[Workload, Workload,
     the config, the operator and the bare time of only the computed cells (one entry per bare run)."""
     cfg = bench_config(s, str(lm.device), lm.arch)
     op = perturbed_operator(cfg, lm)
-    ctx = ev.build_context(cfg, lm, op)
+    names, _ = ev.eval_defenses(cfg)
+    cal = calibration.build(cfg, lm) if set(defenses.CALIBRATED) & set(names) else None
+    ctx = ev.build_context(cfg, lm, op, cal)
     n_cells = len(ctx.cells)
     computed: list[int] = []
 

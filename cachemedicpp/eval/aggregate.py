@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cachemedicpp import seeding, stats, tasks
+from cachemedicpp import defenses, seeding, stats, tasks
 from cachemedicpp.eval.grid import CLEAN, HEURISTICS, REPAIR_NAME, Cell, EvalContext
 from cachemedicpp.results import NO_DEFENSE
 
@@ -56,16 +56,49 @@ def _summarise(ctx_tasks: dict, means: dict[str, np.ndarray], cells: list[Cell],
     out["auc_by_task"] = {t: {d: np.asarray(stats.trapezoid_auc(eps, out["by_task"][t][d])) for d in names}
                           for t in means}
     out["clean_regression"] = {d: np.mean([out["clean"][t][d] for t in means], axis=0) for d in names}
+    # the ceiling: the undefended model's clean score at every eps (the damage is its AUC minus no_defense's)
+    flat = np.repeat(out["clean_regression"][NO_DEFENSE][:, None], len(eps), axis=1)
+    out["auc_clean"] = np.asarray(stats.trapezoid_auc(eps, flat))
     return out
 
 
+BEST_RULE = ("highest robustness AUC on the validation grid (held-in corruption types, validation examples "
+             "disjoint from the test examples) among the evaluated baselines (reference heuristics and calibrated "
+             "baselines; never a ceiling or the learned operator); ties: registry order")
+
+
 def best_heuristic(auc: dict[str, float], names: Sequence[str]) -> str | None:
-    """Fixed rule: the heuristic with the highest robustness AUC (ties: registry order)."""
+    """The fixed rule applied to `auc` (validation AUCs): the candidate with the highest one."""
     best = None
     for h in HEURISTICS:
-        if h in names and (best is None or auc[h] > auc[best]):
+        if h in names and h in auc and (best is None or auc[h] > auc[best]):
             best = h
     return best
+
+
+def validation_aucs(task_info: dict, values: dict[str, np.ndarray], cells: list[Cell], names: list[str],
+                    types: list[str], eps: list[float]) -> dict[str, float]:
+    """Robustness AUC of every defense on the validation grid."""
+    means = {t: v.mean(axis=0, keepdims=True) for t, v in values.items()}
+    point = _summarise(task_info, means, cells, names, types, eps)
+    return {d: float(point["auc"][d][0]) for d in names}
+
+
+def _damage(point: dict, boot: dict, n: int) -> dict:
+    """clean − no_defense on the AUC scale (the room any defense has), paired over resamples."""
+    d = stats.paired_difference(float(point["auc_clean"][0]), float(point["auc"][NO_DEFENSE][0]),
+                                boot["auc_clean"], boot["auc"][NO_DEFENSE], n)
+    return {"auc_clean": float(point["auc_clean"][0]), "auc_no_defense": float(point["auc"][NO_DEFENSE][0]),
+            **{k: d[k] for k in ("diff", "ci_low", "ci_high", "n")}}
+
+
+def _recovered(point: dict, boot: dict, names: list[str]) -> dict:
+    """(defense − none) / (clean − none) on the AUC scale, with a paired percentile CI."""
+    den_p = float(point["auc_clean"][0] - point["auc"][NO_DEFENSE][0])
+    den_b = boot["auc_clean"] - boot["auc"][NO_DEFENSE]
+    return {d: stats.ratio_ci(float(point["auc"][d][0] - point["auc"][NO_DEFENSE][0]), den_p,
+                              boot["auc"][d] - boot["auc"][NO_DEFENSE], den_b, CI_ALPHA)
+            for d in names if d != NO_DEFENSE}
 
 
 def _curve_block(curves: dict, boot: dict, eps: list[float], names: list[str], best: str | None) -> dict:
@@ -100,8 +133,10 @@ def _paired(metric: str, key: str, point: dict, boot: dict, other: str, n: int) 
 
 
 def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[str, float], cells: list[Cell],
-              names: list[str], types: list[str], eps: list[float], samples: int, seed: int) -> dict:
-    """metrics["..."] of the task metrics file from raw per-example values ({task: [n, n_cells]})."""
+              names: list[str], types: list[str], eps: list[float], samples: int, seed: int,
+              best: str | None = None, choice: dict | None = None) -> dict:
+    """metrics["..."] of the task metrics file from raw per-example values ({task: [n, n_cells]}); `best` is
+    the baseline chosen on the validation grid (`choice` records how), never picked here on test data."""
     order = list(values)
     means = {t: values[t].mean(axis=0, keepdims=True) for t in order}
     point = _summarise(task_info, means, cells, names, types, eps)
@@ -112,7 +147,6 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     boot = _summarise(task_info, resampled, cells, names, types, eps)
 
     auc = {d: float(point["auc"][d][0]) for d in names}
-    best = best_heuristic(auc, names)
     auc_all = dict(auc, **({"best_heuristic": auc[best]} if best else {}))
     auc_ci = {}
     for name in auc_all:
@@ -128,11 +162,13 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
                                                                 n_total)
     # per corruption type: the same AUC over that type's cells alone, and its paired differences (the
     # overall best heuristic), so a multi-type grid shows under which types the repair helps
-    auc_by_type, paired_by_type = {}, {}
+    auc_by_type, paired_by_type, damage_by_type, recovered_by_type = {}, {}, {}, {}
     for ty in types:
         pt = _summarise(task_info, means, cells, names, [ty], eps)
         bt = _summarise(task_info, resampled, cells, names, [ty], eps)
         auc_by_type[ty] = {d: float(pt["auc"][d][0]) for d in names}
+        damage_by_type[ty] = _damage(pt, bt, n_total)
+        recovered_by_type[ty] = _recovered(pt, bt, names)
         if REPAIR_NAME in names:
             paired_by_type[ty] = {f"cachemedic_minus_{label}": _paired("robustness_auc", "auc", pt, bt, other, n_total)
                                   for other, label in others}
@@ -150,6 +186,12 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
         "clean_regression": {d: float(point["clean_regression"][d][0]) for d in names},
         "best_heuristic_name": best,
         "heuristic_auc": auc[best] if best else None,
+        "best_baseline_choice": choice,
+        "defense_groups": {d: defenses.GROUPS[d] for d in names},
+        "damage": _damage(point, boot, n_total),
+        "damage_by_type": damage_by_type,
+        "recovered_fraction": _recovered(point, boot, names),
+        "recovered_fraction_by_type": recovered_by_type,
         "paired_bootstrap": paired,
         "robustness_auc_by_type": auc_by_type,
         "paired_bootstrap_by_type": paired_by_type,

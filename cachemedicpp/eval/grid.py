@@ -17,7 +17,7 @@ clean cell's value instead of recomputing it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from cachemedicpp.results import NO_DEFENSE
 
 PHASE = "eval"  # also the name of the corruption draw stream: changing it changes every draw
 CLEAN = "clean"
-HEURISTICS = tuple(d for d in defenses.DEFENSES if d != NO_DEFENSE)  # registry order breaks best-heuristic ties
+HEURISTICS = defenses.CANDIDATES  # candidates for the best baseline; registry order breaks ties
 PASS_THROUGH = (NO_DEFENSE, REPAIR_NAME)  # defenses that leave the cache as read
 
 
@@ -63,7 +63,7 @@ def eval_defenses(cfg: Config) -> tuple[list[str], list[str]]:
     names, notes = [], []
     for d in cfg.eval.defenses:
         if d != REPAIR_NAME:
-            defenses.get_defense(d)  # unknown name -> ConfigError listing the known ones
+            defenses.check_name(d)  # unknown name -> ConfigError listing the known ones
         if d not in names:
             names.append(d)
     if NO_DEFENSE not in names:
@@ -81,6 +81,7 @@ class Row:
     on_read: Callable | None  # (layer, k, v) -> (k, v) for on-read persistence
     region: corruption.Region
     alias: Cell | None = None  # provably identical to this cell: reuse its value
+    drops: dict | None = None  # layer -> bool [1, H, T]: entries attention ignores (dropping defenses)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class EvalContext:
     ref_type: str
     batch_rows: int
     notes: list[str] = field(default_factory=list)
+    cal: Any = None  # calibration.Calibration when a calibrated baseline is evaluated
 
     @property
     def layers(self) -> list[int]:
@@ -150,8 +152,9 @@ def _build_examples(cfg: Config, lm: hf.LoadedModel, notes: list[str]) -> tuple[
     return examples, info, sources
 
 
-def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | None = None) -> EvalContext:
-    """Examples, corruptor (with donor KV when needed) and grid for one evaluation."""
+def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | None = None, cal=None) -> EvalContext:
+    """Examples, corruptor (with donor KV when needed) and grid for one evaluation; `cal` is the run's
+    calibration (needed when a calibrated baseline is evaluated)."""
     names, notes = eval_defenses(cfg)
     types = list(cfg.eval.corruption_eval.types)
     eps = sorted({float(e) for e in cfg.eval.corruption_eval.eps})
@@ -165,16 +168,18 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
                                      lm.arch.num_kv_heads, cfg.seed, donor_kv=donor)
     axes = cfg.corruption.axes
-    needles = [e for e in examples if e.task == "needle_long_context"]
+    needles = [e for e in examples if e.task in ("needle_long_context", "kv_retrieval")]
     if needles:
         where = (f"corruption.axes.time_mode={axes.time_mode}, N_recent={axes.N_recent}, window={list(axes.window)}")
         tasks.check_needle(needles, corruptor.time_mask, where)
     if REPAIR_NAME in names and op is None:
         raise ValueError("cachemedic is evaluated but no repair operator was given")
+    if set(defenses.CALIBRATED) & set(names) and cal is None:
+        raise ValueError("a calibrated baseline is evaluated but no calibration was given")
     ref = next((t for t in types if t != "targeted"), types[0])
     return EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
                        make_grid(names, types, eps), examples, info, sources, cfg.baseline.to_dict(),
-                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes)
+                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,14 +192,29 @@ def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> t
     return seeding.torch_rng(ctx.cfg.seed, "eval-defense", ex.example_id, name, layer)
 
 
-def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region):
-    return defenses.apply_defense(name, k, v, region.mask(layer), ctx.baseline, gen=defense_rng(ctx, ex, name, layer))
+def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region,
+                  clean: tuple | None = None):
+    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] of the example's context."""
+    T = int(ex.prefix.numel())
+    return defenses.defend(name, layer, k, v, mask=region.mask(layer) if name in defenses.REFERENCE else None,
+                           baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
+                           positions=torch.arange(T - k.shape[2], T), clean=clean)
 
 
-def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region) -> dict:
+def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region,
+            clean_cache) -> tuple[dict, dict | None]:
+    """The defended K/V of every layer the defense acts on, and the entries to drop (or None)."""
     if name in PASS_THROUGH:
-        return dict(kv)
-    return {l: _defend_layer(ctx, ex, name, l, k, v, region) for l, (k, v) in kv.items()}
+        return dict(kv), None
+    if name in defenses.CALIBRATED:  # every protected layer, corrupted or not
+        kv = {**{l: hf.get_kv(clean_cache, l) for l in ctx.cal.layers}, **kv}
+    out, drops = {}, {}
+    for l, (k, v) in kv.items():
+        k2, v2, d = _defend_layer(ctx, ex, name, l, k, v, region, clean=hf.get_kv(clean_cache, l))
+        out[l] = (k2, v2)
+        if d is not None and bool(d.any()):
+            drops[l] = d
+    return out, (drops or None)
 
 
 def _covers_nothing(region: corruption.Region) -> bool:
@@ -216,18 +236,23 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
     """On-read persistence: corrupt what attention reads, then defend it, with the region of the length read."""
     corrupt = None if cell.ctype == CLEAN else ctx.corruptor.on_read(cell.ctype, cell.eps, PHASE, ex.example_id)
     regions: dict[int, corruption.Region] = {}
+    everywhere = cell.defense in defenses.CALIBRATED  # not only the corrupted layers
 
     def fn(layer: int, k: torch.Tensor, v: torch.Tensor):
         T = int(k.shape[2])
         if T not in regions:
             regions.clear()
             regions[T] = _region(ctx, cell.ctype, cell.eps, T, ex)
+        clean = (k, v)
         if corrupt is not None:
             k, v = corrupt(layer, k, v)
-        if cell.defense not in PASS_THROUGH and layer in regions[T].layers:
-            k, v = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T])
+        if cell.defense not in PASS_THROUGH and (layer in regions[T].layers or everywhere):
+            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T], clean=clean)
+            if d is not None:
+                fn.drops[layer] = d  # read by the batch's drop function right after this call
         return k, v
 
+    fn.drops = {}
     return fn
 
 
@@ -252,23 +277,53 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
             yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
             continue
         if at_rest:
-            yield Row(cell, _defend(ctx, ex, cell.defense, kv, region), None, region)
+            defended, drops = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
+            yield Row(cell, defended, None, region, drops=drops)
         else:
             yield Row(cell, None, _read_fn(ctx, ex, cell), region)
 
 
-def _rows_on_read(fns: list[Callable | None]) -> Callable:
-    """One on-read function for a batch: row i goes through its own cell's function."""
+class _RowsReader:
+    """On-read persistence for a batch: row i goes through its own cell's function; what a dropping defense
+    decided for the entries just read is kept for the batch's drop mask (the hook asks right after)."""
 
-    def fn(layer, k, v):
-        ks, vs = [], []
-        for i, f in enumerate(fns):
-            ki, vi = k[i:i + 1], v[i:i + 1]
-            if f is not None:
-                ki, vi = f(layer, ki, vi)
+    def __init__(self, fns: list[Callable]):
+        self.fns = fns
+        self.drops: dict[int, torch.Tensor] = {}
+
+    def on_read(self, layer, k, v):
+        ks, vs, ds = [], [], []
+        for i, f in enumerate(self.fns):
+            ki, vi = f(layer, k[i:i + 1], v[i:i + 1])
             ks.append(ki)
             vs.append(vi)
+            ds.append(f.drops.pop(layer, None))
+        if any(d is not None for d in ds):
+            H, T = k.shape[1], k.shape[2]
+            self.drops[layer] = torch.cat([d.to(torch.bool) if d is not None else torch.zeros(1, H, T, dtype=torch.bool)
+                                           for d in ds])
         return torch.cat(ks), torch.cat(vs)
+
+    def drop(self, layer: int, k_len: int) -> torch.Tensor | None:
+        return self.drops.pop(layer, None)
+
+
+def _at_rest_drop(rows: list[Row], R: int) -> Callable | None:
+    """HookPlan.drop for a batch of at-rest rows: each row's mask, repeated over its R alternatives; the
+    entries the continuation appends are kept. None when no row drops anything."""
+    if not any(r.drops for r in rows):
+        return None
+
+    def fn(layer: int, k_len: int) -> torch.Tensor | None:
+        masks = [(r.drops or {}).get(layer) for r in rows]
+        if all(m is None for m in masks):
+            return None
+        H = next(m for m in masks if m is not None).shape[1]
+        out = []
+        for m in masks:
+            m = torch.zeros(1, H, k_len, dtype=torch.bool) if m is None else m.to(torch.bool).cpu()
+            out.append(defenses.fit_drop(m, k_len).expand(R, -1, -1))
+        return torch.cat(out)
 
     return fn
 
@@ -287,11 +342,13 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
             vs.append(v.expand(R, -1, -1, -1))
         hf.set_kv(cache, l, torch.cat(ks), torch.cat(vs))
     plan = None
-    reads = [r.on_read for r in rows for _ in range(R)]
-    if repaired or any(f is not None for f in reads):
-        plan = hf.HookPlan(layers=frozenset(ctx.layers) if any(reads) else frozenset(),
-                           on_read=_rows_on_read(reads) if any(reads) else None,
-                           repair=ctx.op if repaired else None)
+    reader = _RowsReader([r.on_read for r in rows for _ in range(R)]) if rows[0].on_read is not None else None
+    drop = reader.drop if reader is not None else _at_rest_drop(rows, R)
+    if repaired or reader is not None or drop is not None:
+        hooked = set(ctx.layers) | (set(ctx.cal.layers) if ctx.cal is not None else set())
+        plan = hf.HookPlan(layers=frozenset(hooked) if reader is not None or drop is not None else frozenset(),
+                           on_read=reader.on_read if reader is not None else None,
+                           repair=ctx.op if repaired else None, drop=drop)
     feeds = ex.feeds.repeat(len(rows), 1).to(ctx.lm.device)
     logits, _ = hf.forward(ctx.lm.model, feeds, cache, plan=plan)
     logits = logits.float().cpu()

@@ -16,15 +16,15 @@ from typing import Sequence
 import torch
 
 import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
-from cachemedicpp import cli, defenses, hf, repair, tasks
+from cachemedicpp import calibration, cli, defenses, hf, repair, tasks
 from cachemedicpp.cli import EXIT_OK
-from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.eval.aggregate import CI_ALPHA, aggregate, unit_matrices
+from cachemedicpp.config import Config, ConfigError, load_config
+from cachemedicpp.eval.aggregate import BEST_RULE, CI_ALPHA, aggregate, best_heuristic, unit_matrices, validation_aucs
 from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, ROBUSTNESS_AUC, RUN_ID,
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, NO_DEFENSE, ROBUSTNESS_AUC, RUN_ID,
                                   SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
 from cachemedicpp.rundir import RunDir
 
@@ -76,12 +76,23 @@ def examples_fingerprint(examples: Sequence[tasks.Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume: bool) -> dict:
-    """Finished units from a previous run of the same config, checkpoint and examples (else none)."""
+def _kept_units(saved: dict | None, ctx: EvalContext | None) -> dict:
+    """The saved units of `ctx`'s examples whose cells are exactly `ctx`'s grid."""
+    if ctx is None or not isinstance(saved, dict):
+        return {}
+    keys, want = {ex.key for ex in ctx.examples}, {c.key for c in ctx.cells}
+    return {k: u for k, u in saved.items() if k in keys and isinstance(u, dict) and set(u.get("cells") or {}) == want}
+
+
+def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume: bool,
+                  vctx: EvalContext | None = None) -> dict:
+    """Finished units (test, and validation under "validation_units") from a previous run of the same
+    config, checkpoint and examples (else none)."""
     keys = [ex.key for ex in ctx.examples]
+    vexs = list(vctx.examples) if vctx is not None else []
     fresh = {"status": "running", "config_hash": cfg.hash, "checkpoint": ckpt.get("sha256"),
-             "examples": examples_fingerprint(ctx.examples), "total_units": len(keys), "completed_units": 0,
-             "elapsed_wall_sec": 0.0, "units": {}}
+             "examples": examples_fingerprint(ctx.examples + vexs), "total_units": len(keys) + len(vexs),
+             "completed_units": 0, "elapsed_wall_sec": 0.0, "units": {}, "validation_units": {}}
     if not resume or not path.is_file():
         return fresh
     prog = read_json(path, "eval progress")
@@ -94,10 +105,9 @@ def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume:
         log.warning("evaluation examples changed since the saved eval progress (data source?): recomputing "
                     "every unit")
         return fresh
-    want = {c.key for c in ctx.cells}
-    units = {k: u for k, u in (prog.get("units") or {}).items()
-             if k in keys and isinstance(u, dict) and set((u.get("cells") or {})) == want}
-    fresh.update(units=units, completed_units=len(units), elapsed_wall_sec=float(prog.get("elapsed_wall_sec", 0.0)))
+    units, vunits = _kept_units(prog.get("units"), ctx), _kept_units(prog.get("validation_units"), vctx)
+    fresh.update(units=units, validation_units=vunits, completed_units=len(units) + len(vunits),
+                 elapsed_wall_sec=float(prog.get("elapsed_wall_sec", 0.0)))
     return fresh
 
 
@@ -105,7 +115,7 @@ def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume:
 # what the results record besides the numbers
 
 
-def settings(ctx: EvalContext, ckpt: dict) -> dict:
+def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> dict:
     cfg = ctx.cfg
     ax = cfg.corruption.axes
     data_sources = {k: v for k, v in ctx.sources.items() if k.endswith("_source")}
@@ -135,7 +145,12 @@ def settings(ctx: EvalContext, ckpt: dict) -> dict:
                  "perplexity below the clean undefended one; not clipped)",
         "score_vs_eps": "mean normalised score over tasks x types; eps 0 uses the clean cells",
         "robustness_auc": "trapezoid over eps of score_vs_eps (unnormalised)",
-        "best_heuristic_rule": "highest robustness_auc among the evaluated heuristics (ties: registry order)",
+        "best_heuristic_rule": BEST_RULE,
+        "validation": None if vctx is None else {
+            "num_examples": {t: i["n"] for t, i in vctx.task_info.items()}, "types": vctx.types,
+            "start": {t["name"]: int(t["start"]) for t in vctx.cfg.eval.tasks}},
+        "calibration": ctx.cal.summary() if ctx.cal is not None else None,
+        "defense_groups": {d: defenses.GROUPS[d] for d in ctx.defense_names},
         "exposure": "fraction of the corruptible layers' context K/V entries inside the corruption masks, "
                     "mean over examples and (type, eps) cells",
         "model": {"name": cfg.model.name, "revision": cfg.model.revision,
@@ -158,16 +173,30 @@ def _summary_records(metrics: dict, ctx: EvalContext) -> list[dict]:
     return recs
 
 
-def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict) -> dict:
+def choose_best(vctx: EvalContext | None, vunits: dict) -> tuple[str | None, dict | None]:
+    """The best baseline by the fixed rule on the validation grid (the test results are never read)."""
+    if vctx is None:
+        return None, None
+    values, _ = unit_matrices(vctx, vunits)
+    aucs = validation_aucs(vctx.task_info, values, vctx.cells, vctx.defense_names, vctx.types, vctx.eps)
+    best = best_heuristic(aucs, vctx.defense_names)
+    return best, {"rule": BEST_RULE, "types": list(vctx.types), "examples": len(vctx.examples),
+                  "validation_auc": {d: a for d, a in aucs.items() if d != NO_DEFENSE},
+                  "validation_auc_no_defense": aucs[NO_DEFENSE], "chosen": best}
+
+
+def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vctx: EvalContext | None = None,
+                  vunits: dict | None = None) -> dict:
     """The task metrics file and one summary log record per (task, eps), from the finished units."""
     cfg, rd = ctx.cfg, s.rd
     values, expo = unit_matrices(ctx, units)
+    best, choice = choose_best(vctx, vunits or {})
     metrics = aggregate(ctx.task_info, values, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps,
-                        int(cfg.eval.bootstrap_samples), int(cfg.seed))
+                        int(cfg.eval.bootstrap_samples), int(cfg.seed), best=best, choice=choice)
     if cfg.eval.measure_overhead:
         metrics["overhead"] = measure_overhead(ctx)
     atomic_write_json(rd.task_metrics, {RUN_ID: s.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,
-                                        SETTINGS: settings(ctx, ckpt)})
+                                        SETTINGS: settings(ctx, ckpt, vctx)})
     # drop this run's earlier summary records so a rerun never duplicates them
     truncate_jsonl(rd.log(PHASE), lambda r: not (r.get("run_id") == s.run_id and r.get("kind") == "summary"))
     elog = JsonlLog(rd.log(PHASE), s.run_id, PHASE)
@@ -180,9 +209,39 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict) ->
 # the command
 
 
+def validation_config(cfg: Config) -> Config | None:
+    """The validation grid's config (see `eval.validation` in the config schema); None without candidates."""
+    names, _ = eval_defenses(cfg)
+    candidates = [d for d in names if d in defenses.CANDIDATES]
+    if not candidates:
+        return None
+    v = cfg.eval.validation
+    split = cfg.eval.ood_split
+    types = list(v.types) if v.types else (list(split.train_types) if split is not None
+                                           else list(cfg.eval.corruption_eval.types))
+    data = cfg.to_dict()
+    ev = data["eval"]
+    ev["tasks"] = [{**t, "start": int(t.get("start") or 0) + int(t["num_examples"]),
+                    "num_examples": int(v.num_examples)} for t in ev["tasks"]]
+    ev.update(defenses=[NO_DEFENSE] + candidates, ood_protocol=None, ood_split=None, measure_overhead=False)
+    ev["corruption_eval"]["types"] = types
+    return load_config(data=data)
+
+
+def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm) -> tuple[EvalContext, EvalContext | None]:
+    """The test grid and the validation grid (None without candidate baselines), sharing the calibration."""
+    names, _ = eval_defenses(cfg)
+    cal = calibration.obtain(cfg, lm, rd.calibration) if set(defenses.CALIBRATED) & set(names) else None
+    ctx = build_context(cfg, lm, load_operator(cfg, rd, ckpt, lm.arch), cal)
+    vcfg = validation_config(cfg)
+    return ctx, (build_context(vcfg, lm, None, cal) if vcfg is not None else None)
+
+
 def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = None, sweep_pause=None) -> int:
     names, _ = eval_defenses(cfg)
     ckpt = resolve_checkpoint(cfg, RunDir(run_dir), names)  # fail before any expensive work
+    if set(defenses.CALIBRATED) & set(names):
+        calibration.check_file(cfg, RunDir(run_dir).calibration)  # a foreign file: refused, nothing touched
     with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
         rd = s.rd
         progress_path = rd.progress(PHASE)
@@ -190,33 +249,39 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
             progress_path.unlink(missing_ok=True)
             rd.task_metrics.unlink(missing_ok=True)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
-        ctx = build_context(cfg, lm, load_operator(cfg, rd, ckpt, lm.arch))
-        total = len(ctx.examples)
-        prog = load_progress(progress_path, cfg, ckpt, ctx, resume)
-        units = prog["units"]
+        ctx, vctx = _contexts(cfg, rd, ckpt, lm)
+        vexs = list(vctx.examples) if vctx is not None else []
+        total = len(ctx.examples) + len(vexs)
+        prog = load_progress(progress_path, cfg, ckpt, ctx, resume, vctx)
+        units, vunits = prog["units"], prog["validation_units"]
         hb = s.heartbeat(total, prog["elapsed_wall_sec"])
         hb.latest = {"checkpoint": ckpt["path"], "state": rd.rel(progress_path)}
-        s.step = len(units)
-        hb.beat("resumed" if units else "running", s.step, reason="resume" if units else "start", force=True)
-        log.info("eval: %d units (%d done), %d cells each, persistence %s", total, len(units), len(ctx.cells),
-                 ctx.persistence)
+        s.step = len(units) + len(vunits)
+        hb.beat("resumed" if s.step else "running", s.step, reason="resume" if s.step else "start", force=True)
+        log.info("eval: %d units (%d done; %d validation), %d cells each, persistence %s", total, s.step, len(vexs),
+                 len(ctx.cells), ctx.persistence)
 
         def save(status: str) -> None:
-            prog.update(status=status, completed_units=len(units), elapsed_wall_sec=round(hb.elapsed(), 3))
+            prog.update(status=status, completed_units=len(units) + len(vunits),
+                        elapsed_wall_sec=round(hb.elapsed(), 3))
             atomic_write_json(progress_path, prog)
 
-        def score(ex: tasks.Example) -> Done:
+        def score(item: tuple[EvalContext, dict, tasks.Example]) -> Done:
+            c, done, ex = item
             t0 = time.perf_counter()
-            units[ex.key] = package.score_example(ctx, ex)
+            done[ex.key] = package.score_example(c, ex)
             dt = time.perf_counter() - t0
             save("running")
-            return Done(tokens_per_sec=units[ex.key]["tokens"] / dt if dt > 0 else None)
+            return Done(tokens_per_sec=done[ex.key]["tokens"] / dt if dt > 0 else None)
 
-        code = run_units(s, [ex for ex in ctx.examples if ex.key not in units], name=lambda ex: ex.key,
+        # validation first: the best baseline is known before any test unit is scored
+        pending = [(vctx, vunits, ex) for ex in vexs if ex.key not in vunits]
+        pending += [(ctx, units, ex) for ex in ctx.examples if ex.key not in units]
+        code = run_units(s, pending, name=lambda it: ("validation " if it[0] is vctx else "") + it[2].key,
                          work=score, save=lambda: save("paused"), state=progress_path, total=total, unit="ex")
         if code != EXIT_OK:
             return code
-        metrics = write_results(s, ctx, ckpt, units)
+        metrics = write_results(s, ctx, ckpt, units, vctx, vunits)
         save("completed")
         hb.beat("completed", s.step, reason="done", force=True)
         log.info("eval done: robustness AUC %s", {k: round(v, 4) for k, v in metrics[ROBUSTNESS_AUC].items()})

@@ -21,22 +21,28 @@ from cachemedicpp.config import ConfigError
 from cachemedicpp.plots.inputs import Curves, Inputs
 from cachemedicpp.plots.outputs import FIGURES
 from cachemedicpp.plots.text import fmt, plain
-from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, METRICS, NO_DEFENSE,
-                                  OVERHEAD, ROBUSTNESS_AUC)
+from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, GROUP_CALIBRATED,
+                                  GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
+                                  ROBUSTNESS_AUC)
 
 DPI = 150
-Z_ORDER = {CACHEMEDIC: 0, BEST_HEURISTIC_SERIES: 1, NO_DEFENSE: 2}
+REFERENCE_TITLE = "reference heuristics, oracle region"  # the group of the heuristics that see the corruption's region
+CLEAN_LABEL, CEILING_LABEL = "clean (ceiling)", f"{ORACLE_DROP} (ceiling)"
 
 # Okabe-Ito palette (distinguishable under the common colour-vision deficiencies); every curve also
 # gets its own marker and line style so the figures survive greyscale printing.
 BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE, GREY = (
     "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#8C8C8C")
+BROWN = "#8C510A"  # outside Okabe-Ito (its yellow is too light for a line on white)
 DEFENSE_STYLE = {  # colour, marker
     NO_DEFENSE: (BLACK, "o"),
     "reset_clear": (VERMILLION, "v"),
     "smoothing": (ORANGE, "s"),
     "masking_dropout": (GREEN, "P"),
     "clipping_renorm": (PURPLE, "X"),
+    "range_clamp": (SKY, "^"),
+    "norm_outlier_drop": (BROWN, "d"),
+    ORACLE_DROP: (GREY, "*"),
     CACHEMEDIC: (BLUE, "D"),
 }
 SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
@@ -56,7 +62,7 @@ def defense_style(name: str) -> tuple[str, str]:
 
 
 def heuristic_label(best: str) -> str:
-    return f"best heuristic ({best})"
+    return f"best baseline ({best})"
 
 
 def render_figures(inp: Inputs) -> dict[str, bytes]:
@@ -99,37 +105,94 @@ def _set_x_ticks(ax, xs: np.ndarray) -> None:
 # figure A: score vs eps
 
 
-def _series_style(name: str, best: str | None) -> dict:
+def best_label(inp: Inputs) -> str:
+    """How figure A names the best baseline: where it was chosen, and its group."""
+    group = inp.group(inp.best)
+    if not inp.chosen_on_validation():  # an older file: chosen on the test grid among the heuristics
+        return f"best heuristic ({inp.best})"
+    what = ("calibrated" if group == GROUP_CALIBRATED else "reference heuristic, oracle region"
+            if group == GROUP_REFERENCE else group)
+    return f"best baseline: {inp.best} ({what}, chosen on validation data)"
+
+
+def _clean_level(c: Curves) -> float:
+    """no_defense's clean score: its curve at eps 0 (the clean cell), the ceiling a defense can reach."""
+    at0 = np.flatnonzero(c.eps == 0)
+    return float(c.series[NO_DEFENSE][at0[0]]) if at0.size else math.nan
+
+
+def _panel_lines(inp: Inputs, c: Curves, references: bool) -> list[dict]:
+    """The curves of one score-vs-eps panel, drawn in list order (later on top). Each: name (its AUC key),
+    y, style, band, and ref (True: a reference heuristic other than the best, for the group legend)."""
+    best, lines = inp.best, []
+
+    def add(name, y, color, marker, ls, label, lw=2.0, band=None, ref=False, **extra):
+        lines.append(dict(name=name, y=y, band=band, ref=ref,
+                          style={"color": color, "marker": marker, "ls": ls, "label": label, "lw": lw, "ms": 6,
+                                 **extra}))
+
+    clean = _clean_level(c)
+    if math.isfinite(clean):
+        add("clean", np.full(len(c.eps), clean), GREY, None, ":", CLEAN_LABEL, lw=1.6)
+    if ORACLE_DROP in c.per_defense:
+        add(ORACLE_DROP, c.per_defense[ORACLE_DROP], GREY, ".", "--", CEILING_LABEL, band=c.ci.get(ORACLE_DROP))
+    if references:  # thin, under the others: context, not the comparison
+        for d in c.per_defense:
+            if inp.group(d) == GROUP_REFERENCE and d != best:
+                color, marker = defense_style(d)
+                add(d, c.per_defense[d], color, marker, "-", d, lw=1.0, ref=True, alpha=0.55, ms=4)
+    add(NO_DEFENSE, c.series[NO_DEFENSE], *defense_style(NO_DEFENSE), ":", "no defense", band=c.ci.get(NO_DEFENSE))
+    for d in c.per_defense:
+        if inp.group(d) == GROUP_CALIBRATED:
+            label = best_label(inp) if d == best else f"{d} (calibrated)"
+            add(BEST_HEURISTIC_SERIES if d == best else d, c.per_defense[d], *defense_style(d),
+                "--" if d == best else "-.", label, band=c.ci.get(d))
+    if best and BEST_HEURISTIC_SERIES in c.series and inp.group(best) != GROUP_CALIBRATED:
+        add(BEST_HEURISTIC_SERIES, c.series[BEST_HEURISTIC_SERIES], *defense_style(best), "--", best_label(inp),
+            band=c.ci.get(BEST_HEURISTIC_SERIES, c.ci.get(best)))
+    if best and inp.group(best) == GROUP_CALIBRATED and best not in c.per_defense:  # no per_defense: the series
+        add(BEST_HEURISTIC_SERIES, c.series[BEST_HEURISTIC_SERIES], *defense_style(best), "--", best_label(inp),
+            band=c.ci.get(BEST_HEURISTIC_SERIES, c.ci.get(best)))
+    add(CACHEMEDIC, c.series[CACHEMEDIC], *defense_style(CACHEMEDIC), "-", "cachemedic", band=c.ci.get(CACHEMEDIC))
+    return lines
+
+
+def _line_auc(inp: Inputs, name: str) -> float:
+    if name == "clean":
+        return inp.damage["auc_clean"] if inp.damage else math.nan
     if name == BEST_HEURISTIC_SERIES:
-        color, marker = defense_style(best)
-        return dict(color=color, marker=marker, ls="--", label=heuristic_label(best))
-    color, marker = defense_style(name)
-    return dict(color=color, marker=marker, ls="-" if name == CACHEMEDIC else ":",
-                label="no defense" if name == NO_DEFENSE else name)
+        return inp.best_auc()
+    return inp.auc.get(name, math.nan)
 
 
-def _draw_curves(ax, c: Curves, best: str | None, auc: dict[str, float] | None = None) -> None:
+def _draw_curves(ax, inp: Inputs, c: Curves, main: bool = False) -> list:
+    """Draw a panel; returns the handles of the reference heuristics (their own legend)."""
     vals: list[float] = []
-    for name in c.series:
-        st = _series_style(name, best)
-        if auc is not None:
-            a = (auc.get(name, math.nan) if name != BEST_HEURISTIC_SERIES
-                 else auc.get(BEST_HEURISTIC_SERIES, auc.get(best or "", math.nan)))
-            st["label"] += f"  (AUC {fmt(a)})"
-        # solid cachemedic underneath, so a dotted/dashed curve lying on it stays visible
-        ax.plot(c.eps, c.series[name], lw=2, ms=6, zorder=3 + Z_ORDER[name], **st)
-        band = c.ci.get(name, c.ci.get(best) if name == BEST_HEURISTIC_SERIES else None)
+    refs = []
+    lines = _panel_lines(inp, c, references=main)
+    for i, line in enumerate(lines):
+        st = dict(line["style"])
+        if main and not line["ref"]:
+            st["label"] += f"  (AUC {fmt(_line_auc(inp, line['name']))})"
+        # ceilings and thin reference lines at the bottom, then solid cachemedic, so a dotted or dashed
+        # curve lying on it stays visible
+        z = {"clean": 0, ORACLE_DROP: 1, CACHEMEDIC: 3}.get(line["name"], 2 if line["ref"] else 4 + i)
+        handle, = ax.plot(c.eps, line["y"], zorder=3 + z, **st)
+        if line["ref"]:
+            refs.append(handle)
+        band = line["band"]
         if band is not None:
             lo, hi = band
             # light fill plus edges in the curve's own colour and style: overlapping bands stay attributable
-            ax.fill_between(c.eps, lo, hi, color=st["color"], alpha=0.10, lw=0, zorder=2)
+            ax.fill_between(c.eps, lo, hi, color=st["color"], alpha=0.08, lw=0, zorder=2)
             for edge in (lo, hi):
-                ax.plot(c.eps, edge, color=st["color"], ls=st["ls"], lw=0.8, alpha=0.7, zorder=2)
+                ax.plot(c.eps, edge, color=st["color"], ls=st["ls"], lw=0.7, alpha=0.6, zorder=2)
             vals += [*lo, *hi]
-        vals += list(c.series[name])
+        vals += list(line["y"])
     _set_x_ticks(ax, c.eps)
     ax.set_ylim(*_pad(vals, 0.08, floor=0.0))
     ax.set_xlabel("corruption severity ε")
+    return refs
 
 
 def _settings_subtitle(s: dict) -> str:
@@ -148,15 +211,20 @@ def fig_score_vs_eps(inp: Inputs) -> bytes:
     fig = _new_figure(11.0, 5.6 + 3.3 * nrows_tasks)
     gs = fig.add_gridspec(1 + nrows_tasks, ncols, height_ratios=[1.5] + [1.0] * nrows_tasks)
     main = fig.add_subplot(gs[0, :])
-    _draw_curves(main, inp.curves, inp.best, auc=inp.auc)
+    refs = _draw_curves(main, inp, inp.curves, main=True)
     main.set_ylabel("normalised score (higher is better)")
     main.set_title("Mean over tasks × corruption types" + (" (bands: 95% CI)" if inp.curves.ci else ""))
     handles, labels = main.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
+    keep = [i for i, h in enumerate(handles) if h not in refs]
+    fig.legend([handles[i] for i in keep], [labels[i] for i in keep], loc="outside lower center",
+               ncol=min(len(keep), 2), frameon=False)
+    if refs:  # the heuristics that see the corruption's own region, as one group
+        main.legend(refs, [h.get_label() for h in refs], title=REFERENCE_TITLE, loc="lower left", fontsize=8,
+                    title_fontsize=8.5, framealpha=0.8)
     task_axes = []
     for i, t in enumerate(tasks):
         ax = fig.add_subplot(gs[1 + i // ncols, i % ncols])
-        _draw_curves(ax, inp.by_task[t], inp.best)
+        _draw_curves(ax, inp, inp.by_task[t])
         ax.set_title(t)
         if i % ncols == 0:
             ax.set_ylabel("normalised score")
@@ -185,7 +253,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def _pareto_panel(ax, pts: dict[str, tuple[float, float]], best: str | None) -> None:
-    front = pareto_front(pts)
+    front = pareto_front({d: p for d, p in pts.items() if d != ORACLE_DROP})  # a ceiling is not a contender
     if len(front) > 1:
         ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], ls="--", color=GREY, lw=1.5, zorder=1,
                 label="Pareto front")
@@ -193,7 +261,8 @@ def _pareto_panel(ax, pts: dict[str, tuple[float, float]], best: str | None) -> 
                linewidths=1.6, zorder=2, label="Pareto-optimal (non-dominated)")
     for d, (x, y) in pts.items():
         color, marker = defense_style(d)
-        label = "no defense" if d == NO_DEFENSE else d + (" (best heuristic)" if d == best else "")
+        label = ("no defense" if d == NO_DEFENSE else CEILING_LABEL if d == ORACLE_DROP
+                 else d + (" (best baseline)" if d == best else ""))
         # no defense on top and smaller: a defense with (near) identical numbers must not hide it
         ax.scatter([x], [y], s=45 if d == NO_DEFENSE else 110, color=color, marker=marker, edgecolors="white",
                    linewidths=0.8, zorder=4 if d == NO_DEFENSE else 3, label=label)

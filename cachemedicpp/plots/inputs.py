@@ -17,14 +17,23 @@ import numpy as np
 
 from cachemedicpp.config import ConfigError, resolve_path
 from cachemedicpp.fileio import read_json
-from cachemedicpp.results import (AMP_KEY, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES, CACHEMEDIC,
-                                  CACHEMEDIC_MINUS_NO_DEFENSE, CLEAN_REGRESSION, CONFIG_HASH, METRICS, NO_DEFENSE,
-                                  OVERHEAD, PAIRED_BOOTSTRAP, ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI, RUN_ID, SCORE_VS_EPS,
-                                  SCORE_VS_EPS_BY_TASK, SENS_KEY, SETTINGS, STAB_SETTINGS_KEY)
+from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES,
+                                  CACHEMEDIC, CACHEMEDIC_MINUS_NO_DEFENSE, CLEAN_REGRESSION, CONFIG_HASH, DAMAGE,
+                                  DAMAGE_BY_TYPE, DEFENSE_GROUPS, GROUP_BASELINE, GROUP_CALIBRATED, GROUP_CEILING,
+                                  GROUP_LEARNED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
+                                  PAIRED_BOOTSTRAP, PAIRED_BOOTSTRAP_BY_TYPE, RECOVERED_FRACTION,
+                                  RECOVERED_FRACTION_BY_TYPE, ROBUSTNESS_AUC, ROBUSTNESS_AUC_BY_TYPE,
+                                  ROBUSTNESS_AUC_CI, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SENS_KEY, SETTINGS,
+                                  STAB_SETTINGS_KEY)
 from cachemedicpp.rundir import RunDir
 
 SERIES = (NO_DEFENSE, BEST_HEURISTIC_SERIES, CACHEMEDIC)  # the curves of a score-vs-eps block
 CI_FIELDS = ("diff", "ci_low", "ci_high")  # of a paired-bootstrap entry
+DAMAGE_FIELDS = ("auc_clean", "auc_no_defense", "diff", "ci_low", "ci_high")  # of a damage entry
+RF_FIELDS = ("value", "ci_low", "ci_high")  # of a recovered-fraction entry (null fields: NaN)
+CLEAN, BEST, BEST_CALIBRATED = "clean", "best", "best_calibrated"  # headline roles besides the defenses' own
+# older metrics files carry no defense_groups; every defense they could name but these was a reference heuristic
+KNOWN_GROUPS = {NO_DEFENSE: GROUP_BASELINE, CACHEMEDIC: GROUP_LEARNED, ORACLE_DROP: GROUP_CEILING}
 
 
 def _show(keys: Sequence[Any]) -> str:
@@ -109,8 +118,9 @@ class _Doc:
 @dataclass
 class Curves:
     eps: np.ndarray
-    series: dict[str, np.ndarray]
+    series: dict[str, np.ndarray]  # the required SERIES
     ci: dict[str, tuple[np.ndarray, np.ndarray]]
+    per_defense: dict[str, np.ndarray] = field(default_factory=dict)  # every defense's curve (informational)
 
 
 @dataclass
@@ -147,11 +157,62 @@ class Inputs:
     paired_cfg: dict | None = None
     paired_dir: str | None = None
     oracle_note: str = ""
-    by_type: dict = field(default_factory=dict)  # {type: {"auc": {...}, "boot": {...}}}, informational
+    # informational (older files lack them; shown as "—"):
+    by_type: dict = field(default_factory=dict)  # {type: {"auc", "boot", "damage", "recovered"}}
+    groups: dict[str, str] = field(default_factory=dict)  # metrics.defense_groups
+    choice: dict | None = None  # metrics.best_baseline_choice {rule, types, examples, validation_auc, chosen}
+    damage: dict[str, float] | None = None  # metrics.damage {auc_clean, auc_no_defense, diff, ci_low, ci_high, n}
+    recovered: dict[str, dict[str, float]] = field(default_factory=dict)  # {defense: {value, ci_low, ci_high}}
 
     @property
     def has_pair(self) -> bool:
         return any(not math.isnan(p.no_contr) for p in self.sens)
+
+    def group(self, name: str) -> str:
+        """The defense's group (metrics.defense_groups; for older files, inferred from the name)."""
+        return self.groups.get(name) or KNOWN_GROUPS.get(name, GROUP_REFERENCE)
+
+    def chosen_on_validation(self) -> bool:
+        """Whether best_heuristic_name was chosen on a validation grid (older files chose it on the test grid)."""
+        return self.choice is not None and self.choice.get("chosen") == self.best
+
+    def best_calibrated(self) -> str | None:
+        """The best calibrated baseline: the chosen best baseline when it is calibrated, else the calibrated
+        candidate with the highest validation AUC (ties: the order of the file); None without one."""
+        if self.best and self.group(self.best) == GROUP_CALIBRATED:
+            return self.best
+        val = (self.choice or {}).get("validation_auc") or {}
+        cands = [d for d in val if self.group(d) == GROUP_CALIBRATED and d in self.auc]
+        return max(cands, key=lambda d: val[d]) if cands else None
+
+    def headline(self) -> list[tuple[str, str]]:
+        """(role, defense) of the main comparison, in order: the clean ceiling, no defense, the best baseline,
+        the best calibrated baseline when that is another one, oracle_drop (the ceiling) and cachemedic; each
+        when evaluated. Roles: "clean", "best", "best_calibrated", or the defense's own name."""
+        rows = [(CLEAN, NO_DEFENSE), (NO_DEFENSE, NO_DEFENSE)]
+        if self.best:
+            rows.append((BEST, self.best))
+        cal = self.best_calibrated()
+        if cal and cal != self.best:
+            rows.append((BEST_CALIBRATED, cal))
+        if ORACLE_DROP in self.auc:
+            rows.append((ORACLE_DROP, ORACLE_DROP))
+        return rows + [(CACHEMEDIC, CACHEMEDIC)]
+
+    def auc_of(self, role: str, name: str) -> tuple[float, tuple[float, float] | None]:
+        """Robustness AUC and its CI of a headline entry (the clean ceiling has no interval of its own)."""
+        if role == CLEAN:
+            return (self.damage["auc_clean"] if self.damage else math.nan), None
+        if role == BEST:
+            return self.best_auc(), self.best_auc_ci()
+        return self.auc.get(name, math.nan), self.auc_ci.get(name)
+
+    def recovered_of(self, role: str, name: str) -> dict[str, float] | str | None:
+        """Recovered fraction {value, ci_low, ci_high} of a headline entry; for the clean ceiling and no
+        defense the number that holds by definition (a string); None when the file has none."""
+        if role in (CLEAN, NO_DEFENSE):
+            return None if self.damage is None else "1 (by definition)" if role == CLEAN else "0 (by definition)"
+        return self.recovered.get(name)
 
     def best_auc(self) -> float:
         return self.auc.get(BEST_HEURISTIC_SERIES, self.auc.get(self.best or "", math.nan))
@@ -181,8 +242,12 @@ def _curves(doc: _Doc, *keys: Any, best: str | None) -> Curves:
             raise doc.error(k, "must be a mapping {low, high}")
         ci[name] = (doc.nums(*k, "low", length=len(eps)), doc.nums(*k, "high", length=len(eps)))
     order = np.argsort(eps, kind="stable")
+    per = {}
+    for name, seq in _mapping(doc.get(*keys, "per_defense")).items():  # informational: malformed curves are skipped
+        if isinstance(seq, list) and len(seq) == len(eps) and all(v is None or _is_num(v) for v in seq):
+            per[str(name)] = np.array([math.nan if v is None else float(v) for v in seq])[order]
     return Curves(eps[order], {n: s[order] for n, s in series.items()},
-                  {n: (lo[order], hi[order]) for n, (lo, hi) in ci.items()})
+                  {n: (lo[order], hi[order]) for n, (lo, hi) in ci.items()}, per)
 
 
 def _is_num(v: Any) -> bool:
@@ -248,17 +313,49 @@ def _overhead(doc: _Doc) -> dict[str, dict[str, float]] | None:
                 for f in ("tokens_per_sec", "wall_sec", "peak_mem_mb")} for d in overhead}
 
 
+def _damage(obj: Any) -> dict[str, float] | None:
+    """A damage entry, or None when absent or malformed."""
+    if not isinstance(obj, dict) or not all(_is_num(obj.get(f)) for f in DAMAGE_FIELDS):
+        return None
+    return {**{f: float(obj[f]) for f in DAMAGE_FIELDS}, "n": obj.get("n")}
+
+
+def _recovered(obj: Any) -> dict[str, dict[str, float]]:
+    """{defense: {value, ci_low, ci_high}} with null fields as NaN; malformed entries are skipped."""
+    out = {}
+    for d, e in _mapping(obj).items():
+        if isinstance(e, dict) and all(e.get(f) is None or _is_num(e.get(f)) for f in RF_FIELDS):
+            out[str(d)] = {f: math.nan if e.get(f) is None else float(e[f]) for f in RF_FIELDS}
+    return out
+
+
 def _by_type(doc: _Doc) -> dict:
-    """Robustness AUC and paired bootstraps per corruption type (informational: malformed parts are skipped)."""
+    """Robustness AUC, paired bootstraps, damage and recovered fractions per corruption type (informational:
+    malformed parts are skipped)."""
     by_type = {}
-    boots_by_type = _mapping(doc.get(METRICS, "paired_bootstrap_by_type"))
-    for ty, per in _mapping(doc.get(METRICS, "robustness_auc_by_type")).items():
+    boots_by_type = _mapping(doc.get(METRICS, PAIRED_BOOTSTRAP_BY_TYPE))
+    damage_by_type = _mapping(doc.get(METRICS, DAMAGE_BY_TYPE))
+    rf_by_type = _mapping(doc.get(METRICS, RECOVERED_FRACTION_BY_TYPE))
+    for ty, per in _mapping(doc.get(METRICS, ROBUSTNESS_AUC_BY_TYPE)).items():
         boots = _mapping(boots_by_type.get(ty))
         if isinstance(per, dict):
             by_type[str(ty)] = {"auc": _numbers(per),
                                 "boot": {k: b for k, b in boots.items() if isinstance(b, dict)
-                                         and all(_is_num(b.get(f)) for f in CI_FIELDS)}}
+                                         and all(_is_num(b.get(f)) for f in CI_FIELDS)},
+                                "damage": _damage(damage_by_type.get(ty)), "recovered": _recovered(rf_by_type.get(ty))}
     return by_type
+
+
+def _choice(doc: _Doc) -> dict | None:
+    """best_baseline_choice, or None when absent or malformed."""
+    c = doc.get(METRICS, BEST_BASELINE_CHOICE)
+    if not isinstance(c, dict) or not isinstance(c.get("validation_auc"), dict):
+        return None
+    return {"rule": c.get("rule") if isinstance(c.get("rule"), str) else None,
+            "types": [str(t) for t in c.get("types") or [] if isinstance(t, str)],
+            "examples": c.get("examples") if _is_num(c.get("examples")) else None,
+            "validation_auc": _numbers(c["validation_auc"]),
+            "chosen": c.get("chosen") if isinstance(c.get("chosen"), str) else None}
 
 
 def _load_task(path: Path) -> dict:
@@ -274,7 +371,10 @@ def _load_task(path: Path) -> dict:
     clean_metrics = {str(t): _numbers(per) for t, per in _mapping(doc.get(METRICS, "clean_metrics")).items()
                      if isinstance(per, dict)}
     settings = doc.get(SETTINGS) or {}
+    groups = {str(k): v for k, v in _mapping(doc.get(METRICS, DEFENSE_GROUPS)).items() if isinstance(v, str)}
     return dict(run_id=doc.get(RUN_ID), config_hash=doc.get(CONFIG_HASH), by_type=_by_type(doc),
+                groups=groups, choice=_choice(doc), damage=_damage(doc.get(METRICS, DAMAGE)),
+                recovered=_recovered(doc.get(METRICS, RECOVERED_FRACTION)),
                 curves=_curves(doc, METRICS, SCORE_VS_EPS, best=best), by_task=by_task, auc=auc, auc_ci=auc_ci,
                 clean=clean, clean_metrics=clean_metrics, best=best, boot=boot, overhead=overhead,
                 exposure=_numbers(doc.get(METRICS, "exposure")),

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from cachemedicpp.plots.inputs import Inputs, SensPoint
+from cachemedicpp.plots.inputs import BEST, Inputs, SensPoint
 from cachemedicpp.plots.outputs import FIGURES, TABLES
-from cachemedicpp.plots.text import fmt, fmt_ci, fmt_diff, layer_ranges, plain
+from cachemedicpp.plots.tables import choice_text, headline_label
+from cachemedicpp.plots.text import MISSING, fmt, fmt_ci, fmt_damage, fmt_diff, fmt_rf, layer_ranges, plain
 from cachemedicpp.results import (CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE,
-                                  NO_DEFENSE)
+                                  GROUP_CALIBRATED, NO_DEFENSE, ORACLE_DROP)
 from cachemedicpp.rundir import RunDir
 
 
@@ -105,24 +106,79 @@ def _bootstrap_lines(inp: Inputs) -> list[str]:
     return lines
 
 
+def _star(b: dict | None) -> str:
+    return MISSING if b is None else fmt_diff(b) + ("*" if excludes_zero(b) else "")
+
+
 def _by_type_table(inp: Inputs) -> list[str]:
-    """Robustness per corruption type; nothing when there is only one type to split."""
+    """Robustness and recovered fractions per corruption type; nothing when there is only one type to split."""
     if len(inp.by_type) <= 1:
         return []
+    best = inp.best or "best baseline"
+    others = [d for d in (inp.best, ORACLE_DROP, CACHEMEDIC) if d]
+    lines = ["", "By corruption type (robustness AUC over that type's cells; damage = clean ceiling − no defense; "
+             "recovered fraction = (AUC − AUC none) / damage; 95% CIs, paired bootstrap over examples; * where a "
+             "difference's interval excludes zero; — where the metrics file has no such entry):", "",
+             f"| type | damage | no defense | {best} | {ORACLE_DROP} | cachemedic | "
+             + " | ".join(f"recovered: {d}" for d in others)
+             + f" | cachemedic − no defense | cachemedic − {best} |",
+             "|---" * (8 + len(others)) + "|"]
 
-    def diff(b: dict | None) -> str:
-        return "–" if b is None else fmt_diff(b) + ("*" if excludes_zero(b) else "")
+    def auc(a: dict, d: str | None) -> str:
+        return fmt(a[d]) if d and d in a else MISSING
 
-    lines = ["", "By corruption type (robustness AUC over that type's cells; paired bootstrap 95% CI of the "
-             "difference; * where it excludes zero):", "",
-             f"| type | no defense | {inp.best or '-'} | cachemedic | cachemedic − no defense | "
-             f"cachemedic − {inp.best or 'best heuristic'} |", "|---|---|---|---|---|---|"]
     for ty, e in inp.by_type.items():
-        a, b = e["auc"], e["boot"]
-        best = fmt(a.get(inp.best, math.nan)) if inp.best else "–"
-        lines.append(f"| {ty} | {fmt(a.get(NO_DEFENSE, math.nan))} | {best} | {fmt(a.get(CACHEMEDIC, math.nan))} | "
-                     f"{diff(b.get(CACHEMEDIC_MINUS_NO_DEFENSE))} | {diff(b.get(CACHEMEDIC_MINUS_BEST_HEURISTIC))} |")
+        a, b, rf = e["auc"], e["boot"], e.get("recovered") or {}
+        lines.append(f"| {ty} | {fmt_damage(e.get('damage'))} | {auc(a, NO_DEFENSE)} | {auc(a, inp.best)} | "
+                     f"{auc(a, ORACLE_DROP)} | {auc(a, CACHEMEDIC)} | "
+                     + " | ".join(fmt_rf(rf.get(d)) for d in others)
+                     + f" | {_star(b.get(CACHEMEDIC_MINUS_NO_DEFENSE))} | "
+                     f"{_star(b.get(CACHEMEDIC_MINUS_BEST_HEURISTIC))} |")
     return lines + [""]
+
+
+def _headline_table(inp: Inputs) -> list[str]:
+    """The main comparison: one column per headline entry (clean ceiling, no defense, best baseline, ...)."""
+    heads = inp.headline()
+    ppl_task = inp.ppl_task()
+
+    def row(label: str, cell) -> str:
+        return f"| {label} | " + " | ".join(cell(role, key) for role, key in heads) + " |"
+
+    def auc(role, key):
+        a, ci = inp.auc_of(role, key)
+        return fmt_ci(a, ci) if math.isfinite(a) else MISSING
+
+    def diff(role, key):
+        if role == NO_DEFENSE:
+            return _star(inp.boot.get(CACHEMEDIC_MINUS_NO_DEFENSE))
+        if role == BEST:
+            return _star(inp.boot.get(CACHEMEDIC_MINUS_BEST_HEURISTIC))
+        return ""
+
+    L = ["| | " + " | ".join(headline_label(inp, r, k, latex=False) for r, k in heads) + " |",
+         "|---" * (len(heads) + 1) + "|",
+         row("robustness AUC, 95% CI", auc),
+         row("recovered fraction, 95% CI", lambda r, k: fmt_rf(inp.recovered_of(r, k))),
+         row("cachemedic − this defense (AUC), paired 95% CI", diff),
+         row("clean score", lambda r, k: fmt(inp.clean.get(k, math.nan)))]
+    if ppl_task:
+        L.append(row(f"clean perplexity ({ppl_task})", lambda r, k: fmt(inp.clean_metrics[ppl_task].get(k, math.nan))))
+    return L + [""]
+
+
+def _best_line(inp: Inputs) -> str:
+    if not inp.best:
+        return "- No baseline candidate was evaluated, so there is no best baseline."
+    test = f"AUC on the test grid {fmt_ci(inp.best_auc(), inp.best_auc_ci())}"
+    if not inp.chosen_on_validation():
+        return (f"- Best heuristic: **{inp.best}** (highest robustness AUC among the heuristics on the test grid; "
+                f"this metrics file records no validation choice), {test}.")
+    group = "calibrated baseline" if inp.group(inp.best) == GROUP_CALIBRATED else inp.group(inp.best)
+    val = inp.choice["validation_auc"]
+    ranked = ", ".join(f"{d} {fmt(v)}" for d, v in sorted(val.items(), key=lambda kv: -kv[1]))
+    return (f"- Best baseline (chosen on validation data: **{inp.best}**, {group}): {choice_text(inp)}; "
+            f"validation AUC {ranked}; {test}.")
 
 
 def _throughput(inp: Inputs) -> str:
@@ -135,23 +191,15 @@ def _throughput(inp: Inputs) -> str:
 
 
 def _task_section(inp: Inputs) -> list[str]:
-    trio = [("no defense", NO_DEFENSE), *([(inp.best, inp.best)] if inp.best else []), ("cachemedic", CACHEMEDIC)]
-
-    def each(values: dict, ci: dict | None = None) -> str:
-        return ", ".join(f"{label} {fmt_ci(values.get(k, math.nan), None if ci is None else ci.get(k))}"
-                         for label, k in trio)
-
-    L = ["## Task robustness", "",
-         (f"- Best heuristic: **{inp.best}** (highest robustness AUC among the heuristics, "
-          f"AUC {fmt_ci(inp.best_auc(), inp.best_auc_ci())})." if inp.best else
-          "- No heuristic defense was evaluated, so there is no best heuristic."),
-         f"- Clean score (mean normalised over tasks): {each(inp.clean)}."]
-    ppl_task = inp.ppl_task()
-    if ppl_task:
-        L.append(f"- Clean perplexity on {ppl_task}: {each(inp.clean_metrics[ppl_task])}.")
-    auc = dict(inp.auc, **({inp.best: inp.best_auc()} if inp.best else {}))
-    auc_ci = dict(inp.auc_ci, **({inp.best: inp.best_auc_ci()} if inp.best else {}))
-    L.append(f"- Robustness AUC (trapezoid over ε of the normalised score, 95% CI): {each(auc, auc_ci)}.")
+    L = ["## Task robustness", "", _best_line(inp)]
+    if inp.damage is not None:
+        n = f", n = {inp.damage['n']} examples" if inp.damage.get("n") is not None else ""
+        L.append(f"- Damage (clean − no defense) = {fmt_damage(inp.damage)} (robustness AUC: clean ceiling "
+                 f"{fmt(inp.damage['auc_clean'])}, no defense {fmt(inp.damage['auc_no_defense'])}; paired bootstrap "
+                 f"95% CI{n}).")
+    else:
+        L.append(f"- Damage (clean − no defense) = {MISSING} (not in this metrics file).")
+    L += ["", *_headline_table(inp)]
     return L + _bootstrap_lines(inp) + _by_type_table(inp) + [_throughput(inp), ""]
 
 
@@ -201,6 +249,24 @@ def _operator_line(cfg: dict) -> str:
             f"λ_contr {tr.get('lambda_contr')}, {tr.get('steps')} steps.")
 
 
+def calibration_text(cal: Any) -> str | None:
+    """settings.calibration in words (what the calibrated baselines were fitted on and which candidate each
+    uses); None when absent or not a record."""
+    if not isinstance(cal, dict):
+        return None
+    chosen = cal.get("chosen") if isinstance(cal.get("chosen"), dict) else {}
+    tried = ((cal.get("selection") or {}).get("tried") or {}) if isinstance(cal.get("selection"), dict) else {}
+    picks = []
+    for d, c in chosen.items():
+        q = c.get("q") if isinstance(c, dict) else None
+        cost = next((t.get("cost") for t in tried.get(d) or [] if isinstance(t, dict) and t.get("q") == q), None)
+        picks.append(f"{d} q = {q:g}" + (f" (clean cost {100 * cost:+.2f}%)" if isinstance(cost, (int, float)) else "")
+                     if isinstance(q, (int, float)) else d)
+    where = (f"{cal.get('tokens')} tokens of {cal.get('data_source')} (clean training text), layers "
+             f"{layer_ranges(cal.get('layers') or [])}, the first {cal.get('sink_tokens')} positions left alone")
+    return f"calibrated on {where}; " + ("; ".join(picks) or "no candidate recorded")
+
+
 def _settings_section(inp: Inputs) -> list[str]:
     s = inp.settings
     L = ["## Settings and data", ""]
@@ -214,6 +280,8 @@ def _settings_section(inp: Inputs) -> list[str]:
         L.append(f"- Repair checkpoint: {checkpoint_text(s['checkpoint'], inp.config_hash)}.")
     if ood_text(s):
         L.append(f"- Out-of-distribution protocol: {ood_text(s)}.")
+    if calibration_text(s.get("calibration")):
+        L.append(f"- Calibrated baselines: {calibration_text(s['calibration'])}.")
     L += [f"- Note: {n}" for n in (s.get("notes") or []) if isinstance(n, str)]
     if inp.exposure:
         L.append("- Exposure (fraction of context K/V entries the corruption masks cover): "

@@ -6,9 +6,10 @@ import math
 import re
 from typing import Any, Sequence
 
-from cachemedicpp.plots.inputs import Inputs
-from cachemedicpp.plots.text import fmt, fmt_ci, fmt_diff, layer_ranges
-from cachemedicpp.results import CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE, NO_DEFENSE
+from cachemedicpp.plots.inputs import BEST, BEST_CALIBRATED, CLEAN, Inputs
+from cachemedicpp.plots.text import MISSING, fmt, fmt_ci, fmt_damage, fmt_diff, fmt_rf, layer_ranges
+from cachemedicpp.results import (CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE,
+                                  GROUP_CALIBRATED, GROUP_REFERENCE, NO_DEFENSE, ORACLE_DROP)
 from cachemedicpp.rundir import RunDir
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -40,45 +41,91 @@ def _tabular(cols: str, header: Sequence[str], rows: Sequence[Sequence[str]]) ->
 # main results
 
 
-def _main_row(inp: Inputs, key: str, label: str, ppl_task: str | None) -> list[str]:
-    auc = inp.best_auc() if key == inp.best else inp.auc.get(key, math.nan)
-    ci = inp.best_auc_ci() if key == inp.best else inp.auc_ci.get(key)
-    row = [label, fmt(inp.clean.get(key, math.nan))]
+def headline_label(inp: Inputs, role: str, name: str, latex: bool = True) -> str:
+    """The name of a headline entry (inputs.Inputs.headline) in the tables and the report."""
+    t = tex if latex else str
+    if role == CLEAN:
+        return "Clean (ceiling)" if latex else "clean (ceiling)"
+    if role == NO_DEFENSE:
+        return "No defense" if latex else "no defense"
+    if role == BEST:
+        if not inp.chosen_on_validation():  # an older file: chosen on the test grid among the heuristics
+            return f"Best heuristic ({t(name)})" if latex else f"best heuristic ({name})"
+        group = ", calibrated" if inp.group(name) == GROUP_CALIBRATED else \
+            ", reference heuristic, oracle region" if inp.group(name) == GROUP_REFERENCE else ""
+        return f"{'B' if latex else 'b'}est baseline (chosen on validation data: {t(name)}{group})"
+    if role == BEST_CALIBRATED:
+        return f"{'B' if latex else 'b'}est calibrated baseline (chosen on validation data: {t(name)})"
+    if role == ORACLE_DROP:
+        return f"{t(ORACLE_DROP)} (ceiling)"
+    return "CacheMedic" if latex and name == CACHEMEDIC else t(name)
+
+
+def _dash(text: str) -> str:
+    return "---" if text == MISSING else text
+
+
+def _main_row(inp: Inputs, role: str, key: str, ppl_task: str | None) -> list[str]:
+    auc, ci = inp.auc_of(role, key)
+    row = [headline_label(inp, role, key), fmt(inp.clean.get(key, math.nan))]
     if ppl_task:
         row.append(fmt(inp.clean_metrics[ppl_task].get(key, math.nan)))
-    row.append(tnum(fmt_ci(auc, ci)))
+    row.append(tnum(_dash(fmt_ci(auc, ci) if math.isfinite(auc) else MISSING)))
+    row.append(tnum(_dash(fmt_rf(inp.recovered_of(role, key)))))
     # eval bootstraps only cachemedic's differences, so the other rows have none
-    row.append(tnum(fmt_diff(inp.boot[CACHEMEDIC_MINUS_NO_DEFENSE])) if key == CACHEMEDIC else "---")
+    row.append(tnum(fmt_diff(inp.boot[CACHEMEDIC_MINUS_NO_DEFENSE])) if role == CACHEMEDIC else "---")
     return row
 
 
 def _strip_heuristics(note: str) -> str:
-    return note[len("heuristics "):] if note.lower().startswith("heuristics ") else note
+    for lead in ("reference heuristics ", "heuristics "):
+        if note.lower().startswith(lead):
+            return note[len(lead):]
+    return note
+
+
+def choice_text(inp: Inputs) -> str | None:
+    """Where the best baseline was chosen (plain text), or None for an older file without a choice."""
+    c = inp.choice
+    if not inp.chosen_on_validation() or c is None:
+        return None
+    where = [f"types {', '.join(c['types'])}" if c["types"] else None,
+             f"{c['examples']} validation examples" if c["examples"] is not None else None]
+    where_text = "; ".join(w for w in where if w)
+    return (f"chosen on a validation grid{f' ({where_text})' if where_text else ''}, separate from the test "
+            f"examples, by the rule: {c['rule'] or 'not recorded'}")
 
 
 def _main_caption(inp: Inputs, ppl_task: str | None) -> str:
     cap = [f"Main results (run {tex(inp.run_id)}). Clean score: mean normalised clean score over tasks",
            f"(clean perplexity on {tex(ppl_task)})" if ppl_task else "",
-           "; robustness AUC: trapezoid over $\\epsilon$ of the normalised score. CIs: 95\\% bootstrap "
-           "over examples, paired for differences."]
-    for key, what in ((CACHEMEDIC_MINUS_BEST_HEURISTIC, "CacheMedic $-$ best heuristic, $\\Delta$\\,AUC"),
+           "; robustness AUC: trapezoid over $\\epsilon$ of the normalised score; clean (ceiling): the flat curve "
+           "at no defense's clean score; recovered fraction: (AUC $-$ AUC$_{\\mathrm{none}}$) / "
+           "(AUC$_{\\mathrm{clean}}$ $-$ AUC$_{\\mathrm{none}}$). CIs: 95\\% bootstrap over examples, paired for "
+           "differences."]
+    if inp.damage is not None:
+        cap.append(f"Damage (clean $-$ no defense) = {tnum(fmt_damage(inp.damage))}.")
+    if choice_text(inp):
+        cap.append(f"Best baseline {tex(choice_text(inp))}.")
+    for key, what in ((CACHEMEDIC_MINUS_BEST_HEURISTIC, "CacheMedic $-$ best baseline, $\\Delta$\\,AUC"),
                       ("clean_cachemedic_minus_no_defense", "CacheMedic $-$ no defense, $\\Delta$\\,clean score"),
                       ("clean_cachemedic_minus_best_heuristic",
-                       "CacheMedic $-$ best heuristic, $\\Delta$\\,clean score")):
+                       "CacheMedic $-$ best baseline, $\\Delta$\\,clean score")):
         b = inp.boot.get(key)
         if b is not None:
             cap.append(f"{what}: {tnum(fmt_diff(b))}.")
-    cap.append(f"Heuristics {tex(_strip_heuristics(inp.oracle_note))}.")
+    cap.append(f"Reference heuristics {tex(_strip_heuristics(inp.oracle_note))}.")
+    if ORACLE_DROP in inp.auc:
+        cap.append(f"{tex(ORACLE_DROP)}: attention ignores exactly the entries the corruption changed (a ceiling, "
+                   "never a candidate for the best baseline).")
     return " ".join(c for c in cap if c).replace(" ;", ";")
 
 
 def table_main(inp: Inputs) -> str:
     ppl_task = inp.ppl_task()
-    names = [(NO_DEFENSE, "No defense")] + ([(inp.best, f"Best heuristic ({tex(inp.best)})")] if inp.best else []) \
-        + [(CACHEMEDIC, "CacheMedic")]
     header = ["Defense", "Clean score"] + (["Clean PPL"] if ppl_task else []) + \
-             ["Robustness AUC [95\\% CI]", "$\\Delta$\\,AUC vs no defense [95\\% CI]"]
-    rows = [_main_row(inp, key, label, ppl_task) for key, label in names]
+             ["Robustness AUC [95\\% CI]", "Recovered fraction [95\\% CI]", "$\\Delta$\\,AUC vs no defense [95\\% CI]"]
+    rows = [_main_row(inp, role, key, ppl_task) for role, key in inp.headline()]
     cols = "l" + "c" * (len(header) - 1)
     return _table("tab:main-results", _main_caption(inp, ppl_task), _tabular(cols, header, rows))
 

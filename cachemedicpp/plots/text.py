@@ -52,3 +52,24 @@ def plain(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(plain(x) for x in v)
     return str(v)
+
+
+MISSING = "—"  # a value the metrics file does not carry (an older file); LaTeX gets "---"
+
+
+def fmt_rf(entry: dict | str | None) -> str:
+    """A recovered fraction {value, ci_low, ci_high} as `value [low, high]`; "—" when absent, "n/a (no damage)"
+    when null (the damage is 0); a string (a value by definition) as is."""
+    if entry is None:
+        return MISSING
+    if isinstance(entry, str):
+        return entry
+    if not math.isfinite(entry["value"]):
+        return "n/a (no damage)"
+    lo, hi = entry["ci_low"], entry["ci_high"]
+    return fmt_ci(entry["value"], (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None)
+
+
+def fmt_damage(d: dict | None) -> str:
+    """A damage entry as `diff [low, high]`, "—" when absent."""
+    return MISSING if d is None else fmt_diff(d)

@@ -21,6 +21,7 @@ class CleanState:
     token: torch.Tensor  # the last prompt token, processed over S (or a perturbed copy) for z(S)
     time: dict[int, torch.Tensor]  # per stability layer: bool [cached positions], the segment it holds
     rms: dict[int, tuple[float, float]]  # per stability layer: RMS of its whole K and of its whole V
+    length: int = 0  # cached positions (a sliding layer holds only the last of them)
 
 
 @dataclass
@@ -41,7 +42,7 @@ def clean_state(lm: hf.LoadedModel, s: Setup, ids: torch.Tensor) -> CleanState:
         k, v = hf.get_kv(cache, l)
         time[l] = s.time_mask(T, k.shape[2])
         rms[l] = (float(k.float().pow(2).mean().sqrt()), float(v.float().pow(2).mean().sqrt()))
-    return CleanState(cache, ids[-1], time, rms)
+    return CleanState(cache, ids[-1], time, rms, T)
 
 
 def segment(num_kv_heads: int, heads: Sequence[int], time: torch.Tensor) -> torch.Tensor:

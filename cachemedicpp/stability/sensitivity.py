@@ -29,19 +29,29 @@ def _perturbed(lm: hf.LoadedModel, s: Setup, clean: CleanState, p_idx: int) -> t
     return base, masks
 
 
-def _heuristic_logits(lm: hf.LoadedModel, s: Setup, base, masks: dict, p_idx: int,
-                      token: torch.Tensor) -> torch.Tensor:
-    """The logits over every row of `base` with the heuristic applied on the perturbed region."""
+def _heuristic_logits(lm: hf.LoadedModel, s: Setup, base, masks: dict, p_idx: int, token: torch.Tensor,
+                      T: int) -> torch.Tensor:
+    """The logits over every row of `base` with the best baseline applied: a reference heuristic on the
+    perturbed region, a calibrated baseline on every cached entry of the protected layers."""
     heur = hf.clone_cache(base)
-    for l in s.sens_layers:
+    calibrated = s.heuristic in defenses.CALIBRATED
+    drops = {}
+    for l in (s.cal.layers if calibrated else s.sens_layers):
         k, v = hf.get_kv(heur, l)
         # row by row with one seed: a random defense (masking_dropout) is the same fixed map for every
         # row, so the rows differ only by their perturbation
-        out = [defenses.apply_defense(s.heuristic, k[r:r + 1], v[r:r + 1], masks[l].to(lm.device), s.baseline_cfg,
-                                      gen=s.rng(p_idx, "heuristic", s.heuristic, l))
+        out = [defenses.defend(s.heuristic, l, k[r:r + 1], v[r:r + 1],
+                               mask=None if calibrated else masks[l].to(lm.device), baseline=s.baseline_cfg,
+                               gen=s.rng(p_idx, "heuristic", s.heuristic, l), cal=s.cal,
+                               positions=torch.arange(T - k.shape[2], T))
                for r in range(k.shape[0])]
         hf.set_kv(heur, l, torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]))
-    return last_logits(lm, token, heur, None)
+        if any(o[2] is not None for o in out):
+            drops[l] = torch.cat([o[2] for o in out]).cpu()
+    plan = None
+    if drops:
+        plan = hf.HookPlan(layers=frozenset(drops), drop=lambda l, n: defenses.fit_drop(drops[l], n) if l in drops else None)
+    return last_logits(lm, token, heur, plan)
 
 
 def measure(lm: hf.LoadedModel, s: Setup, clean: CleanState, op, op_paired, p_idx: int) -> tuple[dict, Reference]:
@@ -55,7 +65,7 @@ def measure(lm: hf.LoadedModel, s: Setup, clean: CleanState, op, op_paired, p_id
     z_p = None
     if op_paired is not None:
         z_p = last_logits(lm, clean.token, hf.clone_cache(base), hf.HookPlan(repair=op_paired))
-    z_h = _heuristic_logits(lm, s, base, masks, p_idx, clean.token)
+    z_h = _heuristic_logits(lm, s, base, masks, p_idx, clean.token, clean.length)
     per = {
         "baseline": drift(z_b[1:], ref, idx),
         "heuristic": drift(z_h[1:], ref, idx),

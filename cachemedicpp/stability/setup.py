@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -75,9 +75,10 @@ def check_paired_run(cfg: Config, paired_run_dir: str | None) -> dict | None:
 
 
 def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
-    """(name, origin): the eval's best heuristic when the task metrics name one, else the configured fallback."""
-    if fallback not in defenses.DEFENSES or fallback == "no_defense":
-        known = [d for d in defenses.DEFENSES if d != "no_defense"]
+    """(name, origin): the eval's best baseline (chosen on its validation grid) when the task metrics name
+    one, else the configured fallback."""
+    if fallback not in defenses.CANDIDATES:
+        known = list(defenses.CANDIDATES)
         raise ConfigError(f"stability.heuristic_fallback: {fallback!r} is not a heuristic defense; known: {known}")
     where = rd.rel(rd.task_metrics)
     if not rd.task_metrics.is_file():
@@ -87,7 +88,7 @@ def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
     name = metrics.get(BEST_HEURISTIC_NAME) if isinstance(metrics, dict) else None
     if not name:
         return fallback, f"stability.heuristic_fallback ({where} names no {BEST_HEURISTIC_NAME})"
-    if not isinstance(name, str) or name not in defenses.DEFENSES or name == "no_defense":
+    if not isinstance(name, str) or name not in defenses.CANDIDATES:
         raise ConfigError(f"{rd.task_metrics}: {BEST_HEURISTIC_NAME} {name!r} is not a heuristic defense")
     return name, f"{where} {BEST_HEURISTIC_NAME}"
 
@@ -130,6 +131,7 @@ class Setup:
     window: list[int]
     heuristic: str
     baseline_cfg: dict
+    cal: Any = None  # calibration.Calibration when the heuristic is a calibrated baseline
 
     @property
     def flagged(self) -> list[int]:

@@ -1,5 +1,6 @@
-"""The sweep's summary: key metrics per run, mean ± std per group (seeds), and the paired contraction
-ablation, written as summary.json + summary.md in the sweep dir after every run."""
+"""The sweep's summary: key metrics per run, mean ± std per group (seeds), the paired contraction
+ablation and, for leave-one-type-out runs, a table per held-out type (damage, recovered fractions) with its
+figure, written as summary.json + summary.md (+ SweepDir.loto_figure) in the sweep dir after every run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from cachemedicpp import pipeline, results as R
 from cachemedicpp.config import ConfigError, flatten
-from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json, utc_now
+from cachemedicpp.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, utc_now
 from cachemedicpp.rundir import RunDir
 from cachemedicpp.stats import mean_ci
 from cachemedicpp.sweep.plan import Plan, RunSpec
@@ -30,7 +31,11 @@ def run_metrics(run_dir: Path) -> dict:
     rd, out = RunDir(run_dir), {}
     task = _read_optional(rd.task_metrics, out)
     if task:
-        out.update(_task_summary(task.get(R.METRICS) or {}))
+        m = task.get(R.METRICS) or {}
+        out.update(_task_summary(m))
+        split = (task.get(R.SETTINGS) or {}).get(R.OOD_SPLIT)
+        if isinstance(split, dict) and isinstance(split.get("test_type"), str):
+            out["held_out"] = _held_out(m, split["test_type"])
     stab = _read_optional(rd.stability_metrics, out)
     if stab:
         out["sensitivity"] = _sensitivity_summary((stab.get(R.METRICS) or {}).get(R.SENS_KEY) or {})
@@ -38,24 +43,74 @@ def run_metrics(run_dir: Path) -> dict:
 
 
 def _task_summary(m: Mapping) -> dict:
-    """AUC and clean score of no defense, the best heuristic and cachemedic; eval's paired bootstrap."""
+    """AUC and clean score of no defense, the best baseline, oracle_drop and cachemedic (and the clean
+    ceiling's AUC); eval's paired bootstrap, damage and recovered fractions (null where the file has none)."""
     best = m.get(R.BEST_HEURISTIC_NAME)
 
-    def three(d: Mapping) -> dict:
+    def headline(d: Mapping) -> dict:
         return {R.NO_DEFENSE: _num(d.get(R.NO_DEFENSE)),
                 R.BEST_HEURISTIC_SERIES: _num(d.get(R.BEST_HEURISTIC_SERIES, d.get(best))),
+                R.ORACLE_DROP: _num(d.get(R.ORACLE_DROP)),
                 R.CACHEMEDIC: _num(d.get(R.CACHEMEDIC))}
 
-    auc = three(m.get(R.ROBUSTNESS_AUC) or {})
+    auc = headline(m.get(R.ROBUSTNESS_AUC) or {})
+    damage = _damage(m.get(R.DAMAGE))
     return {
         "best_heuristic_name": best,
-        "auc": auc,
-        "clean": three(m.get(R.CLEAN_REGRESSION) or {}),
+        "auc": {"clean": damage["auc_clean"] if damage else None, **auc},
+        "clean": headline(m.get(R.CLEAN_REGRESSION) or {}),
+        "damage": damage,
+        "recovered_fraction": _recovered(m.get(R.RECOVERED_FRACTION), best),
         "auc_diff": {R.CACHEMEDIC_MINUS_NO_DEFENSE: _sub(auc[R.CACHEMEDIC], auc[R.NO_DEFENSE]),
                      R.CACHEMEDIC_MINUS_BEST_HEURISTIC: _sub(auc[R.CACHEMEDIC], auc[R.BEST_HEURISTIC_SERIES])},
         "paired_bootstrap": {
             k: {f: _num(v.get(f)) for f in ("diff", "ci_low", "ci_high")} | {"n": v.get("n"), "metric": v.get("metric")}
             for k, v in (m.get(R.PAIRED_BOOTSTRAP) or {}).items() if isinstance(v, dict)},
+    }
+
+
+def _damage(d: Any) -> dict | None:
+    if not isinstance(d, Mapping):
+        return None
+    out = {f: _num(d.get(f)) for f in ("auc_clean", "auc_no_defense", "diff", "ci_low", "ci_high")}
+    return {**out, "n": d.get("n")} if out["diff"] is not None else None
+
+
+def _recovered(rf: Any, best: str | None) -> dict:
+    """Recovered fractions {value, ci_low, ci_high} of the best baseline, oracle_drop and cachemedic (None
+    where the file has none)."""
+    rf = rf if isinstance(rf, Mapping) else {}
+
+    def one(name: str | None) -> dict | None:
+        e = rf.get(name) if name else None
+        return {f: _num(e.get(f)) for f in ("value", "ci_low", "ci_high")} if isinstance(e, Mapping) else None
+
+    return {R.BEST_HEURISTIC_SERIES: one(best), R.ORACLE_DROP: one(R.ORACLE_DROP), R.CACHEMEDIC: one(R.CACHEMEDIC)}
+
+
+def _held_out(m: Mapping, test_type: str) -> dict:
+    """A leave-one-type-out run's numbers on its held-out type: the per-type entries of that type when the
+    file has them (the run may evaluate held-in types too), else the overall ones."""
+    best = m.get(R.BEST_HEURISTIC_NAME)
+
+    def for_type(key: str, by_type_key: str) -> Any:
+        by_type = m.get(by_type_key)
+        if isinstance(by_type, Mapping) and test_type in by_type:
+            return by_type[test_type]
+        return m.get(key)
+
+    auc = for_type(R.ROBUSTNESS_AUC, R.ROBUSTNESS_AUC_BY_TYPE) or {}
+    damage = _damage(for_type(R.DAMAGE, R.DAMAGE_BY_TYPE))
+    boot = (for_type(R.PAIRED_BOOTSTRAP, R.PAIRED_BOOTSTRAP_BY_TYPE) or {}).get(R.CACHEMEDIC_MINUS_NO_DEFENSE)
+    return {
+        "test_type": test_type, "best_baseline": best,
+        "auc": {"clean": damage["auc_clean"] if damage else None, R.NO_DEFENSE: _num(auc.get(R.NO_DEFENSE)),
+                R.BEST_HEURISTIC_SERIES: _num(auc.get(best)) if best else None,
+                R.ORACLE_DROP: _num(auc.get(R.ORACLE_DROP)), R.CACHEMEDIC: _num(auc.get(R.CACHEMEDIC))},
+        "damage": damage,
+        "recovered_fraction": _recovered(for_type(R.RECOVERED_FRACTION, R.RECOVERED_FRACTION_BY_TYPE), best),
+        R.CACHEMEDIC_MINUS_NO_DEFENSE: ({f: _num(boot.get(f)) for f in ("diff", "ci_low", "ci_high")}
+                                        if isinstance(boot, Mapping) else None),
     }
 
 
@@ -93,9 +148,11 @@ def _sub(a: float | None, b: float | None) -> float | None:
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """Flat {dotted key: value} of a run's numeric metrics (the per-run bootstrap CIs left out)."""
-    flat = flatten({k: v for k, v in metrics.items() if k not in ("paired_bootstrap", "errors")})
-    return {k: v for k, v in flat.items() if _num(v) is not None}
+    """Flat {dotted key: value} of a run's numeric metrics (the per-run bootstrap CIs and the held-out
+    block, which repeats them for the loto table, left out)."""
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("paired_bootstrap", "errors", "held_out")})
+    return {k: v for k, v in flat.items()
+            if _num(v) is not None and not k.endswith((".ci_low", ".ci_high", ".n"))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +204,73 @@ def ablation_summary(records: dict[str, dict]) -> dict:
             "metrics": {k: describe(v, ci=True) for k, v in sorted(diffs.items()) if len(v) == len(pairs)}}
 
 
+LOTO_SERIES = (R.BEST_HEURISTIC_SERIES, R.ORACLE_DROP, R.CACHEMEDIC)  # the recovered fractions compared
+
+
+def loto_summary(records: Sequence[dict]) -> dict | None:
+    """One row per completed leave-one-type-out run (its task metrics name a held-out type), ordered by the
+    held-out type: AUCs of the clean ceiling, no defense, the best baseline, oracle_drop and cachemedic on
+    that type, the damage, recovered fractions and cachemedic - no defense, each with the run's own paired
+    bootstrap CI. None when the sweep has no such run. The sweep adds "figure": its figure's path in the
+    sweep dir."""
+    rows = []
+    for r in records:
+        h = (r.get("metrics") or {}).get("held_out")
+        if r.get("status") == "completed" and h:
+            rows.append({"run": r["name"], **h})
+    if not rows:
+        return None
+    rows.sort(key=lambda x: (x["test_type"], x["run"]))
+    return {"rows": rows,
+            "recovered_fraction": "(AUC - AUC no_defense) / (AUC clean - AUC no_defense) on the held-out type",
+            "ci": "each run's own 95% paired bootstrap over its examples (eval)"}
+
+
+def loto_figure(loto: dict) -> bytes:
+    """Grouped bars per held-out type: recovered fraction of the best baseline, oracle_drop and cachemedic,
+    with their CIs; lines at 0 (no better than no defense) and 1 (back to clean)."""
+    from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
+    from matplotlib import rc_context
+
+    rows = loto["rows"]
+    several = {t for t in (r["test_type"] for r in rows) if sum(x["test_type"] == t for x in rows) > 1}
+    labels = [r["test_type"] + (f"\n({r['run']})" if r["test_type"] in several else "")
+              + f"\nbest: {r['best_baseline'] or 'none'}" for r in rows]
+    style = {R.BEST_HEURISTIC_SERIES: (ORANGE, "best baseline (chosen on validation data)", "//"),
+             R.ORACLE_DROP: (GREY, f"{R.ORACLE_DROP} (ceiling)", ""),
+             R.CACHEMEDIC: (defense_style(R.CACHEMEDIC)[0], R.CACHEMEDIC, "")}
+    width = 0.8 / len(LOTO_SERIES)
+    with rc_context(RC):
+        fig = _new_figure(max(6.5, 1.6 * len(rows) + 2.5), 5.0)
+        ax = fig.add_subplot(1, 1, 1)
+        for j, name in enumerate(LOTO_SERIES):
+            color, label, hatch = style[name]
+            xs, ys, lo, hi = [], [], [], []
+            for i, r in enumerate(rows):
+                e = r["recovered_fraction"].get(name)
+                if not e or e.get("value") is None:  # not in the file, or no damage to recover
+                    ax.text(i + (j - 1) * width, 0.02, "n/a", ha="center", va="bottom", fontsize=7.5, color=color,
+                            rotation=90)
+                    continue
+                v = e["value"]
+                xs.append(i + (j - 1) * width)
+                ys.append(v)
+                lo.append(v - e["ci_low"] if e.get("ci_low") is not None else 0.0)
+                hi.append(e["ci_high"] - v if e.get("ci_high") is not None else 0.0)
+            ax.bar(xs, ys, width, yerr=[lo, hi] if xs else None, color=color, hatch=hatch, edgecolor="white",
+                   capsize=3, error_kw={"lw": 1.0}, label=label, zorder=3)
+        ax.axhline(0.0, color="black", lw=1.0, zorder=2)
+        ax.axhline(1.0, color=GREY, lw=1.0, ls=":", zorder=2, label="1: back to clean")
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, -0.05), max(hi, 1.1))  # both reference lines always in view
+        ax.set_ylabel("recovered fraction of the damage (95% CI)")
+        ax.set_title("Leave-one-type-out: damage recovered on the held-out corruption type")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8.5, frameon=False)
+        return _png(fig)
+
+
 # --------------------------------------------------------------------------------------------------
 # the files
 
@@ -185,6 +309,9 @@ class Summary:
     def write(self, status: str) -> dict:
         plan = self.plan
         records = {r.name: self.record(r) for r in plan.runs}
+        loto = loto_summary(list(records.values()))
+        if loto:
+            loto["figure"] = plan.dir.loto_figure.relative_to(plan.dir.path).as_posix()
         groups: dict[str, list[dict]] = {}
         for r in plan.runs:
             if r.group:
@@ -199,12 +326,15 @@ class Summary:
             "runs": list(records.values()),
             "groups": {g: group_summary(m) for g, m in groups.items()},
             "ablation": ablation_summary(records) if any(r.paired_with for r in plan.runs) else None,
+            "loto": loto,
             "notes": {"bootstrap": f"percentile 95% CI of the mean over runs (groups) or pairs (ablation), "
                                    f"{BOOTSTRAP_SAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}",
                       "std": "sample standard deviation (ddof = 1)",
                       "per_run_ci": "metrics.paired_bootstrap: eval's paired bootstrap over examples"},
         }
         atomic_write_json(plan.dir.summary_json, doc)
+        if loto:
+            atomic_write_bytes(plan.dir.loto_figure, loto_figure(loto))
         atomic_write_text(plan.dir.summary_md, render_markdown(doc))
         return doc
 
@@ -224,6 +354,34 @@ def _stat(s: dict | None) -> str:
     if s.get("ci95"):
         txt += f" [{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]"
     return txt + f" (n={s['n']})"
+
+
+def _ci(e: dict | None, key: str = "diff") -> str:
+    """`value [low, high]` of an entry with a CI; "–" when absent, "n/a" when null (no damage)."""
+    if not e:
+        return "–"
+    if e.get(key) is None:
+        return "n/a"
+    ci = f" [{_f(e.get('ci_low'))}, {_f(e.get('ci_high'))}]" if e.get("ci_low") is not None else ""
+    return _f(e[key]) + ci
+
+
+def _loto_section(loto: dict) -> list[str]:
+    L = ["", "## Leave-one-type-out: per held-out type", "",
+         f"Robustness AUC on the held-out type; damage = clean ceiling − no defense; recovered fraction = "
+         f"{loto['recovered_fraction']}; 95% CIs: {loto['ci']}. The best baseline is chosen on validation "
+         "data of the held-in types.", "",
+         "| held out | run | AUC clean | AUC none | AUC best baseline | AUC oracle_drop | AUC cachemedic | damage | "
+         "recovered: best baseline | recovered: oracle_drop | recovered: cachemedic | cachemedic − none |",
+         "|---" * 12 + "|"]
+    for r in loto["rows"]:
+        a, rf = r["auc"], r["recovered_fraction"]
+        best = _f(a.get(R.BEST_HEURISTIC_SERIES)) + (f" ({r['best_baseline']})" if r["best_baseline"] else "")
+        L.append(f"| {r['test_type']} | {r['run']} | {_f(a.get('clean'))} | {_f(a.get(R.NO_DEFENSE))} | {best} | "
+                 f"{_f(a.get(R.ORACLE_DROP))} | {_f(a.get(R.CACHEMEDIC))} | {_ci(r['damage'])} | "
+                 + " | ".join(_ci(rf.get(k), "value") for k in LOTO_SERIES)
+                 + f" | {_ci(r.get(R.CACHEMEDIC_MINUS_NO_DEFENSE))} |")
+    return L + (["", f"![Recovered fraction per held-out type]({loto['figure']})"] if loto.get("figure") else [])
 
 
 def _run_row(r: dict) -> str:
@@ -246,7 +404,7 @@ def render_markdown(doc: dict) -> str:
          f"(updated {doc['updated_utc']}).", ""]
     if doc["description"]:
         L += [doc["description"].strip(), ""]
-    L += ["| run | status | group | paired with | seed | λ_contr | OOD held out | AUC none | AUC best heur. | "
+    L += ["| run | status | group | paired with | seed | λ_contr | OOD held out | AUC none | AUC best baseline | "
           "AUC cachemedic | clean cachemedic | Δ AUC vs none | sens δ=1 none / cachemedic |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     L += [_run_row(r) for r in doc["runs"]]
@@ -261,4 +419,6 @@ def render_markdown(doc: dict) -> str:
                            or "none complete yet"),
               "", "| metric | mean ± std [bootstrap 95% CI across pairs] |", "|---|---|"]
         L += [f"| {k} | {_stat(s)} |" for k, s in ab["metrics"].items()]
+    if doc.get("loto"):
+        L += _loto_section(doc["loto"])
     return "\n".join(L) + "\n"

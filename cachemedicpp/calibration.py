@@ -1,0 +1,324 @@
+"""Clean-cache calibration for the calibrated baselines `range_clamp` and `norm_outlier_drop`.
+
+Statistics of clean K/V are gathered once per run from windows of the *training* corpus (never the
+evaluation text), on the protected layers, per KV head:
+
+- values: per channel, the q and 1 - q quantiles;
+- keys: stored after RoPE, where a channel's range mixes with its rotary partner's (the pair is rotated
+  by a position-dependent angle), so each rotary pair (channels i and i + d/2, the rotate-half layout of
+  Llama, Qwen2 and Gemma) is bounded by the 1 - q quantile of its 2-D norm, which the rotation leaves
+  unchanged. Models without RoPE (GPT-2) get per-channel bounds like the values;
+- tokens: the q and 1 - q quantiles of each token's key norm and value norm (the outlier band).
+
+The first `sink_tokens` positions (attention sinks) carry extreme entries that later positions do not
+cover; they are left out of the statistics and never clamped or dropped (see shared/MEASURED.md:
+clamping them costs ~+29 % clean perplexity on SmolLM2).
+
+Which q (and which band) is used is chosen on more training-corpus windows, disjoint from the
+calibration windows, by the rule in `baseline.calibration`: the tightest candidate whose clean
+perplexity stays within `max_clean_cost` of the undefended model's. Nothing here sees a corruption, its
+mask, or an evaluation example.
+
+The result is stored in the run directory (`RunDir.calibration`) with a hash of everything it depends on
+(model, layers, calibration settings, data source); a file whose hash, layers or format does not match is
+refused as bad input naming the file, and is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from cachemedicpp import data, hf
+from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.fileio import atomic_torch_save, load_checkpoint
+
+log = logging.getLogger("cachemedicpp")
+
+FORMAT = "cachemedicpp.calibration/1"
+CLAMP, DROP = "range_clamp", "norm_outlier_drop"
+
+
+@dataclass
+class Calibration:
+    """Calibrated bounds per protected layer (tensors indexed [candidate, KV head, ...])."""
+
+    layers: tuple[int, ...]
+    sink: int
+    rotary: bool  # keys bounded per rotary pair norm (True) or per channel (False)
+    q: tuple[float, ...]  # candidate quantiles for the clamp
+    band: tuple[float, ...]  # candidate quantiles for the token-norm band
+    key_lo: dict[int, Tensor]  # [Q, H, d] (per channel; unused when rotary)
+    key_hi: dict[int, Tensor]  # [Q, H, d/2] pair-norm bound when rotary, else [Q, H, d]
+    val_lo: dict[int, Tensor]  # [Q, H, d]
+    val_hi: dict[int, Tensor]  # [Q, H, d]
+    knorm: dict[int, Tensor]  # [B, H, 2] (low, high) token key-norm band
+    vnorm: dict[int, Tensor]  # [B, H, 2]
+    chosen: dict[str, int]  # defense -> index of the chosen candidate
+    record: dict  # hash, sources, sizes, the selection's clean costs (for the metrics)
+
+    # -- the two baselines: pure functions of a layer's cache ------------------------------------
+    def clamp(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """range_clamp: every cached entry of `layer` (but the sinks) pulled inside its calibrated bounds."""
+        i = self.chosen[CLAMP]
+        live = (positions >= self.sink).view(1, 1, -1, 1).to(k.device)
+        kf, vf = k.float(), v.float()
+        if self.rotary:
+            half = kf.shape[-1] // 2
+            a, b = kf[..., :half], kf[..., half:]
+            norm = torch.sqrt(a * a + b * b)
+            hi = self.key_hi[layer][i].to(k.device)[None, :, None, :]
+            scale = torch.where(norm > hi, hi / norm.clamp_min(1e-30), torch.ones_like(norm))
+            k2 = torch.cat([a * scale, b * scale], dim=-1)
+        else:
+            k2 = kf.clamp(self.key_lo[layer][i].to(k.device)[None, :, None, :],
+                          self.key_hi[layer][i].to(k.device)[None, :, None, :])
+        v2 = vf.clamp(self.val_lo[layer][i].to(v.device)[None, :, None, :],
+                      self.val_hi[layer][i].to(v.device)[None, :, None, :])
+        k2 = torch.where(torch.isnan(k2), torch.zeros_like(k2), k2)  # a NaN entry is outside any range
+        v2 = torch.where(torch.isnan(v2), torch.zeros_like(v2), v2)
+        return torch.where(live, k2.to(k.dtype), k), torch.where(live, v2.to(v.dtype), v)
+
+    def outliers(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """norm_outlier_drop: bool [B, H, T], tokens whose key or value norm leaves the calibrated band."""
+        band_k = self.knorm[layer][self.chosen[DROP]].to(k.device)  # [H, 2]
+        band_v = self.vnorm[layer][self.chosen[DROP]].to(v.device)
+        kn, vn = k.float().norm(dim=-1), v.float().norm(dim=-1)  # [B, H, T]
+        out = ((kn < band_k[None, :, 0, None]) | (kn > band_k[None, :, 1, None])
+               | (vn < band_v[None, :, 0, None]) | (vn > band_v[None, :, 1, None]) | ~torch.isfinite(kn + vn))
+        return out & (positions >= self.sink).view(1, 1, -1).to(k.device)
+
+    def summary(self) -> dict:
+        """What the metrics record about the calibration (JSON)."""
+        return {**self.record, "chosen": {d: {"index": i, "q": (self.q if d == CLAMP else self.band)[i]}
+                                          for d, i in self.chosen.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# gathering statistics
+
+
+def rotary_keys(lm: hf.LoadedModel) -> bool:
+    """Whether the keys are stored after a full rotate-half RoPE (Llama, Qwen2, Gemma), not GPT-2's."""
+    c = getattr(lm.model.config, "text_config", None) or lm.model.config
+    partial = getattr(c, "partial_rotary_factor", 1.0) or 1.0
+    return lm.arch.model_type != "gpt2" and float(partial) == 1.0
+
+
+def _windows(cfg: Config, lm: hf.LoadedModel) -> tuple[list[Tensor], list[Tensor], str]:
+    """Calibration and selection windows of the training corpus (disjoint, consecutive)."""
+    c = cfg.baseline.calibration
+    text, source = data.load_text(cfg.data.to_dict(), "train_corpus")
+    stream = data.tokenize_stream(lm.tokenizer, text)
+    need = int(c.windows) + int(c.select_windows)
+    wins = data.fixed_windows(stream, int(c.window_len), need)
+    if len(wins) < need:
+        raise ConfigError(f"baseline.calibration: the training corpus ({source}) has {len(wins)} windows of "
+                          f"{c.window_len} tokens, needs {need} (windows + select_windows)")
+    return wins[:int(c.windows)], wins[int(c.windows):], source
+
+
+def _gather(lm: hf.LoadedModel, layers: Sequence[int], windows: Sequence[Tensor], sink: int) -> dict:
+    """{layer: (K, V)} of clean caches, [H, N, d] over every non-sink position of every window."""
+    ks: dict[int, list[Tensor]] = {l: [] for l in layers}
+    vs: dict[int, list[Tensor]] = {l: [] for l in layers}
+    with torch.no_grad():
+        for w in windows:
+            _, cache = hf.forward(lm.model, w[None].to(lm.device), logits_to_keep=1)
+            for l in layers:
+                k, v = hf.get_kv(cache, l)
+                pos = torch.arange(w.numel() - k.shape[2], w.numel())
+                keep = pos >= sink
+                ks[l].append(k[0][:, keep].float().cpu())
+                vs[l].append(v[0][:, keep].float().cpu())
+    return {l: (torch.cat(ks[l], dim=1), torch.cat(vs[l], dim=1)) for l in layers}
+
+
+def _quantiles(x: Tensor, qs: Sequence[float], dim: int) -> Tensor:
+    """The quantiles at every q of `qs` over `dim` ([len(qs), ...]; linear interpolation, exact min/max at 0
+    and 1), from one sort."""
+    s = x.sort(dim=dim).values
+    n = s.shape[dim]
+    out = []
+    for q in qs:
+        pos = min(max(float(q), 0.0), 1.0) * (n - 1)
+        lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+        a = s.select(dim, lo)
+        out.append(a if frac == 0 else a + (s.select(dim, min(lo + 1, n - 1)) - a) * frac)
+    return torch.stack(out)
+
+
+def _bounds(stats: dict, rotary: bool, q: Sequence[float], band: Sequence[float]) -> dict:
+    out = {n: {} for n in ("key_lo", "key_hi", "val_lo", "val_hi", "knorm", "vnorm")}
+    for l, (k, v) in stats.items():  # [H, N, d]
+        out["val_lo"][l] = _quantiles(v, q, 1)
+        out["val_hi"][l] = _quantiles(v, [1 - x for x in q], 1)
+        out["key_lo"][l] = _quantiles(k, q, 1)
+        if rotary:
+            half = k.shape[-1] // 2
+            pair = torch.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)
+            out["key_hi"][l] = _quantiles(pair, [1 - x for x in q], 1)
+        else:
+            out["key_hi"][l] = _quantiles(k, [1 - x for x in q], 1)
+        for name, x in (("knorm", k), ("vnorm", v)):
+            n = x.norm(dim=-1)  # [H, N]
+            out[name][l] = torch.stack([_quantiles(n, band, 1), _quantiles(n, [1 - b for b in band], 1)], dim=-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing q and the band on held-in (training) windows
+
+
+def prefill(lm: hf.LoadedModel, window: Tensor, cont_len: int):
+    """The clean cache of a window's context (all but its last `cont_len` + 1 tokens)."""
+    with torch.no_grad():
+        return hf.forward(lm.model, window[:-cont_len - 1][None].to(lm.device), logits_to_keep=1)[1]
+
+
+def window_nll(lm: hf.LoadedModel, window: Tensor, cont_len: int, layers: Sequence[int],
+               defend=None, clean_cache=None) -> float:
+    """Mean NLL of a window's last `cont_len` tokens from a clean cache of the rest (`clean_cache`, left
+    untouched, or prefilled here), optionally defended: `defend(layer, k, v, positions) -> (k, v, drop |
+    None)` is applied at rest to each protected layer."""
+    ctx, cont = window[:-cont_len], window[-cont_len:]
+    feeds = torch.cat([ctx[-1:], cont[:-1]])[None].to(lm.device)
+    drops: dict[int, Tensor] = {}
+    with torch.no_grad():
+        cache = hf.clone_cache(clean_cache) if clean_cache is not None else prefill(lm, window, cont_len)
+        if defend is not None:
+            T = ctx.numel() - 1
+            for l in layers:
+                k, v = hf.get_kv(cache, l)
+                k2, v2, drop = defend(l, k, v, torch.arange(T - k.shape[2], T))
+                hf.set_kv(cache, l, k2, v2)
+                if drop is not None:
+                    drops[l] = drop
+        plan = hf.HookPlan(layers=frozenset(drops), drop=_drop_reader(drops)) if drops else None
+        logits, _ = hf.forward(lm.model, feeds, cache=cache, plan=plan)
+    lp = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, cont.to(lm.device)[:, None])
+    return float(-lp.mean())
+
+
+def _drop_reader(drops: Mapping[int, Tensor]):
+    """HookPlan.drop for at-rest drop masks: entries appended after them (the continuation) are kept."""
+    from cachemedicpp.defenses import fit_drop
+
+    def fn(layer: int, k_len: int) -> Tensor | None:
+        d = drops.get(layer)
+        return None if d is None else fit_drop(d, k_len)
+    return fn
+
+
+def choose(cal: Calibration, lm: hf.LoadedModel, select: Sequence[Tensor], cont_len: int,
+           max_cost: float) -> dict:
+    """Per baseline, the tightest candidate whose clean perplexity over the selection windows is within
+    `max_cost` (relative) of no defense's; the loosest candidate when none is. Returns the costs seen."""
+    caches = [prefill(lm, w, cont_len) for w in select]  # once: every candidate defends a copy
+
+    def ppl(defend=None) -> float:
+        return math.exp(sum(window_nll(lm, w, cont_len, cal.layers, defend, c) for w, c in zip(select, caches))
+                        / len(select))
+
+    base = ppl()
+    costs: dict[str, list[float]] = {}
+    for name, cands in ((CLAMP, cal.q), (DROP, cal.band)):
+        costs[name] = []
+        order = sorted(range(len(cands)), key=lambda i: -cands[i])  # tightest first
+        pick = min(range(len(cands)), key=lambda i: cands[i])
+        for i in order:
+            cal.chosen[name] = i
+            p = ppl(_defender(cal, name))
+            costs[name].append({"q": cands[i], "ppl": p, "cost": p / base - 1})
+            if p / base - 1 <= max_cost:
+                pick = i
+                break
+        cal.chosen[name] = pick
+    return {"ppl_no_defense": base, "tried": costs}
+
+
+def _defender(cal: Calibration, name: str):
+    if name == CLAMP:
+        return lambda l, k, v, pos: (*cal.clamp(l, k, v, pos), None)
+    return lambda l, k, v, pos: (k, v, cal.outliers(l, k, v, pos))
+
+
+# --------------------------------------------------------------------------------------------------
+# the run directory's calibration file
+
+
+def calibration_hash(cfg: Config, source: str) -> str:
+    """What a calibration depends on: model, dtype, layers, calibration settings, data source, format."""
+    blob = json.dumps({"format": FORMAT, "model": cfg.model.to_dict(), "dtype": cfg.dtype,
+                       "layers": sorted(int(x) for x in cfg.repair.protect_layers),
+                       "calibration": cfg.baseline.calibration.to_dict(), "source": source},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build(cfg: Config, lm: hf.LoadedModel) -> Calibration:
+    """Gather statistics and choose the candidates (minutes on CPU for the embedded model)."""
+    c = cfg.baseline.calibration
+    cal_w, sel_w, source = _windows(cfg, lm)
+    layers = tuple(sorted(int(x) for x in cfg.repair.protect_layers))
+    rotary = rotary_keys(lm)
+    q, band = tuple(float(x) for x in c.clamp_q), tuple(float(x) for x in c.band_q)
+    b = _bounds(_gather(lm, layers, cal_w, int(c.sink_tokens)), rotary, q, band)
+    cal = Calibration(layers, int(c.sink_tokens), rotary, q, band, chosen={}, **b, record={
+        "format": FORMAT, "hash": calibration_hash(cfg, source), "data_source": source,
+        "windows": len(cal_w), "select_windows": len(sel_w), "window_len": int(c.window_len),
+        "tokens": int(sum(w.numel() for w in cal_w)), "layers": list(layers), "sink_tokens": int(c.sink_tokens),
+        "keys": "rotary pair norm (upper bound)" if rotary else "per channel",
+        "rule": f"tightest candidate with clean perplexity on the selection windows within "
+                f"{float(c.max_clean_cost):g} (relative) of no defense; loosest otherwise"})
+    cal.record["selection"] = choose(cal, lm, sel_w, int(c.cont_len), float(c.max_clean_cost))
+    return cal
+
+
+def _payload(cal: Calibration) -> dict:
+    return {"format": FORMAT, **{k: v for k, v in cal.__dict__.items()}}
+
+
+def load(path, expected_hash: str, layers: Sequence[int]) -> Calibration:
+    """A stored calibration, checked: a foreign, stale or damaged file is bad input naming the file."""
+    p = load_checkpoint(path, "calibration file")
+    if not isinstance(p, dict) or p.get("format") != FORMAT:
+        raise ConfigError(f"calibration file {path}: not a cachemedicpp calibration; delete it to recompute")
+    rec = p.get("record") or {}
+    if rec.get("hash") != expected_hash or tuple(p.get("layers", ())) != tuple(sorted(layers)):
+        raise ConfigError(f"calibration file {path} was made for another model, layer set or calibration "
+                          f"setting (hash {rec.get('hash')}, layers {list(p.get('layers', ()))}; this run: hash "
+                          f"{expected_hash}, layers {sorted(layers)}); delete it to recompute")
+    try:
+        return Calibration(**{k: v for k, v in p.items() if k != "format"})
+    except TypeError as e:
+        raise ConfigError(f"calibration file {path} is incomplete ({e}); delete it to recompute") from None
+
+
+def check_file(cfg: Config, path) -> Calibration | None:
+    """The stored calibration when its file exists and matches this run (else bad input naming the file);
+    None when there is none yet. Needs no model: call it before a phase touches the run dir."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    _, source = data.load_text(cfg.data.to_dict(), "train_corpus", max_chars=1)
+    return load(path, calibration_hash(cfg, source), cfg.repair.protect_layers)
+
+
+def obtain(cfg: Config, lm: hf.LoadedModel, path) -> Calibration:
+    """The run's calibration: loaded when its file exists (and matches), else built and stored."""
+    found = check_file(cfg, path)
+    if found is not None:
+        return found
+    log.info("calibrating %s and %s on clean training-corpus caches", CLAMP, DROP)
+    cal = build(cfg, lm)
+    atomic_torch_save(path, _payload(cal))
+    return cal
