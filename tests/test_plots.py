@@ -362,6 +362,9 @@ def test_fair_metrics_table_and_report(tmp_path):
             "0.9534 [0.8334, 1.073] | 0.5474 [0.4274, 0.6674] | 0.0293 [0.0183, 0.0403]* | "
             "0.0157 [0.0037, 0.0277]* |") in report
     assert "best heuristic" not in report.lower() and "beats" not in report
+    # per task: the AUC of no defense, the best baseline, oracle_drop and cachemedic
+    assert "| task | no_defense | range_clamp | oracle_drop | cachemedic |" in report
+    assert "| wikitext2_ppl | 0.0866 | 0.0989 | 0.1329 | 0.1177 |" in report
     assert ("- Calibrated baselines: calibrated on 4096 tokens of offline:data/offline/train_corpus.txt (clean "
             "training text), layers 8–11") in report and "range_clamp q = 0.001 (clean cost +0.33%)" in report
 

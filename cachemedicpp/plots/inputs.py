@@ -22,7 +22,8 @@ from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_
                                   DAMAGE_BY_TYPE, DEFENSE_GROUPS, GROUP_BASELINE, GROUP_CALIBRATED, GROUP_CEILING,
                                   GROUP_LEARNED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
                                   PAIRED_BOOTSTRAP, PAIRED_BOOTSTRAP_BY_TYPE, RECOVERED_FRACTION,
-                                  RECOVERED_FRACTION_BY_TYPE, ROBUSTNESS_AUC, ROBUSTNESS_AUC_BY_TYPE,
+                                  RECOVERED_FRACTION_BY_TYPE, ROBUSTNESS_AUC, ROBUSTNESS_AUC_BY_TASK,
+                                  ROBUSTNESS_AUC_BY_TYPE,
                                   ROBUSTNESS_AUC_CI, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SENS_KEY, SETTINGS,
                                   STAB_SETTINGS_KEY)
 from cachemedicpp.rundir import RunDir
@@ -159,6 +160,7 @@ class Inputs:
     oracle_note: str = ""
     # informational (older files lack them; shown as "—"):
     by_type: dict = field(default_factory=dict)  # {type: {"auc", "boot", "damage", "recovered"}}
+    auc_by_task: dict = field(default_factory=dict)  # {task: {defense: robustness AUC over that task}}
     groups: dict[str, str] = field(default_factory=dict)  # metrics.defense_groups
     choice: dict | None = None  # metrics.best_baseline_choice {rule, types, examples, validation_auc, chosen}
     damage: dict[str, float] | None = None  # metrics.damage {auc_clean, auc_no_defense, diff, ci_low, ci_high, n}
@@ -372,7 +374,10 @@ def _load_task(path: Path) -> dict:
                      if isinstance(per, dict)}
     settings = doc.get(SETTINGS) or {}
     groups = {str(k): v for k, v in _mapping(doc.get(METRICS, DEFENSE_GROUPS)).items() if isinstance(v, str)}
+    auc_by_task = {str(t): _numbers(per) for t, per in _mapping(doc.get(METRICS, ROBUSTNESS_AUC_BY_TASK)).items()
+                   if isinstance(per, dict)}
     return dict(run_id=doc.get(RUN_ID), config_hash=doc.get(CONFIG_HASH), by_type=_by_type(doc),
+                auc_by_task=auc_by_task,
                 groups=groups, choice=_choice(doc), damage=_damage(doc.get(METRICS, DAMAGE)),
                 recovered=_recovered(doc.get(METRICS, RECOVERED_FRACTION)),
                 curves=_curves(doc, METRICS, SCORE_VS_EPS, best=best), by_task=by_task, auc=auc, auc_ci=auc_ci,

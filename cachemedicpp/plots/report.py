@@ -137,6 +137,18 @@ def _by_type_table(inp: Inputs) -> list[str]:
     return lines + [""]
 
 
+def _by_task_table(inp: Inputs) -> list[str]:
+    """Robustness AUC per task (the same grid restricted to one task's examples); nothing for one task."""
+    if len(inp.auc_by_task) <= 1:
+        return []
+    cols = [d for d in (NO_DEFENSE, inp.best, ORACLE_DROP, CACHEMEDIC) if d]
+    lines = ["", "By task (robustness AUC over that task's examples):", "",
+             "| task | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    for t, a in inp.auc_by_task.items():
+        lines.append(f"| {t} | " + " | ".join(fmt(a[d]) if d in a else MISSING for d in cols) + " |")
+    return lines + [""]
+
+
 def _headline_table(inp: Inputs) -> list[str]:
     """The main comparison: one column per headline entry (clean ceiling, no defense, best baseline, ...)."""
     heads = inp.headline()
@@ -200,7 +212,7 @@ def _task_section(inp: Inputs) -> list[str]:
     else:
         L.append(f"- Damage (clean − no defense) = {MISSING} (not in this metrics file).")
     L += ["", *_headline_table(inp)]
-    return L + _bootstrap_lines(inp) + _by_type_table(inp) + [_throughput(inp), ""]
+    return L + _bootstrap_lines(inp) + _by_task_table(inp) + _by_type_table(inp) + [_throughput(inp), ""]
 
 
 def _drift_line(p: SensPoint, delta: float) -> str:
