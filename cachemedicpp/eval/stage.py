@@ -228,10 +228,12 @@ def validation_config(cfg: Config) -> Config | None:
     return load_config(data=data)
 
 
-def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm) -> tuple[EvalContext, EvalContext | None]:
-    """The test grid and the validation grid (None without candidate baselines), sharing the calibration."""
+def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalContext, EvalContext | None]:
+    """The test grid and the validation grid (None without candidate baselines), sharing the calibration
+    (`cal`: the stored one, already checked; else built here when a calibrated baseline is evaluated)."""
     names, _ = eval_defenses(cfg)
-    cal = calibration.obtain(cfg, lm, rd.calibration) if set(defenses.CALIBRATED) & set(names) else None
+    if cal is None and set(defenses.CALIBRATED) & set(names):
+        cal = calibration.obtain(cfg, lm, rd.calibration)
     ctx = build_context(cfg, lm, load_operator(cfg, rd, ckpt, lm.arch), cal)
     vcfg = validation_config(cfg)
     return ctx, (build_context(vcfg, lm, None, cal) if vcfg is not None else None)
@@ -240,8 +242,9 @@ def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm) -> tuple[EvalContext, Eva
 def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = None, sweep_pause=None) -> int:
     names, _ = eval_defenses(cfg)
     ckpt = resolve_checkpoint(cfg, RunDir(run_dir), names)  # fail before any expensive work
+    cal = None
     if set(defenses.CALIBRATED) & set(names):
-        calibration.check_file(cfg, RunDir(run_dir).calibration)  # a foreign file: refused, nothing touched
+        cal = calibration.check_file(cfg, RunDir(run_dir).calibration)  # a foreign file: refused, nothing touched
     with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
         rd = s.rd
         progress_path = rd.progress(PHASE)
@@ -249,7 +252,7 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
             progress_path.unlink(missing_ok=True)
             rd.task_metrics.unlink(missing_ok=True)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
-        ctx, vctx = _contexts(cfg, rd, ckpt, lm)
+        ctx, vctx = _contexts(cfg, rd, ckpt, lm, cal)
         vexs = list(vctx.examples) if vctx is not None else []
         total = len(ctx.examples) + len(vexs)
         prog = load_progress(progress_path, cfg, ckpt, ctx, resume, vctx)
