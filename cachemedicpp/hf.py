@@ -70,8 +70,12 @@ class HookPlan:
 
     on_read(layer, k, v) -> (k, v): replaces what attention reads this forward (not stored).
     record(layer, q, k, v): sees the tensors attention is about to use (after on_read).
-    repair: an object with `.layers` and `.attend(layer, q, k, v, kernel)`; `kernel(q, k, v)` runs the
-            model's own attention (mask, scaling, GQA, softcap) and returns `[B, Tq, Hq, dv]`.
+    repair: an object with `.layers` and `.attend(layer, q, k, v, kernel)`; `kernel(q, k, v, bias=None)`
+            runs the model's own attention (mask, scaling, GQA, softcap) and returns `[B, Tq, Hq, dv]`;
+            `bias` (`[B, H_kv, Tk]`, ≤ 0) is added to the attention logits through the mask. An operator
+            with `uses_memo` also gets `memo=plan.memo` (a dict that lives as long as the plan: per-entry
+            results kept beside the cache across the forwards of a decode), and one with `observes`
+            (layer ids) has `.observe(layer, k, v, memo)` called on those layers before their attention.
     drop(layer, k_len) -> bool [B, H_kv, k_len] or None: cached entries attention must ignore this
             forward (per KV head, shared by its query heads). They leave through the attention mask, so
             every base kernel honours them; a query never loses its own position (kept even if named).
@@ -83,11 +87,12 @@ class HookPlan:
     repair: Any = None
     drop: Callable[[int, int], torch.Tensor | None] | None = None
     calls: dict[int, int] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
 
     def __post_init__(self):
         layers = set(self.layers)
         if self.repair is not None:
-            layers |= set(self.repair.layers)
+            layers |= set(self.repair.layers) | set(getattr(self.repair, "observes", ()))
         self.layers = frozenset(layers)
 
 
@@ -130,15 +135,19 @@ def _attention(module, query, key, value, attention_mask, *, _kind: str, **kwarg
             attention_mask = _drop_mask(attention_mask, drop, query, key, additive=_kind == "eager")
     if plan.record is not None:
         plan.record(layer, query, key, value)
+    if plan.repair is not None and layer in getattr(plan.repair, "observes", ()):
+        plan.repair.observe(layer, key, value, plan.memo)
     if plan.repair is not None and layer in plan.repair.layers:
         weights_box = []
 
-        def kernel(q, k, v):
-            out, w = base(module, q, k, v, attention_mask, **kwargs)
+        def kernel(q, k, v, bias=None):
+            mask = attention_mask if bias is None else _bias_mask(attention_mask, bias, q, k)
+            out, w = base(module, q, k, v, mask, **kwargs)
             weights_box.append(w)
             return out
 
-        out = plan.repair.attend(layer, query, key, value, kernel)
+        extra = {"memo": plan.memo} if getattr(plan.repair, "uses_memo", False) else {}
+        out = plan.repair.attend(layer, query, key, value, kernel, **extra)
         return out, (weights_box[0] if weights_box else None)
     return base(module, query, key, value, attention_mask, **kwargs)
 
@@ -164,6 +173,24 @@ def _drop_mask(attention_mask, drop: torch.Tensor, query: torch.Tensor, key: tor
     if base.dtype == torch.bool:
         return base & keep
     return base.masked_fill(~keep, torch.finfo(base.dtype).min)
+
+
+def _bias_mask(attention_mask, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """An additive float mask `[B, Hq, Tq, Tk]`: the layer's mask (bool, additive, or causal when None) plus
+    `bias` `[B, H_kv, Tk]` (≤ 0) on every query's logits of those keys. Eager and sdpa both accept it."""
+    B, Hq, Tq, _ = query.shape
+    Tk = key.shape[2]
+    dtype = query.dtype
+    b = bias.to(device=query.device, dtype=dtype).repeat_interleave(Hq // bias.shape[1], dim=1)[:, :, None, :]
+    if attention_mask is None:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)[None, None]
+    else:
+        allowed = attention_mask[:, :, :, :Tk]
+    if allowed.dtype == torch.bool:
+        base = torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    else:
+        base = allowed.to(dtype)
+    return (base + b).clamp_min(torch.finfo(dtype).min)
 
 
 def _register() -> None:

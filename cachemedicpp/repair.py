@@ -28,7 +28,7 @@ from torch import nn
 
 from cachemedicpp.config import ConfigError, lookup
 
-FAMILIES = ("A", "B", "C")
+FAMILIES = ("A", "B", "C", "D")  # D: the detecting operator of `repair_detect`
 
 
 def get_family(name: str) -> str:
@@ -226,10 +226,36 @@ def build_operator(repair_cfg: Mapping, arch, seed: int = 0) -> RepairOperator:
         raise ConfigError(f"repair.protect_layers: {bad} out of range for a {arch.num_layers}-layer model")
     if not layers:
         raise ConfigError("repair.protect_layers: empty")
+    if get_family(repair_cfg["family"]) == "D":
+        return _build_detecting(repair_cfg, arch, layers, seed)
     return RepairOperator(repair_cfg["family"], layers, arch.head_dim, arch.num_heads, arch.num_kv_heads,
                           rank=repair_cfg["rank"], apply_to=repair_cfg["apply_to"], alpha_max=repair_cfg["alpha_max"],
                           share_across_heads=repair_cfg["share_across_heads"], conditioning=repair_cfg["conditioning"],
                           init_std=repair_cfg.get("init_std", 0.02), seed=seed)
+
+
+def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int):
+    from cachemedicpp.repair_detect import DetectingOperator, reference_layer
+
+    det = dict(repair_cfg.get("detector") or {})
+    req = det.get("reference_layer", "auto")
+    if isinstance(req, str) and req != "auto":
+        raise ConfigError(f"repair.detector.reference_layer: {req!r} is not auto, null or a layer index")
+    ref = reference_layer(layers, arch, req)
+    if ref is not None and (ref in layers or not 0 <= ref < arch.num_layers):
+        raise ConfigError(f"repair.detector.reference_layer: {ref} must be an unprotected layer of the "
+                          f"{arch.num_layers}-layer model")
+    if ref is not None and ref in arch.sliding_layers:
+        raise ConfigError(f"repair.detector.reference_layer: layer {ref} is a sliding-window layer (its cache "
+                          "does not hold every position); name a full-attention layer or null")
+    if arch.num_heads % arch.num_kv_heads:
+        raise ConfigError(f"model has {arch.num_heads} query heads, not a multiple of {arch.num_kv_heads} KV heads")
+    if repair_cfg["apply_to"] not in ("K", "V", "KV"):
+        raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
+    return DetectingOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
+                             apply_to=repair_cfg["apply_to"], hidden=int(det.get("hidden", 16)), reference_layer=ref,
+                             sink_tokens=int(det.get("sink_tokens", 1)), ramp=float(det.get("ramp", 1.0)),
+                             suppress=bool(det.get("suppress", True)), correct=bool(det.get("correct", True)), seed=seed)
 
 
 def expected_params(family: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,
@@ -259,6 +285,10 @@ def load_repair_checkpoint(path, repair_cfg: Mapping, arch, seed: int = 0) -> tu
     if not isinstance(payload, dict) or payload.get("format") != "cachemedicpp.repair/1":
         raise ConfigError(f"repair checkpoint {path}: not a cachemedicpp repair checkpoint")
     op = build_operator(repair_cfg, arch, seed)
+    stored = (payload.get("repair") or {}).get("family")
+    if stored is not None and stored != repair_cfg["family"]:
+        raise ConfigError(f"repair checkpoint {path}: holds a family-{stored} operator, the config asks for "
+                          f"repair.family={repair_cfg['family']}")
     try:
         op.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as e:

@@ -27,7 +27,7 @@ import torch
 from cachemedicpp import data, hf, memory
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.corruption import Corruptor, donor_kv
+from cachemedicpp.corruption import Corruptor, Region, donor_kv
 from cachemedicpp.seeding import torch_rng as rng
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
 from cachemedicpp.cli import EXIT_OK
@@ -37,7 +37,8 @@ from cachemedicpp.rundir import RunDir
 
 PHASE = "train"
 STATE_FORMAT = "cachemedicpp.train_state/1"
-LOSS_KEYS = ("loss_total", "loss_kd", "loss_id", "loss_contr", "rho_mean", "rho_p95")
+LOSS_KEYS = ("loss_total", "loss_kd", "loss_id", "loss_contr", "rho_mean", "rho_p95", "loss_det", "loss_rec",
+             "det_recall", "det_false_positive")
 
 
 class Trainer:
@@ -62,6 +63,63 @@ class Trainer:
         if "contiguous_overwrite" in cfg.corruption.mixture:
             donor = donor_kv(lm, cfg.corruption.params.donor_prompt, t.prefix_len, self.protect)
         self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, donor)
+        self.detecting = self.op.family == "D"
+        rr = t.random_regions
+        self.random_regions = self.detecting if rr == "auto" else bool(rr)
+        self.threshold_caches: list | None = None
+        if self.detecting:
+            self.op.fit(self._clean_caches("detector-fit"))
+
+    def _clean_caches(self, stream: str) -> list[dict]:
+        from cachemedicpp.repair_detect import clean_caches
+
+        det = self.cfg.repair.detector
+        length = min(int(det.fit_len), self.tokens.numel() - 1)
+        layers = list(self.protect) + list(self.op.observes)
+        return clean_caches(self.lm, self.tokens, int(det.fit_windows), length, layers, self.cfg.seed, stream)
+
+    def detector_threshold(self) -> tuple[dict, dict]:
+        """Family D: the operator's state with τ set on fresh clean training windows (the training state
+        keeps τ = 0), and the per-layer record of the rule."""
+        from cachemedicpp.repair_detect import set_threshold
+
+        if self.threshold_caches is None:
+            self.threshold_caches = self._clean_caches("detector-threshold")
+        tau = self.op.tau.clone()
+        try:
+            record = set_threshold(self.op, self.threshold_caches, float(self.cfg.repair.detector.threshold_margin))
+            state = {k: v.detach().cpu().clone() for k, v in self.op.state_dict().items()}
+        finally:
+            self.op.tau.copy_(tau)
+        return state, record
+
+    def random_region(self, T: int, step: int, row: int) -> Region:
+        """A per-(step, row) region: a random subset of the protected layers (each kept with a probability
+        drawn in [0.25, 1]), all heads or a random subset, and the old region or a random time window
+        (sometimes sparing the first positions). Drawn from (seed, step, row) only."""
+        g = rng(self.cfg.seed, "train-region", step, row)
+        u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
+        H = self.lm.arch.num_kv_heads
+        p_layer = 0.25 + 0.75 * u[0]
+        keep = torch.rand(len(self.protect), generator=g, dtype=torch.float64) < p_layer
+        if not bool(keep.any()):
+            keep[int(u[1] * len(self.protect)) % len(self.protect)] = True
+        layers = tuple(l for l, k in zip(self.protect, keep.tolist()) if k)
+        heads = {}
+        for l in layers:
+            h = torch.ones(H, dtype=torch.bool) if u[2] < 0.5 else torch.rand(H, generator=g) < 0.5
+            if not bool(h.any()):
+                h[int(torch.randint(0, H, (1,), generator=g))] = True
+            heads[l] = h
+        recent = int(self.cfg.corruption.axes.N_recent)
+        time = torch.zeros(T, dtype=torch.bool)
+        if u[3] < 0.3:
+            time[: max(1, T - recent)] = True  # the evaluation's old region
+        else:
+            start = 0 if u[4] < 0.4 else int(u[5] * (T - 1))
+            length = 1 + int(u[6] * (T - start - 1))
+            time[start:start + length] = True
+        return Region(layers, heads, time)
 
     def batch(self, step: int) -> torch.Tensor:
         """batch_size windows at positions drawn from (seed, step, row): no data cursor to save."""
@@ -77,7 +135,10 @@ class Trainer:
         rows, reports = [], []
         for b in range(next(iter(clean.values()))[0].shape[0]):
             kv = {l: (k[b:b + 1], v[b:b + 1]) for l, (k, v) in clean.items()}
-            out, rep = self.corruptor.apply_cache(kv, ctype, eps, "train", (step, b))
+            region = None
+            if self.random_regions:
+                region = self.random_region(next(iter(kv.values()))[0].shape[2], step, b)
+            out, rep = self.corruptor.apply_cache(kv, ctype, eps, "train", (step, b), region=region)
             rows.append(out)
             reports.append(rep.to_dict())
         merged = {l: (torch.cat([r[l][0] for r in rows]), torch.cat([r[l][1] for r in rows])) for l in clean}
@@ -113,8 +174,14 @@ class Trainer:
         z_rep, _ = hf.forward(model, cont, student, plan)
 
         kd = kd_loss(z_clean, z_rep, t.temperature)
-        loss_id, loss_contr, rhos = self.state_losses(seen, clean, corrupted=ctype is not None)
-        loss = kd + t.lambda_id * loss_id + t.lambda_contr * loss_contr
+        det = None
+        if self.detecting:
+            loss_id, det = self.detector_losses(seen, clean, plan.memo)
+            loss_contr, rhos = torch.zeros((), device=kd.device), []
+            loss = kd + t.lambda_id * loss_id + t.lambda_det * det["loss_det"] + t.lambda_rec * det["loss_rec"]
+        else:
+            loss_id, loss_contr, rhos = self.state_losses(seen, clean, corrupted=ctype is not None)
+            loss = kd + t.lambda_id * loss_id + t.lambda_contr * loss_contr
         if t.lambda_w > 0:
             loss = loss + t.lambda_w * sum(p.pow(2).sum() for p in self.op.parameters())
         self.opt.zero_grad(set_to_none=True)
@@ -127,6 +194,10 @@ class Trainer:
             "loss_contr": float(loss_contr.detach()),
             "rho_mean": float(rhos_t.mean()) if rhos_t is not None else None,
             "rho_p95": float(torch.quantile(rhos_t, 0.95)) if rhos_t is not None else None,
+            "loss_det": float(det["loss_det"].detach()) if det else None,
+            "loss_rec": float(det["loss_rec"].detach()) if det else None,
+            "det_recall": det["recall"] if det else None,
+            "det_false_positive": det["false_positive"] if det else None,
             "loss_kd_no_repair": kd_base,
             "grad_norm": float(grad_norm),
             "corruption": {"type": ctype or "clean", "epsilon": eps, "persistence": cfg.corruption.persistence,
@@ -157,6 +228,53 @@ class Trainer:
             rhos.append(float(rho.detach()))
             loss_contr = loss_contr + torch.relu(rho - t.alpha_contr).pow(2)
         return loss_id, loss_contr, rhos
+
+    def detector_losses(self, seen: dict, clean: dict, memo: dict) -> tuple[torch.Tensor, dict]:
+        """Family D. Over the prefix entries (sinks excluded) of every protected layer, with `changed` the
+        entries the corruption altered (read vs clean, K or V):
+        - L_det: balanced BCE of the detector score against `changed` (mean over changed + mean over
+          untouched, halved; untouched only on clean steps);
+        - L_rec: Σ‖X + ΔX − X_clean‖² / (Σ‖X − X_clean‖² + 0.01 Σ‖X_clean‖²) over changed finite entries
+          (below its no-correction value: the correction moves them towards the clean cache; the floor keeps
+          a barely changed entry from dominating);
+        - L_id: Σ‖ΔX‖² / Σ‖X‖² over the untouched entries (corrupted and clean steps alike).
+        Also the detector's recall and false-positive rate (fraction of changed / untouched entries gated)."""
+        dev = self.lm.device
+        s0 = self.op.sink
+        scores, labels, gates = [], [], []
+        rec_num = rec_den = rec_floor = id_num = id_den = torch.zeros((), device=dev)
+        for l in self.protect:
+            _, k_read, v_read = seen[l]
+            kc, vc = clean[l]
+            p = kc.shape[2]
+            m = memo[l]
+            kr, vr = k_read[:, :, s0:p].float(), v_read[:, :, s0:p].float()
+            kc, vc = kc[:, :, s0:].float(), vc[:, :, s0:].float()
+            changed = ((kr != kc) | (vr != vc)).any(-1)  # [B, H, p - s0] (NaN != NaN counts as changed)
+            scores.append(m["score"][:, :, s0:p].reshape(-1))
+            labels.append(changed.reshape(-1))
+            gates.append(m["gate"][:, :, s0:p].detach().reshape(-1))
+            dk = m["dk"][:, :, s0:p] if m["dk"] is not None else torch.zeros_like(kr)
+            dv = m["dv"][:, :, s0:p] if m["dv"] is not None else torch.zeros_like(vr)
+            fin = (torch.isfinite(kr).all(-1) & torch.isfinite(vr).all(-1))[..., None]
+            ch = changed[..., None] & fin
+            zero = torch.zeros((), device=dev)
+            rec_num = rec_num + torch.where(ch, (kr + dk - kc).pow(2) + (vr + dv - vc).pow(2), zero).sum()
+            rec_den = rec_den + torch.where(ch, (kr - kc).pow(2) + (vr - vc).pow(2), zero).sum().detach()
+            rec_floor = rec_floor + torch.where(ch, kc.pow(2) + vc.pow(2), zero).sum().detach()
+            un = ~changed[..., None]
+            id_num = id_num + torch.where(un, dk.pow(2) + dv.pow(2), zero).sum()
+            id_den = id_den + torch.where(un, kc.pow(2) + vc.pow(2), zero).sum().detach()
+        s, y, g = torch.cat(scores), torch.cat(labels), torch.cat(gates)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        neg = bce(s[~y], torch.zeros_like(s[~y])) if bool((~y).any()) else torch.zeros((), device=dev)
+        loss_det = 0.5 * (bce(s[y], torch.ones_like(s[y])) + neg) if bool(y.any()) else neg
+        loss_rec = rec_num / (rec_den + 0.01 * rec_floor) if float(rec_den) > 0 else torch.zeros((), device=dev)
+        loss_id = id_num / (id_den + 1e-8)
+        return loss_id, {
+            "loss_det": loss_det, "loss_rec": loss_rec,
+            "recall": float((g[y] > 0).float().mean()) if bool(y.any()) else None,
+            "false_positive": float((g[~y] > 0).float().mean()) if bool((~y).any()) else None}
 
     # -- state -------------------------------------------------------------------------------------
     def state(self, step: int, elapsed: float, chash: str) -> dict:
@@ -330,6 +448,8 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
                 rep = rd.repair_checkpoint(step)
                 payload = repair_checkpoint_payload(trainer.op, step, cfg.hash, cfg.repair.to_dict())
                 payload["data_source"] = trainer.data_source
+                if trainer.detecting:
+                    payload["state_dict"], payload["detector_threshold"] = trainer.detector_threshold()
                 atomic_torch_save(rep, payload)
                 hb.latest["checkpoint"] = rd.rel(rep)
             if periodic:

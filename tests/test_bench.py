@@ -168,3 +168,30 @@ def test_decode_length_beyond_the_model_window_is_bad_input(tmp_path, tiny_model
                      "--memory", "off", "--device", "cpu", "--reps", "1", "--out", str(tmp_path / "r.json")])
     assert rc == EXIT_BAD_INPUT
     assert "--lengths" in capsys.readouterr().err
+
+
+def test_detecting_operator_decode_variants(tmp_path, tiny_model_dir):
+    """Family D is measured on a clean cache (threshold set: nothing gated, each new entry scored once)
+    and with every entry gated; the prefilled entries' detector output is primed untimed."""
+    import yaml
+
+    from cachemedicpp import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["repair"]["family"] = "D"
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "res.json"
+    rc = bench.main(["--config", str(path), "--model", str(tiny_model_dir("llama")), "--reps", "1", "--lengths",
+                     "16", "--decode-tokens", "2", "--memory", "inprocess", "--device", "cpu", "--threads", "1",
+                     "--only", "decode,memory", "--layers", "1,2", "--out", str(out)])
+    assert rc == EXIT_OK
+    dec = json.loads(out.read_text())["decode"]["cpu"]
+    assert dec["family"] == "D"
+    row = dec["lengths"]["16"]
+    assert set(row["ratios"]) == {"repair", "repair_all_gated"}
+    agree = dec["agreement_max_abs_logit_diff"]
+    assert agree["repair_vs_none"] < 1e-5  # a clean cache: nothing is gated
+    assert agree["repair_all_gated_vs_repair"] > 1e-4  # every entry gated: the output really changes
+    mem = json.loads(out.read_text())["memory"]["cpu"]
+    assert {"decode_none_16", "decode_repair_16", "decode_repair_all_gated_16"} <= set(mem)

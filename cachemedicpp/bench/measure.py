@@ -7,7 +7,7 @@ import gc
 from typing import Any
 
 from cachemedicpp import hf
-from cachemedicpp.bench.settings import DECODE_VARIANTS, Settings, bench_config
+from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import abba, interleaved, median, paired_ratios, ratio
 from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator,
                                           prefilled, train_workloads, variant_agreement)
@@ -74,10 +74,11 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
             raise ConfigError(f"--lengths: {length} + {s.decode_tokens} decoded tokens exceeds the model's "
                               f"{lm.arch.max_positions} positions")
         start = prefilled(lm, length, s.seed)  # one prefill shared by every variant
-        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in DECODE_VARIANTS}
-        res = abba(lm.device, ws["none"], [ws[v] for v in DECODE_VARIANTS[1:]], s.reps)
-        out["lengths"][str(length)] = _decode_row(s, {v: res["runs"][ws[v].name] for v in DECODE_VARIANTS},
-                                                  {v: res["ratios"][ws[v].name] for v in DECODE_VARIANTS[1:]})
+        variants = decode_variants(op.family)
+        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in variants}
+        res = abba(lm.device, ws["none"], [ws[v] for v in variants[1:]], s.reps)
+        out["lengths"][str(length)] = _decode_row(s, {v: res["runs"][ws[v].name] for v in variants},
+                                                  {v: res["ratios"][ws[v].name] for v in variants[1:]})
         del ws, start
         gc.collect()
     return out
@@ -86,9 +87,9 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
 def _decode_row(s: Settings, runs: dict, ratios: dict) -> dict:
     """One cache length's block: tokens/s and run times per variant, ratios to no defense."""
     row: dict[str, Any] = {
-        "tokens_per_sec": {v: s.decode_tokens / median(runs[v]["wall"]) for v in DECODE_VARIANTS},
-        "sec_per_run": {v: runs[v]["wall"] for v in DECODE_VARIANTS},
-        "cpu_sec_per_run": {v: runs[v]["cpu"] for v in DECODE_VARIANTS},
+        "tokens_per_sec": {v: s.decode_tokens / median(runs[v]["wall"]) for v in runs},
+        "sec_per_run": {v: runs[v]["wall"] for v in runs},
+        "cpu_sec_per_run": {v: runs[v]["cpu"] for v in runs},
         "ratios": {}, "cpu_time_ratios": {}, "ratio_of_fastest_runs": {}, "per_rep_ratios": {}}
     for v, rat in ratios.items():
         row["per_rep_ratios"][v] = rat["wall"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cachemedicpp import ROOT, hf, memory
-from cachemedicpp.bench.settings import DECODE_VARIANTS, Settings, bench_config, load_lm
+from cachemedicpp.bench.settings import Settings, bench_config, decode_variants, load_lm
 from cachemedicpp.bench.timing import Workload
 from cachemedicpp.bench.workloads import decode_workload, eval_workloads, perturbed_operator, train_workloads
 
@@ -63,8 +63,9 @@ def memory_specs(s: Settings) -> list[dict]:
     if "eval_grid" in want:
         specs += [{"kind": "eval_grid"}, {"kind": "eval_bare"}]
     if "decode" in want:
+        family = bench_config(s, "cpu").repair.family
         for length in s.memory_lengths:
-            specs += [{"kind": "decode", "variant": v, "length": length} for v in DECODE_VARIANTS]
+            specs += [{"kind": "decode", "variant": v, "length": length} for v in decode_variants(family)]
     return specs
 
 
@@ -108,7 +109,7 @@ def bench_memory(s: Settings, device: str, lm: hf.LoadedModel) -> dict:
     for k in [k for k in out if k.startswith("decode_none_")]:
         length = k.rsplit("_", 1)[1]
         base = out[k].get("peak_delta_mib")
-        for v in DECODE_VARIANTS[1:]:
+        for v in {n.split("_", 1)[1].rsplit("_", 1)[0] for n in out if n.startswith("decode_")} - {"none"}:
             r = out.get(f"decode_{v}_{length}", {})
             if "peak_delta_mib" in r and base is not None:
                 r["extra_vs_none_mib"] = r["peak_delta_mib"] - base

@@ -35,7 +35,14 @@ from cachemedicpp.config import ConfigError, load_config  # noqa: E402
 
 FORMAT = "cachemedicpp.bench/1"
 TARGETS = {"train_step": ("<=", 1.15), "eval_grid": ("<=", 1.3), "decode_repair": (">=", 0.95)}
-DECODE_VARIANTS = ("none", "repair", "naive", "augmented")
+DECODE_VARIANTS = ("none", "repair", "naive", "augmented")  # families A, B, C
+# family D: its threshold set on clean windows (a clean cache: nothing gated, the detector scores each new
+# entry), and every entry gated (the worst case: every entry corrected and biased)
+DETECTING_VARIANTS = ("none", "repair", "repair_all_gated")
+
+
+def decode_variants(family: str) -> tuple[str, ...]:
+    return DETECTING_VARIANTS if family == "D" else DECODE_VARIANTS
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 MEASUREMENTS = ("train_step", "eval_grid", "decode", "memory")
 

@@ -16,7 +16,7 @@ import torch
 
 from cachemedicpp.bench.measure import bench_decode, bench_eval, bench_train
 from cachemedicpp.bench.memory_probe import bench_memory, probe
-from cachemedicpp.bench.settings import (DECODE_VARIANTS, FORMAT, MEASUREMENTS, TARGETS, Settings, load_lm,
+from cachemedicpp.bench.settings import (decode_variants, FORMAT, MEASUREMENTS, TARGETS, Settings, load_lm,
                                          machine_info, parse_args, settings_from_args)
 from cachemedicpp.cli import guarded, setup_logging
 from cachemedicpp.fileio import atomic_write_json
@@ -118,18 +118,19 @@ def table(results: dict) -> str:
 
 
 def _decode_table(dev: str, r: dict) -> list[str]:
+    variants = decode_variants(r.get("family", "A"))
     lines = [f"[{dev}] decode tokens/s (wall-time ratio to none; repair target >= 0.95); CPU-time ratios below:",
-             f"  {'length':>7} " + " ".join(f"{v:>16}" for v in DECODE_VARIANTS)]
+             f"  {'length':>7} " + " ".join(f"{v:>16}" for v in variants)]
     for length, row in r["lengths"].items():
         cells = []
-        for v in DECODE_VARIANTS:
+        for v in variants:
             tps = row["tokens_per_sec"][v]
             rat = row["ratios"].get(v)
             cells.append(f"{_fmt(tps, '.1f'):>7} ({_fmt(rat, '.3f') if v != 'none' else '1':>6})")
         lines.append(f"  {length:>7} " + " ".join(f"{c:>16}" for c in cells))
         cpu = row.get("cpu_time_ratios", {})
         lines.append(f"  {'cpu':>7} " + " ".join(f"{'':>16}" if v == "none" else f"{'(' + _fmt(cpu.get(v)) + ')':>16}"
-                                                  for v in DECODE_VARIANTS))
+                                                  for v in variants))
     return lines
 
 

@@ -14,7 +14,7 @@ import torch
 
 from cachemedicpp import eval as ev
 from cachemedicpp import calibration, defenses, hf
-from cachemedicpp.bench.settings import DECODE_VARIANTS, Settings, bench_config
+from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
@@ -24,8 +24,12 @@ from cachemedicpp.train import Trainer
 
 
 def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
-    """The configured operator with nonzero U (B: nonzero gate scale): a real correction, not the identity."""
+    """The configured operator with nonzero U (B: nonzero gate scale): a real correction, not the identity.
+    Family D: statistics fitted on random-token windows, a detector whose score varies with the entry and
+    its threshold set on those windows (as training leaves it)."""
     op = build_operator(cfg.repair.to_dict(), lm.arch, seed=cfg.seed).to(lm.device)
+    if op.family == "D":
+        return _detecting_operator(op, lm, cfg.seed, std)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         for name, p in op.named_parameters():
@@ -35,6 +39,34 @@ def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
     op.requires_grad_(False)
     assert not any(op.is_identity(l) for l in op.layers)
     return op
+
+
+def _detecting_operator(op, lm: hf.LoadedModel, seed: int, std: float):
+    from cachemedicpp.repair_detect import set_threshold
+
+    layers = list(op.layers) + list(op.observes)
+    caches = []
+    for i in range(4):
+        with torch.no_grad():
+            _, cache = hf.forward(lm.model, random_ids(lm, 64, seed + 7919 + i), logits_to_keep=1)
+        caches.append({l: hf.get_kv(cache, l) for l in layers})
+    op.fit(caches)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        op.w2.copy_(torch.randn(op.w2.shape, generator=g))
+        op.u.copy_(torch.randn(op.u.shape, generator=g) * std)
+    set_threshold(op, caches, margin=0.5)
+    op.requires_grad_(False)
+    return op
+
+
+def all_gated(op):
+    """A copy of a family-D operator whose gate is open on every entry (τ far below any score)."""
+    import copy
+
+    other = copy.deepcopy(op)
+    other.tau.fill_(-1e4)
+    return other
 
 
 def random_ids(lm: hf.LoadedModel, n: int, seed: int) -> torch.Tensor:
@@ -89,23 +121,29 @@ def train_workloads(cfg, lm: hf.LoadedModel) -> tuple[Workload, Workload]:
 # decode: the repair variants (all objects the hook accepts as `HookPlan.repair`)
 
 
-def decode_plans(op, lm: hf.LoadedModel) -> dict[str, hf.HookPlan | None]:
+def decode_repairs(op, lm: hf.LoadedModel) -> dict[str, Any]:
+    """The object each decode variant hands the hook (None: no plan)."""
+    if op.family == "D":
+        return {"none": None, "repair": op, "repair_all_gated": all_gated(op)}
     scaling = lm.arch.head_dim ** -0.5
-    return {"none": None, "repair": hf.HookPlan(repair=op), "naive": hf.HookPlan(repair=NaiveRepair(op, scaling)),
-            "augmented": hf.HookPlan(repair=AugmentedRepair(op))}
+    return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op)}
+
+
+def decode_plans(op, lm: hf.LoadedModel) -> dict[str, hf.HookPlan | None]:
+    return {v: (None if r is None else hf.HookPlan(repair=r)) for v, r in decode_repairs(op, lm).items()}
 
 
 def variant_agreement(lm: hf.LoadedModel, op, length: int = 48, seed: int = 0) -> dict:
-    """Max |Δlogit| of one decode step between the operator and the naive / augmented forms."""
+    """Max |Δlogit| of one decode step between the operator and the naive / augmented forms (family D:
+    between the operator and no defense, and with every entry gated)."""
     ids = random_ids(lm, length + 1, seed)
     plans = decode_plans(op, lm)
     with torch.no_grad():
         _, cache = hf.forward(lm.model, ids[:, :-1], logits_to_keep=1)
         z = {n: hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache), plans[n])[0].float()
-             for n in DECODE_VARIANTS}
-    return {"repair_vs_none": float((z["repair"] - z["none"]).abs().max()),
-            "naive_vs_repair": float((z["naive"] - z["repair"]).abs().max()),
-            "augmented_vs_repair": float((z["augmented"] - z["repair"]).abs().max())}
+             for n in decode_variants(op.family)}
+    return {f"{n}_vs_{'none' if n == 'repair' else 'repair'}": float((z[n] - z["none" if n == "repair" else "repair"]).abs().max())
+            for n in decode_variants(op.family) if n != "none"}
 
 
 def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
@@ -118,11 +156,21 @@ def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0) -> tuple[torch.Ten
 
 def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: str, seed: int = 0,
                     start: tuple[torch.Tensor, Any] | None = None) -> Workload:
-    """Greedy decoding of `tokens` tokens, one forward each, from a copy of a prefilled cache."""
-    plan = decode_plans(op, lm)[variant]
+    """Greedy decoding of `tokens` tokens, one forward each, from a copy of a prefilled cache. A family-D
+    operator starts from its detector's output on the prefilled entries (untimed: a prefill run with the
+    operator leaves it beside the cache), so a decode step scores only the entry it appends."""
+    rep = decode_repairs(op, lm)[variant]
     first, cache = start if start is not None else prefilled(lm, length, seed)
+    memo = None
+    if getattr(rep, "uses_memo", False):
+        memo = rep.prime({l: hf.get_kv(cache, l) for l in list(rep.layers) + list(rep.observes)})
 
-    def run(c):
+    def prepare():
+        plan = None if rep is None else hf.HookPlan(repair=rep, memo=dict(memo) if memo is not None else {})
+        return hf.clone_cache(cache), plan
+
+    def run(arg):
+        c, plan = arg
         nxt = first
         with torch.no_grad():
             for _ in range(tokens):
@@ -130,7 +178,7 @@ def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: s
                 nxt = z[:, -1:].argmax(-1)
         return nxt
 
-    return Workload(f"decode_{variant}_{length}", lambda: hf.clone_cache(cache), run,
+    return Workload(f"decode_{variant}_{length}", prepare, run,
                     {"length": length, "tokens": tokens, "variant": variant})
 
 

@@ -1,0 +1,317 @@
+"""Family D: a repair operator that finds what is corrupted before it repairs it.
+
+Per protected layer, a detector reads every cached entry (layer, KV head, position) once and scores it
+from features of the stored key and value against statistics of clean caches of training windows:
+
+    per X in {K, V}:  log(1 + mean z²)      dense noise           z = (x − μ) / σ per channel
+                      log(1 + max |z|)      spikes, flipped bits
+                      standardised log ‖x‖  scaled or shrunk entries
+                      fraction of exact zeros (lost channels)
+                      fraction of non-finite values
+                      log(1 + mean r²)      disagreement with the reference layer (below)
+
+The reference layer (threat-model assumption, stated in the README): the cache of one unprotected
+layer below the protected ones is intact. A ridge map fitted on clean caches predicts each protected
+layer's K and V from the reference layer's K and V at the same position; r is the standardised
+residual. An entry that belongs to another prompt (an overwrite, a stale or swapped block) looks
+plausible on its own but disagrees with what the reference layer says is at that position.
+
+From the score s = MLP(standardised features) the operator derives a gate
+
+    g = clamp((s − τ) / ramp, 0, 1)              exactly 0 below the threshold τ
+
+and, per entry,
+    - an additive attention-logit bias −softplus(β) · g ≤ 0 (attention turns away; through the mask,
+      so every base kernel honours it);
+    - a correction X̂ = X + g · (−sigmoid(a) ⊙ (X − μ) + ((X − μ) W) Uᵀ) (per-channel shrink towards
+      the clean mean plus a rank-r map; U is zero at initialisation).
+Non-finite entries (a flipped exponent bit) are replaced by μ and always gated on.
+
+τ is 0 while training; after training it is set on clean training windows to the highest clean score
+plus a margin, so no clean entry of those windows is gated: on a clean cache the operator then leaves
+K, V and the mask untouched and the layer's output is the bare kernel's, bit for bit.
+
+The detector's output depends on the entry alone, so it is causal and computed once per entry: the
+hook plan's memo keeps it beside the cache, and a decode step scores only the entries it appends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+N_FEATURES = 12
+FEATURES = tuple(f"{x}_{n}" for x in "kv" for n in ("mean_z2", "max_z", "log_norm", "zeros", "nonfinite", "agree"))
+
+
+class DetectingOperator(nn.Module):
+    """Family D (see the module docstring). `layers` are the protected layers; `reference_layer` (or
+    None) is the unprotected layer whose cache the agreement feature reads."""
+
+    family = "D"
+    uses_memo = True
+
+    def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
+                 rank: int = 8, apply_to: str = "KV", hidden: int = 16, reference_layer: int | None = None,
+                 sink_tokens: int = 1, ramp: float = 1.0, suppress: bool = True, correct: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.layers = tuple(sorted(set(int(l) for l in layers)))
+        self.d, self.rank, self.apply_to = head_dim, rank, apply_to
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.reference_layer = reference_layer
+        self.observes = (reference_layer,) if reference_layer is not None else ()
+        self.sink, self.ramp = int(sink_tokens), float(ramp)
+        self.suppress, self.correct = bool(suppress), bool(correct)
+        self.entries_scored = 0  # entries the detector has scored (tests count them)
+        L, H, d = len(self.layers), num_kv_heads, head_dim
+        g = torch.Generator().manual_seed(seed)
+        # clean statistics (buffers: filled by `fit`, saved with the operator)
+        self.register_buffer("mu", torch.zeros(L, 2, H, d))
+        self.register_buffer("sd", torch.ones(L, 2, H, d))
+        self.register_buffer("lnorm", torch.zeros(L, 2, H, 2))  # mean, std of log ‖x‖
+        self.register_buffer("feat", torch.zeros(L, 2, N_FEATURES))  # mean, std of the raw features
+        self.feat[:, 1] = 1.0
+        p = 2 * H * d
+        self.register_buffer("pred", torch.zeros(L, p + 1, p) if reference_layer is not None else torch.zeros(0))
+        self.register_buffer("rsd", torch.ones(L, 2, H, d))
+        self.register_buffer("tau", torch.zeros(L))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # detector: per layer, F -> hidden -> 1; the last layer starts at zero, so s = -4 everywhere
+        self.w1 = nn.Parameter(torch.randn(L, N_FEATURES, hidden, generator=g) / math.sqrt(N_FEATURES))
+        self.b1 = nn.Parameter(torch.zeros(L, hidden))
+        self.w2 = nn.Parameter(torch.zeros(L, hidden))
+        self.b2 = nn.Parameter(torch.full((L,), -4.0))
+        self.beta = nn.Parameter(torch.full((L, H), 2.0))  # suppression strength softplus(beta)
+        n = len(apply_to)
+        self.shrink = nn.Parameter(torch.full((L, n, H, d), -4.0))  # sigmoid -> 0.018 where gated
+        self.w = nn.Parameter(torch.randn(L, n, d, rank, generator=g) / math.sqrt(d))
+        self.u = nn.Parameter(torch.zeros(L, n, d, rank))
+        self.float()
+
+    # -- statistics ------------------------------------------------------------------------------
+    def _i(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    @torch.no_grad()
+    def fit(self, caches: Sequence[Mapping[int, tuple[torch.Tensor, torch.Tensor]]], ridge: float = 1.0) -> None:
+        """Clean statistics from batch-1 caches {layer: (k, v)} of training windows (sinks excluded):
+        channel means and stds, log-norm band, the reference ridge map and its residual scale, and the
+        mean and std of every raw feature (the detector's inputs are standardised)."""
+        s = self.sink
+        rows = lambda l: [torch.stack([c[l][0][0, :, s:], c[l][1][0, :, s:]]).float() for c in caches]  # noqa: E731
+        ref = None
+        if self.reference_layer is not None:
+            ref = torch.cat([self._flat(c[self.reference_layer][0][..., s:, :], c[self.reference_layer][1][..., s:, :])[0]
+                             for c in caches])  # [N, 2Hd]
+            ref = torch.cat([ref, torch.ones(ref.shape[0], 1, device=ref.device)], 1)
+        for i, l in enumerate(self.layers):
+            x = torch.cat(rows(l), dim=2)  # [2, H, N, d]
+            self.mu[i] = x.mean(2)
+            self.sd[i] = x.std(2).clamp_min(1e-6)
+            ln = x.norm(dim=-1).clamp_min(1e-12).log()
+            self.lnorm[i] = torch.stack([ln.mean(-1), ln.std(-1).clamp_min(1e-6)], -1)
+            if ref is not None:
+                y = torch.cat([self._flat(c[l][0][..., s:, :], c[l][1][..., s:, :])[0] for c in caches])
+                a = ref.double()
+                self.pred[i] = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype,
+                                                                                device=a.device), a.T @ y.double()).float()
+                res = (y - ref @ self.pred[i]).reshape(-1, 2, self.num_kv_heads, self.d)
+                self.rsd[i] = res.std(0).clamp_min(1e-6)
+            raw = torch.cat([self._raw(i, c[l][0][..., s:, :].float(), c[l][1][..., s:, :].float(),
+                                       None if ref is None else (c[self.reference_layer][0][..., s:, :],
+                                                                 c[self.reference_layer][1][..., s:, :]))
+                             for c in caches], dim=2)  # [1, H, N, F]
+            f = raw.reshape(-1, N_FEATURES)
+            self.feat[i, 0] = f.mean(0)
+            self.feat[i, 1] = f.std(0).clamp_min(1e-3)
+        self.fitted.fill_(True)
+
+    def _flat(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, d] twice -> [B, T, 2·H·d] (K heads then V heads)."""
+        b, h, t, d = k.shape
+        return torch.cat([k, v], 1).float().permute(0, 2, 1, 3).reshape(b, t, 2 * h * d)
+
+    def _raw(self, i: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None) -> torch.Tensor:
+        """Raw features [B, H, T, F] of entries k, v [B, H, T, d] (already finite-sanitised or not)."""
+        x = torch.stack([k, v])  # [2, B, H, T, d]
+        bad = ~torch.isfinite(x)
+        mu = self.mu[i][:, None, :, None, :]
+        x = torch.where(bad, mu.expand_as(x), x)
+        z = (x - mu) / self.sd[i][:, None, :, None, :]
+        ln = x.norm(dim=-1).clamp_min(1e-12).log()
+        lstat = self.lnorm[i][:, None, :, None, :]
+        feats = [z.pow(2).mean(-1).log1p(), z.abs().amax(-1).log1p(), (ln - lstat[..., 0]) / lstat[..., 1],
+                 (x == 0).float().mean(-1), bad.float().mean(-1)]
+        if ref is not None and self.pred.numel():
+            rk, rv = ref
+            a = self._flat(rk, rv)
+            a = torch.cat([torch.where(torch.isfinite(a), a, torch.zeros_like(a)), torch.ones_like(a[..., :1])], -1)
+            b, h, t, d = k.shape
+            pr = (a @ self.pred[i]).reshape(b, t, 2, h, d).permute(2, 0, 3, 1, 4)  # [2, B, H, T, d]
+            r = (x - pr) / self.rsd[i][:, None, :, None, :]
+            feats.append(r.pow(2).mean(-1).log1p())
+        else:
+            feats.append(torch.zeros_like(feats[0]))
+        f = torch.stack(feats, -1)  # [2, B, H, T, 6]
+        return torch.cat([f[0], f[1]], -1)  # [B, H, T, 12]
+
+    # -- per-entry outputs -----------------------------------------------------------------------
+    def score(self, layer: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None = None) -> torch.Tensor:
+        """Detector logits s [B, H, T] of entries k, v [B, H, T, d]."""
+        i = self._i(layer)
+        f = (self._raw(i, k.float(), v.float(), ref) - self.feat[i, 0]) / self.feat[i, 1]
+        h = torch.nn.functional.gelu(f @ self.w1[i] + self.b1[i])
+        self.entries_scored += int(k.shape[0] * k.shape[1] * k.shape[2])
+        return h @ self.w2[i] + self.b2[i]
+
+    def gate(self, layer: int, s: torch.Tensor, positions: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+        g = ((s - self.tau[self._i(layer)]) / self.ramp).clamp(0.0, 1.0)
+        g = torch.where(nonfinite, torch.ones_like(g), g)
+        return g * (positions >= self.sink).to(g.dtype)  # attention sinks are never gated
+
+    def entries(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, ref: tuple | None) -> dict:
+        """Detector output and corrections for entries k, v [B, H, T, d] at cache positions start..:
+        {"score", "gate", "bias", "dk", "dv"} (dk/dv: what to add to K/V; None where apply_to omits it)."""
+        i = self._i(layer)
+        s = self.score(layer, k, v, ref)
+        x = torch.stack([k, v]).float()
+        nonfinite = (~torch.isfinite(x)).any(-1).any(0)  # [B, H, T]
+        pos = torch.arange(start, start + k.shape[2], device=k.device)
+        g = self.gate(layer, s, pos, nonfinite)
+        out = {"score": s, "gate": g, "bias": -torch.nn.functional.softplus(self.beta[i])[None, :, None] * g
+               if self.suppress else None, "dk": None, "dv": None}
+        for j, w in enumerate(self.apply_to):
+            xw = x[0 if w == "K" else 1]
+            mu = self.mu[i, 0 if w == "K" else 1][None, :, None, :]
+            fin = torch.isfinite(xw)
+            xc = torch.where(fin, xw, mu.expand_as(xw)) - mu
+            delta = torch.zeros_like(xw) if not self.correct else (
+                -torch.sigmoid(self.shrink[i, j])[None, :, None, :] * xc + (xc @ self.w[i, j]) @ self.u[i, j].T)
+            # a non-finite value is dropped (attend zeroes it) and replaced by the mean plus the correction
+            delta = g[..., None] * delta + torch.where(fin, torch.zeros_like(xw), mu.expand_as(xw))
+            out["dk" if w == "K" else "dv"] = delta
+        out["nonfinite"] = bool(nonfinite.any())
+        return out
+
+    # -- the hook --------------------------------------------------------------------------------
+    def observe(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict) -> None:
+        """The reference layer's entries of this forward (read by the protected layers after it)."""
+        memo["reference"] = (k, v)
+
+    def _memo(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict | None) -> dict:
+        """This layer's per-entry outputs for all k.shape[2] entries, scoring only the new ones. The memo
+        is valid while the batch and the stored prefix are unchanged (checked on the last stored key).
+        Corrections are kept only once some entry is gated (until then a decode step copies nothing)."""
+        T = k.shape[2]
+        ref = None
+        if self.reference_layer is not None and memo is not None and "reference" in memo:
+            rk, rv = memo["reference"]
+            if rk.shape[0] == k.shape[0] and rk.shape[2] == T:
+                ref = (rk, rv)
+        old = memo.get(layer) if memo is not None else None
+        n = 0
+        if old is not None and 0 < old["n"] <= T and old["batch"] == k.shape[0] \
+                and torch.equal(old["last"], k[:, :, old["n"] - 1]):
+            n = old["n"]
+        if n == T:
+            return old
+        new = self.entries(layer, k[:, :, n:], v[:, :, n:], n,
+                           None if ref is None else (ref[0][:, :, n:], ref[1][:, :, n:]))
+        new["any"] = bool((new["gate"] > 0).any())
+        if n:
+            new["any"] = new["any"] or old["any"]
+            new["nonfinite"] = new["nonfinite"] or old["nonfinite"]
+            for key in ("score", "gate", "bias", "dk", "dv"):
+                if new[key] is None:
+                    continue
+                prev = old[key]
+                if prev is None:  # nothing was gated before: the earlier corrections are zeros
+                    prev = torch.zeros(*new[key].shape[:2], n, *new[key].shape[3:], dtype=new[key].dtype,
+                                       device=new[key].device)
+                new[key] = torch.cat([prev, new[key]], 2)
+        if not new["any"] and not torch.is_grad_enabled():
+            new["dk"] = new["dv"] = new["bias"] = None  # all zero: keep nothing
+        new.update(n=T, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())
+        if memo is not None:
+            memo[layer] = new
+        return new
+
+    @torch.no_grad()
+    def prime(self, kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """A memo holding the detector's output for every stored entry of `kv` ({layer: (k, v)}, the
+        protected layers and the reference layer): what a prefill run with the operator leaves behind."""
+        memo: dict = {}
+        if self.reference_layer is not None:
+            memo["reference"] = kv[self.reference_layer]
+        for l in self.layers:
+            self._memo(l, *kv[l], memo)
+        return memo
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable,
+               memo: dict | None = None) -> torch.Tensor:
+        m = self._memo(layer, k, v, memo)
+        if not m["any"] and not m["nonfinite"]:
+            return kernel(q, k, v)
+        if m["nonfinite"]:
+            k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+            v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        if m["dk"] is not None:
+            k = (k.float() + m["dk"]).to(k.dtype)
+        if m["dv"] is not None:
+            v = (v.float() + m["dv"]).to(v.dtype)
+        return kernel(q, k, v, bias=m["bias"])
+
+    def is_identity(self, layer: int) -> bool:
+        """True when the gate cannot open (the detector's score is the constant b2 below τ)."""
+        i = self._i(layer)
+        return not bool(self.w2[i].detach().any()) and float(self.b2[i].detach()) < float(self.tau[i])
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def reference_layer(protect: Sequence[int], arch, requested) -> int | None:
+    """The unprotected layer the agreement feature reads: `requested` when an int, none when null, else
+    (auto) the highest full-attention layer below the first protected layer (None when there is none)."""
+    if requested is None:
+        return None
+    if requested != "auto":
+        return int(requested)
+    cands = [l for l in range(min(protect)) if l not in set(arch.sliding_layers)]
+    return max(cands) if cands else None
+
+
+def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Sequence[int], seed: int,
+                 stream: str = "detector-fit") -> list[dict]:
+    """Batch-1 clean caches {layer: (k, v)} of `windows` training windows drawn from (seed, stream, i)."""
+    from cachemedicpp import hf
+    from cachemedicpp.seeding import torch_rng
+
+    hi = tokens.numel() - length
+    out = []
+    for i in range(windows):
+        start = int(torch.randint(0, hi + 1, (1,), generator=torch_rng(seed, stream, i)))
+        with torch.no_grad():
+            _, cache = hf.forward(lm.model, tokens[start:start + length][None].to(lm.device), logits_to_keep=1)
+        out.append({l: hf.get_kv(cache, l) for l in layers})
+    return out
+
+
+@torch.no_grad()
+def set_threshold(op: DetectingOperator, caches: Sequence[Mapping], margin: float) -> dict:
+    """τ per layer = max(0, highest clean score + margin) over the non-sink entries of clean caches."""
+    out = {}
+    for i, l in enumerate(op.layers):
+        best = -math.inf
+        for c in caches:
+            ref = (c[op.reference_layer] if op.reference_layer is not None else None)
+            s = op.score(l, c[l][0], c[l][1], ref)[..., op.sink:]
+            if s.numel():
+                best = max(best, float(s.max()))
+        op.tau[i] = max(0.0, best + margin)
+        out[l] = {"max_clean_score": best, "tau": float(op.tau[i])}
+    return out

@@ -1,0 +1,310 @@
+"""Family D, the detecting operator: identity at initialisation and on clean caches once its threshold
+is set, causality, GQA, the detector scored once per cached entry across decode steps, the attention
+bias through the mask of every kernel, bit-identical resume with the new losses, a trained operator
+that beats no repair on draws it never saw, and refusal of another family's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from cachemedicpp import hf, train
+from cachemedicpp.cli import EXIT_OK, EXIT_PAUSED
+from cachemedicpp.config import ConfigError, load_config
+from cachemedicpp.corruption import Corruptor
+from cachemedicpp.fileio import read_jsonl
+from cachemedicpp.repair import build_operator, load_repair_checkpoint
+from cachemedicpp.repair_detect import DetectingOperator, clean_caches, set_threshold
+from conftest import pause_after, tiny_config
+
+
+def _cfg(tmp_path, model_dir, **over):
+    base = {"repair.family": "D", "repair.protect_layers": [1, 2], "repair.detector.fit_windows": 3,
+            "repair.detector.fit_len": 24, "train.lr": 0.01}
+    data = tiny_config(model_dir, **{**base, **over})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(path)
+
+
+def _fitted(lm, layers=(1, 2), reference=0, windows=3, seed=0):
+    op = DetectingOperator(list(layers), lm.arch.head_dim, lm.arch.num_heads, lm.arch.num_kv_heads, rank=4,
+                           reference_layer=reference)
+    tokens = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(seed))
+    op.fit(clean_caches(lm, tokens, windows, 32, list(layers) + ([reference] if reference is not None else []), seed))
+    return op, tokens
+
+
+def _open_detector(op, scale=3.0, seed=1):
+    """Random detector weights: the score varies with the entry, so some entries are gated."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        op.w2.copy_(torch.randn(op.w2.shape, generator=g) * scale)
+        op.b2.zero_()
+        op.u.copy_(torch.randn(op.u.shape, generator=g) * 0.2)
+    return op
+
+
+def _logits(lm, ids, plan=None):
+    with torch.no_grad():
+        logits, _ = hf.forward(lm.model, ids, plan=plan)
+    return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# identity
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_identity_at_initialisation_is_bit_exact(tiny_lm, arch):
+    lm = tiny_lm(arch)
+    ref = 0 if arch != "gemma3" else None  # gemma3's layer 0 slides: no reference layer there
+    op, tokens = _fitted(lm, layers=(1,) if arch == "gpt2" else (1, 2), reference=ref)
+    ids = tokens[:40][None]
+    assert all(op.is_identity(l) for l in op.layers)
+    assert torch.equal(_logits(lm, ids, hf.HookPlan(repair=op)), _logits(lm, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_clean_cache_is_untouched_once_the_threshold_is_set(tiny_lm, arch):
+    lm = tiny_lm(arch)
+    ref = 0 if arch == "llama" else None
+    op, tokens = _fitted(lm, reference=ref)
+    _open_detector(op)
+    ids = tokens[50:82][None]
+    opened = _logits(lm, ids, hf.HookPlan(repair=op))
+    assert not torch.equal(opened, _logits(lm, ids)), "the open detector gates nothing: the test proves nothing"
+    layers = list(op.layers) + list(op.observes)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids)
+    record = set_threshold(op, [{l: hf.get_kv(cache, l) for l in layers}], margin=0.5)
+    assert all(r["tau"] >= r["max_clean_score"] + 0.5 - 1e-6 for r in record.values())
+    assert torch.equal(_logits(lm, ids, hf.HookPlan(repair=op)), _logits(lm, ids))
+
+
+# --------------------------------------------------------------------------------------------------
+# the hook: bias through the mask, causality, GQA, the memo
+
+
+def _manual_attention(q, k, v, bias, scaling):
+    """Causal softmax attention with a per-(KV head, key) additive bias, GQA by repetition: [B, Tq, Hq, d]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) * scaling
+    Tq, Tk = q.shape[2], k.shape[2]
+    causal = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    s = s.masked_fill(~causal, -math.inf) + bias.repeat_interleave(g, 1)[:, :, None, :]
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind", ["eager", "sdpa"])
+def test_bias_reaches_every_query_head_of_its_kv_head(kind):
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, d = 2, 4, 2, 7, 8
+    q, k, v = torch.randn(B, Hq, T, d), torch.randn(B, Hkv, T, d), torch.randn(B, Hkv, T, d)
+    bias = -torch.rand(B, Hkv, T) * 5
+    mask = hf._bias_mask(None, bias, q, k)
+    if kind == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=d**-0.5).transpose(1, 2)
+    else:
+        s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * d**-0.5 + mask
+        out = (s.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, _manual_attention(q, k, v, bias, d**-0.5), rtol=1e-5, atol=1e-6)
+    # a bool mask (sdpa's) turns into the same additive one
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    torch.testing.assert_close(hf._bias_mask(causal, bias, q, k), mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_eager_and_sdpa_agree_with_the_operator_gating(tiny_lm, arch):
+    """On layer 0 (sliding on gemma3), whose inputs the two kernels compute identically: an open detector's
+    gate is a steep function of the entry, so upstream fp32 reordering would otherwise be amplified."""
+    lm_e, lm_s = tiny_lm(arch, attn="eager"), tiny_lm(arch, attn="sdpa")
+    op, tokens = _fitted(lm_e, layers=(0,), reference=None)
+    _open_detector(op)
+    ids = tokens[100:140][None]
+    a = _logits(lm_e, ids, hf.HookPlan(repair=op))
+    assert not torch.equal(a, _logits(lm_e, ids))
+    torch.testing.assert_close(_logits(lm_s, ids, hf.HookPlan(repair=op)), a, rtol=1e-4, atol=1e-4)
+
+
+def test_causal_no_future_entry_changes_an_earlier_output(tiny_lm):
+    lm = tiny_lm("llama")
+    op, _ = _fitted(lm)
+    _open_detector(op)
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+
+    def kernel(q, k, v, bias=None):
+        return _manual_attention(q, k, v, torch.zeros(k.shape[:3]) if bias is None else bias, 0.25)
+
+    out = op.attend(1, q, k, v, kernel)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 8:] += 50 * torch.randn_like(k2[:, :, 8:])
+    v2[:, :, 8:] = 0
+    out2 = op.attend(1, q, k2, v2, kernel)
+    assert torch.equal(out[:, :8], out2[:, :8])
+    assert not torch.equal(out[:, 8:], out2[:, 8:])
+
+
+def test_detector_is_scored_once_per_entry_across_decode_steps(tiny_lm):
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    _open_detector(op)
+    plan = hf.HookPlan(repair=op)
+    H, T, steps = lm.arch.num_kv_heads, 20, 5
+    op.entries_scored = 0
+    with torch.no_grad():
+        logits, cache = hf.forward(lm.model, tokens[:T][None], plan=plan)
+        for i in range(steps):
+            nxt = logits[:, -1:].argmax(-1)
+            logits, cache = hf.forward(lm.model, nxt, cache, plan=plan)
+    assert op.entries_scored == len(op.layers) * H * (T + steps)
+    # and the reused outputs are the ones a fresh plan computes over the whole cache
+    fresh = DetectingOperator.entries
+    for l in op.layers:
+        k, v = hf.get_kv(cache, l)
+        ref = hf.get_kv(cache, 0)
+        full = fresh(op, l, k, v, 0, ref)
+        torch.testing.assert_close(plan.memo[l]["gate"], full["gate"])
+
+
+def test_non_finite_entries_are_gated_and_never_reach_attention(tiny_lm):
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    ids = tokens[:30][None]
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[:, :24])
+    k, v = hf.get_kv(cache, 1)
+    k, v = k.clone(), v.clone()
+    k[0, 0, 5, 3] = float("inf")
+    v[0, 1, 9, 0] = float("nan")
+    hf.set_kv(cache, 1, k, v)
+    with torch.no_grad():
+        bare, _ = hf.forward(lm.model, ids[:, 24:], hf.clone_cache(cache))
+        fixed, _ = hf.forward(lm.model, ids[:, 24:], cache, hf.HookPlan(repair=op))
+    assert not torch.isfinite(bare).all()
+    assert torch.isfinite(fixed).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def test_training_logs_the_detection_losses_and_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch,
+                                                                         one_thread):
+    from test_train import assert_same_checkpoints, losses
+
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"train.steps": 6, "train.save_every": 3})
+    ref = tmp_path / "ref"
+    assert train.run(cfg, ref, config_path=str(path)) == EXIT_OK
+    recs = read_jsonl(ref / "logs" / "train.jsonl")
+    corrupted = [r for r in recs if r["corruption"]["type"] != "clean"]
+    assert corrupted and all(r["loss_det"] is not None and r["loss_det"] > 0 for r in recs)
+    assert all(r["loss_contr"] == 0 and r["rho_mean"] is None for r in recs)
+    for r in recs:
+        total = r["loss_kd"] + cfg.train.lambda_id * r["loss_id"] + cfg.train.lambda_det * r["loss_det"] \
+            + cfg.train.lambda_rec * r["loss_rec"]
+        assert r["loss_total"] == pytest.approx(total, rel=1e-5, abs=1e-6)
+    ckpt = torch.load(ref / "checkpoints" / "repair_step_6.pt", weights_only=True)
+    assert set(ckpt["detector_threshold"]) == {1, 2}
+    assert torch.equal(ckpt["state_dict"]["tau"], torch.tensor([ckpt["detector_threshold"][l]["tau"] for l in (1, 2)]))
+    state = torch.load(ref / "checkpoints" / "train_state_latest.pt", weights_only=True)
+    assert not state["operator"]["tau"].any()  # training itself runs at τ = 0
+
+    rd = tmp_path / "run"
+    with monkeypatch.context() as m:
+        pause_after(m, rd, 4)
+        assert train.run(cfg, rd, config_path=str(path)) == EXIT_PAUSED
+    assert train.run(cfg, rd, config_path=str(path)) == EXIT_OK
+    assert_same_checkpoints(rd, ref)
+    assert losses(rd) == losses(ref)
+
+
+def test_random_regions_are_drawn_per_step_and_row(tmp_path, tiny_model_dir, tiny_lm):
+    _, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"repair.protect_layers": [0, 1, 2]})
+    tr = train.Trainer(cfg, tiny_lm("llama"))
+    assert tr.random_regions
+    regions = [tr.random_region(40, s, b) for s in range(12) for b in range(2)]
+    assert len({(r.layers, tuple(r.time.tolist())) for r in regions}) > 12
+    assert any(not r.time[0] for r in regions) and any(bool(r.time[0]) for r in regions)
+    assert any(len(r.layers) < 3 for r in regions)
+    again = tr.random_region(40, 5, 1)
+    assert again.layers == regions[11].layers and torch.equal(again.time, regions[11].time)
+
+
+def test_a_trained_operator_beats_no_repair_on_draws_it_never_saw(tmp_path, tiny_model_dir, tiny_lm, one_thread):
+    """Trained on sparse spikes, scored on fresh draws (another phase, other windows): the paired KD to
+    the clean logits is lower with the operator than without it."""
+    over = {"train.steps": 60, "train.clean_batch_prob": 0.1, "corruption.mixture": {"bitflipish_sparse": 1.0},
+            "corruption.params.bitflip_p": 0.05, "corruption.eps_grid": [0.08, 0.16],
+            "repair.protect_layers": [1, 2], "train.log_every": 60, "train.save_every": 60}
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **over)
+    assert train.run(cfg, tmp_path / "run", config_path=str(path)) == EXIT_OK
+    lm = tiny_lm("llama")
+    op, _ = load_repair_checkpoint(tmp_path / "run" / "checkpoints" / "repair_step_60.pt", cfg.repair.to_dict(),
+                                   lm.arch)
+    corruptor = Corruptor(cfg.corruption.to_dict(), [1, 2], lm.arch.num_kv_heads, seed=123)
+    tokens = train.Trainer(cfg, lm).tokens
+    with_op, without = [], []
+    for i in range(8):
+        ids = tokens[3000 + 50 * i: 3000 + 50 * i + 40][None]
+        with torch.no_grad():
+            _, cache = hf.forward(lm.model, ids[:, :32])
+            z_clean, _ = hf.forward(lm.model, ids[:, 32:], hf.clone_cache(cache))
+            kv, _ = corruptor.apply_cache({l: hf.get_kv(cache, l) for l in (1, 2)}, "bitflipish_sparse", 0.16,
+                                          "heldout", i)
+            for l, (k, v) in kv.items():
+                hf.set_kv(cache, l, k, v)
+            z_none, _ = hf.forward(lm.model, ids[:, 32:], hf.clone_cache(cache))
+            z_op, _ = hf.forward(lm.model, ids[:, 32:], cache, hf.HookPlan(repair=op))
+        without.append(float(train.kd_loss(z_clean, z_none, 1.0)))
+        with_op.append(float(train.kd_loss(z_clean, z_op, 1.0)))
+    assert sum(without) > 0
+    assert sum(with_op) < 0.8 * sum(without), (with_op, without)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_a_checkpoint_of_another_family_is_refused(tmp_path, tiny_model_dir, tiny_lm):
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"train.steps": 2, "train.save_every": 2})
+    assert train.run(cfg, tmp_path / "run", config_path=str(path)) == EXIT_OK
+    ckpt = tmp_path / "run" / "checkpoints" / "repair_step_2.pt"
+    lm = tiny_lm("llama")
+    other = {**cfg.repair.to_dict(), "family": "A"}
+    with pytest.raises(ConfigError, match="family-D operator"):
+        load_repair_checkpoint(ckpt, other, lm.arch)
+    wider = {**cfg.repair.to_dict(), "protect_layers": [0, 1, 2]}
+    with pytest.raises(ConfigError, match="does not match"):
+        load_repair_checkpoint(ckpt, wider, lm.arch)
+    # through the CLI: exit 2 naming it
+    cfg_a = yaml.safe_load(path.read_text())
+    cfg_a["repair"]["family"] = "A"
+    pa = tmp_path / "a.yaml"
+    pa.write_text(yaml.safe_dump(cfg_a))
+    r = subprocess.run([sys.executable, "-m", "cachemedicpp.eval", "--config", str(pa), "--run_dir",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_reference_layer_must_be_an_unprotected_full_attention_layer(tiny_lm):
+    arch = tiny_lm("gemma3").arch
+    base = {"family": "D", "rank": 4, "protect_layers": [2], "apply_to": "KV", "alpha_max": 0.9,
+            "share_across_heads": True, "conditioning": {}}
+    with pytest.raises(ConfigError, match="sliding-window"):
+        build_operator({**base, "detector": {"reference_layer": 0}}, arch)
+    with pytest.raises(ConfigError, match="unprotected"):
+        build_operator({**base, "detector": {"reference_layer": 2}}, arch)
+    assert build_operator({**base, "detector": {"reference_layer": "auto"}}, arch).reference_layer is None
+    llama = tiny_lm("llama").arch
+    assert build_operator({**base, "detector": {}}, llama).reference_layer == 1
