@@ -165,8 +165,13 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         longest = max(int(e.prefix.numel()) for e in examples)
         layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
         donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
+    block_donor = None
+    if "block_fault" in types or ("targeted" in types and cfg.corruption.params.targeted_base == "block_fault"):
+        longest = max(int(e.prefix.numel()) for e in examples)
+        layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
+        block_donor = corruption.block_donor_kv(lm, cfg.corruption.params.to_dict(), longest, layers)
     corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
-                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor)
+                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor, block_donor=block_donor)
     axes = cfg.corruption.axes
     needles = [e for e in examples if e.task in ("needle_long_context", "kv_retrieval")]
     if needles:
