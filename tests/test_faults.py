@@ -186,3 +186,164 @@ def test_block_fault_severity_is_nested_and_layer_scope_draws_per_layer():
     sev = C.severity("block_fault", 0.08, per_layer.params, 0.08)
     maps = [per_layer.block_map(sev, time, layer, "eval", 1)[0] for layer in range(6)]
     assert any(not torch.equal(maps[0], m) for m in maps[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# recompute and checksum_recompute
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_recompute_reproduces_the_stored_cache_bit_identically(tiny_lm, arch, attn, one_thread):
+    from cachemedicpp import hf, recompute
+
+    lm = tiny_lm(arch, attn=attn)
+    ids = torch.randint(0, 400, (48,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[None], logits_to_keep=1)
+    layers = list(range(lm.arch.num_layers))
+    again = recompute.recompute(lm, ids, layers)
+    assert again.tokens == 48 and again.seconds >= 0
+    for l in layers:
+        k, v = hf.get_kv(cache, l)
+        assert torch.equal(again.kv[l][0], k) and torch.equal(again.kv[l][1], v)
+        pos = torch.arange(48 - k.shape[2] + 2, 48)
+        ek, _ = again.entries(l, pos)
+        assert torch.equal(ek, k[:, :, 2:])
+
+
+def _clean_kv(lm, T=48):
+    from cachemedicpp import hf
+
+    ids = torch.randint(0, 400, (T,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[None], logits_to_keep=1)
+    return ids, {l: hf.get_kv(cache, l) for l in range(lm.arch.num_layers)}
+
+
+@pytest.mark.parametrize("ctype,params", [
+    ("bitflip", {"bitflip_rate": 0.05, "bitflip_bits": "exponent_high"}),
+    ("bitflip", {"bitflip_rate": 0.002, "bitflip_bits": "mantissa", "bitflip_format": "bfloat16"}),
+    ("block_fault", {"block_size": 8, "block_fault_mode": "swap", "block_fault_frac": 0.5}),
+    ("gaussian", {}),
+])
+def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ctype, params, one_thread):
+    from cachemedicpp import defenses, recompute
+
+    lm = tiny_lm("llama")
+    ids, clean = _clean_kv(lm)
+    donor = {l: (torch.flip(k, dims=[2]).contiguous(), torch.flip(v, dims=[2]).contiguous()) for l, (k, v) in clean.items()}
+    cor = C.Corruptor({"axes": {"time_mode": "old_only", "N_recent": 8}, "params": params}, [0, 1, 2],
+                      lm.arch.num_kv_heads, 0, block_donor=donor)
+    faulted, _ = cor.apply_cache(clean, ctype, 0.16, "eval", 0)
+    calls = []
+
+    def fresh(layer):
+        def get():
+            calls.append(layer)
+            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real recomputation
+        return get
+
+    report = {}
+    for l, (k, v) in faulted.items():
+        assert not (torch.equal(k, clean[l][0]) and torch.equal(v, clean[l][1]))  # the fault acted
+        k2, v2, drop = defenses.defend("checksum_recompute", l, k, v, clean=clean[l], positions=torch.arange(48),
+                                       fresh=fresh(l), report=report)
+        assert drop is None
+        assert torch.equal(k2, clean[l][0]) and torch.equal(v2, clean[l][1])  # bit-identical, NaN gone
+    assert report["blocks_failed"] > 0 and calls
+    # a clean cache: every checksum passes, nothing is recomputed, the very tensors come back
+    calls.clear()
+    for l, (k, v) in clean.items():
+        k2, v2, _ = defenses.defend("checksum_recompute", l, k, v, clean=(k.clone(), v.clone()),
+                                    positions=torch.arange(48), fresh=fresh(l), report=(r := {}))
+        assert k2 is k and v2 is v and r["blocks_failed"] == 0
+    assert not calls
+
+
+def test_block_checksum_detects_every_single_bit_flip():
+    from cachemedicpp import defenses
+
+    k, v = kv_pair(dtype=torch.bfloat16)
+    pos = torch.arange(SHAPE[2])
+    ref = defenses.block_checksums(k, v, pos, 16)
+    assert ref.shape == (1, 3)
+    for bit in range(16):
+        for t in (0, 17, 39):
+            k2 = k.clone()
+            k2[0, 1, t, 3] = C.flip_bits(k2[0, 1, t, 3], "bfloat16", bit)
+            bad = defenses.block_checksums(k2, v, pos, 16) != ref
+            assert bad.tolist() == [[j == t // 16 for j in range(3)]], (bit, t)
+
+
+# --------------------------------------------------------------------------------------------------
+# the evaluation end to end on a tiny model: NaN/Inf from flips, checksum_recompute's cost, exit codes
+
+
+FAULT_DEFENSES = ["no_defense", "range_clamp", "clipping_renorm", "oracle_drop", "checksum_recompute"]
+
+
+@pytest.fixture(scope="module")
+def fault_eval(tmp_path_factory, tiny_model_dir):
+    import yaml
+    from conftest import tiny_config
+
+    from cachemedicpp import eval as ev
+
+    tmp = tmp_path_factory.mktemp("faults")
+    data = tiny_config(tiny_model_dir("llama"), **{
+        "eval.defenses": FAULT_DEFENSES, "eval.measure_overhead": True,
+        "eval.corruption_eval.types": ["bitflip", "block_fault"], "eval.corruption_eval.eps": [0.0, 0.08, 0.32],
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}, {"name": "sst2_prompted", "num_examples": 2}],
+        "eval.validation.num_examples": 1,
+        "corruption.params.bitflip_rate": 0.02, "corruption.params.bitflip_bits": "exponent_high",
+        "corruption.params.block_fault_mode": "stale", "corruption.params.block_size": 8,
+        "baseline.checksum_block_size": 8,
+        "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
+        "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8,
+        "baseline.calibration.sink_tokens": 2})
+    path = tmp / "faults.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rd = tmp / "run"
+    code = ev.main(["--config", str(path), "--run_dir", str(rd)])
+    return code, path, rd
+
+
+def test_nan_inf_from_flips_do_not_crash_eval_and_checksum_recovers_exactly(fault_eval, one_thread):
+    import json
+
+    from cachemedicpp import results
+
+    code, _, rd = fault_eval
+    assert code == 0
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    m = doc["metrics"]
+    assert all(np.isfinite(v) for v in m["robustness_auc"].values())
+    rows = [r for r in m["task_curves"] if r["defense"] == "checksum_recompute"]
+    clean = {r["task"]: r["value"] for r in rows if r["corruption_type"] == "clean"}
+    assert all(r["value"] == clean[r["task"]] for r in rows)  # exact recovery in every cell
+    cost = m["recompute_cost"]
+    hit = [c for c in cost["by_cell"] if c["epsilon"] > 0]
+    assert hit and all(c["tokens_mean"] > 0 and c["blocks_failed_mean"] > 0 for c in hit)
+    assert all(c["tokens_mean"] == 0 for c in cost["by_cell"] if c["epsilon"] == 0)
+    assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
+    assert m["defense_groups"]["checksum_recompute"] == results.GROUP_RECOMPUTE
+    faults = doc["settings"]["fault_models"]
+    assert faults["bitflip"]["storage_format"] == "float32" and faults["bitflip"]["simulated"] is False
+    assert faults["block_fault"]["mode"] == "stale"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("corruption.params.bitflip_bits=exponnent", "corruption.params.bitflip_bits"),
+    ("corruption.params.bitflip_bits=[0,32]", "corruption.params.bitflip_bits"),
+    ("corruption.params.block_size=0", "corruption.params.block_size"),
+])
+def test_bad_fault_input_exits_2_naming_the_key(fault_eval, tmp_path, capsys, override, key):
+    from cachemedicpp import eval as ev
+
+    _, path, _ = fault_eval
+    code = ev.main(["--config", str(path), "--run_dir", str(tmp_path / "bad"), "--set", override])
+    assert code == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
