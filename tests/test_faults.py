@@ -136,8 +136,8 @@ def test_bad_fault_parameters_name_their_key(params, key):
 
 def _donor(T=64, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return {layer: (torch.randn(1, SHAPE[1], T, SHAPE[3], generator=g), torch.randn(1, SHAPE[1], T, SHAPE[3], generator=g))
-            for layer in (0, 1)}
+    shape = (1, SHAPE[1], T, SHAPE[3])
+    return {layer: (torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for layer in (0, 1)}
 
 
 @pytest.mark.parametrize("mode", C.BLOCK_MODES)
@@ -232,7 +232,9 @@ def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ct
 
     lm = tiny_lm("llama")
     ids, clean = _clean_kv(lm)
-    donor = {l: (torch.flip(k, dims=[2]).contiguous(), torch.flip(v, dims=[2]).contiguous()) for l, (k, v) in clean.items()}
+    # another sequence's entries: the clean ones in reverse order
+    donor = {l: (torch.flip(k, dims=[2]).contiguous(), torch.flip(v, dims=[2]).contiguous())
+             for l, (k, v) in clean.items()}
     cor = C.Corruptor({"axes": {"time_mode": "old_only", "N_recent": 8}, "params": params}, [0, 1, 2],
                       lm.arch.num_kv_heads, 0, block_donor=donor)
     faulted, _ = cor.apply_cache(clean, ctype, 0.16, "eval", 0)
@@ -347,3 +349,16 @@ def test_bad_fault_input_exits_2_naming_the_key(fault_eval, tmp_path, capsys, ov
     assert code == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("ctype", config.FAULT_TYPES)
+def test_fault_models_on_read_are_deterministic(ctype):
+    cor = make({"bitflip_rate": 0.2, "block_size": 4, "block_fault_mode": "stale"}, block_donor=_donor())
+    k, v = kv_pair()
+    read = cor.on_read(ctype, 0.16, "eval", 5)
+    k2, v2 = read(0, k, v)
+    assert not torch.equal(k2, k)
+    k3, v3 = cor.on_read(ctype, 0.16, "eval", 5)(0, k, v)
+    assert torch.equal(k3.view(torch.int32), k2.view(torch.int32)) and torch.equal(v3.view(torch.int32),
+                                                                                    v2.view(torch.int32))
+    assert cor.on_read(ctype, 0.0, "eval", 5)(0, k, v) == (k, v)
