@@ -27,7 +27,14 @@ CORRUPTION_TYPES = (
     "bitflipish_sparse",
     "quant_noise",
     "contiguous_overwrite",
+    "bitflip",
+    "block_fault",
 )
+# The statistical family of the default mixture (configs/corruption/default_mix.yaml) and of the six
+# leave-one-type-out splits; the fault models (bitflip, block_fault) come after them in a second
+# mixture (configs/corruption/faults_mix.yaml), so the default mixture's results stay as they were.
+STATISTICAL_TYPES = CORRUPTION_TYPES[:6]
+FAULT_TYPES = ("bitflip", "block_fault")
 # Keys that name where something lives rather than what is computed: excluded from the config hash
 # so that moving a sweep or a split file does not orphan its runs.
 HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir")
@@ -286,6 +293,9 @@ def resolve(data: dict, base: Path | None = None) -> dict:
         raise ConfigError(f"eval.corruption_eval.types: unknown type(s) {bad}; known: {list(CORRUPTION_TYPES)}")
     if corr["params"]["targeted_base"] not in CORRUPTION_TYPES:
         raise ConfigError(f"corruption.params.targeted_base: unknown type {corr['params']['targeted_base']!r}")
+    from cachemedicpp import corruption  # the fault models' parameters depend on bit layouts it owns
+
+    corruption.check_params(corr["params"], data["dtype"])
     validate(data, schema)
     return data
 

@@ -21,6 +21,10 @@ severity never decreases as eps grows; eps = eps_ref reproduces the configured p
     contiguous_overwrite donor's clean K/V at the same         block [w0, w0 + round((w1 - w0) * s)),
                          positions                             clipped to the time mask and donor length
     targeted             params.targeted_base with layer/head masks forced to axes.layers / axes.heads
+    bitflip              flip real bits of the stored word      p = min(1, bitflip_rate * s) per element
+                         (see "fault models" below)
+    block_fault          whole cache blocks zeroed, stale or    fraction of the old region's blocks hit
+                         swapped (see "fault models" below)     = min(1, block_fault_frac * s)
 
 `rms` is the per-vector RMS over d of the original x; `round` rounds half up.
 
@@ -29,6 +33,18 @@ tag "K" or "V", drawn on the CPU and moved to the tensor's device. One draw of s
 shared by every batch row: rows of one call are copies of one example (one per defense or grid cell)
 and must see the same corruption. The region's layer and head draws do not depend on T, so an on-read
 corruption keeps its layers and heads while the sequence grows.
+
+Fault models. `bitflip` flips bits of the word the cache is stored in (`bitflip_format`: float32 |
+float16 | bfloat16, auto = the cache's own dtype). A format other than the cache dtype is simulated:
+the hit element is cast to the format, flipped through an integer view, and cast back (the report says
+so). A hit word gets one bit drawn uniformly from `bitflip_bits` (a class or explicit indices) plus the
+`bitflip_burst` - 1 bits below it. Inf and NaN produced by a flip are part of the fault. `block_fault`
+hits whole blocks of `block_size` positions: the candidates are the blocks that meet the time mask, a
+seeded permutation (without eps, so the blocks hit at a smaller eps stay hit at a larger one) picks
+round(frac * candidates) of them, and only their positions inside the region change. `zero` clears them,
+`stale` writes the stale donor's entries at the same positions (an earlier prompt), `swap` writes a
+seeded block of the swap donor's (another sequence, so its positions differ too). At the page scope
+(default) K, V and every layer lose the same blocks; at the layer scope each layer draws its own.
 
 Why one long module: the types, their severity map, the region and the seeded draws are one
 definition (the family C of SPEC §4) that a reader checks against the spec in one place.
@@ -52,6 +68,17 @@ TYPES = config.CORRUPTION_TYPES + ("targeted",)
 LAYER_MODES = ("all", "bernoulli", "targeted")
 TIME_MODES = ("all_past", "old_only", "window")
 
+# IEEE-754 storage formats: (float dtype, integer view, bits per word, mantissa bits, exponent bits)
+FORMATS = {
+    "float32": (torch.float32, torch.int32, 32, 23, 8),
+    "float16": (torch.float16, torch.int16, 16, 10, 5),
+    "bfloat16": (torch.bfloat16, torch.int16, 16, 7, 8),
+}
+BIT_CLASSES = ("sign", "exponent", "exponent_high", "mantissa", "all")
+BLOCK_MODES = ("zero", "stale", "swap")
+BLOCK_SCOPES = ("page", "layer")
+BLOCK_DONOR_PROMPTS = {"stale": "block_stale_prompt", "swap": "block_swap_prompt"}
+
 
 def _check_type(ctype: str) -> None:
     config.lookup("corruption type", ctype, TYPES)
@@ -59,6 +86,60 @@ def _check_type(ctype: str) -> None:
 
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
+
+
+@functools.lru_cache(maxsize=1)
+def _param_defaults() -> dict:
+    return config.section_defaults("corruption")["params"]
+
+
+def _param(params: Mapping, key: str):
+    """A corruption parameter, the schema default when a partial params mapping lacks it."""
+    return params[key] if key in params else _param_defaults()[key]
+
+
+def format_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def storage_format(params: Mapping, dtype: torch.dtype | str) -> tuple[str, bool]:
+    """(bitflip storage format, simulated?) for a cache of `dtype`: simulated when the format is not the
+    cache's own, so a hit word is cast to it, flipped and cast back."""
+    cache = dtype if isinstance(dtype, str) else format_name(dtype)
+    fmt = _param(params, "bitflip_format")
+    fmt = cache if fmt == "auto" else fmt
+    config.lookup("storage format", fmt, FORMATS, key="corruption.params.bitflip_format")
+    return fmt, fmt != cache
+
+
+def bit_positions(fmt: str, bits) -> tuple[int, ...]:
+    """Bit indices (0 = least significant) a bit class or an explicit list names in a `fmt` word."""
+    _, _, width, man, exp = config.lookup("storage format", fmt, FORMATS, key="corruption.params.bitflip_format")
+    if isinstance(bits, str):
+        cls = config.lookup("bit class", bits, BIT_CLASSES, key="corruption.params.bitflip_bits")
+        return {"sign": (width - 1,), "exponent": tuple(range(man, man + exp)), "exponent_high": (man + exp - 1,),
+                "mantissa": tuple(range(man)), "all": tuple(range(width))}[cls]
+    bits = list(bits)
+    if not bits:
+        raise ConfigError("corruption.params.bitflip_bits: an empty list of bits")
+    bad = [b for b in bits if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < width]
+    if bad:
+        raise ConfigError(f"corruption.params.bitflip_bits: bit(s) {bad} outside the {fmt} word "
+                          f"(bits 0..{width - 1})")
+    return tuple(sorted(set(bits)))
+
+
+def check_params(params: Mapping, dtype: str = "float32") -> None:
+    """The fault models' parameters (bad input -> ConfigError naming the key), for a cache of `dtype`."""
+    fmt, _ = storage_format(params, dtype)
+    bit_positions(fmt, _param(params, "bitflip_bits"))
+    for key in ("bitflip_burst", "block_size"):
+        if int(_param(params, key)) < 1:
+            raise ConfigError(f"corruption.params.{key}: must be >= 1, got {_param(params, key)}")
+    config.lookup("block fault mode", _param(params, "block_fault_mode"), BLOCK_MODES,
+                  key="corruption.params.block_fault_mode")
+    config.lookup("block fault scope", _param(params, "block_fault_scope"), BLOCK_SCOPES,
+                  key="corruption.params.block_fault_scope")
 
 
 def severity(ctype: str, eps: float, params: Mapping, eps_ref: float) -> dict:
@@ -84,6 +165,15 @@ def severity(ctype: str, eps: float, params: Mapping, eps_ref: float) -> dict:
         return {"power": s}
     if ctype == "bitflipish_sparse":
         return {"p": min(1.0, float(params["bitflip_p"]) * s), "jump": float(params["bitflip_eps_jump"])}
+    if ctype == "bitflip":
+        bits = _param(params, "bitflip_bits")
+        return {"p": min(1.0, float(_param(params, "bitflip_rate")) * s), "format": _param(params, "bitflip_format"),
+                "bits": bits if isinstance(bits, str) else [int(b) for b in bits],
+                "burst": int(_param(params, "bitflip_burst"))}
+    if ctype == "block_fault":
+        return {"frac": min(1.0, float(_param(params, "block_fault_frac")) * s),
+                "block_size": int(_param(params, "block_size")), "mode": _param(params, "block_fault_mode"),
+                "scope": _param(params, "block_fault_scope")}
     if ctype == "quant_noise":
         if eps == 0:
             return {"bits": None}  # no quantization at all: the identity
@@ -134,6 +224,7 @@ class Report:
             "dV": math.sqrt(sum(r["dV"] ** 2 for r in layers)),
             "frac_changed": sum(r["frac_changed"] for r in layers) / n,
             "exposure": sum(r["exposure"] for r in layers) / n,
+            "nonfinite": sum(r["nonfinite"] for r in layers) / n,  # fraction of entries a fault made Inf/NaN
             "per_layer": {str(layer): dict(r) for layer, r in sorted(self.per_layer.items())},
         }
 
@@ -208,6 +299,29 @@ def rotation_power(d: int, s: float, rotation_seed: int) -> Tensor:
     return (u @ vh).to(torch.float32)
 
 
+def flip_bits(x: Tensor, fmt: str, position: Tensor | int, burst: int = 1) -> Tensor:
+    """x with bit `position` of its `fmt` word flipped, and the burst - 1 bits below it (clipped at bit 0);
+    returned in x's dtype (cast to the format, flipped through an integer view, cast back)."""
+    fdt, idt, width, _, _ = FORMATS[fmt]
+    pos = torch.as_tensor(position, dtype=torch.int64, device=x.device)
+    lo = (pos - (int(burst) - 1)).clamp_min(0)
+    one = torch.ones_like(pos)
+    mask = torch.bitwise_left_shift(torch.bitwise_left_shift(one, pos - lo + 1) - 1, lo)
+    mask = torch.where(mask >= 2 ** (width - 1), mask - 2 ** width, mask).to(idt)  # the signed integer view
+    word = x.to(fdt).view(idt)
+    return torch.bitwise_xor(word, mask).view(fdt).to(x.dtype)
+
+
+def _bitflip(x: Tensor, sev: dict, gen: torch.Generator) -> Tensor:
+    """x (the cache's own values, its own dtype) with each selected element's stored word flipped."""
+    fmt, _ = storage_format({"bitflip_format": sev["format"]}, x.dtype)
+    positions = torch.tensor(bit_positions(fmt, sev["bits"]), dtype=torch.int64)
+    hit = _draw(torch.rand, x, gen) < sev["p"]
+    which = (_draw(torch.rand, x, gen) * len(positions)).long().clamp_max(len(positions) - 1)
+    flipped = flip_bits(x, fmt, positions[which.cpu()].to(x.device), sev["burst"])
+    return torch.where(hit, flipped, x)
+
+
 def _rotation(x: Tensor, sev: dict, gen: torch.Generator, mask: Tensor, rotation_seed: int) -> Tensor:
     return x @ rotation_power(x.shape[-1], float(sev["power"]), int(rotation_seed)).to(x.device)
 
@@ -241,7 +355,8 @@ class Corruptor:
     """Applies corruption family C for one run: fixed config, seed, protected layers and donor KV."""
 
     def __init__(self, corruption: Mapping, protect_layers: Sequence[int], num_kv_heads: int, seed: int,
-                 donor_kv: dict[int, tuple[Tensor, Tensor]] | None = None):
+                 donor_kv: dict[int, tuple[Tensor, Tensor]] | None = None,
+                 block_donor: dict[int, tuple[Tensor, Tensor]] | None = None):
         cfg = config.section_defaults("corruption", corruption)
         self.eps_ref = float(cfg["eps_ref"])
         self.persistence = cfg["persistence"]
@@ -251,6 +366,7 @@ class Corruptor:
         self.num_kv_heads = int(num_kv_heads)
         self.seed = int(seed)
         self.donor = donor_kv
+        self.block_donor = block_donor  # block_fault stale / swap: block_donor_kv(lm, params, ...)
         mixture = cfg["mixture"]
         if isinstance(mixture, str):
             mixture = config.load_mixture(mixture)[0]
@@ -263,6 +379,7 @@ class Corruptor:
             raise ConfigError(f"corruption.axes.heads: {bad_heads} out of range for {self.num_kv_heads} KV heads")
         self._check_modes()
         severity("targeted", 0.0, self.params, self.eps_ref)  # validates targeted_base and eps_ref
+        check_params(self.params)
 
     def _check_modes(self) -> None:
         for key, known in (("layer_mode", LAYER_MODES), ("head_mode", LAYER_MODES), ("time_mode", TIME_MODES)):
@@ -343,6 +460,53 @@ class Corruptor:
         start = sev["start"]
         return (t >= start) & (t < start + sev["block_len"]) & (t < donor_len)
 
+    def block_map(self, sev: dict, time: Tensor, layer: int, phase: str, example_id) -> tuple[Tensor, Tensor]:
+        """(bool [T] positions of the blocks hit inside `time`, long [T] donor position each one reads).
+
+        Candidates are the blocks meeting `time`; a seeded permutation (page scope: one for every layer)
+        picks round(frac * candidates) of them, nested across eps. stale reads the donor at the same
+        position, swap at the same offset of a seeded donor block."""
+        T, bs = int(time.numel()), int(sev["block_size"])
+        src = torch.arange(T)
+        blocks = [j for j in range((T + bs - 1) // bs) if bool(time[j * bs:(j + 1) * bs].any())]
+        n_hit = min(len(blocks), _round_half_up(float(sev["frac"]) * len(blocks)))
+        hit = torch.zeros(T, dtype=torch.bool)
+        if n_hit == 0:
+            return hit, src
+        key = "page" if sev["scope"] == "page" else int(layer)
+        g = rng(self.seed, phase, example_id, "block_fault", "blocks", key)
+        order = torch.randperm(len(blocks), generator=g).tolist()
+        if sev["mode"] == "swap":
+            n_donor = self._block_donor_len(layer) // bs
+            if n_donor < 1:
+                raise ValueError(f"block_fault swap: the swap donor holds fewer than {bs} positions")
+            sources = torch.randint(n_donor, (len(blocks),), generator=g).tolist()
+        for i in order[:n_hit]:
+            j = blocks[i]
+            hit[j * bs:(j + 1) * bs] = True
+            if sev["mode"] == "swap":
+                src[j * bs:(j + 1) * bs] = torch.arange(j * bs, min(T, (j + 1) * bs)) - j * bs + sources[i] * bs
+        return hit & time, src
+
+    def _block_donor_len(self, layer: int) -> int:
+        if self.block_donor is None or layer not in self.block_donor:
+            raise ValueError("block_fault stale/swap needs donor KV of every corrupted layer: build it with "
+                             "corruption.block_donor_kv(lm, corruption.params, ...) and pass block_donor= to Corruptor")
+        return int(self.block_donor[layer][0].shape[2])
+
+    def _block_fault(self, layer: int, tag: str, x: Tensor, sev: dict, src: Tensor) -> Tensor:
+        """What the hit blocks of x hold: zeros, or the donor's entries at `src` (positions past the
+        donor's length read zeros)."""
+        if sev["mode"] == "zero":
+            return torch.zeros_like(x)
+        n = self._block_donor_len(layer)
+        d = self.block_donor[layer][0 if tag == "K" else 1]
+        if d.shape[1] != x.shape[1] or d.shape[3] != x.shape[3]:
+            raise ValueError(f"block_fault layer {layer}: donor shape {tuple(d.shape)} does not match K/V shape "
+                             f"{tuple(x.shape)}")
+        padded = torch.cat([d, torch.zeros_like(d[:, :, :1])], dim=2).to(device=x.device, dtype=x.dtype)
+        return padded[:, :, src.clamp_max(n).to(x.device)].expand(x.shape[0], -1, -1, -1)
+
     def apply(self, layer: int, k: Tensor, v: Tensor, ctype: str, eps: float, region: Region, phase: str,
               example_id, draw: int = 0) -> tuple[Tensor, Tensor]:
         """Corrupt one layer's K/V inside the region. Pure; returns the inputs themselves when nothing acts."""
@@ -356,11 +520,18 @@ class Corruptor:
         if base == "contiguous_overwrite":
             donor_len = min(self.donor[layer][0].shape[2], k.shape[2]) if self.donor and layer in self.donor else 0
             mask = mask & self._block(sev, k.shape[2], donor_len).view(1, 1, -1, 1)
+        if base == "block_fault":
+            hit, src = self.block_map(sev, region.time, layer, phase, example_id)
+            mask = mask & hit.view(1, 1, -1, 1)
         mask = mask.to(k.device)
         out = []
         for tag, x in (("K", k), ("V", v)):
             if base == "contiguous_overwrite":
                 y = self._donor(layer, tag, x)
+            elif base == "block_fault":
+                y = self._block_fault(layer, tag, x, sev, src)
+            elif base == "bitflip":  # on the stored words themselves, not an fp32 copy
+                y = _bitflip(x, sev, rng(self.seed, phase, example_id, ctype, eps, layer, draw, tag))
             else:
                 gen = rng(self.seed, phase, example_id, ctype, eps, layer, draw, tag)
                 xf = x.float()
@@ -380,6 +551,9 @@ class Corruptor:
         report = Report(ctype, eps, severity(ctype, eps, self.params, self.eps_ref))
         if not kv:
             return {}, report
+        if report.severity.get("base", ctype) == "bitflip":
+            fmt, simulated = storage_format(self.params, next(iter(kv.values()))[0].dtype)
+            report.severity.update(storage_format=fmt, storage_simulated=simulated)
         if region is None:
             T = next(iter(kv.values()))[0].shape[2]
             region = self.region(ctype, eps, T, phase, example_id)
@@ -428,20 +602,38 @@ class Corruptor:
         return ctype, grid[min(int(u[2] * len(grid)), len(grid) - 1)]
 
 
+def _finite_norm(a: Tensor, b: Tensor) -> float:
+    # a bit flip may leave Inf/NaN: the norm covers the finite changes, `nonfinite` counts the others
+    d = b.float() - a.float()
+    return float(torch.where(torch.isfinite(d), d, torch.zeros_like(d)).norm())
+
+
 def _change(k: Tensor, v: Tensor, k2: Tensor, v2: Tensor, exposure: float) -> dict:
     if k2 is k and v2 is v:
-        return {"dK": 0.0, "dV": 0.0, "frac_changed": 0.0, "exposure": exposure}
+        return {"dK": 0.0, "dV": 0.0, "frac_changed": 0.0, "exposure": exposure, "nonfinite": 0.0}
     changed = (k2 != k).sum() + (v2 != v).sum()
+    n = max(1, k.numel() + v.numel())
+    nonfinite = (~torch.isfinite(k2) & torch.isfinite(k)).sum() + (~torch.isfinite(v2) & torch.isfinite(v)).sum()
     return {
-        "dK": float((k2.float() - k.float()).norm()),
-        "dV": float((v2.float() - v.float()).norm()),
-        "frac_changed": float(changed) / max(1, k.numel() + v.numel()),
+        "dK": _finite_norm(k, k2),
+        "dV": _finite_norm(v, v2),
+        "frac_changed": float(changed) / n,
         "exposure": exposure,
+        "nonfinite": float(nonfinite) / n,
     }
 
 
 # --------------------------------------------------------------------------------------------------
 # donor KV for contiguous_overwrite
+
+
+def block_donor_kv(lm, params: Mapping, min_len: int, layers) -> dict[int, tuple[Tensor, Tensor]] | None:
+    """The donor of block_fault's mode (stale: block_stale_prompt, swap: block_swap_prompt; each its own
+    prompt, distinct from contiguous_overwrite's); None for zero."""
+    mode = _param(params, "block_fault_mode")
+    if mode not in BLOCK_DONOR_PROMPTS:
+        return None
+    return donor_kv(lm, _param(params, BLOCK_DONOR_PROMPTS[mode]), min_len, layers)
 
 
 def donor_kv(lm, prompt: str, min_len: int, layers) -> dict[int, tuple[Tensor, Tensor]]:

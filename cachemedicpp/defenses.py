@@ -9,6 +9,11 @@
   (`calibration.py`). They see no corruption mask: they act on every cached entry of the protected layers.
 - Ceilings (`CEILINGS`): `oracle_drop`, attention ignores exactly the entries the corruption changed. Never
   a candidate for the best baseline.
+- Exact recovery (`RECOMPUTE`): `checksum_recompute`, the systems answer to faults: a checksum per block of
+  `baseline.checksum_block_size` positions and layer (over K and V) recorded when the clean cache is
+  written, verified when it is read; a failing block is replaced by its entries recomputed from the tokens
+  (`recompute.py`, bit-identical to the clean cache). It pays a forward of the context whenever a block
+  fails; never a candidate for the best baseline.
 
 All act on clean inputs as well (a clean cell gets the same treatment), so a defense that costs clean
 accuracy shows it. The arithmetic is fp32, cast back to the input dtype. `defend` is the one entry point
@@ -107,10 +112,11 @@ DEFENSES: dict[str, Callable] = {
 
 CALIBRATED = ("range_clamp", "norm_outlier_drop")
 CEILINGS = ("oracle_drop",)
+RECOMPUTE = (results.CHECKSUM_RECOMPUTE,)
 REFERENCE = tuple(d for d in DEFENSES if d != "no_defense")
 GROUPS = {"no_defense": results.GROUP_BASELINE, **{d: results.GROUP_REFERENCE for d in REFERENCE},
           **{d: results.GROUP_CALIBRATED for d in CALIBRATED}, **{d: results.GROUP_CEILING for d in CEILINGS},
-          results.CACHEMEDIC: results.GROUP_LEARNED}
+          **{d: results.GROUP_RECOMPUTE for d in RECOMPUTE}, results.CACHEMEDIC: results.GROUP_LEARNED}
 # candidates for "the best baseline": never the ceilings, never the learned operator
 CANDIDATES = REFERENCE + CALIBRATED
 
@@ -138,13 +144,69 @@ def fit_drop(drop: Tensor, k_len: int) -> Tensor:
     return drop[..., drop.shape[-1] - k_len:]
 
 
+# checksums: a weighted sum of the raw words modulo a prime, per block. A change of one word by any bit
+# pattern changes the sum (the weights and 2^k are units modulo P); several changes collide with
+# probability about 2^-31.
+_P = 2 ** 31 - 1
+_INT_VIEWS = {2: torch.int16, 4: torch.int32}
+
+
+def _weights(shape: tuple, positions: Tensor, salt: int, device) -> Tensor:
+    """int64 [H, T, d] weights in [1, P): a fixed function of (head, absolute position, channel, K|V)."""
+    H, _, d = shape
+    h = torch.arange(H, dtype=torch.int64).view(-1, 1, 1)
+    t = positions.to(torch.int64).view(1, -1, 1)
+    j = torch.arange(d, dtype=torch.int64).view(1, 1, -1)
+    base = (h * 1_000_003 + t * 7_919 + j * 104_729 + salt * 15_485_863) % _P
+    return ((base * 2_654_435_761) % (_P - 1) + 1).to(device)
+
+
+def block_checksums(k: Tensor, v: Tensor, positions: Tensor, block_size: int) -> Tensor:
+    """int64 [B, n_blocks]: one checksum per block of `block_size` absolute positions (block j holds
+    positions [j·b, (j+1)·b)), over K and V, on their raw bits (NaN payloads and -0.0 included)."""
+    blocks = positions.to(torch.int64) // int(block_size)
+    n = int(blocks.max()) + 1 if blocks.numel() else 0
+    total = torch.zeros(k.shape[0], n, dtype=torch.int64, device=k.device)
+    for salt, x in enumerate((k, v)):
+        bits = 8 * x.element_size()
+        words = x.contiguous().view(_INT_VIEWS[x.element_size()]).to(torch.int64) & ((1 << bits) - 1)
+        prod = (words % _P) * _weights(tuple(x.shape[1:]), positions, salt, x.device) % _P
+        total.index_add_(1, blocks.to(x.device), prod.sum(dim=(1, 3)) % _P)
+    return total % _P
+
+
+def checksum_recompute(k: Tensor, v: Tensor, recorded: Tensor, positions: Tensor, block_size: int,
+                       fresh: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, int]:
+    """(k, v, blocks failed): the blocks whose checksum differs from the `recorded` one replaced by the
+    recomputed entries `fresh()` returns (called only when a block fails; [1, H, T, d] like k)."""
+    failed = block_checksums(k, v, positions, block_size) != recorded
+    n_failed = int(failed.sum())
+    if not n_failed:
+        return k, v, 0
+    bad = failed[:, positions.to(torch.int64).to(failed.device) // int(block_size)][:, None, :, None]
+    fk, fv = fresh()
+    return (torch.where(bad.to(k.device), fk.to(device=k.device, dtype=k.dtype), k),
+            torch.where(bad.to(v.device), fv.to(device=v.device, dtype=v.dtype), v), n_failed)
+
+
 def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None = None, baseline: Mapping | None = None,
            gen: torch.Generator | None = None, cal=None, positions: Tensor | None = None,
-           clean: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+           clean: tuple[Tensor, Tensor] | None = None, fresh: Callable[[], tuple[Tensor, Tensor]] | None = None,
+           report: dict | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(k, v, drop): one layer's K/V defended by `name`, and the entries attention must ignore (or None).
 
     Reference heuristics need the region `mask`; calibrated baselines the calibration `cal` and the
-    absolute `positions` of the cached entries; oracle_drop the `clean` K/V of the same entries."""
+    absolute `positions` of the cached entries; oracle_drop the `clean` K/V of the same entries;
+    checksum_recompute the `clean` K/V (its checksums are recorded on them), the `positions`, and `fresh`,
+    the recomputation of the layer's entries (default: `clean`, which `recompute.recompute` reproduces bit
+    for bit); it adds the blocks that failed to `report["blocks_failed"]`."""
+    if name in RECOMPUTE:
+        bs = int(_baseline(baseline)["checksum_block_size"])
+        pos = positions if positions is not None else torch.arange(k.shape[2])
+        k, v, n = checksum_recompute(k, v, block_checksums(*clean, pos, bs), pos, bs, fresh or (lambda: clean))
+        if report is not None:
+            report["blocks_failed"] = report.get("blocks_failed", 0) + n
+        return k, v, None
     if name in CALIBRATED:
         if name == "range_clamp":
             k, v = cal.clamp(layer, k, v, positions)

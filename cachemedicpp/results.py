@@ -56,6 +56,8 @@ BEST_HEURISTIC_NAME = "best_heuristic_name"  # metrics key: the best baseline ch
 BEST_HEURISTIC_SERIES = "best_heuristic"  # entry/series label standing for that baseline in AUC maps and curves
 NO_DEFENSE, CACHEMEDIC = "no_defense", "cachemedic"  # defense names of the baseline and the learned repair
 ORACLE_DROP = "oracle_drop"  # defense name of the ceiling (never a candidate for the best baseline)
+CHECKSUM_RECOMPUTE = "checksum_recompute"  # exact recovery: per-block checksums, failing blocks recomputed
+RECOMPUTE_COST = "recompute_cost"  # metrics key: what checksum_recompute's recomputations cost over the grid
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
 ROBUSTNESS_AUC_BY_TASK, ROBUSTNESS_AUC_BY_TYPE = "robustness_auc_by_task", "robustness_auc_by_type"
 CLEAN_REGRESSION, CLEAN_SCORES = "clean_regression", "clean_scores"
@@ -74,7 +76,9 @@ GROUP_REFERENCE = "reference heuristic (oracle region)"  # reset_clear, smoothin
 GROUP_CALIBRATED = "calibrated baseline"  # range_clamp, norm_outlier_drop: no oracle, calibrated on clean caches
 GROUP_CEILING = "ceiling"  # oracle_drop: attention ignores exactly the changed entries
 GROUP_LEARNED = "learned"  # cachemedic
-DEFENSE_GROUP_NAMES = (GROUP_BASELINE, GROUP_REFERENCE, GROUP_CALIBRATED, GROUP_CEILING, GROUP_LEARNED)
+GROUP_RECOMPUTE = "exact recovery (checksum + recompute)"  # checksum_recompute: pays a forward per faulted cache
+DEFENSE_GROUP_NAMES = (GROUP_BASELINE, GROUP_REFERENCE, GROUP_CALIBRATED, GROUP_CEILING, GROUP_LEARNED,
+                       GROUP_RECOMPUTE)
 
 # task_metrics.json: settings[...]
 CALIBRATION, VALIDATION, OOD_SPLIT = "calibration", "validation", "ood_split"
@@ -194,9 +198,40 @@ class OverheadEntry(TypedDict):
     peak_mem_mb: Annotated[float, "peak memory in MiB during the timed runs (see peak_mem_method)"]
     peak_mem_method: Annotated[str, "how peak_mem_mb was measured (CUDA allocator peak, or CPU peak RSS)"]
     tokens: Annotated[int, "continuation tokens scored in the timed runs"]
+    recompute_tokens: NotRequired[Annotated[int, "checksum_recompute only: context tokens its recomputation forwards "
+                                                 "processed in the timed runs (included in wall_sec)"]]
+    recompute_sec: NotRequired[Annotated[float, "checksum_recompute only: wall seconds of those recomputation "
+                                                "forwards (part of wall_sec)"]]
 
 
-DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned"]
+class RecomputeCell(TypedDict):
+    """checksum_recompute's recomputations in one grid cell (at-rest persistence)."""
+
+    corruption_type: Annotated[str, "corruption type of the cell, or 'clean'"]
+    epsilon: Annotated[float, "severity of the cell"]
+    n: Annotated[int, "examples behind the means"]
+    recomputed_fraction: Annotated[float, "fraction of examples where a block failed its checksum (the context was "
+                                          "recomputed)"]
+    tokens_mean: Annotated[float, "mean forward tokens recomputed per example (the context length when a block "
+                                  "failed, else 0)"]
+    blocks_failed_mean: Annotated[float, "mean checksum blocks (block x layer) that failed per example"]
+
+
+class RecomputeCost(TypedDict):
+    """What checksum_recompute's exact recovery costs over the grid: a forward of the whole context whenever a
+    block fails (exactness needs the very forward that wrote the cache; recompute.py)."""
+
+    defense: Annotated[str, "the defense (checksum_recompute)"]
+    block_size: Annotated[int, "cache positions per checksummed block (baseline.checksum_block_size)"]
+    persistence: Annotated[Literal["at_rest", "on_read"], "the evaluation's persistence"]
+    context_tokens_mean: Annotated[float, "mean context tokens per example: the cost of one recomputation"]
+    by_cell: Annotated[list[RecomputeCell], "one entry per grid cell of the defense; empty under on_read "
+                                            "persistence (verified on every read, not counted)"]
+    how: Annotated[str, "how the recomputed entries were obtained in the grid"]
+
+
+DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned",
+                       "exact recovery (checksum + recompute)"]
 assert get_args(DefenseGroup) == DEFENSE_GROUP_NAMES
 
 
@@ -288,6 +323,8 @@ class TaskMetrics(TypedDict):
     overhead: Annotated[dict[str, OverheadEntry] | None,
                         "keys: evaluated defense; wall-clock cost (the only non-deterministic block); null unless "
                         "eval.measure_overhead"]
+    recompute_cost: NotRequired[Annotated[RecomputeCost, "checksum_recompute's recomputation cost per grid cell "
+                                                         "(only when it was evaluated)"]]
 
 
 class TaskInfo(TypedDict):
@@ -501,6 +538,11 @@ class TaskSettings(TypedDict):
     defense_groups: Annotated[dict[str, DefenseGroup], "keys: every evaluated defense; its group (as "
                                                        "metrics.defense_groups)"]
     notes: Annotated[list[str], "notes about this evaluation (e.g. fewer examples than requested)"]
+    fault_models: NotRequired[Annotated[dict[str, dict[str, Any]],
+                                        "keys: evaluated fault model (bitflip, block_fault); its parameters at "
+                                        "eps_ref, and for bitflip the storage format flipped (storage_format), the "
+                                        "cache dtype and whether that storage was simulated by cast-flip-cast "
+                                        "(simulated); only when a fault model was evaluated"]]
 
 
 class TaskMetricsFile(TypedDict):

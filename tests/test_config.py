@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from cachemedicpp import ROOT
-from cachemedicpp.config import (CORRUPTION_TYPES, ConfigError, apply_overrides, load_config,
-                                 load_schema, parse_set_args, validate)
+from cachemedicpp.config import (STATISTICAL_TYPES, ConfigError, apply_overrides, load_config, load_schema,
+                                 parse_set_args, validate)
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 REFERENCE_KEYS = {
@@ -58,7 +58,7 @@ def test_reference_key_set_validates_and_resolves():
     cfg = load_config(data=REFERENCE_KEYS)
     assert cfg.train.cont_len == 32  # a documented default filled in
     assert cfg.corruption.eps_ref == 0.08
-    assert set(cfg.corruption.mixture) == set(CORRUPTION_TYPES)
+    assert set(cfg.corruption.mixture) == set(STATISTICAL_TYPES)  # the fault models are in faults_mix only
 
 
 def test_defaults_are_filled_everywhere():

@@ -168,7 +168,7 @@ def test_fair_benchmark_keys_are_described():
                                                          "validation_auc_no_defense", "chosen"}
     assert m[results.DEFENSE_GROUPS]["additionalProperties"] == {"enum": list(results.DEFENSE_GROUP_NAMES)}
     assert results.DEFENSE_GROUP_NAMES == ("baseline", "reference heuristic (oracle region)", "calibrated baseline",
-                                           "ceiling", "learned")
+                                           "ceiling", "learned", "exact recovery (checksum + recompute)")
     assert m[results.DAMAGE]["$ref"] == "#/$defs/Damage"
     assert m[results.DAMAGE_BY_TYPE]["additionalProperties"] == {"$ref": "#/$defs/Damage"}
     assert set(_props(schema, "Damage")) == {"auc_clean", "auc_no_defense", "diff", "ci_low", "ci_high", "n"}
@@ -244,10 +244,11 @@ SMALL = {
 }
 
 
-# every defense group: reference heuristics, calibrated baselines (a tiny calibration), oracle_drop, cachemedic
+# every defense group: reference heuristics, calibrated baselines (a tiny calibration), oracle_drop, cachemedic,
+# checksum_recompute
 EVERY_DEFENSE = {
     "eval.defenses": ["no_defense", "range_clamp", "norm_outlier_drop", "reset_clear", "smoothing", "masking_dropout",
-                      "clipping_renorm", "oracle_drop", "cachemedic"],
+                      "clipping_renorm", "oracle_drop", "cachemedic", "checksum_recompute"],
     "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
     "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8, "baseline.calibration.sink_tokens": 2,
 }
@@ -327,6 +328,7 @@ def test_real_files_take_the_optional_branches(real):
     assert sb["settings"]["window"] is not None and sa["settings"]["window"] is None
     assert sa["settings"]["heuristic"] == a["metrics"][results.BEST_HEURISTIC_NAME]
     assert set(a["metrics"]["defense_groups"].values()) == set(results.DEFENSE_GROUP_NAMES)
+    assert a["metrics"]["recompute_cost"]["by_cell"] and "recompute_cost" not in b["metrics"]
     assert sb["settings"]["sliding_layers"] and sb["settings"]["heuristic_origin"].startswith("stability.heuristic")
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cachemedicpp import ROOT, sweep
-from cachemedicpp.config import CORRUPTION_TYPES, ConfigError, config_hash
+from cachemedicpp.config import STATISTICAL_TYPES, ConfigError, config_hash
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED
 from cachemedicpp.fileio import read_jsonl
 
@@ -148,7 +148,7 @@ def test_shipped_sweeps_validate():
     plans = {f.stem: sweep.load_plan(f, "/nonexistent/out") for f in files}
 
     loto = plans["loto_full"]
-    assert sorted(r.cfg.eval.ood_split["test_type"] for r in loto.runs) == sorted(CORRUPTION_TYPES)
+    assert sorted(r.cfg.eval.ood_split["test_type"] for r in loto.runs) == sorted(STATISTICAL_TYPES)
     for r in loto.runs:
         test = r.cfg.eval.ood_split["test_type"]
         assert test not in r.cfg.corruption.mixture and r.cfg.eval.corruption_eval.types == [test]

@@ -198,3 +198,24 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
         "exposure": {t: float(exposures[t]) for t in order},
         "overhead": None,
     }
+
+
+def recompute_cost(ctx: EvalContext, units: dict) -> dict | None:
+    """metrics.recompute_cost: checksum_recompute's recomputations per grid cell (None when not evaluated)."""
+    name = defenses.RECOMPUTE[0]
+    if name not in ctx.defense_names:
+        return None
+    rows = []
+    for c in ctx.cells:
+        costs = [(units[ex.key].get("recompute") or {}).get(c.key) for ex in ctx.examples] if c.defense == name else []
+        known = [x for x in costs if x is not None]
+        if known:
+            rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(known),
+                         "recomputed_fraction": float(np.mean([x["tokens"] > 0 for x in known])),
+                         "tokens_mean": float(np.mean([x["tokens"] for x in known])),
+                         "blocks_failed_mean": float(np.mean([x["blocks"] for x in known]))})
+    return {"defense": name, "block_size": int(ctx.baseline["checksum_block_size"]), "persistence": ctx.persistence,
+            "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
+            "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
+                   "tested); the tokens counted are those the exact recomputation forwards (the whole context)"}
+

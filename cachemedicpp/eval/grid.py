@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cachemedicpp import corruption, defenses, hf, repair, seeding, tasks
+from cachemedicpp import corruption, defenses, hf, recompute, repair, seeding, tasks
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.results import CACHEMEDIC as REPAIR_NAME
 from cachemedicpp.results import NO_DEFENSE
@@ -82,6 +82,7 @@ class Row:
     region: corruption.Region
     alias: Cell | None = None  # provably identical to this cell: reuse its value
     drops: dict | None = None  # layer -> bool [1, H, T]: entries attention ignores (dropping defenses)
+    recompute: dict | None = None  # checksum_recompute at rest: {"tokens", "blocks", "seconds" (real forward only)}
 
 
 @dataclass
@@ -103,6 +104,9 @@ class EvalContext:
     batch_rows: int
     notes: list[str] = field(default_factory=list)
     cal: Any = None  # calibration.Calibration when a calibrated baseline is evaluated
+    # checksum_recompute: run the real recomputation forward (timed overhead) instead of reading the clean
+    # prefill, which it reproduces bit for bit (tests/test_faults.py); the cost is counted either way
+    recompute_exact: bool = False
 
     @property
     def layers(self) -> list[int]:
@@ -165,8 +169,13 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         longest = max(int(e.prefix.numel()) for e in examples)
         layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
         donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
+    block_donor = None
+    if "block_fault" in types or ("targeted" in types and cfg.corruption.params.targeted_base == "block_fault"):
+        longest = max(int(e.prefix.numel()) for e in examples)
+        layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
+        block_donor = corruption.block_donor_kv(lm, cfg.corruption.params.to_dict(), longest, layers)
     corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
-                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor)
+                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor, block_donor=block_donor)
     axes = cfg.corruption.axes
     needles = [e for e in examples if e.task in ("needle_long_context", "kv_retrieval")]
     if needles:
@@ -199,6 +208,35 @@ def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k,
     return defenses.defend(name, layer, k, v, mask=region.mask(layer) if name in defenses.REFERENCE else None,
                            baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
                            positions=torch.arange(T - k.shape[2], T), clean=clean)
+
+
+def _checksum_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
+    """checksum_recompute at rest: each layer's blocks verified against the checksums of the clean cache;
+    once any block fails, the context is recomputed (one forward of its tokens, exact: recompute.py) and
+    every failing block is read from it. Returns the defended K/V and the cost."""
+    T = int(ex.prefix.numel())
+    done: dict = {}
+
+    def fresh(layer: int):
+        def get():
+            if ctx.recompute_exact:
+                if "run" not in done:
+                    done["run"] = recompute.recompute(ctx.lm, ex.prefix, sorted(kv))
+                return done["run"].kv[layer]
+            return hf.get_kv(clean_cache, layer)  # what the recomputation returns, bit for bit
+        return get
+
+    out, report = {}, {"blocks_failed": 0}
+    for l, (k, v) in kv.items():
+        k2, v2, _ = defenses.defend(defenses.RECOMPUTE[0], l, k, v, baseline=ctx.baseline,
+                                    positions=torch.arange(T - k.shape[2], T), clean=hf.get_kv(clean_cache, l),
+                                    fresh=fresh(l), report=report)
+        out[l] = (k2, v2)
+    blocks = int(report["blocks_failed"])
+    cost = {"tokens": T if blocks else 0, "blocks": blocks}
+    if "run" in done:
+        cost["seconds"] = done["run"].seconds
+    return out, cost
 
 
 def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region,
@@ -276,7 +314,10 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
                 or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
             yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
             continue
-        if at_rest:
+        if at_rest and cell.defense in defenses.RECOMPUTE:
+            defended, cost = _checksum_recompute(ctx, ex, kv, clean_cache)
+            yield Row(cell, defended, None, region, recompute=cost)
+        elif at_rest:
             defended, drops = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
             yield Row(cell, defended, None, region, drops=drops)
         else:
@@ -373,7 +414,10 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         values: dict[str, float] = {}
         pending: dict[bool, list[Row]] = {False: [], True: []}
         aliases, regions, seen = [], [], set()
+        costs: dict[str, dict] = {}
         for row in cell_rows(ctx, ex, clean, dedupe):
+            if row.recompute is not None:
+                costs[row.cell.key] = row.recompute
             if row.cell.ctype != CLEAN and (row.cell.ctype, row.cell.eps) not in seen:
                 seen.add((row.cell.ctype, row.cell.eps))
                 regions.append(row.region)
@@ -391,5 +435,10 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         computed = len(values)
         for row in aliases:
             values[row.cell.key] = values[row.alias.key]
-    return {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions),
+            if row.alias.key in costs:
+                costs[row.cell.key] = costs[row.alias.key]
+    unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions),
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
+    if costs:  # checksum_recompute at rest: {cell key: {"tokens": recomputed forward tokens, "blocks": failed}}
+        unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}
+    return unit

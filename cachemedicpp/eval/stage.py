@@ -16,16 +16,17 @@ from typing import Sequence
 import torch
 
 import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
-from cachemedicpp import calibration, cli, defenses, hf, repair, tasks
+from cachemedicpp import calibration, cli, corruption, defenses, hf, repair, tasks
 from cachemedicpp.cli import EXIT_OK
-from cachemedicpp.config import Config, ConfigError, load_config
-from cachemedicpp.eval.aggregate import BEST_RULE, CI_ALPHA, aggregate, best_heuristic, unit_matrices, validation_aucs
+from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
+from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, recompute_cost, unit_matrices,
+                                         validation_aucs)
 from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, NO_DEFENSE, ROBUSTNESS_AUC, RUN_ID,
-                                  SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC,
+                                  RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
 from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
@@ -115,11 +116,27 @@ def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume:
 # what the results record besides the numbers
 
 
+def fault_models(ctx: EvalContext) -> dict:
+    """settings.fault_models: the evaluated fault models' parameters at eps_ref; for bitflip the storage
+    format flipped and whether it was simulated on a cache of another dtype."""
+    cfg = ctx.cfg
+    bases = {cfg.corruption.params.targeted_base if t == "targeted" else t for t in ctx.types}
+    out = {}
+    for t in sorted(bases & set(FAULT_TYPES)):
+        sev = corruption.severity(t, cfg.corruption.eps_ref, cfg.corruption.params.to_dict(), cfg.corruption.eps_ref)
+        if t == "bitflip":
+            fmt, simulated = corruption.storage_format(cfg.corruption.params.to_dict(), ctx.lm.dtype)
+            sev.update(storage_format=fmt, cache_dtype=corruption.format_name(ctx.lm.dtype), simulated=simulated)
+        out[t] = sev
+    return out
+
+
 def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> dict:
     cfg = ctx.cfg
     ax = cfg.corruption.axes
     data_sources = {k: v for k, v in ctx.sources.items() if k.endswith("_source")}
-    return {
+    faults = fault_models(ctx)
+    return {**({"fault_models": faults} if faults else {}),
         "tasks": ctx.task_info,
         "eps": ctx.eps,
         "types": ctx.types,
@@ -193,6 +210,9 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     best, choice = choose_best(vctx, vunits or {})
     metrics = aggregate(ctx.task_info, values, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps,
                         int(cfg.eval.bootstrap_samples), int(cfg.seed), best=best, choice=choice)
+    cost = recompute_cost(ctx, units)
+    if cost is not None:
+        metrics[RECOMPUTE_COST] = cost
     if cfg.eval.measure_overhead:
         metrics["overhead"] = measure_overhead(ctx)
     atomic_write_json(rd.task_metrics, {RUN_ID: s.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,

@@ -21,8 +21,8 @@ from cachemedicpp.config import ConfigError
 from cachemedicpp.plots.inputs import Curves, Inputs
 from cachemedicpp.plots.outputs import FIGURES
 from cachemedicpp.plots.text import fmt, plain
-from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, GROUP_CALIBRATED,
-                                  GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
+from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CHECKSUM_RECOMPUTE, CLEAN_REGRESSION,
+                                  GROUP_CALIBRATED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
                                   ROBUSTNESS_AUC)
 
 DPI = 150
@@ -44,6 +44,7 @@ DEFENSE_STYLE = {  # colour, marker
     "norm_outlier_drop": (BROWN, "d"),
     ORACLE_DROP: (GREY, "*"),
     CACHEMEDIC: (BLUE, "D"),
+    CHECKSUM_RECOMPUTE: (YELLOW, "h"),
 }
 SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
 NO_CONTR_STYLE = (SKY, "^")  # a lighter shade of cachemedic's blue: the same operator without L_contr

@@ -1,0 +1,364 @@
+"""Fault models: IEEE bit flips in the storage format, paged-block faults, and checksum_recompute."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cachemedicpp import config
+from cachemedicpp import corruption as C
+from cachemedicpp.config import ConfigError
+
+SHAPE = (1, 2, 40, 8)  # [B, H_kv, T, d]
+
+
+def kv_pair(seed=0, shape=SHAPE, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2.0).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def make(params=None, axes=None, protect=(0, 1), seed=0, block_donor=None):
+    corr = {"axes": {"time_mode": "all_past", **(axes or {})}, "params": dict(params or {})}
+    return C.Corruptor(corr, protect, SHAPE[1], seed, block_donor=block_donor)
+
+
+def _np_flip(value: float, fmt: str, bit: int) -> float:
+    """The IEEE-754 reference: numpy / struct bit views of the stored word."""
+    if fmt == "float32":
+        word = struct.unpack("<I", struct.pack("<f", value))[0] ^ (1 << bit)
+        return struct.unpack("<f", struct.pack("<I", word))[0]
+    if fmt == "float16":
+        word = np.array([value], dtype=np.float16).view(np.uint16)[0] ^ np.uint16(1 << bit)
+        return float(np.array([word], dtype=np.uint16).view(np.float16)[0])
+    # bfloat16: the top half of the float32 word (value already representable in bfloat16)
+    word = (struct.unpack("<I", struct.pack("<f", value))[0] >> 16) ^ (1 << bit)
+    return struct.unpack("<f", struct.pack("<I", word << 16))[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# bitflip
+
+
+@pytest.mark.parametrize("fmt", list(C.FORMATS))
+def test_flipping_bit_k_gives_the_ieee_result(fmt):
+    fdt, _, width, man, exp = C.FORMATS[fmt]
+    values = torch.tensor([1.5, -0.3, 3.0e-3, 100.0, 0.0, -7.25], dtype=fdt)
+    for bit in range(width):
+        got = C.flip_bits(values, fmt, bit)
+        assert got.dtype == fdt
+        for x, y in zip(values.tolist(), got.tolist()):
+            want = _np_flip(float(x), fmt, bit)
+            assert (np.isnan(want) and np.isnan(y)) or y == want, (fmt, bit, x, y, want)
+    # the classes name the IEEE fields
+    assert C.bit_positions(fmt, "sign") == (width - 1,)
+    assert C.bit_positions(fmt, "exponent_high") == (man + exp - 1,)
+    assert C.bit_positions(fmt, "exponent") == tuple(range(man, man + exp))
+    assert C.bit_positions(fmt, "mantissa") == tuple(range(man))
+    # a burst flips the chosen bit and the ones below it
+    burst = C.flip_bits(values, fmt, man + 1, burst=3)
+    step = C.flip_bits(C.flip_bits(C.flip_bits(values, fmt, man + 1), fmt, man), fmt, man - 1)
+    assert torch.equal(burst.view(C.FORMATS[fmt][1]), step.view(C.FORMATS[fmt][1]))
+
+
+def test_simulated_storage_is_cast_flip_cast():
+    x = torch.tensor([1.2345678, -3.3333333], dtype=torch.float32)
+    got = C.flip_bits(x, "bfloat16", 0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, C.flip_bits(x.to(torch.bfloat16), "bfloat16", 0).float())
+    fmt, simulated = C.storage_format({"bitflip_format": "bfloat16"}, torch.float32)
+    assert (fmt, simulated) == ("bfloat16", True)
+    assert C.storage_format({"bitflip_format": "auto"}, torch.float16) == ("float16", False)
+    cor = make({"bitflip_format": "float16", "bitflip_rate": 0.5})
+    _, report = cor.apply_cache({0: kv_pair()}, "bitflip", 0.08, "eval", 1)
+    assert report.to_dict()["severity"]["storage_format"] == "float16"
+    assert report.to_dict()["severity"]["storage_simulated"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitflip_identity_masks_draws_and_only_bit_changes(dtype):
+    cor = make({"bitflip_rate": 0.3, "bitflip_bits": "sign", "bitflip_burst": 1},
+               axes={"time_mode": "window", "window": [5, 21], "head_mode": "targeted", "heads": [1]})
+    k, v = kv_pair(dtype=dtype)
+    region = cor.region("bitflip", 0.0, SHAPE[2], "eval", 3)
+    k0, v0 = cor.apply(0, k, v, "bitflip", 0.0, region, "eval", 3)
+    assert k0 is k and v0 is v  # eps 0: bit-identical (the very tensors)
+    region = cor.region("bitflip", 0.08, SHAPE[2], "eval", 3)
+    k2, v2 = cor.apply(0, k, v, "bitflip", 0.08, region, "eval", 3)
+    m = region.mask(0).expand(SHAPE)
+    assert torch.equal(k2[~m], k[~m]) and torch.equal(v2[~m], v[~m])
+    changed = k2 != k
+    assert changed.any() and torch.equal(k2[changed], -k[changed])  # a sign flip is exactly -x
+    again = cor.apply(0, k, v, "bitflip", 0.08, region, "eval", 3)  # paired: the same draws every call
+    assert torch.equal(again[0], k2) and torch.equal(again[1], v2)
+    other = cor.apply(0, k, v, "bitflip", 0.08, region, "eval", 4)
+    assert not torch.equal(other[0], k2)
+
+
+def test_bitflip_rate_grows_with_eps_and_exponent_flips_give_inf_nan():
+    cor = make({"bitflip_rate": 0.05, "bitflip_bits": "exponent_high"})
+    k = torch.full(SHAPE, 1.5)  # exponent 127: flipping its top bit gives the all-ones exponent
+    rates = []
+    for eps in (0.04, 0.08, 0.16, 0.32):
+        k2, _ = cor.apply(0, k, k.clone(), "bitflip", eps, cor.region("bitflip", eps, SHAPE[2], "eval", 0), "eval", 0)
+        rates.append(float((k2 != k).float().mean()))
+        assert bool(torch.isnan(k2).any())  # 1.5 has a non-zero mantissa: NaN, part of the fault
+    assert all(b > a for a, b in zip(rates, rates[1:])), rates
+    _, report = cor.apply_cache({0: (k, k.clone())}, "bitflip", 0.16, "eval", 0)
+    d = report.to_dict()
+    assert d["nonfinite"] > 0 and np.isfinite(d["dK"])
+
+
+@pytest.mark.parametrize("params,key", [
+    ({"bitflip_bits": "exponnent"}, "corruption.params.bitflip_bits"),
+    ({"bitflip_bits": [3, 40]}, "corruption.params.bitflip_bits"),
+    ({"bitflip_bits": [16], "bitflip_format": "bfloat16"}, "corruption.params.bitflip_bits"),
+    ({"block_size": 0}, "corruption.params.block_size"),
+    ({"bitflip_burst": 0}, "corruption.params.bitflip_burst"),
+    ({"block_fault_mode": "stael"}, "corruption.params.block_fault_mode"),
+    ({"block_fault_scope": "pages"}, "corruption.params.block_fault_scope"),
+])
+def test_bad_fault_parameters_name_their_key(params, key):
+    with pytest.raises(ConfigError, match=key):
+        config.load_config(data={"corruption": {"params": params}})
+    with pytest.raises(ConfigError, match=key):
+        make(params)
+    if params.get("bitflip_bits") == "exponnent":
+        with pytest.raises(ConfigError, match="did you mean exponent"):
+            make(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# block_fault
+
+
+def _donor(T=64, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, SHAPE[1], T, SHAPE[3])
+    return {layer: (torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for layer in (0, 1)}
+
+
+@pytest.mark.parametrize("mode", C.BLOCK_MODES)
+def test_block_faults_hit_whole_blocks_with_the_donors_entries(mode):
+    donor = _donor()
+    params = {"block_size": 8, "block_fault_mode": mode, "block_fault_frac": 0.5}
+    cor = make(params, axes={"time_mode": "old_only", "N_recent": 12}, block_donor=donor)
+    kv = {layer: kv_pair(seed=layer) for layer in (0, 1)}
+    out, _ = cor.apply_cache(kv, "block_fault", 0.08, "eval", 2)
+    region = cor.region("block_fault", 0.08, SHAPE[2], "eval", 2)
+    sev = C.severity("block_fault", 0.08, cor.params, cor.eps_ref)
+    hits = []
+    for layer in (0, 1):
+        hit, src = cor.block_map(sev, region.time, layer, "eval", 2)
+        hits.append(hit)
+        k, v = kv[layer]
+        k2, v2 = out[layer]
+        assert torch.equal(k2[:, :, ~hit], k[:, :, ~hit]) and torch.equal(v2[:, :, ~hit], v[:, :, ~hit])
+        assert not bool(hit[~region.time].any())  # the recent positions are never hit
+        # 28 old positions = blocks 0..3 (the last one partly old): half of them hit
+        blocks = sorted({int(t) // 8 for t in torch.nonzero(hit).flatten()})
+        assert len(blocks) == 2
+        for tag, x2 in (("K", k2), ("V", v2)):
+            d = donor[layer][0 if tag == "K" else 1]
+            if mode == "zero":
+                want = torch.zeros_like(x2[:, :, hit])
+            else:
+                want = d[:, :, src[hit]]
+                if mode == "stale":
+                    assert torch.equal(src[hit], torch.nonzero(hit).flatten())  # the same positions
+            assert torch.equal(x2[:, :, hit], want)
+    assert torch.equal(hits[0], hits[1])  # page scope: the same blocks in every layer
+
+
+def test_block_fault_severity_is_nested_and_layer_scope_draws_per_layer():
+    cor = make({"block_size": 4, "block_fault_frac": 0.125}, axes={"time_mode": "all_past"})
+    time = torch.ones(SHAPE[2], dtype=torch.bool)
+    prev = None
+    for eps in (0.0, 0.08, 0.16, 0.32, 0.64):
+        hit, _ = cor.block_map(C.severity("block_fault", eps, cor.params, cor.eps_ref), time, 0, "eval", 1)
+        assert int(hit.sum()) == 4 * C._round_half_up(min(1.0, 0.125 * eps / 0.08) * 10)
+        if prev is not None:
+            assert bool((hit | ~prev).all())  # blocks hit at a smaller eps stay hit
+        prev = hit
+    per_layer = make({"block_size": 4, "block_fault_frac": 0.5, "block_fault_scope": "layer"})
+    sev = C.severity("block_fault", 0.08, per_layer.params, 0.08)
+    maps = [per_layer.block_map(sev, time, layer, "eval", 1)[0] for layer in range(6)]
+    assert any(not torch.equal(maps[0], m) for m in maps[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# recompute and checksum_recompute
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_recompute_reproduces_the_stored_cache_bit_identically(tiny_lm, arch, attn, one_thread):
+    from cachemedicpp import hf, recompute
+
+    lm = tiny_lm(arch, attn=attn)
+    ids = torch.randint(0, 400, (48,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[None], logits_to_keep=1)
+    layers = list(range(lm.arch.num_layers))
+    again = recompute.recompute(lm, ids, layers)
+    assert again.tokens == 48 and again.seconds >= 0
+    for l in layers:
+        k, v = hf.get_kv(cache, l)
+        assert torch.equal(again.kv[l][0], k) and torch.equal(again.kv[l][1], v)
+        pos = torch.arange(48 - k.shape[2] + 2, 48)
+        ek, _ = again.entries(l, pos)
+        assert torch.equal(ek, k[:, :, 2:])
+
+
+def _clean_kv(lm, T=48):
+    from cachemedicpp import hf
+
+    ids = torch.randint(0, 400, (T,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[None], logits_to_keep=1)
+    return ids, {l: hf.get_kv(cache, l) for l in range(lm.arch.num_layers)}
+
+
+@pytest.mark.parametrize("ctype,params", [
+    ("bitflip", {"bitflip_rate": 0.05, "bitflip_bits": "exponent_high"}),
+    ("bitflip", {"bitflip_rate": 0.002, "bitflip_bits": "mantissa", "bitflip_format": "bfloat16"}),
+    ("block_fault", {"block_size": 8, "block_fault_mode": "swap", "block_fault_frac": 0.5}),
+    ("gaussian", {}),
+])
+def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ctype, params, one_thread):
+    from cachemedicpp import defenses, recompute
+
+    lm = tiny_lm("llama")
+    ids, clean = _clean_kv(lm)
+    # another sequence's entries: the clean ones in reverse order
+    donor = {l: (torch.flip(k, dims=[2]).contiguous(), torch.flip(v, dims=[2]).contiguous())
+             for l, (k, v) in clean.items()}
+    cor = C.Corruptor({"axes": {"time_mode": "old_only", "N_recent": 8}, "params": params}, [0, 1, 2],
+                      lm.arch.num_kv_heads, 0, block_donor=donor)
+    faulted, _ = cor.apply_cache(clean, ctype, 0.16, "eval", 0)
+    calls = []
+
+    def fresh(layer):
+        def get():
+            calls.append(layer)
+            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real recomputation
+        return get
+
+    report = {}
+    for l, (k, v) in faulted.items():
+        assert not (torch.equal(k, clean[l][0]) and torch.equal(v, clean[l][1]))  # the fault acted
+        k2, v2, drop = defenses.defend("checksum_recompute", l, k, v, clean=clean[l], positions=torch.arange(48),
+                                       fresh=fresh(l), report=report)
+        assert drop is None
+        assert torch.equal(k2, clean[l][0]) and torch.equal(v2, clean[l][1])  # bit-identical, NaN gone
+    assert report["blocks_failed"] > 0 and calls
+    # a clean cache: every checksum passes, nothing is recomputed, the very tensors come back
+    calls.clear()
+    for l, (k, v) in clean.items():
+        k2, v2, _ = defenses.defend("checksum_recompute", l, k, v, clean=(k.clone(), v.clone()),
+                                    positions=torch.arange(48), fresh=fresh(l), report=(r := {}))
+        assert k2 is k and v2 is v and r["blocks_failed"] == 0
+    assert not calls
+
+
+def test_block_checksum_detects_every_single_bit_flip():
+    from cachemedicpp import defenses
+
+    k, v = kv_pair(dtype=torch.bfloat16)
+    pos = torch.arange(SHAPE[2])
+    ref = defenses.block_checksums(k, v, pos, 16)
+    assert ref.shape == (1, 3)
+    for bit in range(16):
+        for t in (0, 17, 39):
+            k2 = k.clone()
+            k2[0, 1, t, 3] = C.flip_bits(k2[0, 1, t, 3], "bfloat16", bit)
+            bad = defenses.block_checksums(k2, v, pos, 16) != ref
+            assert bad.tolist() == [[j == t // 16 for j in range(3)]], (bit, t)
+
+
+# --------------------------------------------------------------------------------------------------
+# the evaluation end to end on a tiny model: NaN/Inf from flips, checksum_recompute's cost, exit codes
+
+
+FAULT_DEFENSES = ["no_defense", "range_clamp", "clipping_renorm", "oracle_drop", "checksum_recompute"]
+
+
+@pytest.fixture(scope="module")
+def fault_eval(tmp_path_factory, tiny_model_dir):
+    import yaml
+    from conftest import tiny_config
+
+    from cachemedicpp import eval as ev
+
+    tmp = tmp_path_factory.mktemp("faults")
+    data = tiny_config(tiny_model_dir("llama"), **{
+        "eval.defenses": FAULT_DEFENSES, "eval.measure_overhead": True,
+        "eval.corruption_eval.types": ["bitflip", "block_fault"], "eval.corruption_eval.eps": [0.0, 0.08, 0.32],
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}, {"name": "sst2_prompted", "num_examples": 2}],
+        "eval.validation.num_examples": 1,
+        "corruption.params.bitflip_rate": 0.02, "corruption.params.bitflip_bits": "exponent_high",
+        "corruption.params.block_fault_mode": "stale", "corruption.params.block_size": 8,
+        "baseline.checksum_block_size": 8,
+        "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
+        "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8,
+        "baseline.calibration.sink_tokens": 2})
+    path = tmp / "faults.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rd = tmp / "run"
+    code = ev.main(["--config", str(path), "--run_dir", str(rd)])
+    return code, path, rd
+
+
+def test_nan_inf_from_flips_do_not_crash_eval_and_checksum_recovers_exactly(fault_eval, one_thread):
+    import json
+
+    from cachemedicpp import results
+
+    code, _, rd = fault_eval
+    assert code == 0
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    m = doc["metrics"]
+    assert all(np.isfinite(v) for v in m["robustness_auc"].values())
+    rows = [r for r in m["task_curves"] if r["defense"] == "checksum_recompute"]
+    clean = {r["task"]: r["value"] for r in rows if r["corruption_type"] == "clean"}
+    assert all(r["value"] == clean[r["task"]] for r in rows)  # exact recovery in every cell
+    cost = m["recompute_cost"]
+    hit = [c for c in cost["by_cell"] if c["epsilon"] > 0]
+    assert hit and all(c["tokens_mean"] > 0 and c["blocks_failed_mean"] > 0 for c in hit)
+    assert all(c["tokens_mean"] == 0 for c in cost["by_cell"] if c["epsilon"] == 0)
+    assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
+    assert m["defense_groups"]["checksum_recompute"] == results.GROUP_RECOMPUTE
+    faults = doc["settings"]["fault_models"]
+    assert faults["bitflip"]["storage_format"] == "float32" and faults["bitflip"]["simulated"] is False
+    assert faults["block_fault"]["mode"] == "stale"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("corruption.params.bitflip_bits=exponnent", "corruption.params.bitflip_bits"),
+    ("corruption.params.bitflip_bits=[0,32]", "corruption.params.bitflip_bits"),
+    ("corruption.params.block_size=0", "corruption.params.block_size"),
+])
+def test_bad_fault_input_exits_2_naming_the_key(fault_eval, tmp_path, capsys, override, key):
+    from cachemedicpp import eval as ev
+
+    _, path, _ = fault_eval
+    code = ev.main(["--config", str(path), "--run_dir", str(tmp_path / "bad"), "--set", override])
+    assert code == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("ctype", config.FAULT_TYPES)
+def test_fault_models_on_read_are_deterministic(ctype):
+    cor = make({"bitflip_rate": 0.2, "block_size": 4, "block_fault_mode": "stale"}, block_donor=_donor())
+    k, v = kv_pair()
+    read = cor.on_read(ctype, 0.16, "eval", 5)
+    k2, v2 = read(0, k, v)
+    assert not torch.equal(k2, k)
+    k3, v3 = cor.on_read(ctype, 0.16, "eval", 5)(0, k, v)
+    assert torch.equal(k3.view(torch.int32), k2.view(torch.int32)) and torch.equal(v3.view(torch.int32),
+                                                                                    v2.view(torch.int32))
+    assert cor.on_read(ctype, 0.0, "eval", 5)(0, k, v) == (k, v)
