@@ -254,7 +254,7 @@ def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int):
         raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
     return DetectingOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
                              apply_to=repair_cfg["apply_to"], hidden=int(det.get("hidden", 16)), reference_layer=ref,
-                             sink_tokens=int(det.get("sink_tokens", 1)), ramp=float(det.get("ramp", 1.0)),
+                             sink_tokens=int(det.get("sink_tokens", 4)), ramp=float(det.get("ramp", 1.0)),
                              suppress=bool(det.get("suppress", True)), correct=bool(det.get("correct", True)), seed=seed)
 
 

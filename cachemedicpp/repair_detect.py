@@ -23,9 +23,11 @@ From the score s = MLP(standardised features) the operator derives a gate
 and, per entry,
     - an additive attention-logit bias −softplus(β) · g ≤ 0 (attention turns away; through the mask,
       so every base kernel honours it);
-    - a correction X̂ = X + g · (−sigmoid(a) ⊙ (X − μ) + ((X − μ) W) Uᵀ) (per-channel shrink towards
-      the clean mean plus a rank-r map; U is zero at initialisation).
-Non-finite entries (a flipped exponent bit) are replaced by μ and always gated on.
+    - a correction X̂ = X + g · (−sigmoid(a) ⊙ (X − c) + ((X − c) W) Uᵀ): a per-channel shrink towards
+      c plus a rank-r map (U is zero at initialisation), where c is the reference layer's prediction of
+      the entry (the clean mean μ without a reference layer).
+Lost values are replaced by c first: non-finite ones (a flipped exponent bit) always, and the entry is
+gated on; exact zeros (a lost channel) where the entry is gated. This is a design rule, not learned.
 
 τ is 0 while training; after training it is set on clean training windows to the highest clean score
 plus a margin, so no clean entry of those windows is gated: on a clean cache the operator then leaves
@@ -56,7 +58,7 @@ class DetectingOperator(nn.Module):
 
     def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
                  rank: int = 8, apply_to: str = "KV", hidden: int = 16, reference_layer: int | None = None,
-                 sink_tokens: int = 1, ramp: float = 1.0, suppress: bool = True, correct: bool = True,
+                 sink_tokens: int = 4, ramp: float = 1.0, suppress: bool = True, correct: bool = True,
                  seed: int = 0):
         super().__init__()
         self.layers = tuple(sorted(set(int(l) for l in layers)))
@@ -135,8 +137,10 @@ class DetectingOperator(nn.Module):
         b, h, t, d = k.shape
         return torch.cat([k, v], 1).float().permute(0, 2, 1, 3).reshape(b, t, 2 * h * d)
 
-    def _raw(self, i: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None) -> torch.Tensor:
-        """Raw features [B, H, T, F] of entries k, v [B, H, T, d] (already finite-sanitised or not)."""
+    def _raw(self, i: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None,
+             with_prediction: bool = False):
+        """Raw features [B, H, T, F] of entries k, v [B, H, T, d]; with `with_prediction` also the
+        reference layer's prediction of k and v ([2, B, H, T, d], None without a reference)."""
         x = torch.stack([k, v])  # [2, B, H, T, d]
         bad = ~torch.isfinite(x)
         mu = self.mu[i][:, None, :, None, :]
@@ -146,6 +150,7 @@ class DetectingOperator(nn.Module):
         lstat = self.lnorm[i][:, None, :, None, :]
         feats = [z.pow(2).mean(-1).log1p(), z.abs().amax(-1).log1p(), (ln - lstat[..., 0]) / lstat[..., 1],
                  (x == 0).float().mean(-1), bad.float().mean(-1)]
+        pr = None
         if ref is not None and self.pred.numel():
             rk, rv = ref
             a = self._flat(rk, rv)
@@ -157,16 +162,20 @@ class DetectingOperator(nn.Module):
         else:
             feats.append(torch.zeros_like(feats[0]))
         f = torch.stack(feats, -1)  # [2, B, H, T, 6]
-        return torch.cat([f[0], f[1]], -1)  # [B, H, T, 12]
+        f = torch.cat([f[0], f[1]], -1)  # [B, H, T, 12]
+        return (f, pr) if with_prediction else f
 
     # -- per-entry outputs -----------------------------------------------------------------------
-    def score(self, layer: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None = None) -> torch.Tensor:
-        """Detector logits s [B, H, T] of entries k, v [B, H, T, d]."""
+    def score(self, layer: int, k: torch.Tensor, v: torch.Tensor, ref: tuple | None = None,
+              with_prediction: bool = False):
+        """Detector logits s [B, H, T] of entries k, v [B, H, T, d] (and the reference prediction)."""
         i = self._i(layer)
-        f = (self._raw(i, k.float(), v.float(), ref) - self.feat[i, 0]) / self.feat[i, 1]
+        raw, pr = self._raw(i, k.float(), v.float(), ref, with_prediction=True)
+        f = (raw - self.feat[i, 0]) / self.feat[i, 1]
         h = torch.nn.functional.gelu(f @ self.w1[i] + self.b1[i])
         self.entries_scored += int(k.shape[0] * k.shape[1] * k.shape[2])
-        return h @ self.w2[i] + self.b2[i]
+        s = h @ self.w2[i] + self.b2[i]
+        return (s, pr) if with_prediction else s
 
     def gate(self, layer: int, s: torch.Tensor, positions: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
         g = ((s - self.tau[self._i(layer)]) / self.ramp).clamp(0.0, 1.0)
@@ -175,26 +184,30 @@ class DetectingOperator(nn.Module):
 
     def entries(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, ref: tuple | None) -> dict:
         """Detector output and corrections for entries k, v [B, H, T, d] at cache positions start..:
-        {"score", "gate", "bias", "dk", "dv"} (dk/dv: what to add to K/V; None where apply_to omits it)."""
+        {"score", "gate", "bias", "dk", "dv", "nonfinite"}. dk/dv (None where apply_to omits it) are what
+        to add to K/V once their non-finite values are zeroed. The correction's centre c is the reference
+        layer's prediction of the entry (the clean mean μ without a reference layer); lost values (non-finite
+        always, exact zeros where gated) are replaced by c before the gated correction."""
         i = self._i(layer)
-        s = self.score(layer, k, v, ref)
+        s, pr = self.score(layer, k, v, ref, with_prediction=True)
         x = torch.stack([k, v]).float()
         nonfinite = (~torch.isfinite(x)).any(-1).any(0)  # [B, H, T]
         pos = torch.arange(start, start + k.shape[2], device=k.device)
         g = self.gate(layer, s, pos, nonfinite)
         out = {"score": s, "gate": g, "bias": -torch.nn.functional.softplus(self.beta[i])[None, :, None] * g
-               if self.suppress else None, "dk": None, "dv": None}
+               if self.suppress else None, "dk": None, "dv": None, "nonfinite": bool(nonfinite.any())}
+        on = (g > 0)[..., None]
         for j, w in enumerate(self.apply_to):
-            xw = x[0 if w == "K" else 1]
-            mu = self.mu[i, 0 if w == "K" else 1][None, :, None, :]
+            t = 0 if w == "K" else 1
+            xw = x[t]
+            c = pr[t] if pr is not None else self.mu[i, t][None, :, None, :].expand_as(xw)
             fin = torch.isfinite(xw)
-            xc = torch.where(fin, xw, mu.expand_as(xw)) - mu
+            read = torch.where(fin, xw, torch.zeros_like(xw))  # what attention reads before the correction
+            lost = ~fin | ((xw == 0) & on)
+            xf = torch.where(lost, c, xw)
             delta = torch.zeros_like(xw) if not self.correct else (
-                -torch.sigmoid(self.shrink[i, j])[None, :, None, :] * xc + (xc @ self.w[i, j]) @ self.u[i, j].T)
-            # a non-finite value is dropped (attend zeroes it) and replaced by the mean plus the correction
-            delta = g[..., None] * delta + torch.where(fin, torch.zeros_like(xw), mu.expand_as(xw))
-            out["dk" if w == "K" else "dv"] = delta
-        out["nonfinite"] = bool(nonfinite.any())
+                -torch.sigmoid(self.shrink[i, j])[None, :, None, :] * (xf - c) + ((xf - c) @ self.w[i, j]) @ self.u[i, j].T)
+            out["dk" if w == "K" else "dv"] = (xf - read) + g[..., None] * delta
         return out
 
     # -- the hook --------------------------------------------------------------------------------
@@ -287,7 +300,9 @@ def reference_layer(protect: Sequence[int], arch, requested) -> int | None:
 
 def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Sequence[int], seed: int,
                  stream: str = "detector-fit") -> list[dict]:
-    """Batch-1 clean caches {layer: (k, v)} of `windows` training windows drawn from (seed, stream, i)."""
+    """Batch-1 clean {layer: (k, v)} of `windows` training windows drawn from (seed, stream, i): the entries
+    attention reads in the prefill (all positions, also on sliding-window layers, whose stored cache keeps
+    only the window)."""
     from cachemedicpp import hf
     from cachemedicpp.seeding import torch_rng
 
@@ -295,9 +310,11 @@ def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Se
     out = []
     for i in range(windows):
         start = int(torch.randint(0, hi + 1, (1,), generator=torch_rng(seed, stream, i)))
+        seen: dict = {}
+        plan = hf.HookPlan(layers=frozenset(layers), record=lambda l, q, k, v: seen.__setitem__(l, (k, v)))
         with torch.no_grad():
-            _, cache = hf.forward(lm.model, tokens[start:start + length][None].to(lm.device), logits_to_keep=1)
-        out.append({l: hf.get_kv(cache, l) for l in layers})
+            hf.forward(lm.model, tokens[start:start + length][None].to(lm.device), plan=plan, logits_to_keep=1)
+        out.append({l: seen[l] for l in layers})
     return out
 
 

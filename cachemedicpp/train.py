@@ -27,7 +27,7 @@ import torch
 from cachemedicpp import data, hf, memory
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.corruption import Corruptor, Region, donor_kv
+from cachemedicpp.corruption import Corruptor, Region, block_donor_kv, donor_kv
 from cachemedicpp.seeding import torch_rng as rng
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
 from cachemedicpp.cli import EXIT_OK
@@ -62,7 +62,11 @@ class Trainer:
         donor = None
         if "contiguous_overwrite" in cfg.corruption.mixture:
             donor = donor_kv(lm, cfg.corruption.params.donor_prompt, t.prefix_len, self.protect)
-        self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, donor)
+        block_donor = None
+        if "block_fault" in cfg.corruption.mixture:
+            block_donor = block_donor_kv(lm, cfg.corruption.params.to_dict(), t.prefix_len, self.protect)
+        self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, donor,
+                                   block_donor=block_donor)
         self.detecting = self.op.family == "D"
         rr = t.random_regions
         self.random_regions = self.detecting if rr == "auto" else bool(rr)
