@@ -309,3 +309,22 @@ def test_reference_layer_must_be_an_unprotected_full_attention_layer(tiny_lm):
     assert build_operator({**base, "detector": {"reference_layer": "auto"}}, arch).reference_layer is None
     llama = tiny_lm("llama").arch
     assert build_operator({**base, "detector": {}}, llama).reference_layer == 1
+
+
+def test_eval_reports_the_detectors_recall_and_false_positives(tmp_path, tiny_model_dir, one_thread):
+    from cachemedicpp import eval as ev
+    from cachemedicpp.fileio import validate_records
+
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"train.steps": 4, "train.save_every": 4,
+                                                            "eval.corruption_eval.types": ["gaussian", "dropout_zero"]})
+    rd = tmp_path / "run"
+    assert train.run(cfg, rd, config_path=str(path)) == EXIT_OK
+    assert ev.run(cfg, rd, config_path=str(path)) == EXIT_OK
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert validate_records([doc], "task_metrics") == []
+    det = doc["metrics"]["detector"]
+    assert set(det["threshold"]) == {"1", "2"} and det["sink_tokens"] == 4
+    cells = {(c["corruption_type"], c["epsilon"]): c for c in det["by_cell"]}
+    assert cells[("clean", 0.0)]["changed_entries"] == 0 and cells[("clean", 0.0)]["recall"] is None
+    hit = cells[("dropout_zero", 0.16)]
+    assert hit["changed_entries"] > 0 and 0 <= hit["recall"] <= 1 and 0 <= hit["false_positive_rate"] <= 1

@@ -19,14 +19,14 @@ import cachemedicpp.eval as package  # score_example is looked up on the package
 from cachemedicpp import calibration, cli, corruption, defenses, hf, repair, tasks
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
-from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, recompute_cost, unit_matrices,
-                                         validation_aucs)
+from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats, recompute_cost,
+                                         unit_matrices, validation_aucs)
 from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC,
-                                  RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, DETECTOR, METRICS, NO_DEFENSE, RECOMPUTE_COST,
+                                  ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
 from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
@@ -213,6 +213,9 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     cost = recompute_cost(ctx, units)
     if cost is not None:
         metrics[RECOMPUTE_COST] = cost
+    det = detector_stats(ctx, units)
+    if det is not None:
+        metrics[DETECTOR] = det
     if cfg.eval.measure_overhead:
         metrics["overhead"] = measure_overhead(ctx)
     atomic_write_json(rd.task_metrics, {RUN_ID: s.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,
