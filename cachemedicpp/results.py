@@ -293,6 +293,9 @@ class BestBaselineChoice(TypedDict):
     examples: Annotated[int, "validation examples over all tasks"]
     validation_auc: Annotated[dict[str, float], "keys: candidate defense; its robustness AUC on the validation grid"]
     validation_auc_no_defense: Annotated[float, "robustness AUC of no_defense on the validation grid (for reference)"]
+    validation_auc_cachemedic: NotRequired[Annotated[float, "robustness AUC of the learned operator on the validation "
+                                                            "grid (never a candidate; it chooses between operator "
+                                                            "families without the test grid)"]]
     chosen: Annotated[str | None, "the candidate chosen (= best_heuristic_name); null when none"]
 
 
