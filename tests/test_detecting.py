@@ -339,7 +339,7 @@ def test_embedded_model_clean_logits_unchanged_after_training(tmp_path, one_thre
 
     data = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     data["repair"].update(family="D", protect_layers=[2, 3, 4, 5])
-    data["repair"]["detector"] = {"fit_windows": 6, "fit_len": 64}
+    data["repair"]["detector"] = {"fit_windows": 6}  # fit_len: the longest context read (eval.max_seq_len)
     data["train"].update(steps=12, batch_size=1, prefix_len=48, cont_len=16, save_every=12, log_every=6, lr=0.05)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
