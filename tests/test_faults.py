@@ -415,3 +415,55 @@ def test_bit_class_cells_in_the_metrics(fault_eval, one_thread):
     assert len(m["task_curves"]) == 2 * len(FAULT_DEFENSES) * (1 + 2 * 3)
     assert len(m["recompute_cost"]["by_cell"]) == 1 + 2 * 3
     assert doc["settings"]["validation"] is not None  # the validation grid has no bit-class cells
+
+
+def test_faults_cpu_config_pipeline_smoke(tmp_path, tiny_model_dir, one_thread):
+    """configs/faults_cpu.yaml's structure (its types, storage format, defenses, bit classes, overhead) on a
+    tiny model, sizes shrunk: train -> eval -> stability -> plots, with figure E drawn."""
+    import json
+
+    import yaml
+
+    from cachemedicpp import ROOT, pipeline, results
+    from cachemedicpp.config import apply_overrides, load_config
+
+    path = ROOT / "configs" / "faults_cpu.yaml"
+    shipped = load_config(path)
+    assert list(shipped.eval.corruption_eval.types) == ["bitflip", "block_fault"]
+    assert shipped.corruption.params.bitflip_format == "bfloat16"
+    # trained on the default mixture: the six statistical types, never a fault model
+    assert set(shipped.corruption.mixture.to_dict()) == set(config.CORRUPTION_TYPES) - set(config.FAULT_TYPES)
+    assert {"no_defense", "range_clamp", "norm_outlier_drop", "oracle_drop", "checksum_recompute",
+            "cachemedic"} <= set(shipped.eval.defenses)
+    assert list(shipped.eval.bit_classes) and shipped.eval.measure_overhead
+    assert shipped.train.steps <= 150
+
+    data = apply_overrides(yaml.safe_load(path.read_text()), {
+        "model.name": str(tiny_model_dir("llama")), "repair.protect_layers": [0, 1], "repair.rank": 4,
+        "corruption.axes.N_recent": 8, "corruption.params.bitflip_rate": 0.02, "corruption.params.block_size": 8,
+        "baseline.checksum_block_size": 8,
+        "baseline.calibration": {"windows": 3, "select_windows": 2, "window_len": 40, "cont_len": 8, "sink_tokens": 2},
+        "train": {"steps": 4, "prefix_len": 24, "cont_len": 8, "log_every": 2, "save_every": 2},
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}, {"name": "sst2_prompted", "num_examples": 2}],
+        "eval.corruption_eval.eps": [0.0, 0.16], "eval.validation.num_examples": 1,
+        "eval.max_seq_len": 48, "eval.cont_len": 8, "eval.bootstrap_samples": 50,
+        "stability": {"num_prompts": 2, "prompt_len": 24, "num_directions": 2, "topk_logits": 50, "N_recent": 8},
+        "data.long_context.context_len": 40})
+    cfg_path = tmp_path / "faults.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    rd = tmp_path / "run"
+    assert pipeline.main(["--config", str(cfg_path), "--run_dir", str(rd)]) == 0
+
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    m = doc["metrics"]
+    b = m[results.BIT_CLASS_SCORES]
+    assert b["classes"] == list(shipped.eval.bit_classes) and b["eps"] == shipped.eval.bit_class_eps
+    assert b["storage_format"] == "bfloat16" and b["simulated"] is True
+    assert b["bits"]["exponent_high"] == [14] and b["bits"]["mantissa"] == list(range(7))
+    assert set(b["per_defense"]) == set(shipped.eval.defenses)
+    assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
+    assert doc["settings"]["fault_models"]["bitflip"]["storage_format"] == "bfloat16"
+    assert doc["metrics"]["best_baseline_choice"]["types"] == list(shipped.eval.validation.types)
+    assert (rd / "paper" / "figures" / "figE_bit_position_damage.png").is_file()
+    assert "figE_bit_position_damage.png" in (rd / "paper" / "report.md").read_text()
