@@ -467,3 +467,27 @@ def test_faults_cpu_config_pipeline_smoke(tmp_path, tiny_model_dir, one_thread):
     assert doc["metrics"]["best_baseline_choice"]["types"] == list(shipped.eval.validation.types)
     assert (rd / "paper" / "figures" / "figE_bit_position_damage.png").is_file()
     assert "figE_bit_position_damage.png" in (rd / "paper" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("persistence", ["at_rest", "on_read"])
+def test_bit_class_cell_of_the_configured_bits_equals_the_bitflip_cell(tiny_cfg, tiny_lm, persistence, one_thread):
+    """A bit-class cell is the bitflip cell with another bitflip_bits and the same draws: with the configured
+    class it is the very same cell, at rest and on read."""
+    from cachemedicpp import eval as ev
+    from cachemedicpp.config import load_config
+
+    cfg = load_config(data=tiny_cfg("llama", **{
+        "corruption.persistence": persistence, "corruption.params.bitflip_rate": 0.05,
+        "corruption.params.bitflip_bits": "all", "corruption.params.bitflip_format": "bfloat16",
+        "eval.corruption_eval.types": ["bitflip"], "eval.corruption_eval.eps": [0.0, 0.16],
+        "eval.defenses": ["no_defense", "clipping_renorm", "checksum_recompute"],
+        "eval.bit_classes": ["all", "exponent_high", "mantissa"],
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 1}]}))
+    lm = tiny_lm("llama")
+    ctx = ev.build_context(cfg, lm)
+    assert ctx.bit_eps == 0.16 and len(ctx.cells) == 3 * (1 + 2 + 3)
+    cells = ev.score_example(ctx, ctx.examples[0])["cells"]
+    for d in ctx.defense_names:
+        assert cells[ev.Cell("bitflip", 0.16, d, bits="all").key] == cells[ev.Cell("bitflip", 0.16, d).key], d
+    nd = [cells[ev.Cell("bitflip", 0.16, "no_defense", bits=b).key] for b in ("exponent_high", "mantissa")]
+    assert nd[0] != nd[1]

@@ -229,9 +229,10 @@ def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> t
 
 
 def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region,
-                  clean: tuple | None = None):
-    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] of the example's context."""
-    T = int(ex.prefix.numel())
+                  clean: tuple | None = None, end: int | None = None):
+    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] before `end` (default: the
+    example's context length, at rest; on read, what is read ends at its own length)."""
+    T = int(ex.prefix.numel()) if end is None else int(end)
     return defenses.defend(name, layer, k, v, mask=region.mask(layer) if name in defenses.REFERENCE else None,
                            baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
                            positions=torch.arange(T - k.shape[2], T), clean=clean)
@@ -313,7 +314,7 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
         if corrupt is not None:
             k, v = corrupt(layer, k, v)
         if cell.defense not in PASS_THROUGH and (layer in regions[T].layers or everywhere):
-            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T], clean=clean)
+            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T], clean=clean, end=T)
             if d is not None:
                 fn.drops[layer] = d  # read by the batch's drop function right after this call
         return k, v
