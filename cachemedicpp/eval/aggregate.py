@@ -260,7 +260,7 @@ def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
         return None
     rows = []
     for c in ctx.cells:
-        if c.defense != REPAIR_NAME:
+        if c.defense != REPAIR_NAME or c.bits is not None:  # figure E's bit-class cells: not in this table
             continue
         counts = [units[ex.key].get("detector", {}).get(c.key) for ex in ctx.examples]
         counts = [x for x in counts if x is not None]
