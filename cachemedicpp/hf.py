@@ -447,6 +447,21 @@ def forward(model, input_ids: torch.Tensor, cache=None, plan: HookPlan | None = 
     return out.logits, cache
 
 
+def prefill_kv(model, input_ids: torch.Tensor, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (K, V)} of every position of a prefill, as attention reads them: all positions also on
+    sliding-window layers, whose stored cache keeps only the last ones (no cache is kept)."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    plan = HookPlan(layers=frozenset(int(l) for l in layers),
+                    record=lambda l, q, k, v: seen.__setitem__(l, (k.detach(), v.detach())))
+    forward(model, input_ids, plan=plan, logits_to_keep=1)
+    return {int(l): seen[int(l)] for l in layers}
+
+
+def held_length(cache, layer: int) -> int:
+    """Positions a layer's stored cache holds: all of the context, or its last ones on a sliding-window layer."""
+    return int(cache.layers[layer].keys.shape[2])
+
+
 def get_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     lay = cache.layers[layer]
     return lay.keys, lay.values
