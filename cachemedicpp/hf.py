@@ -409,7 +409,7 @@ def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32")
     if not getattr(model, "_supports_attention_backend", False):
         raise ModelLoadError(f"model {model_cfg['name']!r} ({type(model).__name__}): its attention does not go "
                              "through transformers' AttentionInterface, so the cache hook cannot act on it")
-    kind = model_cfg.get("attn_implementation", "eager")
+    kind = model_cfg.get("attn_implementation", "sdpa")  # the schema's default: the fastest base kernel
     model.set_attn_implementation(HOOK_NAMES[kind])
     model.requires_grad_(False)
     model.eval()
