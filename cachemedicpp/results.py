@@ -58,6 +58,7 @@ NO_DEFENSE, CACHEMEDIC = "no_defense", "cachemedic"  # defense names of the base
 ORACLE_DROP = "oracle_drop"  # defense name of the ceiling (never a candidate for the best baseline)
 CHECKSUM_RECOMPUTE = "checksum_recompute"  # exact recovery: per-block checksums, failing blocks recomputed
 RECOMPUTE_COST = "recompute_cost"  # metrics key: what checksum_recompute's recomputations cost over the grid
+DETECTOR = "detector"  # metrics key: the detecting operator's (family D) recall and false positives per cell
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
 ROBUSTNESS_AUC_BY_TASK, ROBUSTNESS_AUC_BY_TYPE = "robustness_auc_by_task", "robustness_auc_by_type"
 CLEAN_REGRESSION, CLEAN_SCORES = "clean_regression", "clean_scores"
@@ -206,6 +207,29 @@ class OverheadEntry(TypedDict):
                                                 "forwards (part of wall_sec)"]]
 
 
+class DetectorCell(TypedDict):
+    """The detecting operator's decisions in one grid cell (at-rest persistence), over every example."""
+
+    corruption_type: Annotated[str, "corruption type of the cell, or 'clean'"]
+    epsilon: Annotated[float, "severity of the cell"]
+    n: Annotated[int, "examples counted"]
+    changed_entries: Annotated[int, "protected-layer context entries (layer, KV head, position; sinks excluded) the "
+                                    "corruption changed, summed over examples"]
+    recall: Annotated[float | None, "fraction of the changed entries the detector gated (null when none changed)"]
+    false_positive_rate: Annotated[float | None, "fraction of the untouched entries the detector gated"]
+
+
+class DetectorStats(TypedDict):
+    """What the detecting operator (repair family D) saw: recall and false positives against the entries the
+    corruption really changed, per grid cell."""
+
+    by_cell: Annotated[list[DetectorCell], "one entry per cachemedic grid cell"]
+    threshold: Annotated[dict[str, float], "keys: protected layer; the gate's threshold tau (set on clean training "
+                                           "windows after training)"]
+    sink_tokens: Annotated[int, "first positions never gated (left out of the counts)"]
+    how: Annotated[str, "what is counted"]
+
+
 class RecomputeCell(TypedDict):
     """checksum_recompute's recomputations in one grid cell (at-rest persistence)."""
 
@@ -271,6 +295,9 @@ class BestBaselineChoice(TypedDict):
     examples: Annotated[int, "validation examples over all tasks"]
     validation_auc: Annotated[dict[str, float], "keys: candidate defense; its robustness AUC on the validation grid"]
     validation_auc_no_defense: Annotated[float, "robustness AUC of no_defense on the validation grid (for reference)"]
+    validation_auc_cachemedic: NotRequired[Annotated[float, "robustness AUC of the learned operator on the validation "
+                                                            "grid (never a candidate; it chooses between operator "
+                                                            "families without the test grid)"]]
     chosen: Annotated[str | None, "the candidate chosen (= best_heuristic_name); null when none"]
 
 
@@ -333,6 +360,8 @@ class TaskMetrics(TypedDict):
                         "eval.measure_overhead"]
     recompute_cost: NotRequired[Annotated[RecomputeCost, "checksum_recompute's recomputation cost per grid cell "
                                                          "(only when it was evaluated)"]]
+    detector: NotRequired[Annotated[DetectorStats, "the detecting operator's recall and false positives per cell (only "
+                                                   "for repair family D at rest)"]]
 
 
 class TaskInfo(TypedDict):

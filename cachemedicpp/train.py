@@ -78,7 +78,9 @@ class Trainer:
         from cachemedicpp.repair_detect import clean_caches
 
         det = self.cfg.repair.detector
-        length = min(int(det.fit_len), self.tokens.numel() - 1)
+        # the longest context the run reads: positions the statistics never saw look anomalous (RoPE keys)
+        want = int(det.fit_len) if det.fit_len is not None else max(self.window, int(self.cfg.eval.max_seq_len))
+        length = min(want, self.tokens.numel() - 1, self.lm.arch.max_positions)
         layers = list(self.protect) + list(self.op.observes)
         return clean_caches(self.lm, self.tokens, int(det.fit_windows), length, layers, self.cfg.seed, stream)
 

@@ -309,3 +309,48 @@ def test_reference_layer_must_be_an_unprotected_full_attention_layer(tiny_lm):
     assert build_operator({**base, "detector": {"reference_layer": "auto"}}, arch).reference_layer is None
     llama = tiny_lm("llama").arch
     assert build_operator({**base, "detector": {}}, llama).reference_layer == 1
+
+
+def test_eval_reports_the_detectors_recall_and_false_positives(tmp_path, tiny_model_dir, one_thread):
+    from cachemedicpp import eval as ev
+    from cachemedicpp.fileio import validate_records
+
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"train.steps": 4, "train.save_every": 4,
+                                                            "eval.corruption_eval.types": ["gaussian", "dropout_zero"]})
+    rd = tmp_path / "run"
+    assert train.run(cfg, rd, config_path=str(path)) == EXIT_OK
+    assert ev.run(cfg, rd, config_path=str(path)) == EXIT_OK
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert validate_records([doc], "task_metrics") == []
+    det = doc["metrics"]["detector"]
+    assert set(det["threshold"]) == {"1", "2"} and det["sink_tokens"] == 4
+    cells = {(c["corruption_type"], c["epsilon"]): c for c in det["by_cell"]}
+    assert cells[("clean", 0.0)]["changed_entries"] == 0 and cells[("clean", 0.0)]["recall"] is None
+    hit = cells[("dropout_zero", 0.16)]
+    assert hit["changed_entries"] > 0 and 0 <= hit["recall"] <= 1 and 0 <= hit["false_positive_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_embedded_model_clean_logits_unchanged_after_training(tmp_path, one_thread):
+    """SmolLM2-135M: a family-D operator trained briefly (its detector no longer constant), its threshold
+    set on clean training windows; on fresh clean text the logits are those of the bare model to within
+    fp32 rounding."""
+    from cachemedicpp import ROOT
+
+    data = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    data["repair"].update(family="D", protect_layers=[2, 3, 4, 5])
+    data["repair"]["detector"] = {"fit_windows": 6}  # fit_len: the longest context read (eval.max_seq_len)
+    data["train"].update(steps=12, batch_size=1, prefix_len=48, cont_len=16, save_every=12, log_every=6, lr=0.05)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert train.run(cfg, tmp_path / "run", config_path=str(path)) == EXIT_OK
+    lm = hf.load_model(cfg.model.to_dict(), "cpu", "float32")
+    op, payload = load_repair_checkpoint(tmp_path / "run" / "checkpoints" / "repair_step_12.pt", cfg.repair.to_dict(),
+                                         lm.arch)
+    assert op.w2.detach().abs().sum() > 0  # trained: the score depends on the entry
+    text = (ROOT / "data" / "offline" / "wikitext2_eval.txt").read_text(encoding="utf-8")
+    ids = lm.tokenizer(text[:4000], return_tensors="pt")["input_ids"][:, :160]
+    bare = _logits(lm, ids)
+    repaired = _logits(lm, ids, hf.HookPlan(repair=op))
+    assert (repaired - bare).abs().max() <= 1e-4 * max(1.0, float(bare.abs().max()))

@@ -85,9 +85,11 @@ def test_best_baseline_is_chosen_on_validation_only(done):
     cfg = load_config(data=data)
     lm = hf.load_model(cfg.model.to_dict(), "cpu", "float32")
     cal = calibration.obtain(cfg, lm, rd / "checkpoints" / "calibration.pt")
-    vctx = ev.build_context(stage.validation_config(cfg), lm, None, cal)
+    vctx = ev.build_context(stage.validation_config(cfg), lm, hf_identity(cfg, lm), cal)
     best, _ = stage.choose_best(vctx, prog["validation_units"])
     assert best == choice["chosen"]
+    # the learned operator is scored on the validation grid too (to choose an operator family), never chosen
+    assert "cachemedic" in vctx.defense_names and "validation_auc_cachemedic" in choice
     ctx = ev.build_context(cfg, lm, hf_identity(cfg, lm), cal)
     values, expo = ev.unit_matrices(ctx, prog["units"])
     flipped = {t: -v for t, v in values.items()}  # every test result changed

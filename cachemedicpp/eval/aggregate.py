@@ -221,3 +221,26 @@ def recompute_cost(ctx: EvalContext, units: dict) -> dict | None:
             "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
                    "tested); the tokens counted are those the exact recomputation forwards (the whole context)"}
 
+
+
+def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
+    """metrics.detector: the detecting operator's recall and false-positive rate per grid cell, summed over
+    examples and protected layers (None unless a family-D operator was evaluated at rest)."""
+    if not any("detector" in units[ex.key] for ex in ctx.examples):
+        return None
+    rows = []
+    for c in ctx.cells:
+        if c.defense != REPAIR_NAME:
+            continue
+        counts = [units[ex.key].get("detector", {}).get(c.key) for ex in ctx.examples]
+        counts = [x for x in counts if x is not None]
+        if not counts:
+            continue
+        tp, pos, fp, neg = (int(sum(x[i] for x in counts)) for i in range(4))
+        rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(counts), "changed_entries": pos,
+                     "recall": tp / pos if pos else None, "false_positive_rate": fp / neg if neg else None})
+    op = ctx.op
+    threshold = {str(l): float(op.tau[i]) for i, l in enumerate(op.layers)}
+    return {"by_cell": rows, "threshold": threshold, "sink_tokens": int(op.sink),
+            "how": "entries of the protected layers' stored context (sinks excluded) that the corruption changed "
+                   "(K or V differs from the clean cache) vs those the detector gated (gate > 0), summed over examples"}

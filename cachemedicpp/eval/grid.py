@@ -371,8 +371,10 @@ def _at_rest_drop(rows: list[Row], R: int) -> Callable | None:
     return fn
 
 
-def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row], repaired: bool) -> list[float]:
-    """Score `rows` (cells of one example) with one forward over a batched copy of the cache."""
+def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row], repaired: bool,
+              detected: dict | None = None) -> list[float]:
+    """Score `rows` (cells of one example) with one forward over a batched copy of the cache. With a
+    detecting operator (family D) at rest, `detected` receives its detection counts per cell."""
     R = ex.rows
     cache = hf.repeat_cache(clean_cache, R * len(rows))
     layers = sorted({l for r in rows if r.overrides for l in r.overrides})
@@ -394,9 +396,36 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
                            repair=ctx.op if repaired else None, drop=drop)
     feeds = ex.feeds.repeat(len(rows), 1).to(ctx.lm.device)
     logits, _ = hf.forward(ctx.lm.model, feeds, cache, plan=plan)
+    if repaired and detected is not None and plan is not None and getattr(ctx.op, "family", None) == "D" \
+            and ctx.persistence == "at_rest":
+        detected.update(detection_counts(ctx.op, plan.memo, clean_cache, rows, R))
     logits = logits.float().cpu()
     score = tasks.get_task(ex.task).score
     return [score(logits[i * R:(i + 1) * R], ex) for i in range(len(rows))]
+
+
+def detection_counts(op, memo: dict, clean_cache, rows: list[Row], R: int) -> dict[str, list[int]]:
+    """Per row's cell: [changed entries gated, changed entries, untouched entries gated, untouched entries]
+    over the protected layers' stored context entries (sinks excluded): the detector's recall and false
+    positives on the very cache it read."""
+    out = {}
+    for i, row in enumerate(rows):
+        tp = pos = fp = neg = 0
+        for l in op.layers:
+            k0, v0 = hf.get_kv(clean_cache, l)
+            n = k0.shape[2]
+            gate = memo[l]["gate"][i * R, :, op.sink:n] > 0  # [H, n - sink]
+            if row.overrides and l in row.overrides:
+                k, v = row.overrides[l]
+                changed = ((k[0] != k0[0]) | (v[0] != v0[0])).any(-1)[:, op.sink:]
+            else:
+                changed = torch.zeros_like(gate)
+            tp += int((gate & changed).sum())
+            pos += int(changed.sum())
+            fp += int((gate & ~changed).sum())
+            neg += int((~changed).sum())
+        out[row.cell.key] = [tp, pos, fp, neg]
+    return out
 
 
 def exposure(ctx: EvalContext, regions: Sequence[corruption.Region], held: dict[int, int] | None = None,
@@ -424,6 +453,7 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         pending: dict[bool, list[Row]] = {False: [], True: []}
         aliases, regions, seen = [], [], set()
         costs: dict[str, dict] = {}
+        detected: dict[str, list[int]] = {}
         for row in cell_rows(ctx, ex, clean, dedupe):
             if row.recompute is not None:
                 costs[row.cell.key] = row.recompute
@@ -436,20 +466,24 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             q = pending[row.cell.repaired]
             q.append(row)
             if len(q) == per_batch:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired)))
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired, detected)))
                 q.clear()
         for repaired, q in pending.items():
             if q:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired)))
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected)))
         computed = len(values)
         for row in aliases:
             values[row.cell.key] = values[row.alias.key]
             if row.alias.key in costs:
                 costs[row.cell.key] = costs[row.alias.key]
+            if row.alias.key in detected:
+                detected[row.cell.key] = detected[row.alias.key]
     held = {l: hf.held_length(clean, l) for l in ctx.layers}
     unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions, held),
             "evicted": exposure(ctx, regions, held, evicted=True),
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
     if costs:  # checksum_recompute at rest: {cell key: {"tokens": recomputed forward tokens, "blocks": failed}}
         unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}
+    if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched]}
+        unit["detector"] = detected
     return unit

@@ -19,13 +19,13 @@ import cachemedicpp.eval as package  # score_example is looked up on the package
 from cachemedicpp import calibration, cli, corruption, defenses, hf, repair, tasks
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
-from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, recompute_cost, unit_matrices,
-                                         validation_aucs)
+from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats, recompute_cost,
+                                         unit_matrices, validation_aucs)
 from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, EXPOSURE_EVICTED, METRICS, NO_DEFENSE,
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED, METRICS, NO_DEFENSE,
                                   RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS,
                                   SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
@@ -211,9 +211,12 @@ def choose_best(vctx: EvalContext | None, vunits: dict) -> tuple[str | None, dic
     values, _ = unit_matrices(vctx, vunits)
     aucs = validation_aucs(vctx.task_info, values, vctx.cells, vctx.defense_names, vctx.types, vctx.eps)
     best = best_heuristic(aucs, vctx.defense_names)
-    return best, {"rule": BEST_RULE, "types": list(vctx.types), "examples": len(vctx.examples),
-                  "validation_auc": {d: a for d, a in aucs.items() if d != NO_DEFENSE},
-                  "validation_auc_no_defense": aucs[NO_DEFENSE], "chosen": best}
+    out = {"rule": BEST_RULE, "types": list(vctx.types), "examples": len(vctx.examples),
+           "validation_auc": {d: a for d, a in aucs.items() if d not in (NO_DEFENSE, REPAIR_NAME)},
+           "validation_auc_no_defense": aucs[NO_DEFENSE], "chosen": best}
+    if REPAIR_NAME in aucs:
+        out["validation_auc_cachemedic"] = aucs[REPAIR_NAME]
+    return best, out
 
 
 def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vctx: EvalContext | None = None,
@@ -229,6 +232,9 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     cost = recompute_cost(ctx, units)
     if cost is not None:
         metrics[RECOMPUTE_COST] = cost
+    det = detector_stats(ctx, units)
+    if det is not None:
+        metrics[DETECTOR] = det
     if cfg.eval.measure_overhead:
         metrics["overhead"] = measure_overhead(ctx)
     atomic_write_json(rd.task_metrics, {RUN_ID: s.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,
@@ -259,7 +265,11 @@ def validation_config(cfg: Config) -> Config | None:
     ev = data["eval"]
     ev["tasks"] = [{**t, "start": int(t.get("start") or 0) + int(t["num_examples"]),
                     "num_examples": int(v.num_examples)} for t in ev["tasks"]]
-    ev.update(defenses=[NO_DEFENSE] + candidates, ood_protocol=None, ood_split=None, measure_overhead=False)
+    # the learned operator is scored too (never a candidate): its held-in validation AUC chooses between
+    # operator families without reading the test grid
+    learned = [REPAIR_NAME] if REPAIR_NAME in names else []
+    ev.update(defenses=[NO_DEFENSE] + candidates + learned, ood_protocol=None, ood_split=None,
+              measure_overhead=False)
     ev["corruption_eval"]["types"] = types
     return load_config(data=data)
 
@@ -270,9 +280,10 @@ def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalCo
     names, _ = eval_defenses(cfg)
     if cal is None and set(defenses.CALIBRATED) & set(names):
         cal = calibration.obtain(cfg, lm, rd.calibration)
-    ctx = build_context(cfg, lm, load_operator(cfg, rd, ckpt, lm.arch), cal)
+    op = load_operator(cfg, rd, ckpt, lm.arch)
+    ctx = build_context(cfg, lm, op, cal)
     vcfg = validation_config(cfg)
-    return ctx, (build_context(vcfg, lm, None, cal) if vcfg is not None else None)
+    return ctx, (build_context(vcfg, lm, op, cal) if vcfg is not None else None)
 
 
 def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = None, sweep_pause=None) -> int:
