@@ -296,8 +296,24 @@ def resolve(data: dict, base: Path | None = None) -> dict:
     from cachemedicpp import corruption  # the fault models' parameters depend on bit layouts it owns
 
     corruption.check_params(corr["params"], data["dtype"])
+    _check_bit_classes(ev)
     validate(data, schema)
     return data
+
+
+def _check_bit_classes(ev: dict) -> None:
+    """eval.bit_classes (known, each once) and a positive severity for them (figure E)."""
+    from cachemedicpp.corruption import BIT_CLASSES
+
+    classes = list(ev["bit_classes"])
+    for c in classes:
+        lookup("bit class", c, BIT_CLASSES, key="eval.bit_classes")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ConfigError(f"eval.bit_classes: class(es) {dup} listed twice")
+    if classes and ev["bit_class_eps"] is None and not any(float(e) > 0 for e in ev["corruption_eval"]["eps"]):
+        raise ConfigError("eval.bit_class_eps: null takes the largest eval eps, but eval.corruption_eval.eps has "
+                          "none above 0; set a severity")
 
 
 def config_hash(data: dict) -> str:

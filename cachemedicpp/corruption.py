@@ -52,6 +52,7 @@ definition (the family C of SPEC §4) that a reader checks against the spec in o
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass, field
@@ -401,6 +402,15 @@ class Corruptor:
         self._check_modes()
         severity("targeted", 0.0, self.params, self.eps_ref)  # validates targeted_base and eps_ref
         check_params(self.params)
+
+    def with_params(self, **overrides) -> "Corruptor":
+        """The same corruptor (seed, region, donors) with some parameters replaced, checked like the config's
+        (e.g. one bit class for figure E's cells). Its draws are those of this corruptor for the same type and
+        eps: a bitflip variant hits the very same elements, only the bit flipped differs."""
+        other = copy.copy(self)
+        other.params = {**self.params, **overrides}
+        check_params(other.params)
+        return other
 
     def _check_modes(self) -> None:
         for key, known in (("layer_mode", LAYER_MODES), ("head_mode", LAYER_MODES), ("time_mode", TIME_MODES)):

@@ -59,6 +59,7 @@ ORACLE_DROP = "oracle_drop"  # defense name of the ceiling (never a candidate fo
 CHECKSUM_RECOMPUTE = "checksum_recompute"  # exact recovery: per-block checksums, failing blocks recomputed
 RECOMPUTE_COST = "recompute_cost"  # metrics key: what checksum_recompute's recomputations cost over the grid
 DETECTOR = "detector"  # metrics key: the detecting operator's (family D) recall and false positives per cell
+BIT_CLASS_SCORES = "bit_class_scores"  # metrics key: figure E, bitflip scored per bit class at one flip rate
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
 ROBUSTNESS_AUC_BY_TASK, ROBUSTNESS_AUC_BY_TYPE = "robustness_auc_by_task", "robustness_auc_by_type"
 CLEAN_REGRESSION, CLEAN_SCORES = "clean_regression", "clean_scores"
@@ -256,6 +257,38 @@ class RecomputeCost(TypedDict):
     how: Annotated[str, "how the recomputed entries were obtained in the grid"]
 
 
+class ClassCI(TypedDict):
+    """A 95% percentile bootstrap interval per bit class."""
+
+    low: Annotated[list[float], "lower ends, aligned with `classes`"]
+    high: Annotated[list[float], "upper ends, aligned with `classes`"]
+
+
+class BitClassScores(TypedDict):
+    """Figure E: the bitflip fault scored once per bit class at one severity (eval.bit_classes,
+    eval.bit_class_eps), in grid cells of their own outside task_curves, the curves and the AUCs. The same
+    elements are hit in every class (the draws of the bitflip cells at that eps); only the bit differs."""
+
+    eps: Annotated[float, "severity of every bit-class cell (eval.bit_class_eps; null there: the largest eval eps)"]
+    classes: Annotated[list[str], "bit classes, in eval.bit_classes order (sign, exponent, exponent_high, "
+                                  "mantissa, all)"]
+    per_defense: Annotated[dict[str, list[float]],
+                           "keys: every evaluated defense; normalised score per class (aligned with `classes`), mean "
+                           "over tasks"]
+    ci: Annotated[dict[str, ClassCI], "keys: every evaluated defense; 95% percentile bootstrap interval per class "
+                                      "(the resamples every interval of the file shares)"]
+    by_task: Annotated[dict[str, dict[str, list[float]]],
+                       "keys: task, then evaluated defense; that task's normalised score per class"]
+    clean_no_defense: Annotated[float, "no_defense's clean score, mean over tasks (the ceiling, for reference)"]
+    storage_format: Annotated[Literal["float32", "float16", "bfloat16"], "storage format whose bits were flipped"]
+    cache_dtype: Annotated[str, "dtype the cache was computed in"]
+    simulated: Annotated[bool, "whether that storage was simulated by cast, flip, cast back (format != cache dtype)"]
+    flip_rate: Annotated[float, "per-element flip probability at `eps`"]
+    burst: Annotated[int, "adjacent bits flipped per hit word (corruption.params.bitflip_burst)"]
+    bits: Annotated[dict[str, list[int]], "keys: class; its bit indices in the storage word (0 = least significant)"]
+    how: Annotated[str, "how the block was computed"]
+
+
 DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned",
                        "exact recovery (checksum + recompute)"]
 assert get_args(DefenseGroup) == DEFENSE_GROUP_NAMES
@@ -306,7 +339,8 @@ class TaskMetrics(TypedDict):
     Intervals are 95% percentile bootstraps over examples, one resample of example indices per task shared
     by every cell and defense (paired)."""
 
-    task_curves: Annotated[list[TaskCurveRow], "one row per task x grid cell (defenses x (clean + types x eps))"]
+    task_curves: Annotated[list[TaskCurveRow], "one row per task x grid cell (defenses x (clean + types x eps)); "
+                                               "figure E's bit-class cells are in bit_class_scores"]
     clean_metrics: Annotated[dict[str, dict[str, float]],
                              "keys: task, then defense; task value (perplexity or accuracy) on the clean cell"]
     clean_scores: Annotated[dict[str, dict[str, float]],
@@ -362,6 +396,8 @@ class TaskMetrics(TypedDict):
                                                          "(only when it was evaluated)"]]
     detector: NotRequired[Annotated[DetectorStats, "the detecting operator's recall and false positives per cell (only "
                                                    "for repair family D at rest)"]]
+    bit_class_scores: NotRequired[Annotated[BitClassScores, "figure E: bitflip scored per bit class at one flip rate "
+                                                            "(only when eval.bit_classes is not empty)"]]
 
 
 class TaskInfo(TypedDict):

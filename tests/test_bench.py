@@ -83,6 +83,35 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert "train step" in printed and "decode tokens/s" in printed and str(out) in printed
 
 
+def test_defense_overhead_reports_checksum_recompute(tmp_path, tiny_model_dir, capsys):
+    """checksum_recompute's overhead beside every other defense: structure only (no timing assertions)."""
+    out = tmp_path / "res.json"
+    rc = bench.main(["--model", str(tiny_model_dir("llama")), "--reps", "1", "--only", "defense_overhead",
+                     "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert rc == EXIT_OK
+    r = json.loads(out.read_text())
+    assert set(r) >= {"defense_overhead", "summary"} and not r["decode"] and not r["train_step"]
+    block = r["defense_overhead"]["cpu"]
+    rows = block["defenses"]
+    # the base config's defenses (quickstart: all of them) plus checksum_recompute
+    assert {"no_defense", "range_clamp", "oracle_drop", "cachemedic", "checksum_recompute"} <= set(rows)
+    assert block["reps"] == 1 and len(block["examples"]) == 4 and block["cell"]["epsilon"] > 0
+    for d, row in rows.items():
+        assert row["wall_sec"] > 0 and row["tokens"] > 0 and row["wall_ratio_vs_no_defense"] > 0, d
+        assert row["group"], d
+    assert rows["no_defense"]["wall_ratio_vs_no_defense"] == 1.0
+    re = rows["checksum_recompute"]
+    assert re["group"] == "exact recovery (checksum + recompute)"
+    # the timed cell is corrupted: every run recomputes its whole context, for real
+    assert re["recompute_tokens"] > 0 and re["recompute_sec"] > 0
+    assert re["recompute_tokens_per_run"] * 4 == re["recompute_tokens"]
+    assert 0 < re["recompute_share_of_wall"] <= 1
+    assert all("recompute_tokens" not in row for d, row in rows.items() if d != "checksum_recompute")
+    assert r["summary"]["cpu"]["checksum_recompute_wall_ratio"] == re["wall_ratio_vs_no_defense"]
+    printed = capsys.readouterr().out
+    assert "defense overhead" in printed and "checksum_recompute" in printed and "recomputed" in printed
+
+
 def test_quick_settings():
     s = bench.settings_from_args(bench.parse_args(["--quick", "--device", "cpu"]))
     assert (s.reps, s.lengths, s.memory_lengths, s.memory_of) == (2, [256], [256], ["decode"])

@@ -301,6 +301,7 @@ def fault_eval(tmp_path_factory, tiny_model_dir):
         "corruption.params.bitflip_rate": 0.02, "corruption.params.bitflip_bits": "exponent_high",
         "corruption.params.block_fault_mode": "stale", "corruption.params.block_size": 8,
         "baseline.checksum_block_size": 8,
+        "eval.bit_classes": ["sign", "exponent_high", "mantissa"], "eval.bit_class_eps": 0.32,
         "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
         "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8,
         "baseline.calibration.sink_tokens": 2})
@@ -340,6 +341,8 @@ def test_nan_inf_from_flips_do_not_crash_eval_and_checksum_recovers_exactly(faul
     ("corruption.params.bitflip_bits=exponnent", "corruption.params.bitflip_bits"),
     ("corruption.params.bitflip_bits=[0,32]", "corruption.params.bitflip_bits"),
     ("corruption.params.block_size=0", "corruption.params.block_size"),
+    ("eval.bit_classes=[sign,exponnent]", "eval.bit_classes"),
+    ("eval.bit_classes=[sign,sign]", "eval.bit_classes"),
 ])
 def test_bad_fault_input_exits_2_naming_the_key(fault_eval, tmp_path, capsys, override, key):
     from cachemedicpp import eval as ev
@@ -362,3 +365,129 @@ def test_fault_models_on_read_are_deterministic(ctype):
     assert torch.equal(k3.view(torch.int32), k2.view(torch.int32)) and torch.equal(v3.view(torch.int32),
                                                                                     v2.view(torch.int32))
     assert cor.on_read(ctype, 0.0, "eval", 5)(0, k, v) == (k, v)
+
+
+def test_bit_class_variants_hit_the_same_elements_with_their_own_bits():
+    cor = make({"bitflip_rate": 0.3})
+    k, v = kv_pair(dtype=torch.bfloat16)  # stored in bf16: the words themselves flip (no cast)
+    region = cor.region("bitflip", 0.16, k.shape[2], "eval", 3)
+    changed = {}
+    for cls in ("sign", "exponent_high", "mantissa"):
+        other = cor.with_params(bitflip_bits=cls)
+        assert other.params["bitflip_bits"] == cls and cor.params["bitflip_bits"] == "all"  # the run's untouched
+        k2, _ = other.apply(0, k, v, "bitflip", 0.16, region, "eval", 3)
+        diff = k2.view(torch.int16) ^ k.view(torch.int16)
+        changed[cls] = diff != 0
+        bits = {int(b) for b in torch.unique(diff[changed[cls]].to(torch.int32) & 0xFFFF).tolist()}
+        allowed = {1 << b for b in C.bit_positions("bfloat16", cls)}
+        assert bits and bits <= allowed, (cls, bits)
+    # the same elements in every class
+    assert torch.equal(changed["sign"], changed["exponent_high"]) and torch.equal(changed["sign"], changed["mantissa"])
+    with pytest.raises(ConfigError, match="corruption.params.bitflip_bits"):
+        cor.with_params(bitflip_bits="exponnent")
+
+
+def test_bit_class_cells_in_the_metrics(fault_eval, one_thread):
+    import json
+
+    from cachemedicpp import results
+
+    code, _, rd = fault_eval
+    assert code == 0
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    b = doc["metrics"][results.BIT_CLASS_SCORES]
+    assert b["classes"] == ["sign", "exponent_high", "mantissa"] and b["eps"] == 0.32
+    assert set(b["per_defense"]) == set(FAULT_DEFENSES) == set(b["ci"])
+    assert all(len(v) == 3 for v in b["per_defense"].values())
+    assert b["storage_format"] == "float32" and b["simulated"] is False
+    assert b["flip_rate"] == pytest.approx(0.02 * 0.32 / 0.08)
+    assert b["bits"] == {"sign": [31], "exponent_high": [30], "mantissa": list(range(23))}
+    # exact recovery in every class; undefended, the bit flipped matters (the tiny model is random: no order)
+    clean = doc["metrics"]["clean_regression"]["checksum_recompute"]
+    assert b["per_defense"]["checksum_recompute"] == [clean] * 3
+    nd = dict(zip(b["classes"], b["per_defense"]["no_defense"]))
+    assert all(np.isfinite(x) for x in nd.values()) and len(set(nd.values())) == 3
+    # outside the curves, the task rows and the recomputation table
+    m = doc["metrics"]
+    assert {(r["corruption_type"], r["epsilon"]) for r in m["task_curves"]} <= {
+        ("clean", 0.0), *((t, e) for t in ("bitflip", "block_fault") for e in (0.0, 0.08, 0.32))}
+    assert len(m["task_curves"]) == 2 * len(FAULT_DEFENSES) * (1 + 2 * 3)
+    assert len(m["recompute_cost"]["by_cell"]) == 1 + 2 * 3
+    assert doc["settings"]["validation"] is not None  # the validation grid has no bit-class cells
+
+
+def test_faults_cpu_config_pipeline_smoke(tmp_path, tiny_model_dir, one_thread):
+    """configs/faults_cpu.yaml's structure (its types, storage format, defenses, bit classes, overhead) on a
+    tiny model, sizes shrunk: train -> eval -> stability -> plots, with figure E drawn."""
+    import json
+
+    import yaml
+
+    from cachemedicpp import ROOT, pipeline, results
+    from cachemedicpp.config import apply_overrides, load_config
+
+    path = ROOT / "configs" / "faults_cpu.yaml"
+    shipped = load_config(path)
+    assert list(shipped.eval.corruption_eval.types) == ["bitflip", "block_fault"]
+    assert shipped.corruption.params.bitflip_format == "bfloat16"
+    # trained on the default mixture: the six statistical types, never a fault model
+    assert set(shipped.corruption.mixture.to_dict()) == set(config.CORRUPTION_TYPES) - set(config.FAULT_TYPES)
+    assert {"no_defense", "range_clamp", "norm_outlier_drop", "oracle_drop", "checksum_recompute",
+            "cachemedic"} <= set(shipped.eval.defenses)
+    assert list(shipped.eval.bit_classes) and shipped.eval.measure_overhead
+    assert shipped.train.steps <= 150
+
+    data = apply_overrides(yaml.safe_load(path.read_text()), {
+        "model.name": str(tiny_model_dir("llama")), "repair.protect_layers": [0, 1], "repair.rank": 4,
+        "corruption.axes.N_recent": 8, "corruption.params.bitflip_rate": 0.02, "corruption.params.block_size": 8,
+        "baseline.checksum_block_size": 8,
+        "baseline.calibration": {"windows": 3, "select_windows": 2, "window_len": 40, "cont_len": 8, "sink_tokens": 2},
+        "train": {"steps": 4, "prefix_len": 24, "cont_len": 8, "log_every": 2, "save_every": 2},
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}, {"name": "sst2_prompted", "num_examples": 2}],
+        "eval.corruption_eval.eps": [0.0, 0.16], "eval.validation.num_examples": 1,
+        "eval.max_seq_len": 48, "eval.cont_len": 8, "eval.bootstrap_samples": 50,
+        "stability": {"num_prompts": 2, "prompt_len": 24, "num_directions": 2, "topk_logits": 50, "N_recent": 8},
+        "data.long_context.context_len": 40})
+    cfg_path = tmp_path / "faults.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    rd = tmp_path / "run"
+    assert pipeline.main(["--config", str(cfg_path), "--run_dir", str(rd)]) == 0
+
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []
+    m = doc["metrics"]
+    b = m[results.BIT_CLASS_SCORES]
+    assert b["classes"] == list(shipped.eval.bit_classes) and b["eps"] == shipped.eval.bit_class_eps
+    assert b["storage_format"] == "bfloat16" and b["simulated"] is True
+    assert b["bits"]["exponent_high"] == [14] and b["bits"]["mantissa"] == list(range(7))
+    assert set(b["per_defense"]) == set(shipped.eval.defenses)
+    assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
+    assert doc["settings"]["fault_models"]["bitflip"]["storage_format"] == "bfloat16"
+    assert doc["metrics"]["best_baseline_choice"]["types"] == list(shipped.eval.validation.types)
+    assert (rd / "paper" / "figures" / "figE_bit_position_damage.png").is_file()
+    assert "figE_bit_position_damage.png" in (rd / "paper" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("persistence", ["at_rest", "on_read"])
+def test_bit_class_cell_of_the_configured_bits_equals_the_bitflip_cell(tiny_cfg, tiny_lm, persistence, one_thread):
+    """A bit-class cell is the bitflip cell with another bitflip_bits and the same draws: with the configured
+    class it is the very same cell, at rest and on read."""
+    from cachemedicpp import eval as ev
+    from cachemedicpp.config import load_config
+
+    cfg = load_config(data=tiny_cfg("llama", **{
+        "corruption.persistence": persistence, "corruption.params.bitflip_rate": 0.05,
+        "corruption.params.bitflip_bits": "all", "corruption.params.bitflip_format": "bfloat16",
+        "eval.corruption_eval.types": ["bitflip"], "eval.corruption_eval.eps": [0.0, 0.16],
+        "eval.defenses": ["no_defense", "clipping_renorm", "checksum_recompute"],
+        "eval.bit_classes": ["all", "exponent_high", "mantissa"],
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 1}]}))
+    lm = tiny_lm("llama")
+    ctx = ev.build_context(cfg, lm)
+    assert ctx.bit_eps == 0.16 and len(ctx.cells) == 3 * (1 + 2 + 3)
+    cells = ev.score_example(ctx, ctx.examples[0])["cells"]
+    for d in ctx.defense_names:
+        assert cells[ev.Cell("bitflip", 0.16, d, bits="all").key] == cells[ev.Cell("bitflip", 0.16, d).key], d
+    nd = [cells[ev.Cell("bitflip", 0.16, "no_defense", bits=b).key] for b in ("exponent_high", "mantissa")]
+    assert nd[0] != nd[1]

@@ -424,3 +424,73 @@ def test_fig_a_labels_of_an_older_file(tmp_path):
     inp = plots.load_inputs(make_run(tmp_path))
     labels = [ln["style"]["label"] for ln in plots.figures._panel_lines(inp, inp.curves, references=False)]
     assert labels == ["clean (ceiling)", "no defense", "best heuristic (smoothing)", "cachemedic"]
+
+
+# figure E: bit-position damage (only when the metrics have bit_class_scores)
+
+FIG_E = "figures/figE_bit_position_damage.png"
+
+
+def add_bit_classes(d: dict) -> None:
+    """A bit_class_scores block as eval writes it for eval.bit_classes = [sign, exponent_high, exponent, mantissa]
+    on a bf16 storage simulated on a float32 cache (checksum_recompute evaluated too)."""
+    classes = ["sign", "exponent_high", "exponent", "mantissa"]
+    names = list(d["metrics"]["clean_regression"]) + ["checksum_recompute"]
+    base = {"sign": 0.70, "exponent_high": 0.20, "exponent": 0.45, "mantissa": 0.84}
+    per = {n: [round(base[c] + (0.6 * (0.86 - base[c]) if n in ("cachemedic", "range_clamp") else 0.0)
+                     + (0.86 - base[c] if n == "checksum_recompute" else 0.0), 4) for c in classes] for n in names}
+    d["metrics"]["bit_class_scores"] = {
+        "eps": 0.64, "classes": classes, "per_defense": per,
+        "ci": {n: {"low": [v - 0.03 for v in per[n]], "high": [v + 0.03 for v in per[n]]} for n in names},
+        "by_task": {t: {n: list(per[n]) for n in names} for t in d["metrics"]["score_vs_eps_by_task"]},
+        "clean_no_defense": 0.8567, "storage_format": "bfloat16", "cache_dtype": "float32", "simulated": True,
+        "flip_rate": 0.008, "burst": 1,
+        "bits": {"sign": [15], "exponent_high": [14], "exponent": list(range(7, 15)), "mantissa": list(range(7))},
+        "how": "bitflip scored once per bit class at one severity"}
+
+
+def test_fig_e_is_drawn_from_bit_class_scores(tmp_path, capsys):
+    rd = make_run(tmp_path, add_bit_classes, task_file=FAIR)
+    doc = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert results.validate(doc, results.TASK_METRICS_SCHEMA) == []  # the block is what the schema describes
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED | {FIG_E}
+    assert "figure E not drawn" not in capsys.readouterr().out
+    with Image.open(rd / "paper" / FIG_E) as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 400
+        assert len(np.unique(np.asarray(im.convert("L")))) > 20
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (rd / "paper" / "report.md").read_text())
+    assert sorted(links) == sorted([f"figures/{n}" for n in plots.FIGURES] + [FIG_E])
+    inp = plots.load_inputs(rd)
+    series = plots.figures.bit_position_series(inp)
+    assert [d for d, _ in series] == ["no_defense", "range_clamp", "cachemedic", "checksum_recompute"]
+    assert "best baseline, chosen on validation data" in series[1][1]
+
+
+def test_fig_e_uses_the_best_calibrated_baseline_when_the_best_is_a_heuristic(tmp_path):
+    def task(d):
+        add_bit_classes(d)
+        m = d["metrics"]
+        m["best_heuristic_name"] = m["best_baseline_choice"]["chosen"] = "smoothing"
+        m["best_baseline_choice"]["validation_auc"]["smoothing"] = 0.09
+        m["robustness_auc"]["best_heuristic"] = m["robustness_auc"]["smoothing"]
+
+    inp = plots.load_inputs(make_run(tmp_path, task, task_file=FAIR))
+    series = plots.figures.bit_position_series(inp)
+    assert series[1][0] == "range_clamp" and "best calibrated baseline" in series[1][1]
+    assert "smoothing" not in [d for d, _ in series]
+    plots.fig_bit_position(inp)
+
+
+@pytest.mark.parametrize("edit", [
+    None,  # no block: eval.bit_classes was empty
+    lambda d: (add_bit_classes(d), d["metrics"]["bit_class_scores"].update(classes="sign")),
+    lambda d: (add_bit_classes(d), d["metrics"]["bit_class_scores"]["per_defense"].pop("no_defense")),
+])
+def test_fig_e_is_skipped_with_a_note_without_a_usable_block(tmp_path, capsys, edit):
+    rd = make_run(tmp_path, edit, task_file=FAIR)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED
+    note = "figure E not drawn"
+    assert note in capsys.readouterr().out and note in (rd / "paper" / "report.md").read_text()

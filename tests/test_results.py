@@ -165,7 +165,8 @@ def test_fair_benchmark_keys_are_described():
     assert "validation" in m[results.BEST_HEURISTIC_NAME]["description"]
     assert m[results.BEST_BASELINE_CHOICE]["anyOf"] == [{"$ref": "#/$defs/BestBaselineChoice"}, {"type": "null"}]
     assert set(_props(schema, "BestBaselineChoice")) == {"rule", "types", "examples", "validation_auc",
-                                                         "validation_auc_no_defense", "chosen"}
+                                                         "validation_auc_no_defense", "validation_auc_cachemedic",
+                                                         "chosen"}
     assert m[results.DEFENSE_GROUPS]["additionalProperties"] == {"enum": list(results.DEFENSE_GROUP_NAMES)}
     assert results.DEFENSE_GROUP_NAMES == ("baseline", "reference heuristic (oracle region)", "calibrated baseline",
                                            "ceiling", "learned", "exact recovery (checksum + recompute)")

@@ -1,17 +1,20 @@
-"""The timed measurements: train step vs bare step, eval grid vs bare forwards, decode tokens/s of each
-repair variant vs no defense. Each returns its block of the results JSON for one device."""
+"""The timed measurements: train step vs bare step, eval grid vs bare forwards, each defense's overhead
+(checksum_recompute's recomputation included) vs no defense, decode tokens/s of each repair variant vs no
+defense. Each returns its block of the results JSON for one device."""
 
 from __future__ import annotations
 
 import gc
 from typing import Any
 
-from cachemedicpp import hf
+from cachemedicpp import calibration, defenses, hf
+from cachemedicpp import eval as ev
 from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import abba, interleaved, median, paired_ratios, ratio
 from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator,
                                           prefilled, train_workloads, variant_agreement)
 from cachemedicpp.config import ConfigError
+from cachemedicpp.results import NO_DEFENSE
 
 TRAIN_BARE = ("clean prefix prefill (no grad) + teacher continuation forward (no grad) + student continuation "
               "forward reading K*s on the protected layers (s: one scalar parameter) + the same KD loss + "
@@ -60,6 +63,42 @@ def bench_eval(s: Settings, lm: hf.LoadedModel) -> dict:
         e2e["note"] = "includes model load, data loading, example building, bootstrap aggregation and file writes"
         out["end_to_end"] = e2e
     return out
+
+
+DEFENSE_OVERHEAD = ("eval's own overhead measurement (eval.measure_overhead, figure B's throughput): per defense, "
+                    "one warm-up, then `reps` x one example per task of one corrupted cell (the first evaluated type "
+                    "at the smallest positive eps), building the row (corrupt + defend) and scoring its continuation; "
+                    "checksum_recompute runs its real recomputation forward of the whole context whenever a block "
+                    "fails its checksum (counted in recompute_tokens / recompute_sec, part of wall_sec). Defenses "
+                    "run one after another (not interleaved): ratios move with the machine's load")
+
+
+def bench_defense_overhead(s: Settings, lm: hf.LoadedModel) -> dict:
+    """Every defense of the base config plus checksum_recompute, timed as the eval times them, with wall
+    time and throughput relative to no_defense and checksum_recompute's recomputation cost."""
+    cfg = bench_config(s, str(lm.device), lm.arch, extra_defenses=[NO_DEFENSE, defenses.RECOMPUTE[0]])
+    names, _ = ev.eval_defenses(cfg)
+    cal = calibration.build(cfg, lm) if set(defenses.CALIBRATED) & set(names) else None
+    ctx = ev.build_context(cfg, lm, perturbed_operator(cfg, lm), cal)
+    reps = s.eval_reps or s.reps
+    protocol = ev.overhead_protocol(ctx, reps)
+    measured = ev.measure_overhead(ctx, reps)
+    base = measured[NO_DEFENSE]
+    rows = {}
+    for d, m in measured.items():
+        row = dict(m, group=defenses.GROUPS[d],
+                   wall_ratio_vs_no_defense=ratio(m["wall_sec"], base["wall_sec"]),
+                   throughput_ratio_vs_no_defense=(ratio(m["tokens_per_sec"], base["tokens_per_sec"])
+                                                   if m["tokens_per_sec"] and base["tokens_per_sec"] else None))
+        if "recompute_tokens" in m:
+            runs = reps * len(protocol["examples"])
+            row.update(recompute_tokens_per_run=m["recompute_tokens"] / runs,
+                       recompute_share_of_wall=ratio(m["recompute_sec"], m["wall_sec"]))
+        rows[d] = row
+    return {"defenses": rows, "cell": {"corruption_type": protocol["corruption_type"], "epsilon": protocol["epsilon"]},
+            "examples": protocol["examples"], "reps": reps, "persistence": ctx.persistence,
+            "context_tokens": [int(ex.prefix.numel()) for ex in ctx.examples],
+            "checksum_block_size": int(ctx.baseline["checksum_block_size"]), "definition": DEFENSE_OVERHEAD}
 
 
 def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:

@@ -44,7 +44,7 @@ DETECTING_VARIANTS = ("none", "repair", "repair_all_gated")
 def decode_variants(family: str) -> tuple[str, ...]:
     return DETECTING_VARIANTS if family == "D" else DECODE_VARIANTS
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
-MEASUREMENTS = ("train_step", "eval_grid", "decode", "memory")
+MEASUREMENTS = ("train_step", "eval_grid", "defense_overhead", "decode", "memory")
 
 
 @dataclass
@@ -70,16 +70,19 @@ class Settings:
     seed: int = 0
 
 
-def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None):
+def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None, extra_defenses: Sequence[str] = ()):
     """The run config the workloads use: the base config with the model/device overrides, the settings'
     protected layers (the first four when the model is shallower), and a small eval grid (the base
-    config's tasks, types and persistence; `eval_examples` per task and `eval_eps`)."""
+    config's tasks, types and persistence; `eval_examples` per task and `eval_eps`; its defenses plus
+    `extra_defenses`)."""
     over: dict[str, Any] = {"device": device, "dtype": "float32", "repair.protect_layers": list(s.protect_layers)}
     if s.model:
         over["model.name"] = s.model
     cfg = load_config(s.config, over)
     over["eval.tasks"] = [dict(t, num_examples=s.eval_examples) for t in cfg.eval.tasks]
     over["eval.corruption_eval.eps"] = list(s.eval_eps)
+    if extra_defenses:
+        over["eval.defenses"] = list(cfg.eval.defenses) + [d for d in extra_defenses if d not in cfg.eval.defenses]
     # the calibrated baselines need a calibration; its statistics do not matter for timing: keep it small
     over.update({"baseline.calibration.windows": 2, "baseline.calibration.select_windows": 1,
                  "eval.validation.num_examples": 1})
@@ -128,7 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
                    help="how peak memory is measured on CPU (default: a fresh subprocess per workload)")
     p.add_argument("--memory-lengths", default=None, help="decode lengths whose memory is measured (default: the longest)")
-    p.add_argument("--only", default=None, help="subset of train_step,eval_grid,decode,memory")
+    p.add_argument("--only", default=None, help="subset of " + ",".join(MEASUREMENTS))
     p.add_argument("--layers", default="10,11,12,13",
                    help="protected layers of the repair in every workload (default 10,11,12,13)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

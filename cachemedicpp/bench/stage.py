@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from cachemedicpp.bench.measure import bench_decode, bench_eval, bench_train
+from cachemedicpp.bench.measure import bench_decode, bench_defense_overhead, bench_eval, bench_train
 from cachemedicpp.bench.memory_probe import bench_memory, probe
 from cachemedicpp.bench.settings import (decode_variants, FORMAT, MEASUREMENTS, TARGETS, Settings, load_lm,
                                          machine_info, parse_args, settings_from_args)
@@ -34,6 +34,10 @@ def run_device(s: Settings, device: str) -> dict:
     if "eval_grid" in s.only:
         log.info("[%s] eval grid vs bare forwards (%d reps)", device, s.eval_reps or s.reps)
         dev_res["eval_grid"] = bench_eval(s, lm)
+    if "defense_overhead" in s.only:
+        log.info("[%s] defense overhead vs no_defense, checksum_recompute included (%d reps)", device,
+                 s.eval_reps or s.reps)
+        dev_res["defense_overhead"] = bench_defense_overhead(s, lm)
     if "decode" in s.only:
         log.info("[%s] decode at lengths %s (%d reps x %d tokens)", device, s.lengths, s.reps, s.decode_tokens)
         dev_res["decode"] = bench_decode(s, lm)
@@ -69,6 +73,10 @@ def summary(results: dict) -> dict:
         out.setdefault(dev, {})["train_step"] = r.get("ratio")
     for dev, r in results.get("eval_grid", {}).items():
         out.setdefault(dev, {})["eval_grid"] = r.get("ratio")
+    for dev, r in results.get("defense_overhead", {}).items():
+        rc = r["defenses"].get("checksum_recompute")
+        if rc is not None:
+            out.setdefault(dev, {})["checksum_recompute_wall_ratio"] = rc.get("wall_ratio_vs_no_defense")
     for dev, r in results.get("decode", {}).items():
         for length, row in r["lengths"].items():
             for v, x in row["ratios"].items():
@@ -105,6 +113,8 @@ def table(results: dict) -> str:
             e = r["end_to_end"]
             lines.append(f"  eval.run end to end on the same grid: {_fmt(e['wall_sec'], '.1f')} s "
                          f"({_fmt(e['ratio_vs_bare'], '.2f')}x the bare forwards; model load and files included)")
+    for dev, r in results.get("defense_overhead", {}).items():
+        lines += _defense_table(dev, r)
     for dev, r in results.get("decode", {}).items():
         lines += _decode_table(dev, r)
     for dev, r in results.get("memory", {}).items():
@@ -115,6 +125,21 @@ def table(results: dict) -> str:
             lines.append(f"  {name:<22} {_fmt(res.get('peak_delta_mib'), '.1f'):>8}  "
                          f"peak {_fmt(res.get('peak_mib'), '.0f'):>6}{extra} {note}")
     return "\n".join(lines)
+
+
+def _defense_table(dev: str, r: dict) -> list[str]:
+    c = r["cell"]
+    lines = [f"[{dev}] defense overhead ({c['corruption_type']} at eps {c['epsilon']:g}, {r['reps']} reps x "
+             f"{len(r['examples'])} examples; wall time relative to no_defense):",
+             f"  {'defense':<20} {'wall s':>8} {'tokens/s':>9} {'x no_def':>8}  recomputed"]
+    for d, row in r["defenses"].items():
+        re = "-"
+        if "recompute_tokens" in row:
+            re = (f"{row['recompute_tokens']} tokens ({_fmt(row.get('recompute_tokens_per_run'), '.0f')}/run), "
+                  f"{_fmt(row.get('recompute_sec'), '.3f')} s ({_fmt(row.get('recompute_share_of_wall'), '.0%')} of wall)")
+        lines.append(f"  {d:<20} {_fmt(row['wall_sec']):>8} {_fmt(row.get('tokens_per_sec'), '.1f'):>9} "
+                     f"{_fmt(row.get('wall_ratio_vs_no_defense'), '.2f'):>8}  {re}")
+    return lines
 
 
 def _decode_table(dev: str, r: dict) -> list[str]:

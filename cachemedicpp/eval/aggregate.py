@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from cachemedicpp import defenses, seeding, stats, tasks
-from cachemedicpp.eval.grid import CLEAN, HEURISTICS, REPAIR_NAME, Cell, EvalContext
+from cachemedicpp.eval.grid import BIT_TYPE, CLEAN, HEURISTICS, REPAIR_NAME, Cell, EvalContext
 from cachemedicpp.results import NO_DEFENSE
 
 CI_ALPHA = 0.05
@@ -117,15 +117,44 @@ def _curve_block(curves: dict, boot: dict, eps: list[float], names: list[str], b
 
 
 def _task_rows(point: dict, boot: dict, values: dict[str, np.ndarray], cells: list[Cell]) -> list[dict]:
-    """One row per task and cell: value, normalised score and its CI."""
+    """One row per task and cell (figure E's bit-class cells aside): value, normalised score and its CI."""
     rows = []
     for t in values:
         lo, hi = stats.percentile_ci(boot["score"][t], CI_ALPHA, axis=0)
         for i, c in enumerate(cells):
+            if c.bits is not None:
+                continue
             rows.append({"task": t, "corruption_type": c.ctype, "epsilon": c.eps, "defense": c.defense,
                          "value": float(point["value"][t][0, i]), "score": float(point["score"][t][0, i]),
                          "n": int(values[t].shape[0]), "ci_low": float(lo[i]), "ci_high": float(hi[i])})
     return rows
+
+
+def bit_class_block(point: dict, boot: dict, cells: list[Cell], names: list[str]) -> dict | None:
+    """Figure E: the normalised score of every defense per bit class (mean over tasks, with its CI and per
+    task), from the bit-class cells; None when the grid has none."""
+    bit_cells = [c for c in cells if c.bits is not None]
+    if not bit_cells:
+        return None
+    idx = {c.key: i for i, c in enumerate(cells)}
+    classes = list(dict.fromkeys(c.bits for c in bit_cells))
+    eps = float(bit_cells[0].eps)
+
+    def per_class(score: np.ndarray, d: str) -> np.ndarray:  # [S, n_classes]
+        return np.stack([score[:, idx[Cell(BIT_TYPE, eps, d, bits=b).key]] for b in classes], axis=1)
+
+    tasks_ = list(point["score"])
+    out: dict = {"eps": eps, "classes": classes, "per_defense": {}, "ci": {}, "by_task": {t: {} for t in tasks_},
+                 "clean_no_defense": float(point["clean_regression"][NO_DEFENSE][0])}
+    for d in names:
+        pt = np.mean([per_class(point["score"][t], d) for t in tasks_], axis=0)
+        bt = np.mean([per_class(boot["score"][t], d) for t in tasks_], axis=0)
+        lo, hi = stats.percentile_ci(bt, CI_ALPHA, axis=0)
+        out["per_defense"][d] = stats.to_list(pt[0])
+        out["ci"][d] = {"low": stats.to_list(lo), "high": stats.to_list(hi)}
+        for t in tasks_:
+            out["by_task"][t][d] = stats.to_list(per_class(point["score"][t], d)[0])
+    return out
 
 
 def _paired(metric: str, key: str, point: dict, boot: dict, other: str, n: int) -> dict:
@@ -175,7 +204,8 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
             paired_by_type[ty] = {f"cachemedic_minus_{label}": _paired("robustness_auc", "auc", pt, bt, other, n_total)
                                   for other, label in others}
     clean_idx = {c.defense: i for i, c in enumerate(cells) if c.ctype == CLEAN}
-    return {
+    bits = bit_class_block(point, boot, cells, names)
+    return {**({"bit_class_scores": bits} if bits is not None else {}),
         "task_curves": _task_rows(point, boot, values, cells),
         "clean_metrics": {t: {d: float(point["value"][t][0, clean_idx[d]]) for d in names} for t in order},
         "clean_scores": {t: {d: float(point["clean"][t][d][0]) for d in names} for t in order},
@@ -209,7 +239,9 @@ def recompute_cost(ctx: EvalContext, units: dict) -> dict | None:
         return None
     rows = []
     for c in ctx.cells:
-        costs = [(units[ex.key].get("recompute") or {}).get(c.key) for ex in ctx.examples] if c.defense == name else []
+        if c.defense != name or c.bits is not None:  # figure E's bit-class cells: not in the cost table
+            continue
+        costs = [(units[ex.key].get("recompute") or {}).get(c.key) for ex in ctx.examples]
         known = [x for x in costs if x is not None]
         if known:
             rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(known),
@@ -230,7 +262,7 @@ def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
         return None
     rows = []
     for c in ctx.cells:
-        if c.defense != REPAIR_NAME:
+        if c.defense != REPAIR_NAME or c.bits is not None:  # figure E's bit-class cells: not in this table
             continue
         counts = [units[ex.key].get("detector", {}).get(c.key) for ex in ctx.examples]
         counts = [x for x in counts if x is not None]

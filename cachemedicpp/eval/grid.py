@@ -9,7 +9,10 @@ Per example (one unit of work, key "<task>/<index>"):
   3. score the example's continuation rows with one forward over the batched cache; cachemedic rows run
      with the repair operator active inside attention (their own batches).
 Clean cells use eps 0 with the region of the first evaluated type, so heuristics act on clean inputs
-too (their clean cost is measured, never a silent no-op). A cell whose input is provably identical to
+too (their clean cost is measured, never a silent no-op). Figure E's bit-class cells (eval.bit_classes)
+score `bitflip` once per bit class at eval.bit_class_eps, outside the curves: a cell's `bits` replaces
+corruption.params.bitflip_bits, with the draws of the bitflip cells at that eps (the same elements hit in
+every class, only the bit flipped differs). A cell whose input is provably identical to
 its defense's clean cell (eps 0 on the same region, or a region covering nothing at rest) reuses the
 clean cell's value instead of recomputing it.
 """
@@ -42,20 +45,35 @@ class Cell:
     ctype: str  # "clean" or a corruption type
     eps: float
     defense: str
+    bits: str | None = None  # figure E: the bit class replacing corruption.params.bitflip_bits (bitflip only)
 
     @property
     def key(self) -> str:
-        return f"{self.ctype}|{float(self.eps)!r}|{self.defense}"
+        return f"{self.ctype}|{float(self.eps)!r}|{self.defense}" + (f"|bits={self.bits}" if self.bits else "")
 
     @property
     def repaired(self) -> bool:
         return self.defense == REPAIR_NAME
 
 
-def make_grid(defense_names: Sequence[str], types: Sequence[str], eps: Sequence[float]) -> list[Cell]:
+BIT_TYPE = "bitflip"  # the type of figure E's bit-class cells
+
+
+def make_grid(defense_names: Sequence[str], types: Sequence[str], eps: Sequence[float],
+              bit_classes: Sequence[str] = (), bit_eps: float | None = None) -> list[Cell]:
     cells = [Cell(CLEAN, 0.0, d) for d in defense_names]
     cells += [Cell(t, float(e), d) for t in types for e in eps for d in defense_names]
+    cells += [Cell(BIT_TYPE, float(bit_eps), d, bits=b) for b in bit_classes for d in defense_names]
     return cells
+
+
+def bit_class_eps(cfg: Config) -> float | None:
+    """The severity of figure E's bit-class cells (None without bit classes): eval.bit_class_eps, else the
+    largest eval eps."""
+    if not cfg.eval.bit_classes:
+        return None
+    e = cfg.eval.bit_class_eps
+    return float(e) if e is not None else max(float(x) for x in cfg.eval.corruption_eval.eps)
 
 
 def eval_defenses(cfg: Config) -> tuple[list[str], list[str]]:
@@ -104,6 +122,8 @@ class EvalContext:
     batch_rows: int
     notes: list[str] = field(default_factory=list)
     cal: Any = None  # calibration.Calibration when a calibrated baseline is evaluated
+    bit_classes: list[str] = field(default_factory=list)  # figure E's bit classes (eval.bit_classes)
+    bit_eps: float | None = None  # their severity
     # checksum_recompute: run the real recomputation forward (timed overhead) instead of reading the clean
     # prefill, which it reproduces bit for bit (tests/test_faults.py); the cost is counted either way
     recompute_exact: bool = False
@@ -186,9 +206,16 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     if set(defenses.CALIBRATED) & set(names) and cal is None:
         raise ValueError("a calibrated baseline is evaluated but no calibration was given")
     ref = next((t for t in types if t != "targeted"), types[0])
+    bits, bit_eps = list(cfg.eval.bit_classes), bit_class_eps(cfg)
     return EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
-                       make_grid(names, types, eps), examples, info, sources, cfg.baseline.to_dict(),
-                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal)
+                       make_grid(names, types, eps, bits, bit_eps), examples, info, sources, cfg.baseline.to_dict(),
+                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal, bit_classes=bits,
+                       bit_eps=bit_eps)
+
+
+def corruptor_for(ctx: EvalContext, cell: Cell) -> corruption.Corruptor:
+    """The corruptor of a cell: the run's, or for a bit-class cell the run's with that bit class."""
+    return ctx.corruptor if cell.bits is None else ctx.corruptor.with_params(bitflip_bits=cell.bits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,11 +229,11 @@ def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> t
 
 
 def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region,
-                  clean: tuple | None = None, T: int | None = None):
-    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] of the sequence's `T` (default:
-    the example's context; all of it, or a sliding-window layer's last ones), and the region's mask is cut
-    to them."""
-    T = int(ex.prefix.numel()) if T is None else int(T)
+                  clean: tuple | None = None, end: int | None = None):
+    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] before `end` (default: the
+    example's context length, at rest; on read, what is read ends at the context and the continuation): all
+    of them, or a sliding-window layer's last ones; the region's mask is cut to them."""
+    T = int(ex.prefix.numel()) if end is None else int(end)
     mask = region.mask(layer, k.shape[2]) if name in defenses.REFERENCE else None
     return defenses.defend(name, layer, k, v, mask=mask,
                            baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
@@ -278,7 +305,8 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
     (the context and the continuation, scored in one forward: a full-attention layer reads all of it, a
     sliding-window layer its last positions)."""
     T = int(ex.prefix.numel() + ex.feeds.shape[-1])
-    corrupt = None if cell.ctype == CLEAN else ctx.corruptor.on_read(cell.ctype, cell.eps, PHASE, ex.example_id)
+    corrupt = None if cell.ctype == CLEAN else corruptor_for(ctx, cell).on_read(cell.ctype, cell.eps, PHASE,
+                                                                               ex.example_id)
     region = _region(ctx, cell.ctype, cell.eps, T, ex)
     everywhere = cell.defense in defenses.CALIBRATED  # not only the corrupted layers
 
@@ -287,7 +315,7 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
         if corrupt is not None:
             k, v = corrupt(layer, k, v, length=T)
         if cell.defense not in PASS_THROUGH and (layer in region.layers or everywhere):
-            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, region, clean=clean, T=T)
+            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, region, clean=clean, end=T)
             if d is not None:
                 fn.drops[layer] = d  # read by the batch's drop function right after this call
         return k, v
@@ -305,12 +333,13 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
     group: tuple | None = None
     region, kv = ref, {}
     for cell in ctx.cells:
-        if (cell.ctype, cell.eps) != group:
-            group = (cell.ctype, cell.eps)
+        if (cell.ctype, cell.eps, cell.bits) != group:
+            group = (cell.ctype, cell.eps, cell.bits)
             region = ref if cell.ctype == CLEAN else _region(ctx, cell.ctype, cell.eps, T, ex)
             kv = {l: hf.get_kv(clean_cache, l) for l in region.layers}
             if at_rest and cell.ctype != CLEAN:
-                kv, _ = ctx.corruptor.apply_cache(kv, cell.ctype, cell.eps, PHASE, ex.example_id, region=region)
+                kv, _ = corruptor_for(ctx, cell).apply_cache(kv, cell.ctype, cell.eps, PHASE, ex.example_id,
+                                                             region=region)
         if dedupe and cell.ctype != CLEAN and (
                 (cell.eps == 0 and _same_region(region, ref))
                 or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
@@ -457,7 +486,7 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         for row in cell_rows(ctx, ex, clean, dedupe):
             if row.recompute is not None:
                 costs[row.cell.key] = row.recompute
-            if row.cell.ctype != CLEAN and (row.cell.ctype, row.cell.eps) not in seen:
+            if row.cell.ctype != CLEAN and row.cell.bits is None and (row.cell.ctype, row.cell.eps) not in seen:
                 seen.add((row.cell.ctype, row.cell.eps))
                 regions.append(row.region)
             if row.alias is not None:

@@ -25,9 +25,9 @@ from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, 
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED, METRICS, NO_DEFENSE,
-                                  RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS,
-                                  SLIDING_WINDOW)
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
+                                  METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
+                                  SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
@@ -141,6 +141,20 @@ def sliding_window(ctx: EvalContext) -> dict:
                     "reported in metrics.exposure_evicted and count as not exposed in metrics.exposure"}
 
 
+def bit_class_settings(ctx: EvalContext) -> dict:
+    """What figure E's bit-class cells flipped: the storage format, the flip rate at their eps, the burst and
+    each class's bit indices."""
+    params = ctx.cfg.corruption.params.to_dict()
+    sev = corruption.severity("bitflip", ctx.bit_eps, params, ctx.cfg.corruption.eps_ref)
+    fmt, simulated = corruption.storage_format(params, ctx.lm.dtype)
+    return {"storage_format": fmt, "cache_dtype": corruption.format_name(ctx.lm.dtype), "simulated": simulated,
+            "flip_rate": float(sev["p"]), "burst": int(sev["burst"]),
+            "bits": {b: list(corruption.bit_positions(fmt, b)) for b in ctx.bit_classes},
+            "how": "bitflip scored once per bit class at one severity: the same elements hit in every class (the "
+                   "draws of the bitflip cells at that eps), only the bit flipped differs; normalised score, mean "
+                   "over tasks; intervals: the shared paired bootstrap"}
+
+
 def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> dict:
     cfg = ctx.cfg
     ax = cfg.corruption.axes
@@ -229,6 +243,8 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     metrics = aggregate(ctx.task_info, values, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps,
                         int(cfg.eval.bootstrap_samples), int(cfg.seed), best=best, choice=choice)
     metrics[EXPOSURE_EVICTED] = {t: float(evicted[t]) for t in metrics["exposure"]}
+    if BIT_CLASS_SCORES in metrics:
+        metrics[BIT_CLASS_SCORES].update(bit_class_settings(ctx))
     cost = recompute_cost(ctx, units)
     if cost is not None:
         metrics[RECOMPUTE_COST] = cost
@@ -269,7 +285,7 @@ def validation_config(cfg: Config) -> Config | None:
     # operator families without reading the test grid
     learned = [REPAIR_NAME] if REPAIR_NAME in names else []
     ev.update(defenses=[NO_DEFENSE] + candidates + learned, ood_protocol=None, ood_split=None,
-              measure_overhead=False)
+              measure_overhead=False, bit_classes=[])
     ev["corruption_eval"]["types"] = types
     return load_config(data=data)
 

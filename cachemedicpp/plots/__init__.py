@@ -8,7 +8,7 @@ Numbers that were not measured are shown as such, never made up (a null `overhea
 clean score vs robustness AUC and the title says so).
 
     inputs.py   read and validate the metrics into `Inputs`
-    figures.py  the four figures (PNG bytes)
+    figures.py  the figures (PNG bytes): A-D always, E (bit positions) when the metrics have bit-class scores
     tables.py   the two LaTeX tables
     report.py   the markdown report
     text.py     number formatting they share
@@ -18,14 +18,16 @@ clean score vs robustness AUC and the title says so).
 
 from __future__ import annotations
 
-from cachemedicpp.plots.figures import fig_amplification, fig_pareto, fig_score_vs_eps, fig_sensitivity, pareto_front
+from cachemedicpp.plots.figures import (fig_amplification, fig_bit_position, fig_pareto, fig_score_vs_eps,
+                                        fig_sensitivity, pareto_front)
 from cachemedicpp.plots.inputs import Curves, Inputs, SensPoint, load_inputs
-from cachemedicpp.plots.outputs import FIGURES, TABLES
+from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES, OPTIONAL_FIGURES, TABLES
 from cachemedicpp.plots.report import report_md
 from cachemedicpp.plots.stage import main, render, run
 from cachemedicpp.plots.tables import table_ablation, table_main, tex, tnum
 from cachemedicpp.plots.text import fmt, layer_ranges
 
-__all__ = ["Curves", "FIGURES", "Inputs", "SensPoint", "TABLES", "fig_amplification", "fig_pareto",
+__all__ = ["Curves", "FIG_BIT_POSITION", "FIGURES", "Inputs", "OPTIONAL_FIGURES", "SensPoint", "TABLES",
+           "fig_amplification", "fig_bit_position", "fig_pareto",
            "fig_score_vs_eps", "fig_sensitivity", "fmt", "layer_ranges", "load_inputs", "main", "pareto_front",
            "render", "report_md", "run", "table_ablation", "table_main", "tex", "tnum"]

@@ -1,4 +1,5 @@
-"""The four figures, each rendered to PNG bytes in memory (nothing is written here).
+"""The figures (A-D always, E when the metrics have bit-class scores), each rendered to PNG bytes in memory
+(nothing is written here).
 
 Figures are deterministic for the same metrics: no timestamps or software tag in the PNG metadata.
 """
@@ -19,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cachemedicpp.config import ConfigError
 from cachemedicpp.plots.inputs import Curves, Inputs
-from cachemedicpp.plots.outputs import FIGURES
+from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES
 from cachemedicpp.plots.text import fmt, plain
 from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CHECKSUM_RECOMPUTE, CLEAN_REGRESSION,
                                   GROUP_CALIBRATED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
@@ -67,10 +68,14 @@ def heuristic_label(best: str) -> str:
 
 
 def render_figures(inp: Inputs) -> dict[str, bytes]:
-    """{file name: PNG bytes} of the four figures, in FIGURES order."""
+    """{file name: PNG bytes} of the four figures, in FIGURES order, then figure E when the metrics have
+    bit-class scores (else it is skipped: `inp.bits_note` says why)."""
     with rc_context(RC):
         figs = [fig_score_vs_eps(inp), fig_pareto(inp), fig_sensitivity(inp), fig_amplification(inp)]
-    return dict(zip(FIGURES, figs))
+        out = dict(zip(FIGURES, figs))
+        if inp.bits is not None:
+            out[FIG_BIT_POSITION] = fig_bit_position(inp)
+    return out
 
 
 def _new_figure(w: float, h: float) -> Figure:
@@ -467,4 +472,80 @@ def fig_amplification(inp: Inputs) -> bytes:
     delta = f" at δ = {a['delta']:g}" if a["delta"] is not None and math.isfinite(a["delta"]) else ""
     fig.suptitle(f"Amplification map γ(layer, head){delta}: median drift per unit perturbation\n"
                  "ratio < 1 (blue) means the repair damps the perturbation, > 1 (red) amplifies it")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure E: bit-position damage
+
+
+def bit_position_series(inp: Inputs) -> list[tuple[str, str]]:
+    """(defense, label) of figure E's bars, in order: no defense, the best calibrated baseline (chosen on
+    validation data), cachemedic and checksum_recompute, each when the block has it."""
+    per = inp.bits["per_defense"] if inp.bits else {}
+    out = [(NO_DEFENSE, "no defense")]
+    cal = inp.best_calibrated()
+    if cal and cal in per:
+        how = "best baseline" if cal == inp.best else "best calibrated baseline"
+        out.append((cal, f"{cal} ({how}, chosen on validation data)"))
+    out += [(d, d) for d in (CACHEMEDIC, CHECKSUM_RECOMPUTE) if d in per]
+    return [(d, label) for d, label in out if d in per]
+
+
+def _class_label(cls: str, bits: Sequence[int]) -> str:
+    if not bits:
+        return cls
+    if len(bits) == 1:
+        return f"{cls}\n(bit {bits[0]})"
+    contiguous = list(bits) == list(range(min(bits), max(bits) + 1))
+    return f"{cls}\n(bits {min(bits)}–{max(bits)})" if contiguous else f"{cls}\n({len(bits)} bits)"
+
+
+def fig_bit_position(inp: Inputs) -> bytes:
+    """Mean normalised score per bit class at one flip rate, one bar per defense with its 95% CI."""
+    b = inp.bits
+    classes = b["classes"]
+    series = bit_position_series(inp)
+    x = np.arange(len(classes), dtype=float)
+    width = 0.8 / len(series)
+    hatches = {NO_DEFENSE: "", CACHEMEDIC: "", CHECKSUM_RECOMPUTE: ".."}
+    fig = _new_figure(max(7.5, 1.9 * len(classes) + 3.0), 5.4)
+    ax = fig.add_subplot(1, 1, 1)
+    vals: list[float] = []
+    for i, (d, label) in enumerate(series):
+        y = b["per_defense"][d]
+        color, _ = defense_style(d)
+        pos = x - 0.4 + width * (i + 0.5)
+        err = None
+        if d in b["ci"]:
+            lo, hi = b["ci"][d]
+            err = np.stack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+            err = np.where(np.isfinite(err), err, 0.0)
+            vals += [v for v in (*lo, *hi) if math.isfinite(v)]
+        ax.bar(pos, np.where(np.isfinite(y), y, 0.0), width * 0.92, color=color, edgecolor=BLACK, linewidth=0.6,
+               hatch=hatches.get(d, "//"), label=label, yerr=err, capsize=3, error_kw={"lw": 1.0}, zorder=3)
+        for px, v in zip(pos, y):
+            if not math.isfinite(v):  # undefined (e.g. every example's value NaN): say so, draw nothing
+                ax.text(px, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, zorder=4)
+        vals += [v for v in y if math.isfinite(v)]
+    clean = b.get("clean_no_defense", math.nan)
+    if math.isfinite(clean):
+        ax.axhline(clean, color=GREY, ls=":", lw=1.6, label=CLEAN_LABEL, zorder=2)
+        vals.append(clean)
+    ax.set_xticks(x)
+    ax.set_xticklabels([_class_label(c, b["bits"].get(c, [])) for c in classes])
+    lo, hi = _pad(vals + [0.0], 0.08, floor=0.0)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("bit class flipped in the stored word")
+    ax.set_ylabel("normalised score, mean over tasks (higher is better)")
+    ax.grid(axis="x", visible=False)
+    fig.legend(loc="outside lower center", ncol=min(len(series) + 1, 3), frameon=False)
+    fmt_name = b.get("storage_format") or "?"
+    sim = f", simulated on a {b.get('cache_dtype')} cache" if b.get("simulated") else ""
+    rate = f"flip rate {b['flip_rate']:.3g} per element" if math.isfinite(b.get("flip_rate", math.nan)) else ""
+    eps = f"ε = {b['eps']:g}" if math.isfinite(b.get("eps", math.nan)) else ""
+    burst = f", bursts of {b['burst']} bits" if isinstance(b.get("burst"), int) and b["burst"] > 1 else ""
+    detail = ", ".join(t for t in (rate, eps) if t)
+    fig.suptitle(f"Bit-position damage: bit flips in the {fmt_name} word{sim}{burst}\n{detail} · the same elements "
+                 "hit in every class (bars: 95% CI)")
     return _png(fig)

@@ -18,6 +18,7 @@ import numpy as np
 from cachemedicpp.config import ConfigError, resolve_path
 from cachemedicpp.fileio import read_json
 from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES,
+                                  BIT_CLASS_SCORES,
                                   CACHEMEDIC, CACHEMEDIC_MINUS_NO_DEFENSE, CLEAN_REGRESSION, CONFIG_HASH, DAMAGE,
                                   DAMAGE_BY_TYPE, DEFENSE_GROUPS, GROUP_BASELINE, GROUP_CALIBRATED, GROUP_CEILING,
                                   GROUP_LEARNED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
@@ -165,6 +166,8 @@ class Inputs:
     choice: dict | None = None  # metrics.best_baseline_choice {rule, types, examples, validation_auc, chosen}
     damage: dict[str, float] | None = None  # metrics.damage {auc_clean, auc_no_defense, diff, ci_low, ci_high, n}
     recovered: dict[str, dict[str, float]] = field(default_factory=dict)  # {defense: {value, ci_low, ci_high}}
+    bits: dict | None = None  # metrics.bit_class_scores (figure E); None when absent or malformed
+    bits_note: str = ""  # why figure E is not drawn (empty when it is)
 
     @property
     def has_pair(self) -> bool:
@@ -348,6 +351,37 @@ def _by_type(doc: _Doc) -> dict:
     return by_type
 
 
+def _bit_classes(doc: _Doc) -> tuple[dict | None, str]:
+    """(figure E's block, note): the block with per-class arrays (NaN for null), or None and why not."""
+    key = f"{METRICS}.{BIT_CLASS_SCORES}"
+    b = doc.get(METRICS, BIT_CLASS_SCORES)
+    if b is None:
+        return None, (f"figure E not drawn: {doc.path.name} has no {key} (eval.bit_classes was empty)")
+    classes = b.get("classes") if isinstance(b, dict) else None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return None, f"figure E not drawn: {key}.classes is missing or malformed"
+    n = len(classes)
+
+    def arr(seq: Any) -> np.ndarray | None:
+        if isinstance(seq, list) and len(seq) == n and all(v is None or _is_num(v) for v in seq):
+            return np.array([math.nan if v is None else float(v) for v in seq])
+        return None
+
+    per = {str(d): a for d, seq in _mapping(b.get("per_defense")).items() if (a := arr(seq)) is not None}
+    if NO_DEFENSE not in per:
+        return None, f"figure E not drawn: {key}.per_defense.{NO_DEFENSE} is missing or malformed"
+    ci = {}
+    for d, band in _mapping(b.get("ci")).items():
+        lo, hi = arr(_mapping(band).get("low")), arr(_mapping(band).get("high"))
+        if lo is not None and hi is not None:
+            ci[str(d)] = (lo, hi)
+    bits = {str(c): [int(x) for x in v] for c, v in _mapping(b.get("bits")).items()
+            if isinstance(v, list) and all(isinstance(x, int) for x in v)}
+    return {"classes": classes, "per_defense": per, "ci": ci, "bits": bits,
+            **{k: float(b[k]) if _is_num(b.get(k)) else math.nan for k in ("eps", "flip_rate", "clean_no_defense")},
+            **{k: b.get(k) for k in ("storage_format", "cache_dtype", "simulated", "burst")}}, ""
+
+
 def _choice(doc: _Doc) -> dict | None:
     """best_baseline_choice, or None when absent or malformed."""
     c = doc.get(METRICS, BEST_BASELINE_CHOICE)
@@ -376,7 +410,9 @@ def _load_task(path: Path) -> dict:
     groups = {str(k): v for k, v in _mapping(doc.get(METRICS, DEFENSE_GROUPS)).items() if isinstance(v, str)}
     auc_by_task = {str(t): _numbers(per) for t, per in _mapping(doc.get(METRICS, ROBUSTNESS_AUC_BY_TASK)).items()
                    if isinstance(per, dict)}
+    bits, bits_note = _bit_classes(doc)
     return dict(run_id=doc.get(RUN_ID), config_hash=doc.get(CONFIG_HASH), by_type=_by_type(doc),
+                bits=bits, bits_note=bits_note,
                 auc_by_task=auc_by_task,
                 groups=groups, choice=_choice(doc), damage=_damage(doc.get(METRICS, DAMAGE)),
                 recovered=_recovered(doc.get(METRICS, RECOVERED_FRACTION)),

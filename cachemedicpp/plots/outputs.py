@@ -7,7 +7,9 @@ FIG_SCORE_VS_EPS = "figA_score_vs_eps.png"
 FIG_PARETO = "figB_clean_vs_overhead_pareto.png"
 FIG_SENSITIVITY = "figC_logit_sensitivity.png"
 FIG_AMPLIFICATION = "figD_amplification_map.png"
-FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)
+FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)  # drawn for every run
+FIG_BIT_POSITION = "figE_bit_position_damage.png"  # only when the metrics have bit_class_scores (eval.bit_classes)
+OPTIONAL_FIGURES = (FIG_BIT_POSITION,)
 
 TABLE_MAIN = "table_main_results.tex"
 TABLE_ABLATION = "table_ablation_summary.tex"

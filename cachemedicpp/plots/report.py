@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cachemedicpp.plots.inputs import BEST, Inputs, SensPoint
-from cachemedicpp.plots.outputs import FIGURES, TABLES
+from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES, TABLES
 from cachemedicpp.plots.tables import choice_text, headline_label
 from cachemedicpp.plots.text import MISSING, fmt, fmt_ci, fmt_damage, fmt_diff, fmt_rf, layer_ranges, plain
 from cachemedicpp.results import (CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE,
@@ -314,6 +314,11 @@ def _figures_section(inp: Inputs, rd: RunDir) -> list[str]:
     L = ["## Figures", ""]
     for name, cap in zip(FIGURES, captions):
         L += [f"![{cap}]({_link(rd, rd.figure(name))})", ""]
+    if inp.bits is not None:
+        L += [f"![Bit-position damage: score per bit class at one flip rate]({_link(rd, rd.figure(FIG_BIT_POSITION))})",
+              ""]
+    else:
+        L += [f"Note: {inp.bits_note}.", ""]
     tables = [_link(rd, rd.table(name)) for name in TABLES]
     return L + ["Tables: " + ", ".join(f"[`{t}`]({t})" for t in tables) + ".", ""]
 

@@ -33,9 +33,12 @@ def render(inp: Inputs) -> dict[Path, bytes]:
 
 def run(run_dir: str | Path) -> int:
     """Draw the figures, tables and report of one run dir. Bad input raises ConfigError (exit 2)."""
-    outputs = render(load_inputs(run_dir))
+    inp = load_inputs(run_dir)
+    outputs = render(inp)
     for path, data in outputs.items():
         atomic_write_bytes(path, data)
+    if inp.bits_note:
+        print(f"note: {inp.bits_note}")
     print(f"wrote {len(outputs)} files under {RunDir(run_dir).paper}")
     return 0
 
