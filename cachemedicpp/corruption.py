@@ -193,18 +193,37 @@ class Region:
     heads: dict[int, Tensor]  # layer -> bool [H_kv]
     time: Tensor  # bool [T]
 
-    def mask(self, layer: int) -> Tensor:
-        """bool [1, H_kv, T, 1]; all False for a layer outside the region."""
+    def held(self, length: int | None = None) -> Tensor:
+        """bool [length]: the time mask over the last `length` positions of the context (what a layer that
+        holds only those keeps, e.g. a sliding-window layer); the whole context when None."""
+        T = self.time.numel()
+        if length is None:
+            return self.time
+        if int(length) > T:
+            raise ValueError(f"region over {T} positions: a layer cannot hold {int(length)} of them")
+        return self.time[T - int(length):]
+
+    def mask(self, layer: int, length: int | None = None) -> Tensor:
+        """bool [1, H_kv, length, 1] over the last `length` positions (default: all T); all False for a layer
+        outside the region."""
+        time = self.held(length)
         if layer not in self.layers:
             h = next(iter(self.heads.values())).numel() if self.heads else 1
-            return torch.zeros(1, h, self.time.numel(), 1, dtype=torch.bool)
-        return self.heads[layer].view(1, -1, 1, 1) & self.time.view(1, 1, -1, 1)
+            return torch.zeros(1, h, time.numel(), 1, dtype=torch.bool)
+        return self.heads[layer].view(1, -1, 1, 1) & time.view(1, 1, -1, 1)
 
-    def fraction(self, layer: int) -> float:
-        """Fraction of the layer's K/V entries the region covers (its exposure)."""
+    def fraction(self, layer: int, length: int | None = None) -> float:
+        """Fraction of the layer's context K/V entries (all T positions) the region covers and the layer
+        holds (its last `length`, default all): positions a sliding-window layer no longer holds count as
+        not exposed."""
         if layer not in self.layers or self.time.numel() == 0:
             return 0.0
-        return float(self.heads[layer].float().mean() * self.time.float().mean())
+        return float(self.heads[layer].float().mean() * self.held(length).float().sum() / self.time.numel())
+
+    def evicted(self, layer: int, length: int | None = None) -> float:
+        """Fraction of the layer's context K/V entries the region covers but the layer no longer holds (the
+        positions before its last `length`; 0 when it holds them all)."""
+        return self.fraction(layer) - self.fraction(layer, length)
 
 
 @dataclass
@@ -225,6 +244,8 @@ class Report:
             "dV": math.sqrt(sum(r["dV"] ** 2 for r in layers)),
             "frac_changed": sum(r["frac_changed"] for r in layers) / n,
             "exposure": sum(r["exposure"] for r in layers) / n,
+            # region entries of positions a sliding-window layer no longer holds (over the whole context)
+            "evicted": sum(r.get("evicted", 0.0) for r in layers) / n,
             "nonfinite": sum(r["nonfinite"] for r in layers) / n,  # fraction of entries a fault made Inf/NaN
             "per_layer": {str(layer): dict(r) for layer, r in sorted(self.per_layer.items())},
         }
@@ -449,8 +470,9 @@ class Corruptor:
 
     # ---- application
 
-    def _donor(self, layer: int, tag: str, x: Tensor) -> Tensor:
-        """The donor's K or V laid out like x ([1, H, T, d], zero past the donor's length)."""
+    def _donor(self, layer: int, tag: str, x: Tensor, T: int) -> Tensor:
+        """The donor's K or V laid out like x ([1, H, L, d], x holding the last L of T positions; the donor's
+        positions are absolute, zero past the donor's length)."""
         if self.donor is None:
             raise ValueError("contiguous_overwrite needs donor KV: build it with corruption.donor_kv(lm, "
                              "corruption.params.donor_prompt, ...) and pass donor_kv= to Corruptor")
@@ -460,10 +482,10 @@ class Corruptor:
         if d.shape[1] != x.shape[1] or d.shape[3] != x.shape[3]:
             raise ValueError(f"contiguous_overwrite layer {layer}: donor shape {tuple(d.shape)} does not "
                              f"match K/V shape {tuple(x.shape)}")
-        n = min(d.shape[2], x.shape[2])
-        out = torch.zeros((d.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        n = min(d.shape[2], T)
+        out = torch.zeros((d.shape[0], x.shape[1], T, x.shape[3]), dtype=x.dtype, device=x.device)
         out[:, :, :n] = d[:, :, :n].to(device=x.device, dtype=x.dtype)
-        return out
+        return out[:, :, T - x.shape[2]:]
 
     def _block(self, sev: dict, T: int, donor_len: int) -> Tensor:
         t = torch.arange(T)
@@ -505,8 +527,8 @@ class Corruptor:
         return int(self.block_donor[layer][0].shape[2])
 
     def _block_fault(self, layer: int, tag: str, x: Tensor, sev: dict, src: Tensor) -> Tensor:
-        """What the hit blocks of x hold: zeros, or the donor's entries at `src` (positions past the
-        donor's length read zeros)."""
+        """What the hit blocks of x hold: zeros, or the donor's entries at `src` (one absolute donor position
+        per position x holds; positions past the donor's length read zeros)."""
         if sev["mode"] == "zero":
             return torch.zeros_like(x)
         n = self._block_donor_len(layer)
@@ -519,25 +541,31 @@ class Corruptor:
 
     def apply(self, layer: int, k: Tensor, v: Tensor, ctype: str, eps: float, region: Region, phase: str,
               example_id, draw: int = 0) -> tuple[Tensor, Tensor]:
-        """Corrupt one layer's K/V inside the region. Pure; returns the inputs themselves when nothing acts."""
+        """Corrupt one layer's K/V inside the region. Pure; returns the inputs themselves when nothing acts.
+
+        The region spans the whole context (T positions); k and v may hold only its last L (a sliding-window
+        layer): positions are absolute, and the layer's entries get what the same positions of a layer
+        holding all T would get, save the random draws (drawn for the entries held)."""
         _check_type(ctype)
         eps = float(eps)
         sev = severity(ctype, eps, self.params, self.eps_ref)
         if eps == 0 or layer not in region.layers:
             return k, v
-        mask = region.mask(layer)
+        T, L = int(region.time.numel()), int(k.shape[2])
+        mask = region.mask(layer, L)
         base = sev.get("base", ctype)
         if base == "contiguous_overwrite":
-            donor_len = min(self.donor[layer][0].shape[2], k.shape[2]) if self.donor and layer in self.donor else 0
-            mask = mask & self._block(sev, k.shape[2], donor_len).view(1, 1, -1, 1)
+            donor_len = min(self.donor[layer][0].shape[2], T) if self.donor and layer in self.donor else 0
+            mask = mask & self._block(sev, T, donor_len)[T - L:].view(1, 1, -1, 1)
         if base == "block_fault":
             hit, src = self.block_map(sev, region.time, layer, phase, example_id)
+            hit, src = hit[T - L:], src[T - L:]
             mask = mask & hit.view(1, 1, -1, 1)
         mask = mask.to(k.device)
         out = []
         for tag, x in (("K", k), ("V", v)):
             if base == "contiguous_overwrite":
-                y = self._donor(layer, tag, x)
+                y = self._donor(layer, tag, x, T)
             elif base == "block_fault":
                 y = self._block_fault(layer, tag, x, sev, src)
             elif base == "bitflip":  # on the stored words themselves, not an fp32 copy
@@ -554,8 +582,12 @@ class Corruptor:
         return out[0], out[1]
 
     def apply_cache(self, kv: dict[int, tuple[Tensor, Tensor]], ctype: str, eps: float, phase: str, example_id,
-                    draw: int = 0, region: Region | None = None) -> tuple[dict[int, tuple[Tensor, Tensor]], Report]:
-        """Corrupt every layer of `kv` in the region; the report gives ‖ΔK‖_F, ‖ΔV‖_F per layer."""
+                    draw: int = 0, region: Region | None = None,
+                    T: int | None = None) -> tuple[dict[int, tuple[Tensor, Tensor]], Report]:
+        """Corrupt every layer of `kv` in the region; the report gives ‖ΔK‖_F, ‖ΔV‖_F per layer. Without a
+        region, one is drawn over the context's `T` positions (default: the longest layer's; a sliding-window
+        layer holds only its last ones). Each layer's exposure counts the positions it no longer holds as not
+        exposed, and `evicted` the region's entries it no longer holds."""
         _check_type(ctype)
         eps = float(eps)
         report = Report(ctype, eps, severity(ctype, eps, self.params, self.eps_ref))
@@ -565,18 +597,21 @@ class Corruptor:
             fmt, simulated = storage_format(self.params, next(iter(kv.values()))[0].dtype)
             report.severity.update(storage_format=fmt, storage_simulated=simulated)
         if region is None:
-            T = next(iter(kv.values()))[0].shape[2]
+            T = int(T) if T is not None else max(int(k.shape[2]) for k, _ in kv.values())
             region = self.region(ctype, eps, T, phase, example_id)
         out = {}
         for layer, (k, v) in kv.items():
             k2, v2 = self.apply(layer, k, v, ctype, eps, region, phase, example_id, draw)
             out[layer] = (k2, v2)
-            report.per_layer[layer] = _change(k, v, k2, v2, region.fraction(layer))
+            report.per_layer[layer] = _change(k, v, k2, v2, region.fraction(layer, k.shape[2]),
+                                              region.evicted(layer, k.shape[2]))
         return out, report
 
     def on_read(self, ctype: str, eps: float, phase: str,
                 example_id) -> Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """(layer, k, v) -> (k, v) corrupting what attention reads, with the region of the current length.
+        """(layer, k, v[, length]) -> (k, v) corrupting what attention reads, with the region of the current
+        length T: `length` when given (the sequence's positions, of which k holds the last k.shape[2], as on a
+        sliding-window layer), else k.shape[2].
 
         A key at position t is corrupted for every query once t < T - N_recent ("absolute" semantics);
         draws are seeded by T too, so each forward is deterministic.
@@ -585,8 +620,8 @@ class Corruptor:
         eps = float(eps)
         last: dict[int, Region] = {}
 
-        def fn(layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            T = int(k.shape[2])
+        def fn(layer: int, k: Tensor, v: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+            T = int(k.shape[2]) if length is None else int(length)
             if T not in last:
                 last.clear()
                 last[T] = self.region(ctype, eps, T, phase, example_id)
@@ -618,9 +653,10 @@ def _finite_norm(a: Tensor, b: Tensor) -> float:
     return float(torch.where(torch.isfinite(d), d, torch.zeros_like(d)).norm())
 
 
-def _change(k: Tensor, v: Tensor, k2: Tensor, v2: Tensor, exposure: float) -> dict:
+def _change(k: Tensor, v: Tensor, k2: Tensor, v2: Tensor, exposure: float, evicted: float = 0.0) -> dict:
     if k2 is k and v2 is v:
-        return {"dK": 0.0, "dV": 0.0, "frac_changed": 0.0, "exposure": exposure, "nonfinite": 0.0}
+        return {"dK": 0.0, "dV": 0.0, "frac_changed": 0.0, "exposure": exposure, "evicted": evicted,
+                "nonfinite": 0.0}
     changed = (k2 != k).sum() + (v2 != v).sum()
     n = max(1, k.numel() + v.numel())
     nonfinite = (~torch.isfinite(k2) & torch.isfinite(k)).sum() + (~torch.isfinite(v2) & torch.isfinite(v)).sum()
@@ -629,6 +665,7 @@ def _change(k: Tensor, v: Tensor, k2: Tensor, v2: Tensor, exposure: float) -> di
         "dV": _finite_norm(v, v2),
         "frac_changed": float(changed) / n,
         "exposure": exposure,
+        "evicted": evicted,
         "nonfinite": float(nonfinite) / n,
     }
 
@@ -647,7 +684,8 @@ def block_donor_kv(lm, params: Mapping, min_len: int, layers) -> dict[int, tuple
 
 
 def donor_kv(lm, prompt: str, min_len: int, layers) -> dict[int, tuple[Tensor, Tensor]]:
-    """Clean KV of the donor prompt, its tokens repeated until at least `min_len` positions (batch 1)."""
+    """Clean KV of the donor prompt, its tokens repeated until at least `min_len` positions (batch 1), every
+    position on every layer (also on sliding-window layers: what attention reads in the prefill)."""
     from cachemedicpp import hf
 
     ids = list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -660,9 +698,4 @@ def donor_kv(lm, prompt: str, min_len: int, layers) -> dict[int, tuple[Tensor, T
         raise ConfigError(f"donor KV: {n} positions exceed the model's {max_pos} positions")
     input_ids = torch.tensor([ids], device=lm.device)
     with torch.no_grad():
-        _, cache = hf.forward(lm.model, input_ids, logits_to_keep=1)
-    out = {}
-    for layer in layers:
-        k, v = hf.get_kv(cache, int(layer))
-        out[int(layer)] = (k.detach(), v.detach())
-    return out
+        return hf.prefill_kv(lm.model, input_ids, [int(layer) for layer in layers])

@@ -220,5 +220,9 @@ def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None =
 
 def apply_defense(name: str, k: Tensor, v: Tensor, mask: Tensor, baseline: Mapping,
                   gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Defend one layer's K/V inside `mask` (bool [1, H, T, 1]). Pure; no_defense returns the inputs."""
+    """Defend one layer's K/V inside `mask` (bool [1, H, T, 1]). Pure; no_defense returns the inputs. A mask
+    over more positions than the layer holds (a sliding-window layer keeps the last k.shape[2] of the
+    context) is cut to its last k.shape[2]."""
+    if mask is not None and mask.shape[2] > k.shape[2]:
+        mask = mask[:, :, mask.shape[2] - k.shape[2]:]
     return get_defense(name)(k, v, mask, baseline, gen)

@@ -409,7 +409,7 @@ def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32")
     if not getattr(model, "_supports_attention_backend", False):
         raise ModelLoadError(f"model {model_cfg['name']!r} ({type(model).__name__}): its attention does not go "
                              "through transformers' AttentionInterface, so the cache hook cannot act on it")
-    kind = model_cfg.get("attn_implementation", "eager")
+    kind = model_cfg.get("attn_implementation", "sdpa")  # the schema's default: the fastest base kernel
     model.set_attn_implementation(HOOK_NAMES[kind])
     model.requires_grad_(False)
     model.eval()
@@ -445,6 +445,21 @@ def forward(model, input_ids: torch.Tensor, cache=None, plan: HookPlan | None = 
     with hooked(plan):
         out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits, cache
+
+
+def prefill_kv(model, input_ids: torch.Tensor, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (K, V)} of every position of a prefill, as attention reads them: all positions also on
+    sliding-window layers, whose stored cache keeps only the last ones (no cache is kept)."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    plan = HookPlan(layers=frozenset(int(l) for l in layers),
+                    record=lambda l, q, k, v: seen.__setitem__(l, (k.detach(), v.detach())))
+    forward(model, input_ids, plan=plan, logits_to_keep=1)
+    return {int(l): seen[int(l)] for l in layers}
+
+
+def held_length(cache, layer: int) -> int:
+    """Positions a layer's stored cache holds: all of the context, or its last ones on a sliding-window layer."""
+    return int(cache.layers[layer].keys.shape[2])
 
 
 def get_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

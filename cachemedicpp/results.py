@@ -71,6 +71,8 @@ BEST_BASELINE_CHOICE = "best_baseline_choice"  # how best_heuristic_name was cho
 DEFENSE_GROUPS = "defense_groups"  # {defense: one of DEFENSE_GROUP_NAMES}
 DAMAGE, DAMAGE_BY_TYPE = "damage", "damage_by_type"  # AUC lost to corruption: clean ceiling - no_defense
 RECOVERED_FRACTION, RECOVERED_FRACTION_BY_TYPE = "recovered_fraction", "recovered_fraction_by_type"
+EXPOSURE, EXPOSURE_EVICTED = "exposure", "exposure_evicted"  # masked entries held / no longer held (sliding layers)
+SLIDING_WINDOW = "sliding_window"  # settings key: the sliding-window layers among the corruptible ones
 
 # the groups of metrics.defense_groups (defenses.GROUPS spells the same strings)
 GROUP_BASELINE = "baseline"  # no_defense
@@ -379,8 +381,14 @@ class TaskMetrics(TypedDict):
                                         "keys: evaluated corruption type; paired AUC differences over that type's "
                                         "cells; empty when cachemedic was not evaluated"]
     exposure: Annotated[dict[str, float],
-                        "keys: task; fraction of the corruptible layers' context K/V entries inside the corruption "
-                        "masks, mean over examples and (type, eps) cells"]
+                        "keys: task; fraction of the corruptible layers' context K/V entries (every context "
+                        "position) inside the corruption masks and held in the layer's cache, mean over examples "
+                        "and (type, eps) cells; positions a sliding-window layer no longer holds count as not "
+                        "exposed (see exposure_evicted)"]
+    exposure_evicted: NotRequired[Annotated[
+        dict[str, float], "keys: task; fraction of the corruptible layers' context K/V entries inside the corruption "
+                          "masks at positions a sliding-window layer no longer holds (the corruption and the defenses "
+                          "never see them; not counted in exposure), same means; 0 without sliding-window layers"]]
     overhead: Annotated[dict[str, OverheadEntry] | None,
                         "keys: evaluated defense; wall-clock cost (the only non-deterministic block); null unless "
                         "eval.measure_overhead"]
@@ -566,6 +574,15 @@ class ValidationSettings(TypedDict):
     start: Annotated[dict[str, int], "keys: task; index of its first validation example"]
 
 
+class SlidingWindowSettings(TypedDict):
+    """What sliding-window attention does to the corruption region."""
+
+    window: Annotated[int | None, "the model's sliding window, tokens (null without sliding-window layers)"]
+    layers: Annotated[list[int], "corruptible layers with sliding-window attention (their cache holds only the "
+                                 "last positions of the context)"]
+    note: Annotated[str, "how their positions are counted"]
+
+
 class TaskSettings(TypedDict):
     """settings of task_metrics.json: the protocol behind the numbers. String-valued keys named like a metric
     (score, score_vs_eps, robustness_auc, exposure, ...) state that metric's definition."""
@@ -593,6 +610,8 @@ class TaskSettings(TypedDict):
     robustness_auc: Annotated[str, "definition of robustness_auc"]
     best_heuristic_rule: Annotated[str, "rule choosing best_heuristic_name (on the validation grid)"]
     exposure: Annotated[str, "definition of exposure"]
+    exposure_evicted: NotRequired[Annotated[str, "definition of exposure_evicted"]]
+    sliding_window: NotRequired[Annotated[SlidingWindowSettings, "sliding-window layers among the corruptible ones"]]
     model: Annotated[ModelInfo, "the model evaluated"]
     cell_batch_size: Annotated[int, "grid rows scored per batched forward (eval.cell_batch_size)"]
     overhead: Annotated[OverheadProtocol | None, "how metrics.overhead was timed; null unless eval.measure_overhead"]

@@ -142,9 +142,10 @@ class Trainer:
         for b in range(next(iter(clean.values()))[0].shape[0]):
             kv = {l: (k[b:b + 1], v[b:b + 1]) for l, (k, v) in clean.items()}
             region = None
+            T = int(self.cfg.train.prefix_len)  # the context; a sliding-window layer holds only its last ones
             if self.random_regions:
-                region = self.random_region(next(iter(kv.values()))[0].shape[2], step, b)
-            out, rep = self.corruptor.apply_cache(kv, ctype, eps, "train", (step, b), region=region)
+                region = self.random_region(T, step, b)
+            out, rep = self.corruptor.apply_cache(kv, ctype, eps, "train", (step, b), region=region, T=T)
             rows.append(out)
             reports.append(rep.to_dict())
         merged = {l: (torch.cat([r[l][0] for r in rows]), torch.cat([r[l][1] for r in rows])) for l in clean}
@@ -164,7 +165,9 @@ class Trainer:
         changed, on_read = None, None
         if ctype is not None:
             if cfg.corruption.persistence == "on_read":
-                on_read = self.corruptor.on_read(ctype, eps, "train", step)
+                read = self.corruptor.on_read(ctype, eps, "train", step)
+                # keys read are the last of prefix + continuation (all of them, or a sliding layer's window)
+                on_read = lambda l, k, v: read(l, k, v, length=ids.shape[1])  # noqa: E731
             else:
                 corrupted, changed = self.corrupt(clean, ctype, eps, step)
                 for l, (k, v) in corrupted.items():
@@ -318,11 +321,13 @@ def _merge_reports(reports: list[dict]) -> dict:
     out["dV"] = math.sqrt(sum(r["dV"] ** 2 for r in reports))
     out["frac_changed"] = sum(r["frac_changed"] for r in reports) / len(reports)
     out["exposure"] = sum(r["exposure"] for r in reports) / len(reports)
+    out["evicted"] = sum(r["evicted"] for r in reports) / len(reports)
     out["per_layer"] = {
         l: {"dK": math.sqrt(sum(r["per_layer"][l]["dK"] ** 2 for r in reports)),
             "dV": math.sqrt(sum(r["per_layer"][l]["dV"] ** 2 for r in reports)),
             "frac_changed": sum(r["per_layer"][l]["frac_changed"] for r in reports) / len(reports),
-            "exposure": sum(r["per_layer"][l]["exposure"] for r in reports) / len(reports)}
+            "exposure": sum(r["per_layer"][l]["exposure"] for r in reports) / len(reports),
+            "evicted": sum(r["per_layer"][l]["evicted"] for r in reports) / len(reports)}
         for l in reports[0]["per_layer"]}
     return out
 

@@ -29,7 +29,7 @@ METRIC_KEYS = {"task_curves", "clean_metrics", "clean_scores", "score_vs_eps", "
                "robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "clean_regression",
                "best_heuristic_name", "heuristic_auc", "paired_bootstrap", "robustness_auc_by_type",
                "paired_bootstrap_by_type", "exposure", "overhead", "best_baseline_choice", "defense_groups", "damage",
-               "damage_by_type", "recovered_fraction", "recovered_fraction_by_type"}
+               "damage_by_type", "recovered_fraction", "recovered_fraction_by_type", "exposure_evicted"}
 ROW_KEYS = {"task", "corruption_type", "epsilon", "defense", "value", "score", "n", "ci_low", "ci_high"}
 PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
           "clean_cachemedic_minus_no_defense", "clean_cachemedic_minus_best_heuristic"}
@@ -123,7 +123,7 @@ def test_metrics_keys_shapes_and_files(baseline):
         assert r["ci_low"] <= r["score"] + 1e-12 and r["score"] <= r["ci_high"] + 1e-12
     for t in tasks_:
         assert set(m["clean_metrics"][t]) == set(DEFENSES) == set(m["clean_scores"][t])
-        assert 0.0 <= m["exposure"][t] <= 1.0
+        assert 0.0 <= m["exposure"][t] <= 1.0 and m["exposure_evicted"][t] == 0.0  # no sliding layers
     assert m["clean_scores"]["wikitext2_ppl"]["no_defense"] == 1.0
     assert m["clean_metrics"]["wikitext2_ppl"]["no_defense"] > 1.0  # a perplexity
     for block in [m["score_vs_eps"]] + [m["score_vs_eps_by_task"][t] for t in tasks_]:

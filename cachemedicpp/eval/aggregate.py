@@ -17,14 +17,16 @@ from cachemedicpp.results import NO_DEFENSE
 CI_ALPHA = 0.05
 
 
-def unit_matrices(ctx: EvalContext, units: dict) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """({task: [n, n_cells] raw values}, {task: mean exposure}) from the finished units, in example order."""
+def unit_matrices(ctx: EvalContext, units: dict, key: str = "exposure") -> tuple[dict[str, np.ndarray],
+                                                                               dict[str, float]]:
+    """({task: [n, n_cells] raw values}, {task: mean of the units' `key`: exposure, or evicted (0 in units
+    written before it was recorded)}) from the finished units, in example order."""
     values: dict[str, list] = {}
     expo: dict[str, list] = {}
     for ex in ctx.examples:
         u = units[ex.key]
         values.setdefault(ex.task, []).append([u["cells"][c.key] for c in ctx.cells])
-        expo.setdefault(ex.task, []).append(u["exposure"])
+        expo.setdefault(ex.task, []).append(u.get(key, 0.0))
     return ({t: np.asarray(v, dtype=np.float64) for t, v in values.items()},
             {t: float(np.mean(v)) for t, v in expo.items()})
 

@@ -231,9 +231,11 @@ def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> t
 def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region,
                   clean: tuple | None = None, end: int | None = None):
     """(k, v, drop | None) of one layer; the positions are the last k.shape[2] before `end` (default: the
-    example's context length, at rest; on read, what is read ends at its own length)."""
+    example's context length, at rest; on read, what is read ends at the context and the continuation): all
+    of them, or a sliding-window layer's last ones; the region's mask is cut to them."""
     T = int(ex.prefix.numel()) if end is None else int(end)
-    return defenses.defend(name, layer, k, v, mask=region.mask(layer) if name in defenses.REFERENCE else None,
+    mask = region.mask(layer, k.shape[2]) if name in defenses.REFERENCE else None
+    return defenses.defend(name, layer, k, v, mask=mask,
                            baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
                            positions=torch.arange(T - k.shape[2], T), clean=clean)
 
@@ -299,22 +301,21 @@ def _region(ctx: EvalContext, ctype: str, eps: float, T: int, ex: tasks.Example)
 
 
 def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
-    """On-read persistence: corrupt what attention reads, then defend it, with the region of the length read."""
+    """On-read persistence: corrupt what attention reads, then defend it, with the region of the length read
+    (the context and the continuation, scored in one forward: a full-attention layer reads all of it, a
+    sliding-window layer its last positions)."""
+    T = int(ex.prefix.numel() + ex.feeds.shape[-1])
     corrupt = None if cell.ctype == CLEAN else corruptor_for(ctx, cell).on_read(cell.ctype, cell.eps, PHASE,
                                                                                ex.example_id)
-    regions: dict[int, corruption.Region] = {}
+    region = _region(ctx, cell.ctype, cell.eps, T, ex)
     everywhere = cell.defense in defenses.CALIBRATED  # not only the corrupted layers
 
     def fn(layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = int(k.shape[2])
-        if T not in regions:
-            regions.clear()
-            regions[T] = _region(ctx, cell.ctype, cell.eps, T, ex)
         clean = (k, v)
         if corrupt is not None:
-            k, v = corrupt(layer, k, v)
-        if cell.defense not in PASS_THROUGH and (layer in regions[T].layers or everywhere):
-            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, regions[T], clean=clean, end=T)
+            k, v = corrupt(layer, k, v, length=T)
+        if cell.defense not in PASS_THROUGH and (layer in region.layers or everywhere):
+            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, region, clean=clean, end=T)
             if d is not None:
                 fn.drops[layer] = d  # read by the batch's drop function right after this call
         return k, v
@@ -456,17 +457,24 @@ def detection_counts(op, memo: dict, clean_cache, rows: list[Row], R: int) -> di
     return out
 
 
-def exposure(ctx: EvalContext, regions: Sequence[corruption.Region]) -> float:
-    """Mean fraction of the corruptible layers' context K/V entries that the masks cover."""
+def exposure(ctx: EvalContext, regions: Sequence[corruption.Region], held: dict[int, int] | None = None,
+             evicted: bool = False) -> float:
+    """Mean fraction of the corruptible layers' context K/V entries (every position of the context) that the
+    masks cover and the layer's cache holds: `held` gives the positions each layer holds (its last ones; a
+    sliding-window layer's window), the positions before them count as not exposed. With `evicted`, the
+    fraction the masks cover at positions the layers no longer hold instead (0 without sliding layers)."""
+    held = held or {}
     vals = []
     for reg in regions:
         layers = sorted(set(ctx.layers) | set(reg.layers))
-        vals.append(sum(reg.fraction(l) for l in layers) / max(1, len(layers)))
+        frac = (lambda l: reg.evicted(l, held.get(l))) if evicted else (lambda l: reg.fraction(l, held.get(l)))
+        vals.append(sum(frac(l) for l in layers) / max(1, len(layers)))
     return float(np.mean(vals)) if vals else 0.0
 
 
 def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> dict:
-    """All grid cells of one example: {"cells": {cell key: raw value}, "exposure": float, "tokens": int}."""
+    """All grid cells of one example: {"cells": {cell key: raw value}, "exposure": float, "evicted": float,
+    "tokens": int} (exposure and evicted: see `exposure`)."""
     with torch.no_grad():
         _, clean = hf.forward(ctx.lm.model, ex.prefix[None].to(ctx.lm.device), logits_to_keep=1)
         per_batch = max(1, ctx.batch_rows // ex.rows)
@@ -499,7 +507,9 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
                 costs[row.cell.key] = costs[row.alias.key]
             if row.alias.key in detected:
                 detected[row.cell.key] = detected[row.alias.key]
-    unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions),
+    held = {l: hf.held_length(clean, l) for l in ctx.layers}
+    unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions, held),
+            "evicted": exposure(ctx, regions, held, evicted=True),
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
     if costs:  # checksum_recompute at rest: {cell key: {"tokens": recomputed forward tokens, "blocks": failed}}
         unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}

@@ -25,8 +25,9 @@ from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, 
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, METRICS, NO_DEFENSE,
-                                  RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS, SCORE_VS_EPS_BY_TASK, SETTINGS)
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
+                                  METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
+                                  SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
 
 log = logging.getLogger("cachemedicpp")
@@ -131,6 +132,15 @@ def fault_models(ctx: EvalContext) -> dict:
     return out
 
 
+def sliding_window(ctx: EvalContext) -> dict:
+    """settings.sliding_window: the corruptible layers that keep only the last positions of the context."""
+    arch = ctx.lm.arch
+    return {"window": arch.sliding_window, "layers": [l for l in ctx.layers if l in set(arch.sliding_layers)],
+            "note": "a sliding-window layer's cache holds only the last positions of the context: corruption, "
+                    "defenses, oracle and checksums act on those; the masked positions it no longer holds are "
+                    "reported in metrics.exposure_evicted and count as not exposed in metrics.exposure"}
+
+
 def bit_class_settings(ctx: EvalContext) -> dict:
     """What figure E's bit-class cells flipped: the storage format, the flip rate at their eps, the burst and
     each class's bit indices."""
@@ -182,8 +192,12 @@ def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> d
             "start": {t["name"]: int(t["start"]) for t in vctx.cfg.eval.tasks}},
         "calibration": ctx.cal.summary() if ctx.cal is not None else None,
         "defense_groups": {d: defenses.GROUPS[d] for d in ctx.defense_names},
-        "exposure": "fraction of the corruptible layers' context K/V entries inside the corruption masks, "
-                    "mean over examples and (type, eps) cells",
+        "exposure": "fraction of the corruptible layers' context K/V entries (every context position) inside the "
+                    "corruption masks and held in the layer's cache, mean over examples and (type, eps) cells; "
+                    "positions a sliding-window layer no longer holds count as not exposed",
+        EXPOSURE_EVICTED: "fraction of the corruptible layers' context K/V entries inside the corruption masks at "
+                          "positions a sliding-window layer no longer holds, same means",
+        SLIDING_WINDOW: sliding_window(ctx),
         "model": {"name": cfg.model.name, "revision": cfg.model.revision,
                   "dtype": str(ctx.lm.dtype).replace("torch.", ""), "device": ctx.lm.device.type,
                   "arch": ctx.lm.arch.to_dict()},
@@ -224,9 +238,11 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     """The task metrics file and one summary log record per (task, eps), from the finished units."""
     cfg, rd = ctx.cfg, s.rd
     values, expo = unit_matrices(ctx, units)
+    _, evicted = unit_matrices(ctx, units, "evicted")
     best, choice = choose_best(vctx, vunits or {})
     metrics = aggregate(ctx.task_info, values, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps,
                         int(cfg.eval.bootstrap_samples), int(cfg.seed), best=best, choice=choice)
+    metrics[EXPOSURE_EVICTED] = {t: float(evicted[t]) for t in metrics["exposure"]}
     if BIT_CLASS_SCORES in metrics:
         metrics[BIT_CLASS_SCORES].update(bit_class_settings(ctx))
     cost = recompute_cost(ctx, units)
