@@ -35,6 +35,11 @@ K, V and the mask untouched and the layer's output is the bare kernel's, bit for
 
 The detector's output depends on the entry alone, so it is causal and computed once per entry: the
 hook plan's memo keeps it beside the cache, and a decode step scores only the entries it appends.
+
+Sliding-window layers hold only their last positions: with a reference layer (always full attention) the
+absolute position of a held entry is known (the reference holds every position), so the sinks and the
+agreement feature line up; without one, positions count from the first held entry. When the window
+slides, the memo no longer matches and the held entries are scored again (bounded by the window).
 """
 
 from __future__ import annotations
@@ -220,19 +225,21 @@ class DetectingOperator(nn.Module):
         is valid while the batch and the stored prefix are unchanged (checked on the last stored key).
         Corrections are kept only once some entry is gated (until then a decode step copies nothing)."""
         T = k.shape[2]
-        ref = None
+        ref, off = None, 0
         if self.reference_layer is not None and memo is not None and "reference" in memo:
             rk, rv = memo["reference"]
-            if rk.shape[0] == k.shape[0] and rk.shape[2] == T:
-                ref = (rk, rv)
+            if rk.shape[0] == k.shape[0] and rk.shape[2] >= T:
+                # the reference layer (full attention) holds every position: a sliding layer holds the last T
+                off = rk.shape[2] - T
+                ref = (rk[:, :, off:], rv[:, :, off:])
         old = memo.get(layer) if memo is not None else None
         n = 0
-        if old is not None and 0 < old["n"] <= T and old["batch"] == k.shape[0] \
+        if old is not None and 0 < old["n"] <= T and old["batch"] == k.shape[0] and old.get("off", 0) == off \
                 and torch.equal(old["last"], k[:, :, old["n"] - 1]):
             n = old["n"]
         if n == T:
             return old
-        new = self.entries(layer, k[:, :, n:], v[:, :, n:], n,
+        new = self.entries(layer, k[:, :, n:], v[:, :, n:], off + n,
                            None if ref is None else (ref[0][:, :, n:], ref[1][:, :, n:]))
         new["any"] = bool((new["gate"] > 0).any())
         if n:
@@ -248,7 +255,7 @@ class DetectingOperator(nn.Module):
                 new[key] = torch.cat([prev, new[key]], 2)
         if not new["any"] and not torch.is_grad_enabled():
             new["dk"] = new["dv"] = new["bias"] = None  # all zero: keep nothing
-        new.update(n=T, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())
+        new.update(n=T, off=off, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())
         if memo is not None:
             memo[layer] = new
         return new
