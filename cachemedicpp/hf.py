@@ -421,6 +421,18 @@ def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32")
     return LoadedModel(model, tok, info, source, dev, torch_dtype, time.perf_counter() - t0, notes)
 
 
+@contextlib.contextmanager
+def stock_attention(model, kind: str = "sdpa") -> Iterator[None]:
+    """The model's own attention implementation (`kind`), without the hook, for the span of the block: the
+    model as users run it (bench's stock baseline). The hook is selected again afterwards."""
+    current = model.config._attn_implementation
+    model.set_attn_implementation(kind)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 def _probe(model, info: ArchInfo, device: torch.device) -> None:
     """Fail closed: every layer's attention must reach our function, or the hook would be a no-op."""
     plan = HookPlan(layers=frozenset(range(info.num_layers)))

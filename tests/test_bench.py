@@ -61,14 +61,15 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert dec["rank"] == 8 and dec["apply_to"] == "KV"
     row = dec["lengths"]["16"]
     assert set(row["tokens_per_sec"]) == set(bench.DECODE_VARIANTS)
-    assert set(row["ratios"]) == {"repair", "naive", "augmented"}
+    assert set(row["ratios"]) == {"repair", "naive", "augmented", "stock"}
     # one ABBA block per variant and repetition: two runs of each variant, two of no defense per block
-    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "augmented"))
-    assert len(row["sec_per_run"]["none"]) == 6
-    assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "augmented"))
+    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "augmented", "stock"))
+    assert len(row["sec_per_run"]["none"]) == 8
+    assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "augmented", "stock"))
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] > 1e-6  # the perturbed operator really changes the output
     assert agree["naive_vs_repair"] < 1e-4 and agree["augmented_vs_repair"] < 1e-4
+    assert agree["stock_vs_none"] < 1e-4  # the stock model (no hook) computes what the hook without a plan does
 
     mem = r["memory"]["cpu"]
     expected = {"train_step", "train_bare", "eval_grid", "eval_bare"} | {f"decode_{v}_16" for v in bench.DECODE_VARIANTS}
@@ -78,7 +79,8 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert "extra_vs_none_mib" in mem["decode_naive_16"]
 
     summ = r["summary"]["cpu"]
-    assert {"train_step", "eval_grid", "decode_repair@16", "meets_target"} <= set(summ)
+    assert {"train_step", "eval_grid", "decode_repair@16", "decode_repair_vs_stock@16", "meets_target"} <= set(summ)
+    assert "decode_repair_vs_stock@16" in summ["meets_target"]
     printed = capsys.readouterr().out
     assert "train step" in printed and "decode tokens/s" in printed and str(out) in printed
 
@@ -218,9 +220,25 @@ def test_detecting_operator_decode_variants(tmp_path, tiny_model_dir):
     dec = json.loads(out.read_text())["decode"]["cpu"]
     assert dec["family"] == "D"
     row = dec["lengths"]["16"]
-    assert set(row["ratios"]) == {"repair", "repair_all_gated"}
+    assert set(row["ratios"]) == {"repair", "repair_all_gated", "stock"}
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] < 1e-5  # a clean cache: nothing is gated
     assert agree["repair_all_gated_vs_repair"] > 1e-4  # every entry gated: the output really changes
     mem = json.loads(out.read_text())["memory"]["cpu"]
-    assert {"decode_none_16", "decode_repair_16", "decode_repair_all_gated_16"} <= set(mem)
+    assert {"decode_none_16", "decode_repair_16", "decode_repair_all_gated_16", "decode_stock_16"} <= set(mem)
+
+
+def test_default_layers_are_the_configs(tmp_path, tiny_model_dir, tiny_lm):
+    """Without --layers the workloads protect what the base config protects (the configuration users run)."""
+    import yaml
+
+    from cachemedicpp import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["repair"]["protect_layers"] = [1, 2]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    s = bench.settings_from_args(bench.parse_args(["--config", str(path), "--model", str(tiny_model_dir("llama")),
+                                                   "--device", "cpu"]))
+    assert s.protect_layers is None
+    assert list(bench.bench_config(s, "cpu", tiny_lm("llama").arch).repair.protect_layers) == [1, 2]

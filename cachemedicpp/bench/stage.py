@@ -81,10 +81,14 @@ def summary(results: dict) -> dict:
         for length, row in r["lengths"].items():
             for v, x in row["ratios"].items():
                 out.setdefault(dev, {})[f"decode_{v}@{length}"] = x
+            rs, st = row["ratios"].get("repair"), row["ratios"].get("stock")
+            if rs is not None and st:
+                # none/repair over none/stock = stock time / repair time: the repair against the model as users run it
+                out.setdefault(dev, {})[f"decode_repair_vs_stock@{length}"] = rs / st
     for dev, vals in out.items():
         met = {}
         for k, x in vals.items():
-            base = "decode_repair" if k.startswith("decode_repair@") else k
+            base = k.split("@")[0] if k.startswith(("decode_repair@", "decode_repair_vs_stock@")) else k
             if base in TARGETS and x is not None:
                 op, target = TARGETS[base]
                 met[k] = bool(x <= target) if op == "<=" else bool(x >= target)

@@ -124,9 +124,10 @@ def train_workloads(cfg, lm: hf.LoadedModel) -> tuple[Workload, Workload]:
 def decode_repairs(op, lm: hf.LoadedModel) -> dict[str, Any]:
     """The object each decode variant hands the hook (None: no plan)."""
     if op.family == "D":
-        return {"none": None, "repair": op, "repair_all_gated": all_gated(op)}
+        return {"none": None, "repair": op, "repair_all_gated": all_gated(op), "stock": None}
     scaling = lm.arch.head_dim ** -0.5
-    return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op)}
+    return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op),
+            "stock": None}
 
 
 def decode_plans(op, lm: hf.LoadedModel) -> dict[str, hf.HookPlan | None]:
@@ -141,9 +142,13 @@ def variant_agreement(lm: hf.LoadedModel, op, length: int = 48, seed: int = 0) -
     with torch.no_grad():
         _, cache = hf.forward(lm.model, ids[:, :-1], logits_to_keep=1)
         z = {n: hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache), plans[n])[0].float()
-             for n in decode_variants(op.family)}
-    return {f"{n}_vs_{'none' if n == 'repair' else 'repair'}": float((z[n] - z["none" if n == "repair" else "repair"]).abs().max())
-            for n in decode_variants(op.family) if n != "none"}
+             for n in decode_variants(op.family) if n != "stock"}
+    with torch.no_grad(), hf.stock_attention(lm.model):
+        z["stock"] = hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache))[0].float()
+    out = {f"{n}_vs_{'none' if n in ('repair', 'stock') else 'repair'}":
+           float((z[n] - z["none" if n in ("repair", "stock") else "repair"]).abs().max())
+           for n in decode_variants(op.family) if n != "none"}
+    return out
 
 
 def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
@@ -172,7 +177,8 @@ def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: s
     def run(arg):
         c, plan = arg
         nxt = first
-        with torch.no_grad():
+        stock = hf.stock_attention(lm.model) if variant == "stock" else contextlib.nullcontext()
+        with torch.no_grad(), stock:
             for _ in range(tokens):
                 z, c = hf.forward(lm.model, nxt, c, plan, logits_to_keep=1)
                 nxt = z[:, -1:].argmax(-1)
