@@ -208,6 +208,16 @@ class OverheadEntry(TypedDict):
                                                 "forwards (part of wall_sec)"]]
 
 
+class NonfiniteCell(TypedDict):
+    """A grid cell whose model output had non-finite logits (a flipped exponent bit can make it NaN)."""
+
+    corruption_type: Annotated[str, "corruption type of the cell, or 'clean'"]
+    epsilon: Annotated[float, "severity of the cell"]
+    defense: Annotated[str, "the defense of the cell"]
+    examples: Annotated[int, "examples whose output had a position with non-finite logits; such a position is "
+                              "scored as the uniform distribution (no information)"]
+
+
 class DetectorCell(TypedDict):
     """The detecting operator's decisions in one grid cell (at-rest persistence), over every example."""
 
@@ -394,6 +404,8 @@ class TaskMetrics(TypedDict):
                         "eval.measure_overhead"]
     recompute_cost: NotRequired[Annotated[RecomputeCost, "checksum_recompute's recomputation cost per grid cell "
                                                          "(only when it was evaluated)"]]
+    nonfinite_outputs: NotRequired[Annotated[list[NonfiniteCell], "cells whose output had non-finite logits (scored as "
+                                                                  "uniform there); empty when none"]]
     detector: NotRequired[Annotated[DetectorStats, "the detecting operator's recall and false positives per cell (only "
                                                    "for repair family D at rest)"]]
     bit_class_scores: NotRequired[Annotated[BitClassScores, "figure E: bitflip scored per bit class at one flip rate "

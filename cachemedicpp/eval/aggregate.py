@@ -276,3 +276,14 @@ def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
     return {"by_cell": rows, "threshold": threshold, "sink_tokens": int(op.sink),
             "how": "entries of the protected layers' stored context (sinks excluded) that the corruption changed "
                    "(K or V differs from the clean cache) vs those the detector gated (gate > 0), summed over examples"}
+
+
+def nonfinite_outputs(ctx: EvalContext, units: dict) -> list[dict]:
+    """metrics.nonfinite_outputs: the grid cells whose model output had non-finite logits in some example
+    (scored as the uniform distribution there), with how many examples; empty when none did."""
+    out = []
+    for c in ctx.cells:
+        n = sum(c.key in (units[ex.key].get("nonfinite") or ()) for ex in ctx.examples)
+        if n:
+            out.append({"corruption_type": c.ctype, "epsilon": c.eps, "defense": c.defense, "examples": int(n)})
+    return out

@@ -401,9 +401,13 @@ def _at_rest_drop(rows: list[Row], R: int) -> Callable | None:
 
 
 def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row], repaired: bool,
-              detected: dict | None = None) -> list[float]:
+              detected: dict | None = None, nonfinite: dict | None = None) -> list[float]:
     """Score `rows` (cells of one example) with one forward over a batched copy of the cache. With a
-    detecting operator (family D) at rest, `detected` receives its detection counts per cell."""
+    detecting operator (family D) at rest, `detected` receives its detection counts per cell.
+
+    A position whose logits are not all finite (a flipped exponent bit can make the model's output NaN)
+    carries no information: it is scored as the uniform distribution (its logits set to 0), and the cell
+    is listed in `nonfinite`, so the damage is scored and the metrics stay defined."""
     R = ex.rows
     cache = hf.repeat_cache(clean_cache, R * len(rows))
     layers = sorted({l for r in rows if r.overrides for l in r.overrides})
@@ -429,6 +433,13 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
             and ctx.persistence == "at_rest":
         detected.update(detection_counts(ctx.op, plan.memo, clean_cache, rows, R))
     logits = logits.float().cpu()
+    bad = ~torch.isfinite(logits).all(-1, keepdim=True)  # [rows, T, 1]
+    if bool(bad.any()):
+        logits = logits.masked_fill(bad, 0.0)
+        if nonfinite is not None:
+            for i, r in enumerate(rows):
+                if bool(bad[i * R:(i + 1) * R].any()):
+                    nonfinite[r.cell.key] = 1
     score = tasks.get_task(ex.task).score
     return [score(logits[i * R:(i + 1) * R], ex) for i in range(len(rows))]
 
@@ -483,6 +494,7 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         aliases, regions, seen = [], [], set()
         costs: dict[str, dict] = {}
         detected: dict[str, list[int]] = {}
+        nonfinite: dict[str, int] = {}
         for row in cell_rows(ctx, ex, clean, dedupe):
             if row.recompute is not None:
                 costs[row.cell.key] = row.recompute
@@ -495,11 +507,12 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             q = pending[row.cell.repaired]
             q.append(row)
             if len(q) == per_batch:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired, detected)))
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired, detected,
+                                                                             nonfinite)))
                 q.clear()
         for repaired, q in pending.items():
             if q:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected)))
+                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected, nonfinite)))
         computed = len(values)
         for row in aliases:
             values[row.cell.key] = values[row.alias.key]
@@ -507,6 +520,8 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
                 costs[row.cell.key] = costs[row.alias.key]
             if row.alias.key in detected:
                 detected[row.cell.key] = detected[row.alias.key]
+            if row.alias.key in nonfinite:
+                nonfinite[row.cell.key] = nonfinite[row.alias.key]
     held = {l: hf.held_length(clean, l) for l in ctx.layers}
     unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions, held),
             "evicted": exposure(ctx, regions, held, evicted=True),
@@ -515,4 +530,6 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}
     if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched]}
         unit["detector"] = detected
+    if nonfinite:  # cells whose output had non-finite logits (scored as uniform there)
+        unit["nonfinite"] = sorted(nonfinite)
     return unit

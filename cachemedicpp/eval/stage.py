@@ -19,8 +19,8 @@ import cachemedicpp.eval as package  # score_example is looked up on the package
 from cachemedicpp import calibration, cli, corruption, defenses, hf, repair, tasks
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
-from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats, recompute_cost,
-                                         unit_matrices, validation_aucs)
+from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
+                                         nonfinite_outputs, recompute_cost, unit_matrices, validation_aucs)
 from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
@@ -248,6 +248,7 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     cost = recompute_cost(ctx, units)
     if cost is not None:
         metrics[RECOMPUTE_COST] = cost
+    metrics["nonfinite_outputs"] = nonfinite_outputs(ctx, units)
     det = detector_stats(ctx, units)
     if det is not None:
         metrics[DETECTOR] = det
