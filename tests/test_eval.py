@@ -29,7 +29,8 @@ METRIC_KEYS = {"task_curves", "clean_metrics", "clean_scores", "score_vs_eps", "
                "robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "clean_regression",
                "best_heuristic_name", "heuristic_auc", "paired_bootstrap", "robustness_auc_by_type",
                "paired_bootstrap_by_type", "exposure", "overhead", "best_baseline_choice", "defense_groups", "damage",
-               "damage_by_type", "recovered_fraction", "recovered_fraction_by_type", "exposure_evicted"}
+               "damage_by_type", "recovered_fraction", "recovered_fraction_by_type", "exposure_evicted",
+               "nonfinite_outputs"}
 ROW_KEYS = {"task", "corruption_type", "epsilon", "defense", "value", "score", "n", "ci_low", "ci_high"}
 PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
           "clean_cachemedic_minus_no_defense", "clean_cachemedic_minus_best_heuristic"}
