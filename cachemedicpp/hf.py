@@ -152,6 +152,21 @@ def _attention(module, query, key, value, attention_mask, *, _kind: str, **kwarg
     return base(module, query, key, value, attention_mask, **kwargs)
 
 
+def _causal(Tq: int, Tk: int, device) -> torch.Tensor:
+    """bool [1, 1, Tq, Tk]: the causal mask of the last Tq positions over Tk keys (True = attend)."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)[None, None]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as an additive float mask of `dtype`."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _per_query_head(x: torch.Tensor, Hq: int) -> torch.Tensor:
+    """[B, H_kv, Tk] -> [B, Hq, 1, Tk]: each query head gets its KV head's values."""
+    return x.repeat_interleave(Hq // x.shape[1], dim=1)[:, :, None, :]
+
+
 def _drop_mask(attention_mask, drop: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                additive: bool) -> torch.Tensor:
     """The layer's attention mask with the `drop`ped keys removed: `[B, Hq, Tq, Tk]`, of the mask's own kind
@@ -159,16 +174,12 @@ def _drop_mask(attention_mask, drop: torch.Tensor, query: torch.Tensor, key: tor
     additive for the eager kernel."""
     B, Hq, Tq, _ = query.shape
     Tk = key.shape[2]
-    keep = ~drop.to(query.device).repeat_interleave(Hq // drop.shape[1], dim=1)[:, :, None, :]  # [B, Hq, 1, Tk]
+    keep = ~_per_query_head(drop.to(query.device), Hq)  # [B, Hq, 1, Tk]
     own = torch.arange(Tk, device=query.device)[None, :] == torch.arange(Tk - Tq, Tk, device=query.device)[:, None]
     keep = keep | own  # a query always sees itself: no row is left with nothing to attend to
     if attention_mask is None:
-        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)[None, None]
-        attention_mask = (allowed & keep).expand(B, Hq, Tq, Tk)
-        if not additive:
-            return attention_mask
-        return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min)
+        attention_mask = (_causal(Tq, Tk, query.device) & keep).expand(B, Hq, Tq, Tk)
+        return _additive(attention_mask, query.dtype) if additive else attention_mask
     base = attention_mask[:, :, :, :Tk]
     if base.dtype == torch.bool:
         return base & keep
@@ -178,18 +189,11 @@ def _drop_mask(attention_mask, drop: torch.Tensor, query: torch.Tensor, key: tor
 def _bias_mask(attention_mask, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """An additive float mask `[B, Hq, Tq, Tk]`: the layer's mask (bool, additive, or causal when None) plus
     `bias` `[B, H_kv, Tk]` (≤ 0) on every query's logits of those keys. Eager and sdpa both accept it."""
-    B, Hq, Tq, _ = query.shape
-    Tk = key.shape[2]
+    Hq, Tq, Tk = query.shape[1], query.shape[2], key.shape[2]
     dtype = query.dtype
-    b = bias.to(device=query.device, dtype=dtype).repeat_interleave(Hq // bias.shape[1], dim=1)[:, :, None, :]
-    if attention_mask is None:
-        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)[None, None]
-    else:
-        allowed = attention_mask[:, :, :, :Tk]
-    if allowed.dtype == torch.bool:
-        base = torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        base = allowed.to(dtype)
+    b = _per_query_head(bias.to(device=query.device, dtype=dtype), Hq)
+    allowed = _causal(Tq, Tk, query.device) if attention_mask is None else attention_mask[:, :, :, :Tk]
+    base = _additive(allowed, dtype) if allowed.dtype == torch.bool else allowed.to(dtype)
     return (base + b).clamp_min(torch.finfo(dtype).min)
 
 

@@ -317,11 +317,8 @@ def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Se
     out = []
     for i in range(windows):
         start = int(torch.randint(0, hi + 1, (1,), generator=torch_rng(seed, stream, i)))
-        seen: dict = {}
-        plan = hf.HookPlan(layers=frozenset(layers), record=lambda l, q, k, v: seen.__setitem__(l, (k, v)))
         with torch.no_grad():
-            hf.forward(lm.model, tokens[start:start + length][None].to(lm.device), plan=plan, logits_to_keep=1)
-        out.append({l: seen[l] for l in layers})
+            out.append(hf.prefill_kv(lm.model, tokens[start:start + length][None].to(lm.device), layers))
     return out
 
 

@@ -81,9 +81,8 @@ def test_clean_cache_is_untouched_once_the_threshold_is_set(tiny_lm, arch):
     opened = _logits(lm, ids, hf.HookPlan(repair=op))
     assert not torch.equal(opened, _logits(lm, ids)), "the open detector gates nothing: the test proves nothing"
     layers = list(op.layers) + list(op.observes)
-    seen = {}
     with torch.no_grad():  # what attention reads (a sliding layer's stored cache keeps only its window)
-        hf.forward(lm.model, ids, plan=hf.HookPlan(layers=frozenset(layers), record=lambda l, q, k, v: seen.setdefault(l, (k, v))))
+        seen = hf.prefill_kv(lm.model, ids, layers)
     record = set_threshold(op, [seen], margin=0.5)
     assert all(r["tau"] >= r["max_clean_score"] + 0.5 - 1e-6 for r in record.values())
     assert torch.equal(_logits(lm, ids, hf.HookPlan(repair=op)), _logits(lm, ids))
