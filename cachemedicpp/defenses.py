@@ -13,7 +13,10 @@
   `baseline.checksum_block_size` positions and layer (over K and V) recorded when the clean cache is
   written, verified when it is read; a failing block is replaced by its entries recomputed from the tokens
   (`recompute.py`, bit-identical to the clean cache). It pays a forward of the context whenever a block
-  fails; never a candidate for the best baseline.
+  fails; never a candidate for the best baseline. `detect_recompute`, for caches that carry no checksums
+  (offloaded, transferred, written by another system): the detector of a trained family-D operator is the
+  alarm, and the blocks it flags (any entry gated) are replaced by recomputed entries; what it misses stays
+  corrupted. Evaluated at rest (eval/grid.py), with the run's family-D operator.
 
 All act on clean inputs as well (a clean cell gets the same treatment), so a defense that costs clean
 accuracy shows it. The arithmetic is fp32, cast back to the input dtype. `defend` is the one entry point
@@ -112,11 +115,12 @@ DEFENSES: dict[str, Callable] = {
 
 CALIBRATED = ("range_clamp", "norm_outlier_drop")
 CEILINGS = ("oracle_drop",)
-RECOMPUTE = (results.CHECKSUM_RECOMPUTE,)
+RECOMPUTE = (results.CHECKSUM_RECOMPUTE, results.DETECT_RECOMPUTE)
 REFERENCE = tuple(d for d in DEFENSES if d != "no_defense")
 GROUPS = {"no_defense": results.GROUP_BASELINE, **{d: results.GROUP_REFERENCE for d in REFERENCE},
           **{d: results.GROUP_CALIBRATED for d in CALIBRATED}, **{d: results.GROUP_CEILING for d in CEILINGS},
-          **{d: results.GROUP_RECOMPUTE for d in RECOMPUTE}, results.CACHEMEDIC: results.GROUP_LEARNED}
+          results.CHECKSUM_RECOMPUTE: results.GROUP_RECOMPUTE, results.DETECT_RECOMPUTE: results.GROUP_DETECT_RECOMPUTE,
+          results.CACHEMEDIC: results.GROUP_LEARNED}
 # candidates for "the best baseline": never the ceilings, never the learned operator
 CANDIDATES = REFERENCE + CALIBRATED
 
@@ -189,6 +193,22 @@ def checksum_recompute(k: Tensor, v: Tensor, recorded: Tensor, positions: Tensor
             torch.where(bad.to(v.device), fv.to(device=v.device, dtype=v.dtype), v), n_failed)
 
 
+def recompute_blocks(k: Tensor, v: Tensor, flagged: Tensor, positions: Tensor, block_size: int,
+                     fresh: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, int]:
+    """(k, v, blocks flagged): every block of `block_size` absolute positions holding a `flagged` entry (bool
+    [T], over the held positions) replaced by the recomputed entries `fresh()` returns (called only then)."""
+    blocks = positions.to(torch.int64) // int(block_size)
+    hit = torch.zeros(int(blocks.max()) + 1 if blocks.numel() else 0, dtype=torch.bool)
+    hit[blocks[flagged.cpu()]] = True
+    n = int(hit.sum())
+    if not n:
+        return k, v, 0
+    bad = hit[blocks][None, None, :, None]
+    fk, fv = fresh()
+    return (torch.where(bad.to(k.device), fk.to(device=k.device, dtype=k.dtype), k),
+            torch.where(bad.to(v.device), fv.to(device=v.device, dtype=v.dtype), v), n)
+
+
 def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None = None, baseline: Mapping | None = None,
            gen: torch.Generator | None = None, cal=None, positions: Tensor | None = None,
            clean: tuple[Tensor, Tensor] | None = None, fresh: Callable[[], tuple[Tensor, Tensor]] | None = None,
@@ -200,6 +220,8 @@ def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None =
     checksum_recompute the `clean` K/V (its checksums are recorded on them), the `positions`, and `fresh`,
     the recomputation of the layer's entries (default: `clean`, which `recompute.recompute` reproduces bit
     for bit); it adds the blocks that failed to `report["blocks_failed"]`."""
+    if name == results.DETECT_RECOMPUTE:
+        raise ValueError("detect_recompute needs the run's family-D operator: eval/grid.py applies it")
     if name in RECOMPUTE:
         bs = int(_baseline(baseline)["checksum_block_size"])
         pos = positions if positions is not None else torch.arange(k.shape[2])

@@ -255,7 +255,8 @@ def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int):
     return DetectingOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
                              apply_to=repair_cfg["apply_to"], hidden=int(det.get("hidden", 16)), reference_layer=ref,
                              sink_tokens=int(det.get("sink_tokens", 4)), ramp=float(det.get("ramp", 1.0)),
-                             suppress=bool(det.get("suppress", True)), correct=bool(det.get("correct", True)), seed=seed)
+                             suppress=bool(det.get("suppress", True)), correct=bool(det.get("correct", True)),
+                             score_block=int(det.get("score_block", 16)), seed=seed)
 
 
 def expected_params(family: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,

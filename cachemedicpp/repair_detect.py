@@ -34,12 +34,17 @@ plus a margin, so no clean entry of those windows is gated: on a clean cache the
 K, V and the mask untouched and the layer's output is the bare kernel's, bit for bit.
 
 The detector's output depends on the entry alone, so it is causal and computed once per entry: the
-hook plan's memo keeps it beside the cache, and a decode step scores only the entries it appends.
+hook plan's memo keeps it beside the cache. A forward of several tokens (a prefill, a scored
+continuation, a training step) scores every entry it has not scored yet; one-token decode steps score the
+entries they append in blocks of `score_block` (one batched call per block instead of some fifty small
+kernels per layer and token): until its block is full, an entry the model has just written, which has not
+been at rest, counts as clean (gate 0). `score_block: 1` scores every entry at its first read.
 
 Sliding-window layers hold only their last positions: with a reference layer (always full attention) the
 absolute position of a held entry is known (the reference holds every position), so the sinks and the
-agreement feature line up; without one, positions count from the first held entry. When the window
-slides, the memo no longer matches and the held entries are scored again (bounded by the window).
+agreement feature line up, and when the window slides the memo drops the entries that left it; without
+one, positions count from the first held entry, and a slide makes the held entries scored again (bounded
+by the window).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class DetectingOperator(nn.Module):
     def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
                  rank: int = 8, apply_to: str = "KV", hidden: int = 16, reference_layer: int | None = None,
                  sink_tokens: int = 4, ramp: float = 1.0, suppress: bool = True, correct: bool = True,
-                 seed: int = 0):
+                 score_block: int = 16, seed: int = 0):
         super().__init__()
         self.layers = tuple(sorted(set(int(l) for l in layers)))
         self.d, self.rank, self.apply_to = head_dim, rank, apply_to
@@ -73,6 +78,7 @@ class DetectingOperator(nn.Module):
         self.observes = (reference_layer,) if reference_layer is not None else ()
         self.sink, self.ramp = int(sink_tokens), float(ramp)
         self.suppress, self.correct = bool(suppress), bool(correct)
+        self.score_block = max(1, int(score_block))
         self.entries_scored = 0  # entries the detector has scored (tests count them)
         L, H, d = len(self.layers), num_kv_heads, head_dim
         g = torch.Generator().manual_seed(seed)
@@ -202,6 +208,8 @@ class DetectingOperator(nn.Module):
         out = {"score": s, "gate": g, "bias": -torch.nn.functional.softplus(self.beta[i])[None, :, None] * g
                if self.suppress else None, "dk": None, "dv": None, "nonfinite": bool(nonfinite.any())}
         on = (g > 0)[..., None]
+        if not out["nonfinite"] and not torch.is_grad_enabled() and not bool(on.any()):
+            return out  # nothing gated, nothing lost: no correction (None = zeros)
         for j, w in enumerate(self.apply_to):
             t = 0 if w == "K" else 1
             xw = x[t]
@@ -220,10 +228,43 @@ class DetectingOperator(nn.Module):
         """The reference layer's entries of this forward (read by the protected layers after it)."""
         memo["reference"] = (k, v)
 
-    def _memo(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict | None) -> dict:
-        """This layer's per-entry outputs for all k.shape[2] entries, scoring only the new ones. The memo
-        is valid while the batch and the stored prefix are unchanged (checked on the last stored key).
-        Corrections are kept only once some entry is gated (until then a decode step copies nothing)."""
+    _KEYS = ("score", "gate", "bias", "dk", "dv")
+
+    @staticmethod
+    def _cat(prev: torch.Tensor | None, new: torch.Tensor | None, n_prev: int, n_new: int,
+             like: torch.Tensor) -> torch.Tensor | None:
+        """Two per-entry outputs joined along the cache axis; None stands for zeros (nothing gated)."""
+        if prev is None and new is None:
+            return None
+
+        def zeros(x, n):
+            return torch.zeros(*x.shape[:2], n, *x.shape[3:], dtype=x.dtype, device=x.device)
+
+        other = prev if prev is not None else new
+        prev = zeros(other, n_prev) if prev is None else prev
+        new = zeros(other, n_new) if new is None else new
+        return torch.cat([prev, new], 2)
+
+    def _kept(self, old: dict | None, k: torch.Tensor, off: int) -> tuple[dict | None, int]:
+        """The part of the memo `old` still valid for the held entries k (cache positions off..): the
+        batch matches and the entry `old` scored last is where it should be; a sliding window that moved on
+        drops the entries that left it (absolute positions come from the reference layer)."""
+        if old is None or old["batch"] != k.shape[0] or old["n"] <= 0:
+            return None, 0
+        shift = off - old.get("off", 0)
+        n = old["n"] - shift
+        if shift < 0 or n <= 0 or n > k.shape[2] or not torch.equal(old["last"], k[:, :, n - 1]):
+            return None, 0
+        if shift:
+            old = {**old, **{key: (None if old[key] is None else old[key][:, :, shift:]) for key in self._KEYS}}
+            old["any"] = bool((old["gate"] > 0).any())
+        return old, n
+
+    def _memo(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict | None, q_len: int = 0) -> dict:
+        """This layer's per-entry outputs for all k.shape[2] entries, scoring only the new ones (on a
+        one-token decode step, only once `score_block` of them have accumulated; until then they count as
+        clean). The memo is valid while the batch and the stored prefix are unchanged (checked on the last
+        scored key). Corrections are kept only once some entry is gated (until then nothing is copied)."""
         T = k.shape[2]
         ref, off = None, 0
         if self.reference_layer is not None and memo is not None and "reference" in memo:
@@ -232,27 +273,27 @@ class DetectingOperator(nn.Module):
                 # the reference layer (full attention) holds every position: a sliding layer holds the last T
                 off = rk.shape[2] - T
                 ref = (rk[:, :, off:], rv[:, :, off:])
-        old = memo.get(layer) if memo is not None else None
-        n = 0
-        if old is not None and 0 < old["n"] <= T and old["batch"] == k.shape[0] and old.get("off", 0) == off \
-                and torch.equal(old["last"], k[:, :, old["n"] - 1]):
-            n = old["n"]
+        old, n = self._kept(memo.get(layer) if memo is not None else None, k, off)
         if n == T:
             return old
+        if old is not None and q_len == 1 and T - n < self.score_block and not torch.is_grad_enabled() \
+                and bool(torch.isfinite(k[:, :, n:]).all()) and bool(torch.isfinite(v[:, :, n:]).all()):
+            # a decode step: the block of appended entries is not full yet; they are read as clean
+            # (a non-finite value is always replaced, so such an entry is scored at once)
+            out = {key: self._cat(old[key], None, n, T - n, k) if key in ("bias", "dk", "dv") else None
+                   for key in self._KEYS}
+            out.update(any=old["any"], nonfinite=old["nonfinite"])
+            if memo is not None:
+                memo[layer] = old if old is memo.get(layer) else {**old, "off": off, "n": n}
+            return out if old["any"] else {**out, "bias": None, "dk": None, "dv": None}
         new = self.entries(layer, k[:, :, n:], v[:, :, n:], off + n,
                            None if ref is None else (ref[0][:, :, n:], ref[1][:, :, n:]))
         new["any"] = bool((new["gate"] > 0).any())
         if n:
             new["any"] = new["any"] or old["any"]
             new["nonfinite"] = new["nonfinite"] or old["nonfinite"]
-            for key in ("score", "gate", "bias", "dk", "dv"):
-                if new[key] is None:
-                    continue
-                prev = old[key]
-                if prev is None:  # nothing was gated before: the earlier corrections are zeros
-                    prev = torch.zeros(*new[key].shape[:2], n, *new[key].shape[3:], dtype=new[key].dtype,
-                                       device=new[key].device)
-                new[key] = torch.cat([prev, new[key]], 2)
+            for key in self._KEYS:
+                new[key] = self._cat(old[key], new[key], n, T - n, k)
         if not new["any"] and not torch.is_grad_enabled():
             new["dk"] = new["dv"] = new["bias"] = None  # all zero: keep nothing
         new.update(n=T, off=off, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())
@@ -273,7 +314,7 @@ class DetectingOperator(nn.Module):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable,
                memo: dict | None = None) -> torch.Tensor:
-        m = self._memo(layer, k, v, memo)
+        m = self._memo(layer, k, v, memo, q_len=q.shape[2])
         if not m["any"] and not m["nonfinite"]:
             return kernel(q, k, v)
         if m["nonfinite"]:

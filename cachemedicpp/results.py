@@ -57,7 +57,9 @@ BEST_HEURISTIC_SERIES = "best_heuristic"  # entry/series label standing for that
 NO_DEFENSE, CACHEMEDIC = "no_defense", "cachemedic"  # defense names of the baseline and the learned repair
 ORACLE_DROP = "oracle_drop"  # defense name of the ceiling (never a candidate for the best baseline)
 CHECKSUM_RECOMPUTE = "checksum_recompute"  # exact recovery: per-block checksums, failing blocks recomputed
+DETECT_RECOMPUTE = "detect_recompute"  # family D's detector as an alarm: the blocks it flags are recomputed
 RECOMPUTE_COST = "recompute_cost"  # metrics key: what checksum_recompute's recomputations cost over the grid
+DETECT_RECOMPUTE_COST = "detect_recompute_cost"  # metrics key: the same for detect_recompute
 DETECTOR = "detector"  # metrics key: the detecting operator's (family D) recall and false positives per cell
 BIT_CLASS_SCORES = "bit_class_scores"  # metrics key: figure E, bitflip scored per bit class at one flip rate
 ROBUSTNESS_AUC, ROBUSTNESS_AUC_CI = "robustness_auc", "robustness_auc_ci"
@@ -81,8 +83,9 @@ GROUP_CALIBRATED = "calibrated baseline"  # range_clamp, norm_outlier_drop: no o
 GROUP_CEILING = "ceiling"  # oracle_drop: attention ignores exactly the changed entries
 GROUP_LEARNED = "learned"  # cachemedic
 GROUP_RECOMPUTE = "exact recovery (checksum + recompute)"  # checksum_recompute: pays a forward per faulted cache
+GROUP_DETECT_RECOMPUTE = "detect + recompute (no checksums)"  # detect_recompute: recomputes what the detector flags
 DEFENSE_GROUP_NAMES = (GROUP_BASELINE, GROUP_REFERENCE, GROUP_CALIBRATED, GROUP_CEILING, GROUP_LEARNED,
-                       GROUP_RECOMPUTE)
+                       GROUP_RECOMPUTE, GROUP_DETECT_RECOMPUTE)
 
 # task_metrics.json: settings[...]
 CALIBRATION, VALIDATION, OOD_SPLIT = "calibration", "validation", "ood_split"
@@ -228,6 +231,10 @@ class DetectorCell(TypedDict):
                                     "corruption changed, summed over examples"]
     recall: Annotated[float | None, "fraction of the changed entries the detector gated (null when none changed)"]
     false_positive_rate: Annotated[float | None, "fraction of the untouched entries the detector gated"]
+    roc_auc: NotRequired[Annotated[float | None, "the detector's per-entry ROC-AUC (its score against the changed "
+                                                 "entries, ties counted half) within each example's cache, mean over "
+                                                 "the examples with changed and untouched entries (null: none)"]]
+    roc_auc_ci: NotRequired[Annotated[list[float] | None, "95% percentile bootstrap interval of roc_auc over examples"]]
 
 
 class DetectorStats(TypedDict):
@@ -251,14 +258,16 @@ class RecomputeCell(TypedDict):
                                           "recomputed)"]
     tokens_mean: Annotated[float, "mean forward tokens recomputed per example (the context length when a block "
                                   "failed, else 0)"]
-    blocks_failed_mean: Annotated[float, "mean checksum blocks (block x layer) that failed per example"]
+    blocks_failed_mean: Annotated[float, "mean blocks (block x layer) that failed their checksum (detect_recompute: "
+                                         "that the detector flagged) per example"]
 
 
 class RecomputeCost(TypedDict):
-    """What checksum_recompute's exact recovery costs over the grid: a forward of the whole context whenever a
-    block fails (exactness needs the very forward that wrote the cache; recompute.py)."""
+    """What a recomputing defense costs over the grid: a forward of the whole context whenever a block fails its
+    checksum (checksum_recompute) or the detector flags one (detect_recompute); exactness needs the very forward
+    that wrote the cache (recompute.py)."""
 
-    defense: Annotated[str, "the defense (checksum_recompute)"]
+    defense: Annotated[str, "the defense (checksum_recompute or detect_recompute)"]
     block_size: Annotated[int, "cache positions per checksummed block (baseline.checksum_block_size)"]
     persistence: Annotated[Literal["at_rest", "on_read"], "the evaluation's persistence"]
     context_tokens_mean: Annotated[float, "mean context tokens per example: the cost of one recomputation"]
@@ -300,7 +309,7 @@ class BitClassScores(TypedDict):
 
 
 DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned",
-                       "exact recovery (checksum + recompute)"]
+                       "exact recovery (checksum + recompute)", "detect + recompute (no checksums)"]
 assert get_args(DefenseGroup) == DEFENSE_GROUP_NAMES
 
 
@@ -404,6 +413,9 @@ class TaskMetrics(TypedDict):
                         "eval.measure_overhead"]
     recompute_cost: NotRequired[Annotated[RecomputeCost, "checksum_recompute's recomputation cost per grid cell "
                                                          "(only when it was evaluated)"]]
+    detect_recompute_cost: NotRequired[Annotated[RecomputeCost, "detect_recompute's recomputation cost per grid "
+                                                                "cell, clean cells = false alarms (only when it was "
+                                                                "evaluated)"]]
     nonfinite_outputs: NotRequired[Annotated[list[NonfiniteCell], "cells whose output had non-finite logits (scored as "
                                                                   "uniform there); empty when none"]]
     detector: NotRequired[Annotated[DetectorStats, "the detecting operator's recall and false positives per cell (only "

@@ -158,6 +158,7 @@ def test_detector_is_scored_once_per_entry_across_decode_steps(tiny_lm):
     lm = tiny_lm("llama")
     op, tokens = _fitted(lm)
     _open_detector(op)
+    op.score_block = 1  # every appended entry scored at its first read
     plan = hf.HookPlan(repair=op)
     H, T, steps = lm.arch.num_kv_heads, 20, 5
     op.entries_scored = 0
@@ -174,6 +175,56 @@ def test_detector_is_scored_once_per_entry_across_decode_steps(tiny_lm):
         ref = hf.get_kv(cache, 0)
         full = fresh(op, l, k, v, 0, ref)
         torch.testing.assert_close(plan.memo[l]["gate"], full["gate"])
+
+
+def test_decode_steps_score_appended_entries_in_blocks(tiny_lm):
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    _open_detector(op)
+    op.score_block = 4
+    plan = hf.HookPlan(repair=op)
+    H, T, steps = lm.arch.num_kv_heads, 20, 10
+    op.entries_scored = 0
+    with torch.no_grad():
+        logits, cache = hf.forward(lm.model, tokens[:T][None], plan=plan)
+        for _ in range(steps):
+            logits, cache = hf.forward(lm.model, logits[:, -1:].argmax(-1), cache, plan=plan)
+    # the prefill scores its 20 entries; the 10 appended ones in two full blocks of 4, 2 still pending
+    assert op.entries_scored == len(op.layers) * H * (T + 8)
+    for l in op.layers:
+        assert plan.memo[l]["n"] == T + 8
+        k, v = hf.get_kv(cache, l)
+        full = DetectingOperator.entries(op, l, k, v, 0, hf.get_kv(cache, 0))
+        torch.testing.assert_close(plan.memo[l]["gate"], full["gate"][:, :, :T + 8])
+    # a forward of several tokens scores the pending entries at once
+    op.entries_scored = 0
+    with torch.no_grad():
+        hf.forward(lm.model, tokens[T:T + 3][None], cache, plan=plan)
+    assert op.entries_scored == len(op.layers) * H * (2 + 3)
+
+
+def test_a_sliding_window_memo_drops_the_entries_that_left_it(tiny_lm):
+    """A sliding-window layer (simulated: layer 1 read through a 16-entry window, the reference layer 0 in
+    full) is scored once per entry while the window moves, and the kept outputs are those of the window."""
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    _open_detector(op)
+    op.score_block = 1
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, tokens[:40][None])
+    k, v = hf.get_kv(cache, 1)
+    rk, rv = hf.get_kv(cache, 0)
+    W, H, memo = 16, lm.arch.num_kv_heads, {}
+    op.entries_scored = 0
+    with torch.no_grad():
+        for t in range(W, 41):
+            memo["reference"] = (rk[:, :, :t], rv[:, :, :t])
+            m = op._memo(1, k[:, :, t - W:t], v[:, :, t - W:t], memo, q_len=1)
+            full = DetectingOperator.entries(op, 1, k[:, :, t - W:t], v[:, :, t - W:t], t - W,
+                                             (rk[:, :, t - W:t], rv[:, :, t - W:t]))
+            op.entries_scored -= H * W  # (the reference computation above)
+            torch.testing.assert_close(m["gate"], full["gate"])
+    assert op.entries_scored == H * 40  # 16 in the first window, then one per step
 
 
 def test_non_finite_entries_are_gated_and_never_reach_attention(tiny_lm):
@@ -314,8 +365,9 @@ def test_eval_reports_the_detectors_recall_and_false_positives(tmp_path, tiny_mo
     from cachemedicpp import eval as ev
     from cachemedicpp.fileio import validate_records
 
-    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"train.steps": 4, "train.save_every": 4,
-                                                            "eval.corruption_eval.types": ["gaussian", "dropout_zero"]})
+    path, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{
+        "train.steps": 4, "train.save_every": 4, "eval.corruption_eval.types": ["gaussian", "dropout_zero"],
+        "eval.defenses": ["no_defense", "cachemedic", "detect_recompute", "checksum_recompute"]})
     rd = tmp_path / "run"
     assert train.run(cfg, rd, config_path=str(path)) == EXIT_OK
     assert ev.run(cfg, rd, config_path=str(path)) == EXIT_OK
@@ -327,6 +379,60 @@ def test_eval_reports_the_detectors_recall_and_false_positives(tmp_path, tiny_mo
     assert cells[("clean", 0.0)]["changed_entries"] == 0 and cells[("clean", 0.0)]["recall"] is None
     hit = cells[("dropout_zero", 0.16)]
     assert hit["changed_entries"] > 0 and 0 <= hit["recall"] <= 1 and 0 <= hit["false_positive_rate"] <= 1
+    assert 0 <= hit["roc_auc"] <= 1 and hit["roc_auc_ci"][0] <= hit["roc_auc"] <= hit["roc_auc_ci"][1]
+    assert cells[("clean", 0.0)]["roc_auc"] is None
+    m = doc["metrics"]
+    assert m["defense_groups"]["detect_recompute"] == "detect + recompute (no checksums)"
+    cost = {(c["corruption_type"], c["epsilon"]): c for c in m["detect_recompute_cost"]["by_cell"]}
+    assert cost.keys() == {(c["corruption_type"], c["epsilon"]) for c in m["recompute_cost"]["by_cell"]}
+    assert all(0 <= c["recomputed_fraction"] <= 1 for c in cost.values())
+
+
+def test_roc_auc_is_the_mann_whitney_statistic():
+    from cachemedicpp.eval.grid import roc_auc
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 6, (200,), generator=g).float()  # many ties
+    y = torch.rand(200, generator=g) < 0.3
+    pos, neg = s[y], s[~y]
+    brute = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
+    assert roc_auc(s, y) == pytest.approx(float(brute), abs=1e-12)
+    assert roc_auc(torch.tensor([0.1, 0.9, float("nan")]), torch.tensor([False, True, True])) == 1.0
+    assert roc_auc(s, torch.zeros(200, dtype=torch.bool)) is None
+
+
+def test_detect_recompute_recomputes_exactly_the_flagged_blocks(tmp_path, tiny_model_dir, tiny_lm, one_thread):
+    """An alarm on every entry restores the clean cache (the clean cell's score); an alarm that never fires
+    leaves the corrupted cache (no_defense's score); no alarm on a clean cache costs nothing."""
+    from cachemedicpp.eval.grid import build_context, score_example
+
+    _, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{
+        "eval.corruption_eval.types": ["gaussian"], "eval.defenses": ["no_defense", "detect_recompute"],
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}]})
+    lm = tiny_lm("llama")
+    op, _ = _fitted(lm)
+    for tau, restores in ((-1e4, True), (1e4, False)):
+        op.tau.fill_(tau)
+        ctx = build_context(cfg, lm, op)
+        for ex in ctx.examples:
+            unit = score_example(ctx, ex)
+            cells = unit["cells"]
+            for eps in [e for e in ctx.eps if e > 0]:
+                got = cells[f"gaussian|{eps!r}|detect_recompute"]
+                want = cells["clean|0.0|detect_recompute"] if restores else cells[f"gaussian|{eps!r}|no_defense"]
+                assert got == want
+                assert cells[f"gaussian|{eps!r}|no_defense"] != cells["clean|0.0|no_defense"]
+                assert (unit["recompute"][f"gaussian|{eps!r}|detect_recompute"]["tokens"] > 0) == restores
+            if not restores:
+                assert unit["recompute"]["clean|0.0|detect_recompute"]["tokens"] == 0
+
+
+def test_detect_recompute_needs_a_family_d_operator(tmp_path, tiny_model_dir, tiny_lm):
+    from cachemedicpp.eval.grid import build_context
+
+    _, cfg = _cfg(tmp_path, tiny_model_dir("llama"), **{"repair.family": "A", "eval.defenses": ["detect_recompute"]})
+    with pytest.raises(ConfigError, match="detect_recompute"):
+        build_context(cfg, tiny_lm("llama"), build_operator(cfg.repair.to_dict(), tiny_lm("llama").arch))
 
 
 @pytest.mark.slow

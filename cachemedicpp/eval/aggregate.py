@@ -232,9 +232,10 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     }
 
 
-def recompute_cost(ctx: EvalContext, units: dict) -> dict | None:
-    """metrics.recompute_cost: checksum_recompute's recomputations per grid cell (None when not evaluated)."""
-    name = defenses.RECOMPUTE[0]
+def recompute_cost(ctx: EvalContext, units: dict, name: str = defenses.RECOMPUTE[0]) -> dict | None:
+    """metrics.recompute_cost (checksum_recompute) or metrics.detect_recompute_cost (`name`): the
+    recomputations per grid cell (None when not evaluated). For detect_recompute, the clean cells' count is
+    the false alarms."""
     if name not in ctx.defense_names:
         return None
     rows = []
@@ -251,7 +252,9 @@ def recompute_cost(ctx: EvalContext, units: dict) -> dict | None:
     return {"defense": name, "block_size": int(ctx.baseline["checksum_block_size"]), "persistence": ctx.persistence,
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
             "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
-                   "tested); the tokens counted are those the exact recomputation forwards (the whole context)"}
+                   "tested); the tokens counted are those the exact recomputation forwards (the whole context)"
+                   + ("; a block is recomputed when the family-D detector gates one of its entries (any layer "
+                      "protected, any KV head), what it misses stays corrupted" if name != defenses.RECOMPUTE[0] else "")}
 
 
 
@@ -269,13 +272,23 @@ def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
         if not counts:
             continue
         tp, pos, fp, neg = (int(sum(x[i] for x in counts)) for i in range(4))
+        aucs = np.array([x[4] for x in counts if len(x) > 4 and x[4] is not None], dtype=float)
+        auc, ci = None, None
+        if aucs.size:
+            auc = float(aucs.mean())
+            g = np.random.default_rng(0)
+            boots = aucs[g.integers(0, aucs.size, (1000, aucs.size))].mean(1)
+            ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
         rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(counts), "changed_entries": pos,
-                     "recall": tp / pos if pos else None, "false_positive_rate": fp / neg if neg else None})
+                     "recall": tp / pos if pos else None, "false_positive_rate": fp / neg if neg else None,
+                     "roc_auc": auc, "roc_auc_ci": ci})
     op = ctx.op
     threshold = {str(l): float(op.tau[i]) for i, l in enumerate(op.layers)}
     return {"by_cell": rows, "threshold": threshold, "sink_tokens": int(op.sink),
             "how": "entries of the protected layers' stored context (sinks excluded) that the corruption changed "
-                   "(K or V differs from the clean cache) vs those the detector gated (gate > 0), summed over examples"}
+                   "(K or V differs from the clean cache) vs those the detector gated (gate > 0), summed over examples; "
+                   "roc_auc: the detector's score against the changed entries within each example's cache (a "
+                   "threshold-free measure of the alarm), mean over examples"}
 
 
 def nonfinite_outputs(ctx: EvalContext, units: dict) -> list[dict]:

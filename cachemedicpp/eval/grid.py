@@ -28,7 +28,7 @@ import torch
 from cachemedicpp import corruption, defenses, hf, recompute, repair, seeding, tasks
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.results import CACHEMEDIC as REPAIR_NAME
-from cachemedicpp.results import NO_DEFENSE
+from cachemedicpp.results import DETECT_RECOMPUTE, NO_DEFENSE
 
 PHASE = "eval"  # also the name of the corruption draw stream: changing it changes every draw
 CLEAN = "clean"
@@ -203,6 +203,13 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         tasks.check_needle(needles, corruptor.time_mask, where)
     if REPAIR_NAME in names and op is None:
         raise ValueError("cachemedic is evaluated but no repair operator was given")
+    if DETECT_RECOMPUTE in names:
+        if op is None or getattr(op, "family", None) != "D":
+            raise ConfigError("eval.defenses: detect_recompute raises its alarm with a family-D operator's detector; "
+                              "set repair.family: D (and train it) or remove detect_recompute")
+        if cfg.corruption.persistence != "at_rest":
+            raise ConfigError("eval.defenses: detect_recompute is evaluated at rest only "
+                              "(corruption.persistence: at_rest)")
     if set(defenses.CALIBRATED) & set(names) and cal is None:
         raise ValueError("a calibrated baseline is evaluated but no calibration was given")
     ref = next((t for t in types if t != "targeted"), types[0])
@@ -263,6 +270,40 @@ def _checksum_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cac
                                     fresh=fresh(l), report=report)
         out[l] = (k2, v2)
     blocks = int(report["blocks_failed"])
+    cost = {"tokens": T if blocks else 0, "blocks": blocks}
+    if "run" in done:
+        cost["seconds"] = done["run"].seconds
+    return out, cost
+
+
+def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
+    """detect_recompute at rest: the family-D operator's detector reads the stored K/V of the protected layers
+    (the reference layer's as stored); when it gates an entry, the context is recomputed (one forward, exact:
+    recompute.py) and every block holding a gated entry, in that layer, is read from the recomputation.
+    What the detector misses stays as stored. Returns the defended K/V and the cost."""
+    op, T = ctx.op, int(ex.prefix.numel())
+    bs = int(ctx.baseline["checksum_block_size"])
+    stored = {l: kv[l] if l in kv else hf.get_kv(clean_cache, l) for l in list(op.layers) + list(op.observes)}
+    memo = op.prime(stored)
+    done: dict = {}
+
+    def fresh(layer: int):
+        def get():
+            if ctx.recompute_exact:
+                if "run" not in done:
+                    done["run"] = recompute.recompute(ctx.lm, ex.prefix, sorted(set(kv) | set(op.layers)))
+                return done["run"].kv[layer]
+            return hf.get_kv(clean_cache, layer)  # what the recomputation returns, bit for bit
+        return get
+
+    out, blocks = dict(kv), 0
+    for l in op.layers:
+        k, v = stored[l]
+        flagged = (memo[l]["gate"][0] > 0).any(0)  # [T held]
+        k2, v2, n = defenses.recompute_blocks(k, v, flagged, torch.arange(T - k.shape[2], T), bs, fresh(l))
+        if n:
+            out[l] = (k2, v2)
+            blocks += n
     cost = {"tokens": T if blocks else 0, "blocks": blocks}
     if "run" in done:
         cost["seconds"] = done["run"].seconds
@@ -345,7 +386,10 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
                 or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
             yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
             continue
-        if at_rest and cell.defense in defenses.RECOMPUTE:
+        if at_rest and cell.defense == DETECT_RECOMPUTE:
+            defended, cost = _detect_recompute(ctx, ex, kv, clean_cache)
+            yield Row(cell, defended, None, region, recompute=cost)
+        elif at_rest and cell.defense in defenses.RECOMPUTE:
             defended, cost = _checksum_recompute(ctx, ex, kv, clean_cache)
             yield Row(cell, defended, None, region, recompute=cost)
         elif at_rest:
@@ -445,13 +489,15 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
 
 
 def detection_counts(op, memo: dict, clean_cache, rows: list[Row], R: int) -> dict[str, list[int]]:
-    """Per row's cell: [changed entries gated, changed entries, untouched entries gated, untouched entries]
-    over the protected layers' stored context entries (sinks excluded): the detector's recall and false
-    positives on the very cache it read."""
+    """Per row's cell: [changed entries gated, changed entries, untouched entries gated, untouched entries,
+    ROC-AUC] over the protected layers' stored context entries (sinks excluded): the detector's recall, false
+    positives and threshold-free ranking on the very cache it read. The AUC ranks the score's margin over its
+    layer's threshold (s − τ, what the gate compares), pooled over layers; None unless both classes occur."""
     out = {}
     for i, row in enumerate(rows):
         tp = pos = fp = neg = 0
-        for l in op.layers:
+        margins, labels = [], []
+        for j, l in enumerate(op.layers):
             k0, v0 = hf.get_kv(clean_cache, l)
             n = k0.shape[2]
             gate = memo[l]["gate"][i * R, :, op.sink:n] > 0  # [H, n - sink]
@@ -464,8 +510,26 @@ def detection_counts(op, memo: dict, clean_cache, rows: list[Row], R: int) -> di
             pos += int(changed.sum())
             fp += int((gate & ~changed).sum())
             neg += int((~changed).sum())
-        out[row.cell.key] = [tp, pos, fp, neg]
+            margins.append((memo[l]["score"][i * R, :, op.sink:n].float() - float(op.tau[j])).flatten())
+            labels.append(changed.flatten())
+        auc = roc_auc(torch.cat(margins), torch.cat(labels)) if pos and neg else None
+        out[row.cell.key] = [tp, pos, fp, neg, auc]
     return out
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """ROC-AUC of `scores` for the `positive` entries (Mann–Whitney, ties counted half); None unless both
+    classes occur. Non-finite scores rank highest (a non-finite entry is always gated)."""
+    positive = positive.to(torch.bool).flatten()
+    p, n = int(positive.sum()), int((~positive).sum())
+    if not p or not n:
+        return None
+    s = torch.nan_to_num(scores.double().flatten(), nan=float("inf"))
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # ranks (0-based) of each distinct value's first entry
+    mid = first.double() + (counts.double() - 1) / 2 + 1  # average 1-based rank of ties
+    ranks = mid[inverse]
+    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
 
 
 def exposure(ctx: EvalContext, regions: Sequence[corruption.Region], held: dict[int, int] | None = None,

@@ -25,7 +25,7 @@ from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, 
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
+from cachemedicpp.results import (DETECT_RECOMPUTE, DETECT_RECOMPUTE_COST, BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
                                   METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
                                   SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
@@ -40,8 +40,9 @@ NOT_EVALUATED = "cachemedic not evaluated"
 
 
 def resolve_checkpoint(cfg: Config, rd: RunDir, names: Sequence[str]) -> dict:
-    """Which repair weights cachemedic uses. A missing checkpoint is bad input unless allowed."""
-    if REPAIR_NAME not in names:
+    """Which repair weights cachemedic (and detect_recompute, whose alarm is the family-D operator's detector)
+    uses. A missing checkpoint is bad input unless allowed."""
+    if REPAIR_NAME not in names and DETECT_RECOMPUTE not in names:
         return {"path": None, "step": None, "sha256": None, "status": NOT_EVALUATED}
     p = rd.latest_repair_checkpoint()
     if p is None:
@@ -245,6 +246,9 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     metrics[EXPOSURE_EVICTED] = {t: float(evicted[t]) for t in metrics["exposure"]}
     if BIT_CLASS_SCORES in metrics:
         metrics[BIT_CLASS_SCORES].update(bit_class_settings(ctx))
+    cost = recompute_cost(ctx, units, DETECT_RECOMPUTE)
+    if cost is not None:
+        metrics[DETECT_RECOMPUTE_COST] = cost
     cost = recompute_cost(ctx, units)
     if cost is not None:
         metrics[RECOMPUTE_COST] = cost

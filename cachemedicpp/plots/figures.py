@@ -23,8 +23,8 @@ from cachemedicpp.plots.inputs import Curves, Inputs
 from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES
 from cachemedicpp.plots.text import fmt, plain
 from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CHECKSUM_RECOMPUTE, CLEAN_REGRESSION,
-                                  GROUP_CALIBRATED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
-                                  ROBUSTNESS_AUC)
+                                  DETECT_RECOMPUTE, GROUP_CALIBRATED, GROUP_REFERENCE, METRICS, NO_DEFENSE,
+                                  ORACLE_DROP, OVERHEAD, ROBUSTNESS_AUC)
 
 DPI = 150
 REFERENCE_TITLE = "reference heuristics, oracle region"  # the group of the heuristics that see the corruption's region
@@ -46,6 +46,7 @@ DEFENSE_STYLE = {  # colour, marker
     ORACLE_DROP: (GREY, "*"),
     CACHEMEDIC: (BLUE, "D"),
     CHECKSUM_RECOMPUTE: (YELLOW, "h"),
+    DETECT_RECOMPUTE: (ORANGE, "<"),
 }
 SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
 NO_CONTR_STYLE = (SKY, "^")  # a lighter shade of cachemedic's blue: the same operator without L_contr
@@ -488,7 +489,7 @@ def bit_position_series(inp: Inputs) -> list[tuple[str, str]]:
     if cal and cal in per:
         how = "best baseline" if cal == inp.best else "best calibrated baseline"
         out.append((cal, f"{cal} ({how}, chosen on validation data)"))
-    out += [(d, d) for d in (CACHEMEDIC, CHECKSUM_RECOMPUTE) if d in per]
+    out += [(d, d) for d in (CACHEMEDIC, CHECKSUM_RECOMPUTE, DETECT_RECOMPUTE) if d in per]
     return [(d, label) for d, label in out if d in per]
 
 
@@ -508,7 +509,7 @@ def fig_bit_position(inp: Inputs) -> bytes:
     series = bit_position_series(inp)
     x = np.arange(len(classes), dtype=float)
     width = 0.8 / len(series)
-    hatches = {NO_DEFENSE: "", CACHEMEDIC: "", CHECKSUM_RECOMPUTE: ".."}
+    hatches = {NO_DEFENSE: "", CACHEMEDIC: "", CHECKSUM_RECOMPUTE: "..", DETECT_RECOMPUTE: "//"}
     fig = _new_figure(max(7.5, 1.9 * len(classes) + 3.0), 5.4)
     ax = fig.add_subplot(1, 1, 1)
     vals: list[float] = []
