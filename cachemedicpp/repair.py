@@ -152,9 +152,59 @@ class RepairOperator(nn.Module):
         return m.expand(self.num_kv_heads, *m.shape[1:]) if self.groups == 1 else m
 
     # ---------------------------------------------------------------------------------------------
+    def _fused(self, layer: int) -> dict | None:
+        """Inference form of `layer`'s factors (families A and B, parameters shared across heads): the K and
+        V gates' first layers and U_K in one [d, 3r] matrix, the gates' second layers block-diagonal, so a
+        decode step runs about half the small kernels. Rebuilt when a parameter changes (its version)."""
+        if self.family == "C" or self.groups != 1:
+            return None
+        facs = self.factors(layer)
+        params = [p for f in facs.values() for p in f.parameters()]
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        cache = self.__dict__.setdefault("_fused_cache", {})
+        hit = cache.get(layer)
+        if hit is not None and hit["stamp"] == stamp:
+            return hit
+        names, r = list(facs), self.rank
+        g = [facs[w].gate for w in names]
+        wu = {w: facs[w].wu() for w in names}
+        cols = [x.w1[0] for x in g] + ([wu["K"][1][0]] if "K" in wu else [])
+        w2 = torch.block_diag(*[x.w2[0] for x in g])
+        mult = torch.cat([torch.full((r,), x.alpha_max, device=w2.device) * (x.scale[0].clamp(0.0, 1.0) if x.scale is not None
+                                                                            else 1.0) for x in g])
+        hit = {"stamp": stamp, "names": names, "in": torch.cat(cols, 1).detach(),
+               "b1": torch.cat([x.b1[0] for x in g]).detach(), "w2": w2.detach(),
+               "b2": torch.cat([x.b2[0] for x in g]).detach(), "mult": mult.detach(),
+               "wk_t": wu["K"][0][0].T.detach() if "K" in wu else None,
+               "wv": wu["V"][0][0].detach() if "V" in wu else None,
+               "uv_t": wu["V"][1][0].T.detach() if "V" in wu else None}
+        cache[layer] = hit
+        return hit
+
+    def _attend_fused(self, f: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable) -> torch.Tensor:
+        """`attend` with the fused factors (the same arithmetic up to fp32 rounding; exact zeros stay zeros,
+        so an identity operator is still bit-exact)."""
+        r, n = self.rank, len(f["names"])
+        pre = torch.matmul(q.float(), f["in"])  # [B, Hq, Tq, n·r (+ r: q U_K)]
+        h = torch.nn.functional.gelu(pre[..., :n * r] + f["b1"])
+        a = f["mult"] * torch.sigmoid(torch.matmul(h, f["w2"]) + f["b2"])
+        at = {w: a[..., i * r:(i + 1) * r] for i, w in enumerate(f["names"])}
+        if f["wk_t"] is not None:
+            q = q + torch.matmul(pre[..., n * r:] * at["K"], f["wk_t"]).to(q.dtype)
+        out = kernel(q, k, v)  # [B, Tq, Hq, d]
+        if f["wv"] is not None:
+            ow = torch.matmul(out.float(), f["wv"]) * at["V"].transpose(1, 2)
+            out = out + torch.matmul(ow, f["uv_t"]).to(out.dtype)
+        return out
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Attention with the repaired K/V in folded form; returns [B, Tq, Hq, d] like the kernel."""
+        """Attention with the repaired K/V in folded form; returns [B, Tq, Hq, d] like the kernel. Without
+        gradients, families A and B take the fused form (`_fused`)."""
+        if not torch.is_grad_enabled():
+            f = self._fused(layer)
+            if f is not None:
+                return self._attend_fused(f, q, k, v, kernel)
         hq = q.shape[1]
         facs = self.factors(layer)
         alpha = self.gates(layer, q)  # {"K"|"V": [B, Hq, Tq, r]}

@@ -277,7 +277,7 @@ class DetectingOperator(nn.Module):
         if n == T:
             return old
         if old is not None and q_len == 1 and T - n < self.score_block and not torch.is_grad_enabled() \
-                and bool(torch.isfinite(k[:, :, n:]).all()) and bool(torch.isfinite(v[:, :, n:]).all()):
+                and bool(torch.isfinite(k[:, :, n:].sum() + v[:, :, n:].sum())):
             # a decode step: the block of appended entries is not full yet; they are read as clean
             # (a non-finite value is always replaced, so such an entry is scored at once)
             out = {key: self._cat(old[key], None, n, T - n, k) if key in ("bias", "dk", "dv") else None

@@ -199,8 +199,19 @@ def test_decode_steps_score_appended_entries_in_blocks(tiny_lm):
     # a forward of several tokens scores the pending entries at once
     op.entries_scored = 0
     with torch.no_grad():
-        hf.forward(lm.model, tokens[T:T + 3][None], cache, plan=plan)
+        logits, cache = hf.forward(lm.model, tokens[T:T + 3][None], cache, plan=plan)
     assert op.entries_scored == len(op.layers) * H * (2 + 3)
+    # a pending entry that is not finite is scored (and replaced) at once, in its layer only
+    with torch.no_grad():
+        logits, cache = hf.forward(lm.model, logits[:, -1:].argmax(-1), cache, plan=plan)  # one pending entry
+    k, v = hf.get_kv(cache, 1)
+    k, v = k.clone(), v.clone()
+    k[0, 0, -1, 0] = float("nan")
+    hf.set_kv(cache, 1, k, v)
+    op.entries_scored = 0
+    with torch.no_grad():
+        logits, _ = hf.forward(lm.model, logits[:, -1:].argmax(-1), cache, plan=plan)
+    assert op.entries_scored == H * 2 and torch.isfinite(logits).all()
 
 
 def test_a_sliding_window_memo_drops_the_entries_that_left_it(tiny_lm):

@@ -37,6 +37,28 @@ def test_factored_equals_materialised(family, share, apply_to):
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["A", "B"])
+@pytest.mark.parametrize("apply_to", ["K", "V", "KV"])
+def test_fused_inference_form_matches_the_training_form(family, apply_to):
+    """Without gradients A and B take the fused form: the same outputs up to fp32 rounding, an identity
+    operator still bit-exact, and a parameter update seen at the next call (no stale fused weights)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    kernel = causal_attention(8**-0.5)
+    ident = RepairOperator(family, [0], 8, 6, 3, rank=3, apply_to=apply_to)
+    with torch.no_grad():
+        assert torch.equal(ident.attend(0, q, k, v, kernel), kernel(q, k, v))
+    op = _perturb(RepairOperator(family, [0], 8, 6, 3, rank=3, apply_to=apply_to))
+    for _ in range(2):
+        with torch.enable_grad():
+            ref = op.attend(0, q, k, v, kernel).detach()
+        with torch.no_grad():
+            got = op.attend(0, q, k, v, kernel)
+        assert op._fused(0) is not None
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        _perturb(op, seed=1)  # an optimiser step: the fused weights are rebuilt
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deviation_closed_form_matches_materialised(family):
     torch.manual_seed(1)

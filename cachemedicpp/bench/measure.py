@@ -4,7 +4,9 @@ defense. Each returns its block of the results JSON for one device."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import logging
 from typing import Any
 
 from cachemedicpp import calibration, defenses, hf
@@ -15,6 +17,8 @@ from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval
                                           prefilled, train_workloads, variant_agreement)
 from cachemedicpp.config import ConfigError
 from cachemedicpp.results import NO_DEFENSE
+
+log = logging.getLogger("cachemedicpp")
 
 TRAIN_BARE = ("clean prefix prefill (no grad) + teacher continuation forward (no grad) + student continuation "
               "forward reading K*s on the protected layers (s: one scalar parameter) + the same KD loss + "
@@ -104,6 +108,11 @@ def bench_defense_overhead(s: Settings, lm: hf.LoadedModel) -> dict:
 def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
     cfg = bench_config(s, str(lm.device), lm.arch)
     op = perturbed_operator(cfg, lm)
+    block = int(getattr(op, "score_block", 1))
+    if s.decode_tokens % block:
+        # family D scores appended entries in blocks: a timed run covers whole blocks, so their scoring counts
+        s = dataclasses.replace(s, decode_tokens=-(-s.decode_tokens // block) * block)
+        log.info("decode: %d tokens per run (whole detector blocks of %d)", s.decode_tokens, block)
     out: dict[str, Any] = {"protect_layers": list(op.layers), "rank": op.rank, "apply_to": op.apply_to,
                            "family": op.family, "tokens_per_run": s.decode_tokens, "design": DECODE_DESIGN,
                            "agreement_max_abs_logit_diff": variant_agreement(lm, op, seed=s.seed),
