@@ -363,6 +363,40 @@ def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Se
     return out
 
 
+def training_caches(cfg, lm, op: DetectingOperator, tokens: torch.Tensor, stream: str) -> list[dict]:
+    """`repair.detector.fit_windows` clean caches of training windows drawn from (seed, `stream`), as long as the
+    longest context the run reads (`fit_len`, default: max of the training window and eval.max_seq_len):
+    positions the statistics never saw look anomalous (RoPE keys)."""
+    det, t = cfg.repair.detector, cfg.train
+    want = int(det.fit_len) if det.fit_len is not None else max(int(t.prefix_len + t.cont_len),
+                                                                  int(cfg.eval.max_seq_len))
+    length = min(want, tokens.numel() - 1, lm.arch.max_positions)
+    layers = list(op.layers) + list(op.observes)
+    return clean_caches(lm, tokens, int(det.fit_windows), length, layers, cfg.seed, stream)
+
+
+def gated_per_block(op: DetectingOperator, memo: Mapping, T: int, block_size: int) -> torch.Tensor:
+    """long [ceil(T / block_size)]: per block of absolute positions, the entries the detector gates in it,
+    pooled over the protected layers and KV heads (a sliding layer counts the positions it holds)."""
+    total = torch.zeros(-(-T // int(block_size)), dtype=torch.long)
+    for l in op.layers:
+        g = (memo[l]["gate"][0] > 0).sum(0).cpu()  # [held]
+        pos = torch.arange(T - g.numel(), T)
+        total.index_add_(0, pos // int(block_size), g.long())
+    return total
+
+
+@torch.no_grad()
+def alarm_level(op: DetectingOperator, caches: Sequence[Mapping], block_size: int) -> int:
+    """detect_recompute's rule, set on clean training windows: a block raises the alarm when it holds at least
+    this many gated entries, one more than any block of the clean `caches` holds (none of them would)."""
+    worst = 0
+    for c in caches:
+        T = next(iter(c.values()))[0].shape[2]
+        worst = max(worst, int(gated_per_block(op, op.prime(c), T, block_size).max()))
+    return worst + 1
+
+
 @torch.no_grad()
 def set_threshold(op: DetectingOperator, caches: Sequence[Mapping], margin: float) -> dict:
     """τ per layer = max(0, highest clean score + margin) over the non-sink entries of clean caches."""

@@ -258,8 +258,8 @@ class RecomputeCell(TypedDict):
                                           "recomputed)"]
     tokens_mean: Annotated[float, "mean forward tokens recomputed per example (the context length when a block "
                                   "failed, else 0)"]
-    blocks_failed_mean: Annotated[float, "mean blocks (block x layer) that failed their checksum (detect_recompute: "
-                                         "that the detector flagged) per example"]
+    blocks_failed_mean: Annotated[float, "mean blocks (block x layer) that failed their checksum per example "
+                                         "(detect_recompute: blocks of positions that raised the alarm)"]
 
 
 class RecomputeCost(TypedDict):
@@ -274,6 +274,9 @@ class RecomputeCost(TypedDict):
     by_cell: Annotated[list[RecomputeCell], "one entry per grid cell of the defense; empty under on_read "
                                             "persistence (verified on every read, not counted)"]
     how: Annotated[str, "how the recomputed entries were obtained in the grid"]
+    alarm_min_gated: NotRequired[Annotated[int, "detect_recompute: gated entries (protected layers and KV heads "
+                                                "pooled) that make a block of positions raise the alarm, set on "
+                                                "clean training windows (one more than any of their blocks holds)"]]
 
 
 class ClassCI(TypedDict):

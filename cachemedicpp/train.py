@@ -75,14 +75,9 @@ class Trainer:
             self.op.fit(self._clean_caches("detector-fit"))
 
     def _clean_caches(self, stream: str) -> list[dict]:
-        from cachemedicpp.repair_detect import clean_caches
+        from cachemedicpp.repair_detect import training_caches
 
-        det = self.cfg.repair.detector
-        # the longest context the run reads: positions the statistics never saw look anomalous (RoPE keys)
-        want = int(det.fit_len) if det.fit_len is not None else max(self.window, int(self.cfg.eval.max_seq_len))
-        length = min(want, self.tokens.numel() - 1, self.lm.arch.max_positions)
-        layers = list(self.protect) + list(self.op.observes)
-        return clean_caches(self.lm, self.tokens, int(det.fit_windows), length, layers, self.cfg.seed, stream)
+        return training_caches(self.cfg, self.lm, self.op, self.tokens, stream)
 
     def detector_threshold(self) -> tuple[dict, dict]:
         """Family D: the operator's state with τ set on fresh clean training windows (the training state

@@ -422,9 +422,11 @@ def test_detect_recompute_recomputes_exactly_the_flagged_blocks(tmp_path, tiny_m
         "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}]})
     lm = tiny_lm("llama")
     op, _ = _fitted(lm)
+    ctx = build_context(cfg, lm, op)
+    assert ctx.alarm >= 1 and any("detect_recompute" in n for n in ctx.notes)
     for tau, restores in ((-1e4, True), (1e4, False)):
         op.tau.fill_(tau)
-        ctx = build_context(cfg, lm, op)
+        ctx.alarm = 1  # any gated entry raises the alarm
         for ex in ctx.examples:
             unit = score_example(ctx, ex)
             cells = unit["cells"]
@@ -436,6 +438,21 @@ def test_detect_recompute_recomputes_exactly_the_flagged_blocks(tmp_path, tiny_m
                 assert (unit["recompute"][f"gaussian|{eps!r}|detect_recompute"]["tokens"] > 0) == restores
             if not restores:
                 assert unit["recompute"]["clean|0.0|detect_recompute"]["tokens"] == 0
+
+
+def test_the_alarm_level_keeps_every_clean_training_block_quiet(tiny_lm):
+    from cachemedicpp.repair_detect import alarm_level, gated_per_block
+
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    _open_detector(op)
+    op.tau.fill_(0.5)
+    caches = clean_caches(lm, tokens, 3, 40, [0, 1, 2], seed=5)
+    level = alarm_level(op, caches, 16)
+    counts = [gated_per_block(op, op.prime(c), 40, 16) for c in caches]
+    assert level == max(int(c.max()) for c in counts) + 1 > 1  # the open detector gates some clean entries
+    assert all(int(c.sum()) == sum(int((op.prime(cc)[l]["gate"] > 0).sum()) for l in op.layers)
+               for c, cc in zip(counts, caches))
 
 
 def test_detect_recompute_needs_a_family_d_operator(tmp_path, tiny_model_dir, tiny_lm):

@@ -253,8 +253,10 @@ def recompute_cost(ctx: EvalContext, units: dict, name: str = defenses.RECOMPUTE
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
             "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
                    "tested); the tokens counted are those the exact recomputation forwards (the whole context)"
-                   + ("; a block is recomputed when the family-D detector gates one of its entries (any layer "
-                      "protected, any KV head), what it misses stays corrupted" if name != defenses.RECOMPUTE[0] else "")}
+                   + ("; a block of positions is recomputed (in every protected layer) when it holds at least "
+                      "alarm_min_gated entries the family-D detector gates; what raises no alarm stays as stored"
+                      if name != defenses.RECOMPUTE[0] else ""),
+            **({"alarm_min_gated": int(ctx.alarm)} if name != defenses.RECOMPUTE[0] and ctx.alarm is not None else {})}
 
 
 

@@ -127,6 +127,7 @@ class EvalContext:
     # checksum_recompute: run the real recomputation forward (timed overhead) instead of reading the clean
     # prefill, which it reproduces bit for bit (tests/test_faults.py); the cost is counted either way
     recompute_exact: bool = False
+    alarm: int | None = None  # detect_recompute: gated entries that make a block an alarm (repair_detect.alarm_level)
 
     @property
     def layers(self) -> list[int]:
@@ -203,6 +204,7 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         tasks.check_needle(needles, corruptor.time_mask, where)
     if REPAIR_NAME in names and op is None:
         raise ValueError("cachemedic is evaluated but no repair operator was given")
+    alarm = None
     if DETECT_RECOMPUTE in names:
         if op is None or getattr(op, "family", None) != "D":
             raise ConfigError("eval.defenses: detect_recompute raises its alarm with a family-D operator's detector; "
@@ -210,6 +212,9 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         if cfg.corruption.persistence != "at_rest":
             raise ConfigError("eval.defenses: detect_recompute is evaluated at rest only "
                               "(corruption.persistence: at_rest)")
+        alarm = detect_alarm(cfg, lm, op)
+        notes.append(f"detect_recompute: a block raises the alarm at {alarm} gated entries (set on clean training "
+                     "windows: one more than any of their blocks holds)")
     if set(defenses.CALIBRATED) & set(names) and cal is None:
         raise ValueError("a calibrated baseline is evaluated but no calibration was given")
     ref = next((t for t in types if t != "targeted"), types[0])
@@ -217,7 +222,18 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     return EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
                        make_grid(names, types, eps, bits, bit_eps), examples, info, sources, cfg.baseline.to_dict(),
                        cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal, bit_classes=bits,
-                       bit_eps=bit_eps)
+                       bit_eps=bit_eps, alarm=alarm)
+
+
+def detect_alarm(cfg: Config, lm: hf.LoadedModel, op) -> int:
+    """detect_recompute's alarm level for `op`, set on clean training windows (never on evaluation text)."""
+    from cachemedicpp import data
+    from cachemedicpp.repair_detect import alarm_level, training_caches
+
+    text, _ = data.load_text(cfg.data.to_dict(), "train_corpus")
+    tokens = data.tokenize_stream(lm.tokenizer, text)
+    caches = training_caches(cfg, lm, op.to(lm.device), tokens, "detector-alarm")
+    return alarm_level(op, caches, int(cfg.baseline.checksum_block_size))
 
 
 def corruptor_for(ctx: EvalContext, cell: Cell) -> corruption.Corruptor:
@@ -278,13 +294,16 @@ def _checksum_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cac
 
 def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
     """detect_recompute at rest: the family-D operator's detector reads the stored K/V of the protected layers
-    (the reference layer's as stored); when it gates an entry, the context is recomputed (one forward, exact:
-    recompute.py) and every block holding a gated entry, in that layer, is read from the recomputation.
-    What the detector misses stays as stored. Returns the defended K/V and the cost."""
+    (the reference layer's as stored); a block of positions holding at least `ctx.alarm` gated entries (all
+    protected layers and KV heads pooled) raises the alarm; then the context is recomputed (one forward,
+    exact: recompute.py) and the alarmed blocks of every protected layer are read from the recomputation.
+    What raises no alarm stays as stored. Returns the defended K/V and the cost."""
+    from cachemedicpp.repair_detect import gated_per_block
+
     op, T = ctx.op, int(ex.prefix.numel())
     bs = int(ctx.baseline["checksum_block_size"])
     stored = {l: kv[l] if l in kv else hf.get_kv(clean_cache, l) for l in list(op.layers) + list(op.observes)}
-    memo = op.prime(stored)
+    alarmed = gated_per_block(op, op.prime(stored), T, bs) >= int(ctx.alarm)
     done: dict = {}
 
     def fresh(layer: int):
@@ -296,14 +315,14 @@ def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache
             return hf.get_kv(clean_cache, layer)  # what the recomputation returns, bit for bit
         return get
 
-    out, blocks = dict(kv), 0
-    for l in op.layers:
-        k, v = stored[l]
-        flagged = (memo[l]["gate"][0] > 0).any(0)  # [T held]
-        k2, v2, n = defenses.recompute_blocks(k, v, flagged, torch.arange(T - k.shape[2], T), bs, fresh(l))
-        if n:
+    out = dict(kv)
+    if bool(alarmed.any()):
+        for l in op.layers:
+            k, v = stored[l]
+            pos = torch.arange(T - k.shape[2], T)
+            k2, v2, _ = defenses.recompute_blocks(k, v, alarmed[pos // bs], pos, bs, fresh(l))
             out[l] = (k2, v2)
-            blocks += n
+    blocks = int(alarmed.sum())
     cost = {"tokens": T if blocks else 0, "blocks": blocks}
     if "run" in done:
         cost["seconds"] = done["run"].seconds
