@@ -263,33 +263,43 @@ def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k,
                            positions=torch.arange(T - k.shape[2], T), clean=clean)
 
 
+class _Recomputation:
+    """The recomputed entries of one example's context, obtained at most once: with `ctx.recompute_exact`
+    the real forward of recompute.py (timed), else the clean prefill, which it reproduces bit for bit."""
+
+    def __init__(self, ctx: EvalContext, ex: tasks.Example, layers, clean_cache):
+        self.ctx, self.ex, self.layers, self.clean = ctx, ex, sorted(layers), clean_cache
+        self.run = None
+
+    def layer(self, layer: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def get():
+            if not self.ctx.recompute_exact:
+                return hf.get_kv(self.clean, layer)
+            if self.run is None:
+                self.run = recompute.recompute(self.ctx.lm, self.ex.prefix, self.layers)
+            return self.run.kv[layer]
+        return get
+
+    def cost(self, blocks: int) -> dict:
+        out = {"tokens": int(self.ex.prefix.numel()) if blocks else 0, "blocks": int(blocks)}
+        if self.run is not None:
+            out["seconds"] = self.run.seconds
+        return out
+
+
 def _checksum_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
     """checksum_recompute at rest: each layer's blocks verified against the checksums of the clean cache;
     once any block fails, the context is recomputed (one forward of its tokens, exact: recompute.py) and
     every failing block is read from it. Returns the defended K/V and the cost."""
     T = int(ex.prefix.numel())
-    done: dict = {}
-
-    def fresh(layer: int):
-        def get():
-            if ctx.recompute_exact:
-                if "run" not in done:
-                    done["run"] = recompute.recompute(ctx.lm, ex.prefix, sorted(kv))
-                return done["run"].kv[layer]
-            return hf.get_kv(clean_cache, layer)  # what the recomputation returns, bit for bit
-        return get
-
+    fresh = _Recomputation(ctx, ex, kv, clean_cache)
     out, report = {}, {"blocks_failed": 0}
     for l, (k, v) in kv.items():
         k2, v2, _ = defenses.defend(defenses.RECOMPUTE[0], l, k, v, baseline=ctx.baseline,
                                     positions=torch.arange(T - k.shape[2], T), clean=hf.get_kv(clean_cache, l),
-                                    fresh=fresh(l), report=report)
+                                    fresh=fresh.layer(l), report=report)
         out[l] = (k2, v2)
-    blocks = int(report["blocks_failed"])
-    cost = {"tokens": T if blocks else 0, "blocks": blocks}
-    if "run" in done:
-        cost["seconds"] = done["run"].seconds
-    return out, cost
+    return out, fresh.cost(report["blocks_failed"])
 
 
 def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
@@ -304,29 +314,15 @@ def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache
     bs = int(ctx.baseline["checksum_block_size"])
     stored = {l: kv[l] if l in kv else hf.get_kv(clean_cache, l) for l in list(op.layers) + list(op.observes)}
     alarmed = gated_per_block(op, op.prime(stored), T, bs) >= int(ctx.alarm)
-    done: dict = {}
-
-    def fresh(layer: int):
-        def get():
-            if ctx.recompute_exact:
-                if "run" not in done:
-                    done["run"] = recompute.recompute(ctx.lm, ex.prefix, sorted(set(kv) | set(op.layers)))
-                return done["run"].kv[layer]
-            return hf.get_kv(clean_cache, layer)  # what the recomputation returns, bit for bit
-        return get
-
+    fresh = _Recomputation(ctx, ex, set(kv) | set(op.layers), clean_cache)
     out = dict(kv)
     if bool(alarmed.any()):
         for l in op.layers:
             k, v = stored[l]
             pos = torch.arange(T - k.shape[2], T)
-            k2, v2, _ = defenses.recompute_blocks(k, v, alarmed[pos // bs], pos, bs, fresh(l))
+            k2, v2, _ = defenses.recompute_blocks(k, v, alarmed[pos // bs], pos, bs, fresh.layer(l))
             out[l] = (k2, v2)
-    blocks = int(alarmed.sum())
-    cost = {"tokens": T if blocks else 0, "blocks": blocks}
-    if "run" in done:
-        cost["seconds"] = done["run"].seconds
-    return out, cost
+    return out, fresh.cost(int(alarmed.sum()))
 
 
 def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region,
