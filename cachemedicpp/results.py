@@ -412,6 +412,17 @@ class TaskMetrics(TypedDict):
                                                             "(only when eval.bit_classes is not empty)"]]
 
 
+class LmevalInfo(TypedDict):
+    """An lm-evaluation-harness task (eval.tasks name lmeval:<task>)."""
+
+    task: Annotated[str, "the lm-eval task name"]
+    output_type: Annotated[str, "its output type: multiple_choice (accuracy kind) or loglikelihood_rolling (perplexity)"]
+    num_fewshot: Annotated[int, "few-shot demonstrations lm-eval put in each context (eval.tasks[].few_shot)"]
+    metric: Annotated[str, "lm-eval's per-document metric scored as x (multiple choice: acc or e.g. acc_norm)"]
+    include_path: Annotated[str | None, "folder of custom YAML tasks (eval.tasks[].include_path; null: none)"]
+    version: Annotated[str, "lm-eval version that built the requests"]
+
+
 class TaskInfo(TypedDict):
     """One evaluated task: what was asked for and built. Keys after value_name depend on the task."""
 
@@ -455,6 +466,8 @@ class TaskInfo(TypedDict):
     needle: NotRequired[Annotated[str, "needle_long_context: the needle line's template ({key}, {value})"]]
     question: NotRequired[Annotated[str, "needle_long_context: the question's template ({key}), ending with the "
                                          "answer cue"]]
+    # lmeval:<task>
+    lmeval: NotRequired[Annotated[LmevalInfo, "lmeval:<task>: the lm-evaluation-harness task behind the examples"]]
     # kv_retrieval
     pairs: NotRequired[Annotated[int, "kv_retrieval: key-value lines per context (eval.tasks[].pairs), each "
                                       "asked for"]]

@@ -18,6 +18,9 @@ and normalised score:
 - `sst2_prompted`: "Review: {x}\\nSentiment:" (optionally after `few_shot` demos from the SST-2 *train*
   split), both labels " negative" / " positive" scored as summed log-probs against the same cache
   (two rows of one batch). x = 1 if the better label is the gold one. value = score = accuracy.
+- `lmeval:<task>`: an lm-evaluation-harness task (`cachemedicpp.lmeval`): a multiple-choice document is one
+  example whose choices are its rows (x = lm-eval's per-document `acc`, or `metric`); a rolling
+  log-likelihood task is a perplexity task over windows.
 - `needle_long_context`: seeded filler from the wikitext text with "NEEDLE: {token} = {value}." at
   `position_frac`, then the question and the answer cue "{token} =". x = 1 if every answer token is the argmax given the correct
   previous ones (teacher forcing), which is exactly "greedy decoding emits the answer's tokens first":
@@ -418,7 +421,12 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    return lookup("task", name, TASKS, key="eval.tasks")
+    """A built-in task by name, or an lm-evaluation-harness task named "lmeval:<task>" (cachemedicpp.lmeval)."""
+    if isinstance(name, str) and name.startswith("lmeval:"):
+        from cachemedicpp import lmeval  # optional dependency, imported only when an lm-eval task is named
+
+        return lmeval.get_task(name)
+    return lookup("task", name, TASKS, key="eval.tasks", note="; an lm-evaluation-harness task is named lmeval:<task>")
 
 
 def load_sources(cfg, lm, names: Sequence[str]) -> dict:
