@@ -423,11 +423,9 @@ class CellScorer:
 
 @lru_cache(maxsize=1)
 def backend_class():
-    """The `cachemedic` lm-eval model class, registered with lm-eval on first use."""
+    """The `cachemedic` lm-eval model class (built on first use: lm-eval is imported lazily)."""
     lm_eval = require()
-    import lm_eval.models  # noqa: F401  lm-eval loads its own models only into an empty registry: first
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
 
     class CacheMedicLM(TemplateLM):
         """lm-eval model `cachemedic`: a frozen HF causal LM from a cachemedicpp config, every request scored
@@ -449,6 +447,18 @@ def backend_class():
             self.ignored = {k: v for k, v in ignored.items() if k not in ("batch_size", "max_batch_size")}
             if self.ignored:
                 log.warning("cachemedic model_args ignored: %s", sorted(self.ignored))
+
+        @classmethod
+        def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+            from lm_eval.utils import simple_parse_args_string
+
+            return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+        @classmethod
+        def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+            """model_args win over lm-eval's own options (its --device, default cuda:0 on its CLI)."""
+            extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+            return cls(**arg_dict, **extra)
 
         @property
         def eot_token_id(self) -> int:
@@ -533,13 +543,25 @@ def backend_class():
                 self.cache_hook.add_partial("generate_until", req.args, text)
             return out
 
-    register_model(MODEL_NAME)(CacheMedicLM)
+    CacheMedicLM.__module__ = "cachemedicpp.lmeval"
     CacheMedicLM.lm_eval_version = lm_eval.__version__
     return CacheMedicLM
 
 
+def __getattr__(name: str):
+    if name == "CacheMedicLM":  # the target lm-eval's registry imports ("cachemedicpp.lmeval:CacheMedicLM")
+        return backend_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def register() -> type:
-    """Register the `cachemedic` model with lm-eval (idempotent) and return its class."""
+    """Register the `cachemedic` model with lm-eval (idempotent, lazily by import path) and return its class."""
+    require()
+    import lm_eval.models  # noqa: F401  lm-eval loads its own models only into an empty registry: first
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target="cachemedicpp.lmeval:CacheMedicLM")
     return backend_class()
 
 
