@@ -429,6 +429,19 @@ def get_task(name: str) -> Task:
     return lookup("task", name, TASKS, key="eval.tasks", note="; an lm-evaluation-harness task is named lmeval:<task>")
 
 
+def hub_datasets(cfg) -> list[str]:
+    """The data.HUB keys the configured built-in tasks read (what `load_sources` loads), in load order."""
+    names = [t["name"] for t in cfg.eval.tasks]
+    keys = []
+    if {"wikitext2_ppl", "needle_long_context", "kv_retrieval"} & set(names):
+        keys.append("wikitext2")
+    if "sst2_prompted" in names:
+        keys.append("sst2")
+        if any(int(t.get("few_shot", 0) or 0) > 0 for t in cfg.eval.tasks if t["name"] == "sst2_prompted"):
+            keys.append("sst2_train")
+    return keys
+
+
 def load_sources(cfg, lm, names: Sequence[str]) -> dict:
     """Load (once) the data the named tasks need; every entry records where it came from."""
     src: dict = {}
