@@ -288,3 +288,22 @@ def test_missing_lm_eval_exits_2_naming_it(tiny_cfg, task_dir, tmp_path, monkeyp
     finally:
         lmeval.backend_class.cache_clear()
         lmeval._manager.cache_clear()
+
+
+@pytest.mark.slow
+def test_embedded_model_backend_equals_stock_hf(task_dir, tmp_path):
+    """The embedded SmolLM2: the same accuracy as lm-eval's stock model at eps 0; a heavy corruption of the
+    cached question moves the choices' log-likelihoods."""
+    source, _ = hf.model_source({"name": "embedded:smollm2-135m-instruct"})
+    cfg = cfg_file(tmp_path, {"seed": 0, "device": "cpu", "repair": {"protect_layers": [2, 3]},
+                              "corruption": {"axes": {"N_recent": 4}}, "data": {"use_offline": True}})
+    stock = evaluate("hf", f"pretrained={source},dtype=float32,device=cpu", MC, task_dir)
+    ours = evaluate("cachemedic", f"config={cfg},eps=0,defense=no_defense", MC, task_dir)
+    assert ours["results"][MC]["acc,none"] == stock["results"][MC]["acc,none"]
+    assert ours["results"][MC]["acc_norm,none"] == stock["results"][MC]["acc_norm,none"]
+    a, b = lls(stock, MC), lls(ours, MC)
+    assert max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)) < 1e-3
+    hit = evaluate("cachemedic", f"config={cfg},corruption=gaussian,eps=1.0,defense=no_defense", MC, task_dir)
+    assert lls(hit, MC) != b
+    print(f"SmolLM2 {MC}: acc {stock['results'][MC]['acc,none']:.3f} stock = cachemedic eps 0; "
+          f"gaussian eps 1.0: acc {hit['results'][MC]['acc,none']:.3f}")
