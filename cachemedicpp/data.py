@@ -4,7 +4,7 @@ offline files in `data/offline/` (original text written for this project) or use
 
 `data.source` makes the choice explicit: `hub` (an unreachable dataset is bad input, exit 2, never a
 silent switch to the offline files), `offline`, or `auto` (the hub when reachable, else the offline
-files). Absent, it is `auto`, or `offline` when the older key `data.use_offline` is true.
+files; the default). `data.use_offline: true`, the older spelling of `offline`, makes `auto` offline.
 
 Training text never comes from an evaluation split: the hub path trains on wikitext-103 *train*,
 the offline path on `train_corpus.txt`, a separate corpus from the evaluation prose.
@@ -50,15 +50,13 @@ SOURCES = ("hub", "offline", "auto")
 
 def source_mode(data_cfg: Mapping) -> str:
     """data.source, with `data.use_offline: true` as the older spelling of `offline`."""
-    src, offline = data_cfg.get("source"), bool(data_cfg.get("use_offline", False))
-    if src is None:
-        return "offline" if offline else "auto"
+    src, offline = data_cfg.get("source") or "auto", bool(data_cfg.get("use_offline", False))
     if src not in SOURCES:
         raise ConfigError(f"data.source: {src!r} is not one of {list(SOURCES)}")
-    if offline and src != "offline":
-        raise ConfigError(f"data.source: {src} contradicts data.use_offline: true (its older spelling of offline); "
+    if offline and src == "hub":
+        raise ConfigError("data.source: hub contradicts data.use_offline: true (its older spelling of offline); "
                           "drop one of them")
-    return src
+    return "offline" if offline else src
 
 
 def _try_hub(data_cfg: Mapping, key: str):
