@@ -431,7 +431,8 @@ class TaskInfo(TypedDict):
     few_shot: Annotated[int, "eval.tasks[].few_shot: demonstrations in front of each prompt (used by sst2_prompted)"]
     kind: Annotated[Literal["ppl", "accuracy"], "how raw values become a value and a score"]
     value_name: Annotated[Literal["perplexity", "accuracy", "fraction recalled"], "what `value` in task_curves is"]
-    source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>')"]
+    source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>'; an lm-eval "
+                          "task: 'lmeval:<task>:<dataset>:<split>')"]
     start: NotRequired[Annotated[int, "index of the first example in the task's source order (test examples start "
                                       "at 0; validation examples come after them)"]]
     # wikitext2_ppl
