@@ -35,7 +35,6 @@ Semantics, shared by both:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import sys
 from functools import lru_cache
@@ -270,16 +269,15 @@ def build(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[tasks.Example
         W, cont = min(int(ev.max_seq_len), L), int(ev.cont_len)
         if cont >= W - 1:
             raise ConfigError(f"eval.cont_len ({cont}) must be smaller than eval.max_seq_len − 1 ({W - 1})")
-        out, doc_id = [], 0
+        out, index = [], 0  # examples are windows, numbered over the documents in order
         task.set_config(key="num_fewshot", value=0)
         for d, doc in enumerate(task.eval_docs):
             for ctx, tgt in rolling_windows(tok_encode(tok, task.doc_to_target(doc)), prefix_token_id(tok), W, cont):
                 if len(ctx) < 2:
                     continue  # the document's first token: no context to corrupt
-                if doc_id >= start:
-                    ex = choice_example(lm, name, doc_id, ctx, [tgt], {"kind": "ppl", "doc_index": d})
-                    out.append(ex)
-                doc_id += 1
+                if index >= start:
+                    out.append(choice_example(lm, name, index, ctx, [tgt], {"kind": "ppl", "doc_index": d}))
+                index += 1
                 if len(out) >= n:
                     break
             if len(out) >= n:

@@ -184,7 +184,6 @@ def test_examples_mirror_lm_eval_requests(tiny_lm, tiny_cfg, task_dir):
 
 
 def test_grid_metrics_report_figure_and_resume(tiny_cfg, task_dir, tmp_path, monkeypatch):
-    import lm_eval  # noqa: F401
     from matplotlib.axes import Axes
 
     from cachemedicpp import eval as ev
