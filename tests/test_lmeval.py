@@ -131,6 +131,17 @@ def test_choices_share_one_corrupted_context_paired_across_defenses(tiny_cfg, ta
     assert lls(res["smoothing"], MC) != lls(res["no_defense"], MC)
 
 
+def test_on_read_persistence_through_the_backend(tiny_cfg, task_dir, tmp_path):
+    """On read: the clean cell equals the at-rest clean scores; a corrupted read moves them."""
+    at_rest = cfg_file(tmp_path / "a", tiny_cfg("llama"))
+    on_read = cfg_file(tmp_path / "r", tiny_cfg("llama", **{"corruption.persistence": "on_read"}))
+    base = lls(evaluate("cachemedic", f"config={at_rest},eps=0", MC, task_dir, limit=3), MC)
+    clean = lls(evaluate("cachemedic", f"config={on_read},eps=0", MC, task_dir, limit=3), MC)
+    hit = lls(evaluate("cachemedic", f"config={on_read},corruption=gaussian,eps=1.0", MC, task_dir, limit=3), MC)
+    assert max(abs(x - y) for u, v in zip(base, clean) for x, y in zip(u, v)) < 1e-4
+    assert hit != clean
+
+
 def test_backend_bad_model_args(tiny_cfg, tmp_path):
     cls = lmeval.register()
     cfg = cfg_file(tmp_path, tiny_cfg("llama"))
