@@ -142,6 +142,34 @@ def test_on_read_persistence_through_the_backend(tiny_cfg, task_dir, tmp_path):
     assert hit != clean
 
 
+def test_cachemedic_defense_reads_the_run_dirs_checkpoint(tiny_cfg, tiny_lm, task_dir, tmp_path):
+    """defense=cachemedic loads the run's repair checkpoint; the operator (not the identity) changes the
+    scores of the very same corrupted caches; generation decodes from the corrupted cache."""
+    from cachemedicpp import repair
+    from cachemedicpp.fileio import atomic_torch_save
+
+    data = tiny_cfg("llama")
+    cfg_path = cfg_file(tmp_path, data)
+    cfg = load_config(cfg_path)
+    op = repair.build_operator(cfg.repair.to_dict(), tiny_lm("llama").arch, cfg.seed)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in op.named_parameters():
+            if name.endswith(".u"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    rd = tmp_path / "run"
+    atomic_torch_save(rd / "checkpoints" / "repair_step_4.pt",
+                      repair.repair_checkpoint_payload(op, 4, cfg.hash, cfg.repair.to_dict()))
+    args = f"config={cfg_path},corruption=gaussian,eps=1.0"
+    plain = evaluate("cachemedic", args, MC, task_dir, limit=3)
+    fixed = evaluate("cachemedic", f"{args},defense=cachemedic,run_dir={rd}", MC, task_dir, limit=3)
+    assert lls(fixed, MC) != lls(plain, MC)
+    gen = evaluate("cachemedic", f"{args},defense=cachemedic,run_dir={rd}", GEN, task_dir, limit=2)
+    assert len(gen["samples"][GEN]) == 2
+    with pytest.raises(ConfigError, match="no repair checkpoint"):
+        lmeval.register()(config=str(cfg_path), defense="cachemedic", run_dir=str(tmp_path / "empty"))
+
+
 def test_backend_bad_model_args(tiny_cfg, tmp_path):
     cls = lmeval.register()
     cfg = cfg_file(tmp_path, tiny_cfg("llama"))
