@@ -429,22 +429,27 @@ def backend_class():
         """lm-eval model `cachemedic`: a frozen HF causal LM from a cachemedicpp config, every request scored
         through one grid cell (clean prefill -> corruption at rest / on read -> defense -> scoring)."""
 
-        def __init__(self, config: str, run_dir: str | None = None, corruption: str | None = None,
+        def __init__(self, config: str | None = None, run_dir: str | None = None, corruption: str | None = None,
                      eps: float | str = 0.0, defense: str = "no_defense", device: str | None = None,
-                     dtype: str | None = None, **ignored):
+                     dtype: str | None = None, **other):
             super().__init__()
             from cachemedicpp import hf
             from cachemedicpp.config import load_config
 
+            if not config:
+                raise ConfigError("cachemedic model_args: config=<a cachemedicpp config YAML> is required")
+            unknown = sorted(set(other) - {"batch_size", "max_batch_size"})  # lm-eval's own, not used here
+            if unknown:
+                known = ["config", "run_dir", "corruption", "eps", "defense", "device", "dtype"]
+                hints = [f"{k} (did you mean {c[0]}?)" if (c := difflib.get_close_matches(k, known, n=1)) else k
+                         for k in unknown]
+                raise ConfigError(f"cachemedic model_args: unknown {', '.join(hints)}; known: {known}")
             over = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
             self.cfg = load_config(config, over)
             self.lm = hf.load_model(self.cfg.model.to_dict(), self.cfg.device, self.cfg.dtype)
             self.tokenizer = self.lm.tokenizer
             self.scorer = CellScorer(self.cfg, self.lm, corruption, float(eps), str(defense), run_dir)
             self._max_length = max_length(self.lm)
-            self.ignored = {k: v for k, v in ignored.items() if k not in ("batch_size", "max_batch_size")}
-            if self.ignored:
-                log.warning("cachemedic model_args ignored: %s", sorted(self.ignored))
 
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -177,6 +177,10 @@ def test_backend_bad_model_args(tiny_cfg, tmp_path):
         cls(config=str(cfg), corruption="gausian", eps=0.1)
     with pytest.raises(ConfigError, match="needs run_dir"):
         cls(config=str(cfg), defense="cachemedic")
+    with pytest.raises(ConfigError, match="config=<a cachemedicpp config YAML> is required"):
+        cls.create_from_arg_string("eps=0.1")
+    with pytest.raises(ConfigError, match=r"unknown defence \(did you mean defense\?\)"):
+        cls.create_from_arg_string(f"config={cfg},defence=smoothing", {"batch_size": 1, "device": None})
 
 
 # --------------------------------------------------------------------------------------------------
