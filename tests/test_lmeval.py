@@ -209,6 +209,9 @@ def test_examples_mirror_lm_eval_requests(tiny_lm, tiny_cfg, task_dir):
         assert ex.prefix.tolist() == ctx[:-1] and ex.rows == len(d["choices"])
         assert (ex.feeds[:, 0] == ctx[-1]).all()  # every scored token reads the cache
         assert ex.example_id == f"lmeval:{MC}:{ex.index}"
+    few, finfo = tasks.get_task(tcfg["name"]).build(lm, cfg, {**tcfg, "few_shot": 2}, {})
+    assert finfo["lmeval"]["num_fewshot"] == 2  # lm-eval's own demonstrations, in front of each question
+    assert all(f.prefix.numel() > e.prefix.numel() + 10 and torch.equal(f.feeds, e.feeds) for f, e in zip(few, exs))
     # x is lm-eval's own per-document metric: acc (argmax of the summed log-likelihood), or acc_norm
     norm, _ = tasks.get_task(tcfg["name"]).build(lm, cfg, {**tcfg, "metric": "acc_norm"}, {})
     task = lmeval._TASKS[tcfg["name"]]
