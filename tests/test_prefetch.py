@@ -253,3 +253,61 @@ def test_embedded_prepare_converts_once():
     assert (Path(r.path) / ".complete").is_file() and (Path(r.path) / "config.json").is_file()
     again = prefetch.prepare(prefetch.Target("embedded:smollm2-135m-instruct"), dry_run=True)
     assert again.status == "cached" and again.path == r.path
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets
+
+
+def _fake_fetch(monkeypatch) -> list:
+    got = []
+
+    def fetch(t):
+        got.append((t.kind, t.name, t.include_path))
+        return f"fetched {t.label}"
+
+    monkeypatch.setattr(prefetch, "fetch_dataset", fetch)
+    return got
+
+
+def test_datasets_planned_from_configs_and_arguments(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from conftest import tiny_config
+
+    got = _fake_fetch(monkeypatch)
+    data = tiny_config(tiny_model_dir("gpt2"), **{
+        "data": {"source": "auto"},
+        "eval.tasks": [{"name": "wikitext2_ppl"}, {"name": "sst2_prompted", "few_shot": 2},
+                       {"name": "lmeval:my_task", "include_path": str(tmp_path)}]})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert prefetch.run([str(cfg)], datasets=True, dataset_keys=["sst2"], lmeval_tasks=["arc_easy"]) == 0
+    assert got == [("dataset", "sst2", None), ("lmeval", "arc_easy", None), ("dataset", "wikitext2", None),
+                   ("dataset", "sst2_train", None), ("dataset", "train_corpus", None),
+                   ("lmeval", "my_task", str(tmp_path))]
+    out = capsys.readouterr().out
+    assert "ready: lmeval:my_task (lmeval)" in out and "7/7 target(s) ok" in out  # the local model too
+    # without --datasets a config fetches no dataset; an offline config none of its built-in ones
+    got.clear()
+    assert prefetch.run([str(cfg)]) == 0 and got == []
+    data["data"] = {"source": "offline"}
+    cfg.write_text(yaml.safe_dump(data))
+    assert prefetch.run([str(cfg)], datasets=True) == 0
+    assert got == [("lmeval", "my_task", str(tmp_path))]
+
+
+def test_dataset_arguments_alone_fetch_no_model(monkeypatch, capsys):
+    got = _fake_fetch(monkeypatch)
+    assert prefetch.main(["--dataset", "sst2", "--lmeval_task", "hellaswag", "--include_path", "x"]) == 0
+    assert got == [("dataset", "sst2", None), ("lmeval", "hellaswag", "x")]
+    assert "2/2 target(s) ok" in capsys.readouterr().out
+    assert prefetch.main(["--dataset", "sst3"]) == 2
+    assert "unknown dataset 'sst3' (did you mean sst2?)" in capsys.readouterr().err
+    assert prefetch.main(["--dataset", "wikitext2", "--dry_run"]) == 0
+    assert "would-fetch: dataset:wikitext2" in capsys.readouterr().out and len(got) == 2
+
+
+def test_dataset_unreachable_fails_clearly(monkeypatch, capsys):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert prefetch.main(["--dataset", "sst2"]) == 1
+    err = capsys.readouterr().err
+    assert "error: dataset:sst2: offline mode is on" in err and "run prefetch where the hub is reachable" in err

@@ -231,3 +231,49 @@ def test_wilson_ci():
     lo, hi = stats.wilson_ci(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert stats.wilson_ci(0, 0) == (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# data.source
+
+
+def test_data_source_modes(tiny_cfg):
+    d = lambda **kw: load_config(data=tiny_cfg("llama", data=kw)).data.to_dict()  # noqa: E731
+    assert data.source_mode(d()) == "auto"  # today's behaviour by default
+    assert data.source_mode(d(use_offline=True)) == "offline"  # the older spelling
+    assert data.source_mode(d(source="hub")) == "hub" and data.source_mode(d(source="offline")) == "offline"
+    with pytest.raises(ConfigError, match="contradicts data.use_offline"):
+        data.source_mode(d(source="hub", use_offline=True))
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(data=tiny_cfg("llama", data={"source": "web"}))
+    # the hub is unreachable here (HF_DATASETS_OFFLINE): auto falls back and says so, hub refuses
+    text, src = data.load_text(d(source="auto"), "wikitext2")
+    assert src == "offline:data/offline/wikitext2_eval.txt" and text
+    assert data.load_sst2(d(source="offline"), "sst2")[1] == "offline:data/offline/sst2_eval.tsv"
+    with pytest.raises(ConfigError, match=r"data.source: hub, but dataset nyu-mll/glue/sst2:validation \(sst2\) "
+                                          r"is unreachable"):
+        data.load_sst2(d(source="hub"), "sst2")
+
+
+def test_data_source_hub_unreachable_exits_2_and_sources_are_recorded(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import json
+
+    import yaml
+
+    from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    small = {"eval.tasks": [{"name": "sst2_prompted", "num_examples": 2}], "eval.defenses": ["no_defense"],
+             "eval.corruption_eval.types": ["gaussian"], "eval.corruption_eval.eps": [0.0, 0.5]}
+    for source, code in (("hub", EXIT_BAD_INPUT), ("auto", EXIT_OK)):
+        data_cfg = tiny_cfg("llama", data={"source": source}, **small)
+        p = tmp_path / f"{source}.yaml"
+        p.write_text(yaml.safe_dump(data_cfg))
+        rd = tmp_path / source
+        assert ev.main(["--config", str(p), "--run_dir", str(rd)]) == code
+        if source == "hub":
+            assert "nyu-mll/glue/sst2:validation (sst2) is unreachable" in capsys.readouterr().err
+        else:
+            m = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+            assert m["settings"]["data_sources"] == {"sst2": "offline:data/offline/sst2_eval.tsv"}
+            assert m["settings"]["tasks"]["sst2_prompted"]["source"] == "offline:data/offline/sst2_eval.tsv"
