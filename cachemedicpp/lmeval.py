@@ -202,7 +202,7 @@ def choice_example(lm, task_name: str, doc_id: int, ctx: list[int], conts: Seque
     """One context, R continuations: the cache holds ctx[:-1]; row r feeds ctx[-1] + conts[r][:-1]."""
     if len(ctx) < 2:
         raise ValueError("a context of fewer than 2 tokens leaves nothing in the cache")
-    feeds, targets = tasks._pad_rows([tasks._feed(ctx[-1], c) for c in conts], tasks._pad_id(lm.tokenizer))
+    feeds, targets = tasks.pad_rows([tasks.feed_row(ctx[-1], c) for c in conts], tasks.pad_id(lm.tokenizer))
     return tasks.Example(PREFIX + task_name, int(doc_id), torch.tensor(ctx[:-1], dtype=torch.long), feeds, targets,
                          meta=dict(meta or {}))
 
@@ -232,7 +232,7 @@ def build(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[tasks.Example
     include = task_cfg.get("include_path")
     task = load_task(name, str(include) if include else None)
     kind = task.OUTPUT_TYPE
-    start, n = tasks._span(task_cfg)
+    start, n = tasks.example_span(task_cfg)
     few = int(task_cfg.get("few_shot", 0) or 0)
     metric = task_cfg.get("metric") or "acc"
     tok, L = lm.tokenizer, max_length(lm)
@@ -350,7 +350,7 @@ class CellScorer:
         layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
         longest = max_length(lm)
         donor = block = None
-        if grid._needs_donor(cfg, types):
+        if grid.needs_donor(cfg, types):
             donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
         if ctype == "block_fault" or (ctype == "targeted" and cfg.corruption.params.targeted_base == "block_fault"):
             block = corruption.block_donor_kv(lm, cfg.corruption.params.to_dict(), longest, layers)
@@ -396,7 +396,7 @@ class CellScorer:
             cache = hf.repeat_cache(clean, 1)
             for l, (k, v) in (row.overrides or {}).items():
                 hf.set_kv(cache, l, k, v)
-            drop = grid._at_rest_drop([row], 1)
+            drop = grid.at_rest_drop([row], 1)
             plan = None
             if self.cell.repaired or drop is not None:
                 plan = hf.HookPlan(layers=frozenset(self.ctx.layers) if drop is not None else frozenset(),

@@ -90,12 +90,12 @@ def _ids(tok, text: str, special: bool = False) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
-def _feed(prefix_last: int, target: Sequence[int]) -> tuple[list[int], list[int]]:
+def feed_row(prefix_last: int, target: Sequence[int]) -> tuple[list[int], list[int]]:
     """Feed = last context token + target[:-1]; predictions at each feed position are the targets."""
     return [prefix_last] + list(target[:-1]), list(target)
 
 
-def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(f) for f, _ in rows)
     feeds = torch.full((len(rows), n), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), n), IGNORE, dtype=torch.long)
@@ -105,14 +105,14 @@ def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple
     return feeds, targets
 
 
-def _pad_id(tok) -> int:
+def pad_id(tok) -> int:
     for v in (tok.pad_token_id, tok.eos_token_id, 0):
         if v is not None:
             return int(v)
     return 0
 
 
-def _span(task_cfg: Mapping) -> tuple[int, int]:
+def example_span(task_cfg: Mapping) -> tuple[int, int]:
     """(first example index, number of examples): validation examples start after the test examples."""
     return int(task_cfg.get("start", 0) or 0), int(task_cfg["num_examples"])
 
@@ -147,7 +147,7 @@ def build_wikitext(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exam
     if L > lm.arch.max_positions:
         raise ConfigError(f"eval.max_seq_len ({L}) exceeds the model's {lm.arch.max_positions} positions")
     stream = sources["wikitext2_ids"]
-    start, n = _span(task_cfg)
+    start, n = example_span(task_cfg)
     windows = data.fixed_windows(stream, L, start + n)[start:]
     if not windows:
         raise ConfigError(f"wikitext2_ppl: the text has fewer than {start + 1} windows of {L} tokens "
@@ -155,7 +155,7 @@ def build_wikitext(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exam
     out = []
     for i, w in enumerate(windows, start=start):
         ctx, target = w[:L - cont], w[L - cont:]
-        feed, tgt = _feed(int(ctx[-1]), target.tolist())
+        feed, tgt = feed_row(int(ctx[-1]), target.tolist())
         out.append(Example("wikitext2_ppl", i, ctx[:-1].clone(), torch.tensor([feed]), torch.tensor([tgt])))
     info = {"window_len": L, "context_len": L - cont, "cache_len": L - cont - 1, "cont_len": cont,
             "scored_tokens_per_example": cont, "source": sources["wikitext2_source"],
@@ -180,7 +180,7 @@ def sst2_prompt(sentence: str) -> str:
 def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
     tok = lm.tokenizer
     rows = sources["sst2"]
-    start, n = _span(task_cfg)
+    start, n = example_span(task_cfg)
     n = min(start + n, len(rows))
     few = int(task_cfg.get("few_shot", 0) or 0)
     demos = sources["sst2_train"] if few else []
@@ -189,7 +189,7 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
     label_ids = [_ids(tok, s) for s in SST2_LABELS]
     if any(not ids for ids in label_ids):
         raise ConfigError("sst2_prompted: a label tokenises to nothing")
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     out = []
     for i in range(start, n):
         sentence, label = rows[i]
@@ -201,7 +201,7 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
             text = "".join(f"{sst2_prompt(demos[j][0])}{SST2_LABELS[demos[j][1]]}\n\n" for j in pick)
         full = _ids(tok, text + sst2_prompt(sentence), special=True)
         prefix = _prefix("sst2_prompted", full, max(map(len, label_ids)), lm.arch.max_positions)
-        feeds, targets = _pad_rows([_feed(full[-1], ids) for ids in label_ids], pad)
+        feeds, targets = pad_rows([feed_row(full[-1], ids) for ids in label_ids], pad)
         out.append(Example("sst2_prompted", i, prefix, feeds, targets, label=int(label)))
     if not out:
         return [], {"source": sources["sst2_source"]}
@@ -322,7 +322,7 @@ def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exampl
     ctx_len = int(lc["context_len"])
     bos = _ids(tok, "", special=True)  # whatever the tokenizer puts in front of a prompt (often nothing)
     out = []
-    start, n = _span(task_cfg)
+    start, n = example_span(task_cfg)
     for i in range(start, start + n):
         (key, value), = draw_pairs(lc, i, 1, "needle-vocab")
         needle, question, answer = needle_parts(lm, lc, key, value)
@@ -332,7 +332,7 @@ def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exampl
         ctx, spans = _with_needles(bos, fill, [needle], _positions(lc, i, n_fill, 1, "needle", len(needle)))
         full = ctx + question
         prefix = _prefix("needle_long_context", full, len(answer), lm.arch.max_positions)
-        feeds, targets = _pad_rows([_feed(full[-1], answer)], _pad_id(tok))
+        feeds, targets = pad_rows([feed_row(full[-1], answer)], pad_id(tok))
         out.append(Example("needle_long_context", i, prefix, feeds, targets,
                            meta={"needle_spans": spans, "filler_start": start, "key": key, "value": value}))
     info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,
@@ -357,7 +357,7 @@ def build_retrieval(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exa
     ctx_len = int(lc["context_len"])
     bos = _ids(tok, "", special=True)
     out = []
-    start, n = _span(task_cfg)
+    start, n = example_span(task_cfg)
     for i in range(start, start + n):
         pairs = draw_pairs(lc, i, k, "retrieval-vocab")
         parts = [needle_parts(lm, lc, key, value) for key, value in pairs]
@@ -370,9 +370,9 @@ def build_retrieval(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exa
         prefix = _prefix("kv_retrieval", ctx, tail, lm.arch.max_positions)
         rows = []
         for _, question, answer in parts:
-            f, t = _feed(ctx[-1], question + answer)
+            f, t = feed_row(ctx[-1], question + answer)
             rows.append((f, [IGNORE] * len(question) + t[len(question):]))
-        feeds, targets = _pad_rows(rows, _pad_id(tok))
+        feeds, targets = pad_rows(rows, pad_id(tok))
         out.append(Example("kv_retrieval", i, prefix, feeds, targets,
                            meta={"needle_spans": spans, "filler_start": start, "pairs": pairs}))
     info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,

@@ -142,7 +142,7 @@ class EvalContext:
 # building the context
 
 
-def _needs_donor(cfg: Config, types: Sequence[str]) -> bool:
+def needs_donor(cfg: Config, types: Sequence[str]) -> bool:
     return "contiguous_overwrite" in types or (
         "targeted" in types and cfg.corruption.params.targeted_base == "contiguous_overwrite")
 
@@ -186,7 +186,7 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     _check_grid(cfg, lm.arch.num_layers)
     examples, info, sources = _build_examples(cfg, lm, notes)
     donor = None
-    if _needs_donor(cfg, types):
+    if needs_donor(cfg, types):
         longest = max(int(e.prefix.numel()) for e in examples)
         layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
         donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
@@ -439,7 +439,7 @@ class _RowsReader:
         return self.drops.pop(layer, None)
 
 
-def _at_rest_drop(rows: list[Row], R: int) -> Callable | None:
+def at_rest_drop(rows: list[Row], R: int) -> Callable | None:
     """HookPlan.drop for a batch of at-rest rows: each row's mask, repeated over its R alternatives; the
     entries the continuation appends are kept. None when no row drops anything."""
     if not any(r.drops for r in rows):
@@ -480,7 +480,7 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
         hf.set_kv(cache, l, torch.cat(ks), torch.cat(vs))
     plan = None
     reader = _RowsReader([r.on_read for r in rows for _ in range(R)]) if rows[0].on_read is not None else None
-    drop = reader.drop if reader is not None else _at_rest_drop(rows, R)
+    drop = reader.drop if reader is not None else at_rest_drop(rows, R)
     if repaired or reader is not None or drop is not None:
         hooked = set(ctx.layers) | (set(ctx.cal.layers) if ctx.cal is not None else set())
         plan = hf.HookPlan(layers=frozenset(hooked) if reader is not None or drop is not None else frozenset(),
