@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from cachemedicpp import ROOT
 from cachemedicpp.cli import EXIT_FAILED, EXIT_OK, guarded
@@ -117,13 +117,18 @@ def resolve_targets(configs: Sequence[str] = (), specs: Sequence[str] = (),
                 targets.append(target_from_config(p))
             else:
                 targets.append(Target(model, None, sources=[f"{rel} (absent; preset model)"]))
-    merged: dict[tuple, Target] = {}
+    return merged(targets)
+
+
+def merged(targets: list) -> list:
+    """Targets with the same key as one target listing every source that named it (first seen first)."""
+    out: dict[tuple, Any] = {}
     for t in targets:
-        if t.key in merged:
-            merged[t.key].sources += t.sources
+        if t.key in out:
+            out[t.key].sources += t.sources
         else:
-            merged[t.key] = t
-    return list(merged.values())
+            out[t.key] = t
+    return list(out.values())
 
 
 def classify(t: Target) -> str:
@@ -328,13 +333,7 @@ def dataset_targets(configs: Sequence[str] = (), keys: Sequence[str] = (), lmeva
         for t in cfg.eval.tasks:
             if lmeval.is_lmeval(t["name"]):
                 out.append(DataTarget(lmeval.lmeval_name(t["name"]), "lmeval", t.get("include_path"), sources=[str(c)]))
-    merged: dict[tuple, DataTarget] = {}
-    for t in out:
-        if t.key in merged:
-            merged[t.key].sources += t.sources
-        else:
-            merged[t.key] = t
-    return list(merged.values())
+    return merged(out)
 
 
 def fetch_dataset(t: DataTarget) -> str:
