@@ -15,8 +15,9 @@
   (`recompute.py`, bit-identical to the clean cache). It pays a forward of the context whenever a block
   fails; never a candidate for the best baseline. `detect_recompute`, for caches that carry no checksums
   (offloaded, transferred, written by another system): the detector of a trained family-D operator is the
-  alarm, and the blocks it flags (any entry gated) are replaced by recomputed entries; what it misses stays
-  corrupted. Evaluated at rest (eval/grid.py), with the run's family-D operator.
+  alarm (a block holding enough gated entries, a level set on clean training windows), and the alarmed blocks
+  are replaced by recomputed entries; what raises no alarm stays corrupted. Evaluated at rest
+  (eval/grid.py), with the run's family-D operator.
 
 All act on clean inputs as well (a clean cell gets the same treatment), so a defense that costs clean
 accuracy shows it. The arithmetic is fp32, cast back to the input dtype. `defend` is the one entry point
@@ -187,26 +188,24 @@ def checksum_recompute(k: Tensor, v: Tensor, recorded: Tensor, positions: Tensor
     n_failed = int(failed.sum())
     if not n_failed:
         return k, v, 0
-    bad = failed[:, positions.to(torch.int64).to(failed.device) // int(block_size)][:, None, :, None]
-    fk, fv = fresh()
-    return (torch.where(bad.to(k.device), fk.to(device=k.device, dtype=k.dtype), k),
-            torch.where(bad.to(v.device), fv.to(device=v.device, dtype=v.dtype), v), n_failed)
+    k, v = _replace(k, v, failed[:, positions.to(torch.int64).to(failed.device) // int(block_size)], fresh)
+    return k, v, n_failed
 
 
-def recompute_blocks(k: Tensor, v: Tensor, flagged: Tensor, positions: Tensor, block_size: int,
-                     fresh: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, int]:
-    """(k, v, blocks flagged): every block of `block_size` absolute positions holding a `flagged` entry (bool
-    [T], over the held positions) replaced by the recomputed entries `fresh()` returns (called only then)."""
-    blocks = positions.to(torch.int64) // int(block_size)
-    hit = torch.zeros(int(blocks.max()) + 1 if blocks.numel() else 0, dtype=torch.bool)
-    hit[blocks[flagged.cpu()]] = True
-    n = int(hit.sum())
-    if not n:
-        return k, v, 0
-    bad = hit[blocks][None, None, :, None]
+def recompute_blocks(k: Tensor, v: Tensor, alarmed: Tensor, positions: Tensor, block_size: int,
+                     fresh: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(k, v) with the held entries of every `alarmed` block (bool [n_blocks] over blocks of `block_size`
+    absolute positions) replaced by the recomputed entries `fresh()` returns (called only then)."""
+    bad = alarmed.cpu()[positions.to(torch.int64) // int(block_size)]
+    return _replace(k, v, bad[None], fresh) if bool(bad.any()) else (k, v)
+
+
+def _replace(k: Tensor, v: Tensor, bad: Tensor, fresh: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """k, v [B, H, T, d] with the positions `bad` (bool [B, T]) read from `fresh()` ([1, H, T, d] like k)."""
+    m = bad[:, None, :, None]
     fk, fv = fresh()
-    return (torch.where(bad.to(k.device), fk.to(device=k.device, dtype=k.dtype), k),
-            torch.where(bad.to(v.device), fv.to(device=v.device, dtype=v.dtype), v), n)
+    return (torch.where(m.to(k.device), fk.to(device=k.device, dtype=k.dtype), k),
+            torch.where(m.to(v.device), fv.to(device=v.device, dtype=v.dtype), v))
 
 
 def defend(name: str, layer: int, k: Tensor, v: Tensor, *, mask: Tensor | None = None, baseline: Mapping | None = None,

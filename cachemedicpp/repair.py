@@ -170,8 +170,8 @@ class RepairOperator(nn.Module):
         wu = {w: facs[w].wu() for w in names}
         cols = [x.w1[0] for x in g] + ([wu["K"][1][0]] if "K" in wu else [])
         w2 = torch.block_diag(*[x.w2[0] for x in g])
-        mult = torch.cat([torch.full((r,), x.alpha_max, device=w2.device) * (x.scale[0].clamp(0.0, 1.0) if x.scale is not None
-                                                                            else 1.0) for x in g])
+        ones = torch.ones(r, device=w2.device)
+        mult = torch.cat([x.alpha_max * (x.scale[0].clamp(0.0, 1.0) if x.scale is not None else ones) for x in g])
         hit = {"stamp": stamp, "names": names, "in": torch.cat(cols, 1).detach(),
                "b1": torch.cat([x.b1[0] for x in g]).detach(), "w2": w2.detach(),
                "b2": torch.cat([x.b2[0] for x in g]).detach(), "mult": mult.detach(),

@@ -231,8 +231,7 @@ class DetectingOperator(nn.Module):
     _KEYS = ("score", "gate", "bias", "dk", "dv")
 
     @staticmethod
-    def _cat(prev: torch.Tensor | None, new: torch.Tensor | None, n_prev: int, n_new: int,
-             like: torch.Tensor) -> torch.Tensor | None:
+    def _cat(prev: torch.Tensor | None, new: torch.Tensor | None, n_prev: int, n_new: int) -> torch.Tensor | None:
         """Two per-entry outputs joined along the cache axis; None stands for zeros (nothing gated)."""
         if prev is None and new is None:
             return None
@@ -280,12 +279,13 @@ class DetectingOperator(nn.Module):
                 and bool(torch.isfinite(k[:, :, n:].sum() + v[:, :, n:].sum())):
             # a decode step: the block of appended entries is not full yet; they are read as clean
             # (a non-finite value is always replaced, so such an entry is scored at once)
-            out = {key: self._cat(old[key], None, n, T - n, k) if key in ("bias", "dk", "dv") else None
+            # (nothing gated: bias, dk and dv are None, and attend runs the bare kernel)
+            out = {key: self._cat(old[key], None, n, T - n) if key in ("bias", "dk", "dv") else None
                    for key in self._KEYS}
             out.update(any=old["any"], nonfinite=old["nonfinite"])
             if memo is not None:
                 memo[layer] = old if old is memo.get(layer) else {**old, "off": off, "n": n}
-            return out if old["any"] else {**out, "bias": None, "dk": None, "dv": None}
+            return out
         new = self.entries(layer, k[:, :, n:], v[:, :, n:], off + n,
                            None if ref is None else (ref[0][:, :, n:], ref[1][:, :, n:]))
         new["any"] = bool((new["gate"] > 0).any())
@@ -293,7 +293,7 @@ class DetectingOperator(nn.Module):
             new["any"] = new["any"] or old["any"]
             new["nonfinite"] = new["nonfinite"] or old["nonfinite"]
             for key in self._KEYS:
-                new[key] = self._cat(old[key], new[key], n, T - n, k)
+                new[key] = self._cat(old[key], new[key], n, T - n)
         if not new["any"] and not torch.is_grad_enabled():
             new["dk"] = new["dv"] = new["bias"] = None  # all zero: keep nothing
         new.update(n=T, off=off, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())

@@ -274,13 +274,9 @@ def detector_stats(ctx: EvalContext, units: dict) -> dict | None:
         if not counts:
             continue
         tp, pos, fp, neg = (int(sum(x[i] for x in counts)) for i in range(4))
-        aucs = np.array([x[4] for x in counts if len(x) > 4 and x[4] is not None], dtype=float)
-        auc, ci = None, None
-        if aucs.size:
-            auc = float(aucs.mean())
-            g = np.random.default_rng(0)
-            boots = aucs[g.integers(0, aucs.size, (1000, aucs.size))].mean(1)
-            ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+        aucs = [x[4] for x in counts if len(x) > 4 and x[4] is not None]
+        auc = float(np.mean(aucs)) if aucs else None
+        ci = stats.mean_ci(aucs, seed=0, samples=1000, alpha=CI_ALPHA)
         rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(counts), "changed_entries": pos,
                      "recall": tp / pos if pos else None, "false_positive_rate": fp / neg if neg else None,
                      "roc_auc": auc, "roc_auc_ci": ci})

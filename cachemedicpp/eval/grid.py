@@ -320,8 +320,7 @@ def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache
         for l in op.layers:
             k, v = stored[l]
             pos = torch.arange(T - k.shape[2], T)
-            k2, v2, _ = defenses.recompute_blocks(k, v, alarmed[pos // bs], pos, bs, fresh.layer(l))
-            out[l] = (k2, v2)
+            out[l] = defenses.recompute_blocks(k, v, alarmed, pos, bs, fresh.layer(l))
     return out, fresh.cost(int(alarmed.sum()))
 
 
@@ -607,7 +606,7 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
     if costs:  # checksum_recompute at rest: {cell key: {"tokens": recomputed forward tokens, "blocks": failed}}
         unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}
-    if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched]}
+    if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched, ROC-AUC]}
         unit["detector"] = detected
     if nonfinite:  # cells whose output had non-finite logits (scored as uniform there)
         unit["nonfinite"] = sorted(nonfinite)

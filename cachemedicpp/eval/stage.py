@@ -25,8 +25,8 @@ from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, 
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (DETECT_RECOMPUTE, DETECT_RECOMPUTE_COST, BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
-                                  METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECT_RECOMPUTE,
+                                  DETECT_RECOMPUTE_COST, DETECTOR, EXPOSURE_EVICTED, METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
                                   SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
 
