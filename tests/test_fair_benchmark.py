@@ -183,3 +183,47 @@ def test_stability_measures_a_calibrated_best_baseline(tmp_path, tiny_cfg, best)
     # the calibrated baseline acts on the undisturbed cache only where its calibration says so: at delta 0
     # its drift from its own clean logits is exactly 0
     assert pts[0]["heuristics_vs_defended_clean"][best] == 0.0
+
+
+def test_test_grid_narrowed_to_the_validation_pick(tmp_path, tiny_cfg, done, monkeypatch):
+    """eval.validation.test_candidates: chosen scores on the test grid only the candidate the validation grid
+    chose (beside the non-candidates): its numbers are those of the full grid, and a pause after the first
+    test unit resumes to the same file."""
+    from cachemedicpp.cli import EXIT_PAUSED
+
+    _, _, full = done
+    data = _data(tiny_cfg, **{"eval.validation.test_candidates": "chosen"})
+    code, ref = _run(tmp_path, data, "ref")
+    assert code == EXIT_OK
+    doc = json.loads((ref / "metrics" / "task_metrics.json").read_text())
+    m, fm = doc["metrics"], full["metrics"]
+    best = fm["best_heuristic_name"]
+    assert m["best_baseline_choice"] == fm["best_baseline_choice"]
+    assert doc["settings"]["defenses"] == [d for d in NAMES if d not in defenses.CANDIDATES or d == best]
+    assert set(m["robustness_auc"]) == set(doc["settings"]["defenses"]) | {"best_heuristic"}
+    for d in doc["settings"]["defenses"]:  # the same draws and examples: the same numbers
+        assert m["robustness_auc"][d] == fm["robustness_auc"][d], d
+    prog = json.loads((ref / "metrics" / "eval_progress.json").read_text())
+    assert prog["status"] == "completed"
+    assert all(not any(k.split("|")[2] in set(defenses.CANDIDATES) - {best} for k in u["cells"])
+               for u in prog["units"].values())
+
+    real, calls = ev.score_example, []
+    n_val = len(prog["validation_units"])
+
+    def pause_after_first_test_unit(ctx, ex, dedupe=True):
+        out = real(ctx, ex, dedupe)
+        calls.append(ex.key)
+        if len(calls) == n_val + 1:
+            (tmp_path / "run" / "control").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "run" / "control" / "pause.request").write_text("")
+        return out
+
+    monkeypatch.setattr(ev, "score_example", pause_after_first_test_unit)
+    code, rd = _run(tmp_path, data, "run")
+    assert code == EXIT_PAUSED
+    code, rd = _run(tmp_path, data, "run")
+    assert code == EXIT_OK
+    assert len(calls) == n_val + len(prog["units"])  # nothing scored twice after the resume
+    again = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    assert again["metrics"] == m and again["settings"]["defenses"] == doc["settings"]["defenses"]

@@ -21,7 +21,8 @@ from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
 from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
                                          nonfinite_outputs, recompute_cost, unit_matrices, validation_aucs)
-from cachemedicpp.eval.grid import HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses
+from cachemedicpp.eval.grid import (HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses,
+                                    make_grid)
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
@@ -108,7 +109,9 @@ def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume:
         log.warning("evaluation examples changed since the saved eval progress (data source?): recomputing "
                     "every unit")
         return fresh
-    units, vunits = _kept_units(prog.get("units"), ctx), _kept_units(prog.get("validation_units"), vctx)
+    vunits = _kept_units(prog.get("validation_units"), vctx)
+    narrow_to_choice(ctx, vctx, vunits)  # a test grid narrowed to the validation pick is kept as such
+    units = _kept_units(prog.get("units"), ctx)
     fresh.update(units=units, validation_units=vunits, completed_units=len(units) + len(vunits),
                  elapsed_wall_sec=float(prog.get("elapsed_wall_sec", 0.0)))
     return fresh
@@ -234,6 +237,24 @@ def choose_best(vctx: EvalContext | None, vunits: dict) -> tuple[str | None, dic
     return best, out
 
 
+def narrow_to_choice(ctx: EvalContext, vctx: EvalContext | None, vunits: dict) -> bool:
+    """With eval.validation.test_candidates: chosen, once every validation unit is scored, drop from the test
+    grid the candidate baselines the validation grid did not choose (in place; idempotent). True when the
+    test grid is final (narrowed, or nothing to narrow)."""
+    if vctx is None or ctx.cfg.eval.validation.test_candidates != "chosen":
+        return True
+    if len(vunits) < len(vctx.examples):
+        return False
+    best, _ = choose_best(vctx, vunits)
+    keep = [d for d in ctx.defense_names if d not in defenses.CANDIDATES or d == best]
+    if keep != ctx.defense_names:
+        ctx.defense_names = keep
+        ctx.cells = make_grid(keep, ctx.types, ctx.eps, ctx.bit_classes, ctx.bit_eps)
+        ctx.notes.append(f"eval.validation.test_candidates: chosen: the test grid scores {best} of the candidate "
+                         "baselines (the validation pick)")
+    return True
+
+
 def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vctx: EvalContext | None = None,
                   vunits: dict | None = None) -> dict:
     """The task metrics file and one summary log record per (task, eps), from the finished units."""
@@ -339,6 +360,8 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
 
         def score(item: tuple[EvalContext, dict, tasks.Example]) -> Done:
             c, done, ex = item
+            if c is ctx and not narrow_to_choice(ctx, vctx, vunits):
+                raise RuntimeError("a test unit was reached before the validation grid was complete")
             t0 = time.perf_counter()
             done[ex.key] = package.score_example(c, ex)
             dt = time.perf_counter() - t0
@@ -352,6 +375,7 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
                          work=score, save=lambda: save("paused"), state=progress_path, total=total, unit="ex")
         if code != EXIT_OK:
             return code
+        narrow_to_choice(ctx, vctx, vunits)
         metrics = write_results(s, ctx, ckpt, units, vctx, vunits)
         save("completed")
         hb.beat("completed", s.step, reason="done", force=True)
