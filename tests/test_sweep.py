@@ -505,3 +505,41 @@ def test_no_loto_runs_no_loto_section(tmp_path, base_config):
     summary = sweep.Summary(plan).write("completed")
     assert summary["loto"] is None and not plan.dir.loto_figure.exists()
     assert "Leave-one-type-out" not in plan.dir.summary_md.read_text()
+
+
+def test_combine_several_sweeps_into_one_loto_table(tmp_path, base_config, capsys):
+    """The same leave-one-type-out sweep once per seed: one table and one figure, a type's runs side by side
+    in seed order; a run counts once its eval is done; no sweep summary -> exit 2 naming it."""
+    from PIL import Image
+    from cachemedicpp.rundir import RunDir
+    from cachemedicpp.sweep import combine
+
+    dirs = []
+    for seed in (2, 0):
+        doc = {"sweep_name": f"loto_seed{seed}", "base_config": str(base_config), "phases": ["eval", "plots"],
+               "overrides": {"seed": seed},
+               "runs": [{"name": "hold_gauss", "overrides": {"eval.ood_protocol": "loto_holdout_gaussian"}},
+                        {"name": "hold_over", "overrides": {"eval.ood_protocol": f"loto_holdout_{HELD_OUT}"}}]}
+        plan = sweep.load_plan(write_sweep(tmp_path / f"s{seed}", doc), str(tmp_path / "out"))
+        for name, t in (("hold_gauss", "gaussian"), ("hold_over", HELD_OUT)):
+            _fake_run(plan.dir.path, name, t)
+            timeline = RunDir(plan.dir.path / name).timeline("eval")
+            timeline.parent.mkdir(parents=True, exist_ok=True)
+            timeline.write_text(json.dumps({"status": "completed"}) + "\n")
+        if seed == 2:  # its plots phase never ran: eval is enough for the combined table
+            (plan.dir.path / "hold_over" / "paper" / "report.md").unlink()
+        sweep.Summary(plan).write("completed")
+        dirs.append(plan.dir.path)
+    out = tmp_path / "combined"
+    assert combine.main([str(d) for d in dirs] + ["--out", str(out)]) == EXIT_OK
+    loto = json.loads((out / "loto_combined.json").read_text())
+    assert [(r["test_type"], r["seed"]) for r in loto["rows"]] == [(HELD_OUT, 0), (HELD_OUT, 2), ("gaussian", 0),
+                                                                    ("gaussian", 2)]
+    assert {r["run"] for r in loto["rows"]} == {"loto_seed0/hold_gauss", "loto_seed0/hold_over",
+                                               "loto_seed2/hold_gauss", "loto_seed2/hold_over"}
+    assert "| gaussian | loto_seed2/hold_gauss |" in (out / "loto_combined.md").read_text()
+    with Image.open(out / "loto_combined.png") as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 600
+    assert combine.main([str(tmp_path / "nowhere"), "--out", str(out)]) == EXIT_BAD_INPUT
+    assert "nowhere" in capsys.readouterr().err

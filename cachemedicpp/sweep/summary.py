@@ -207,20 +207,21 @@ def ablation_summary(records: dict[str, dict]) -> dict:
 LOTO_SERIES = (R.BEST_HEURISTIC_SERIES, R.ORACLE_DROP, R.CACHEMEDIC)  # the recovered fractions compared
 
 
-def loto_summary(records: Sequence[dict]) -> dict | None:
+def loto_summary(records: Sequence[dict], eval_suffices: bool = False) -> dict | None:
     """One row per completed leave-one-type-out run (its task metrics name a held-out type), ordered by the
     held-out type: AUCs of the clean ceiling, no defense, the best baseline, oracle_drop and cachemedic on
     that type, the damage, recovered fractions and cachemedic - no defense, each with the run's own paired
     bootstrap CI. None when the sweep has no such run. The sweep adds "figure": its figure's path in the
-    sweep dir."""
+    sweep dir. Runs count once every phase is done, or (`eval_suffices`) once eval is."""
     rows = []
     for r in records:
         h = (r.get("metrics") or {}).get("held_out")
-        if r.get("status") == "completed" and h:
-            rows.append({"run": r["name"], **h})
+        done = r.get("status") == "completed" or (eval_suffices and "eval" in (r.get("phases_done") or []))
+        if done and h:
+            rows.append({"run": r["name"], "seed": r.get("seed"), **h})
     if not rows:
         return None
-    rows.sort(key=lambda x: (x["test_type"], x["run"]))
+    rows.sort(key=lambda x: (x["test_type"], x["seed"] if isinstance(x["seed"], int) else -1, x["run"]))
     return {"rows": rows,
             "recovered_fraction": "(AUC - AUC no_defense) / (AUC clean - AUC no_defense) on the held-out type",
             "ci": "each run's own 95% paired bootstrap over its examples (eval)"}
@@ -228,47 +229,91 @@ def loto_summary(records: Sequence[dict]) -> dict | None:
 
 def loto_figure(loto: dict) -> bytes:
     """Grouped bars per held-out type: recovered fraction of the best baseline, oracle_drop and cachemedic,
-    with their CIs; lines at 0 (no better than no defense) and 1 (back to clean)."""
+    with their CIs (n/a where the run measured no damage); lines at 0 (no better than no defense) and 1 (back
+    to clean). Several runs of one type
+    (seeds) stand side by side within each series, in seed order, the seeds named under the type."""
     from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
     from matplotlib import rc_context
 
-    rows = loto["rows"]
-    several = {t for t in (r["test_type"] for r in rows) if sum(x["test_type"] == t for x in rows) > 1}
-    labels = [r["test_type"] + (f"\n({r['run']})" if r["test_type"] in several else "")
-              + f"\nbest: {r['best_baseline'] or 'none'}" for r in rows]
+    types: list[str] = []
+    for r in loto["rows"]:
+        if r["test_type"] not in types:
+            types.append(r["test_type"])
+    groups = [[r for r in loto["rows"] if r["test_type"] == t] for t in types]
+
+    def label(t: str, runs: list[dict]) -> str:
+        best = sorted({r["best_baseline"] or "none" for r in runs})
+        if len(runs) == 1:
+            return f"{t}\nbest: {best[0]}"
+        seeds = [r["seed"] for r in runs]
+        who = ("seeds " + ", ".join(map(str, seeds))) if len(set(seeds)) == len(seeds) and None not in seeds \
+            else f"{len(runs)} runs"
+        return f"{t}\n{who}\nbest: {', '.join(best)}"
+
     style = {R.BEST_HEURISTIC_SERIES: (ORANGE, "best baseline (chosen on validation data)", "//"),
              R.ORACLE_DROP: (GREY, f"{R.ORACLE_DROP} (ceiling)", ""),
              R.CACHEMEDIC: (defense_style(R.CACHEMEDIC)[0], R.CACHEMEDIC, "")}
-    width = 0.8 / len(LOTO_SERIES)
+    slot = 0.8 / len(LOTO_SERIES)
+    most = max(len(g) for g in groups)
     with rc_context(RC):
-        fig = _new_figure(max(6.5, 1.6 * len(rows) + 2.5), 5.0)
+        fig = _new_figure(max(6.5, (1.6 + 0.3 * (most - 1)) * len(groups) + 2.5), 5.0)
         ax = fig.add_subplot(1, 1, 1)
         for j, name in enumerate(LOTO_SERIES):
-            color, label, hatch = style[name]
-            xs, ys, lo, hi = [], [], [], []
-            for i, r in enumerate(rows):
-                e = r["recovered_fraction"].get(name)
-                if not e or e.get("value") is None:  # not in the file, or no damage to recover
-                    ax.text(i + (j - 1) * width, 0.02, "n/a", ha="center", va="bottom", fontsize=7.5, color=color,
-                            rotation=90)
-                    continue
-                v = e["value"]
-                xs.append(i + (j - 1) * width)
-                ys.append(v)
-                lo.append(v - e["ci_low"] if e.get("ci_low") is not None else 0.0)
-                hi.append(e["ci_high"] - v if e.get("ci_high") is not None else 0.0)
-            ax.bar(xs, ys, width, yerr=[lo, hi] if xs else None, color=color, hatch=hatch, edgecolor="white",
-                   capsize=3, error_kw={"lw": 1.0}, label=label, zorder=3)
+            color, lab, hatch = style[name]
+            xs, ys, lo, hi, ws = [], [], [], [], []
+            for i, runs in enumerate(groups):
+                width = slot / len(runs)
+                for k, r in enumerate(runs):
+                    x = i + (j - 1) * slot + (k - (len(runs) - 1) / 2) * width
+                    e = r["recovered_fraction"].get(name)
+                    dmg = r.get("damage") or {}
+                    # not in the file, or no measurable damage to recover (the damage's CI reaches zero: the
+                    # fraction divides by noise)
+                    if not e or e.get("value") is None or not (dmg.get("ci_low") is None or dmg["ci_low"] > 0):
+                        ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=7.5, color=color, rotation=90)
+                        continue
+                    v = e["value"]
+                    xs.append(x)
+                    ys.append(v)
+                    ws.append(width * 0.92)
+                    lo.append(v - e["ci_low"] if e.get("ci_low") is not None else 0.0)
+                    hi.append(e["ci_high"] - v if e.get("ci_high") is not None else 0.0)
+            ax.bar(xs, ys, ws, yerr=[lo, hi] if xs else None, color=color, hatch=hatch, edgecolor="white",
+                   capsize=2 if most > 1 else 3, error_kw={"lw": 1.0}, label=lab, zorder=3)
         ax.axhline(0.0, color="black", lw=1.0, zorder=2)
         ax.axhline(1.0, color=GREY, lw=1.0, ls=":", zorder=2, label="1: back to clean")
-        ax.set_xticks(range(len(rows)), labels)
-        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_xticks(range(len(groups)), [label(t, g) for t, g in zip(types, groups)])
+        ax.set_xlim(-0.6, len(groups) - 0.4)
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, -0.05), max(hi, 1.1))  # both reference lines always in view
         ax.set_ylabel("recovered fraction of the damage (95% CI)")
         ax.set_title("Leave-one-type-out: damage recovered on the held-out corruption type")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8.5, frameon=False)
         return _png(fig)
+
+
+def combine(sweep_dirs: Sequence[Path], out_dir: Path) -> dict:
+    """One leave-one-type-out table and figure from several sweeps (for instance one per seed): reads each
+    sweep dir's summary.json (a run counts once its eval is done), writes loto_combined.json / .md / .png
+    into `out_dir`."""
+    records = []
+    for d in sweep_dirs:
+        doc = read_json(Path(d) / "summary.json", "sweep summary")
+        if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+            raise ConfigError(f"{Path(d) / 'summary.json'}: not a sweep summary (no runs)")
+        records += [{**r, "name": f"{doc.get('sweep_name', Path(d).name)}/{r.get('name')}"} for r in doc["runs"]
+                    if isinstance(r, dict)]
+    loto = loto_summary(records, eval_suffices=True)
+    if loto is None:
+        raise ConfigError(f"no leave-one-type-out run with its eval done in {[str(d) for d in sweep_dirs]}")
+    out_dir = Path(out_dir)
+    loto.update(sweeps=[str(d) for d in sweep_dirs], figure="loto_combined.png")
+    atomic_write_json(out_dir / "loto_combined.json", loto)
+    atomic_write_bytes(out_dir / "loto_combined.png", loto_figure(loto))
+    atomic_write_text(out_dir / "loto_combined.md", "\n".join(["# Leave-one-type-out, combined", "",
+                                                                  *[f"- {d}" for d in loto["sweeps"]],
+                                                                  *_loto_section(loto)]) + "\n")
+    return loto
 
 
 # --------------------------------------------------------------------------------------------------
