@@ -243,15 +243,16 @@ def narrow_to_choice(ctx: EvalContext, vctx: EvalContext | None, vunits: dict) -
     test grid is final (narrowed, or nothing to narrow)."""
     if vctx is None or ctx.cfg.eval.validation.test_candidates != "chosen":
         return True
+    if sum(d in defenses.CANDIDATES for d in ctx.defense_names) <= 1:
+        return True  # narrowed already (or one candidate only): nothing to choose again per test unit
     if len(vunits) < len(vctx.examples):
         return False
     best, _ = choose_best(vctx, vunits)
     keep = [d for d in ctx.defense_names if d not in defenses.CANDIDATES or d == best]
-    if keep != ctx.defense_names:
-        ctx.defense_names = keep
-        ctx.cells = make_grid(keep, ctx.types, ctx.eps, ctx.bit_classes, ctx.bit_eps)
-        ctx.notes.append(f"eval.validation.test_candidates: chosen: the test grid scores {best} of the candidate "
-                         "baselines (the validation pick)")
+    ctx.defense_names = keep
+    ctx.cells = make_grid(keep, ctx.types, ctx.eps, ctx.bit_classes, ctx.bit_eps)
+    ctx.notes.append(f"eval.validation.test_candidates: chosen: the test grid scores {best} of the candidate "
+                     "baselines (the validation pick)")
     return True
 
 

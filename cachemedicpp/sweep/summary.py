@@ -230,15 +230,12 @@ def loto_summary(records: Sequence[dict], eval_suffices: bool = False) -> dict |
 def loto_figure(loto: dict) -> bytes:
     """Grouped bars per held-out type: recovered fraction of the best baseline, oracle_drop and cachemedic,
     with their CIs (n/a where the run measured no damage); lines at 0 (no better than no defense) and 1 (back
-    to clean). Several runs of one type
-    (seeds) stand side by side within each series, in seed order, the seeds named under the type."""
+    to clean). Several runs of one type (seeds) stand side by side within each series, in seed order, the
+    seeds named under the type."""
     from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
     from matplotlib import rc_context
 
-    types: list[str] = []
-    for r in loto["rows"]:
-        if r["test_type"] not in types:
-            types.append(r["test_type"])
+    types = list(dict.fromkeys(r["test_type"] for r in loto["rows"]))  # the rows' order (sorted by type)
     groups = [[r for r in loto["rows"] if r["test_type"] == t] for t in types]
 
     def label(t: str, runs: list[dict]) -> str:
