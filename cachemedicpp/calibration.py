@@ -36,7 +36,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from cachemedicpp import data, hf
+from cachemedicpp import data, defenses, hf
+from cachemedicpp.defenses import fit_drop
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.fileio import atomic_torch_save, load_checkpoint
 
@@ -209,8 +210,6 @@ def window_nll(lm: hf.LoadedModel, window: Tensor, cont_len: int, layers: Sequen
 
 def _drop_reader(drops: Mapping[int, Tensor]):
     """HookPlan.drop for at-rest drop masks: entries appended after them (the continuation) are kept."""
-    from cachemedicpp.defenses import fit_drop
-
     def fn(layer: int, k_len: int) -> Tensor | None:
         d = drops.get(layer)
         return None if d is None else fit_drop(d, k_len)
@@ -245,9 +244,13 @@ def choose(cal: Calibration, lm: hf.LoadedModel, select: Sequence[Tensor], cont_
 
 
 def _defender(cal: Calibration, name: str):
-    if name == CLAMP:
-        return lambda l, k, v, pos: (*cal.clamp(l, k, v, pos), None)
-    return lambda l, k, v, pos: (k, v, cal.outliers(l, k, v, pos))
+    """(layer, k, v, positions) -> (k, v, drop) of the registered calibrated baseline `name` with `cal`."""
+    dfn = defenses.make(name)
+
+    def fn(l, k, v, pos):
+        got = dfn.apply(k, v, defenses.LayerInput(l, pos, cal=cal))
+        return got.k, got.v, got.drop
+    return fn
 
 
 # --------------------------------------------------------------------------------------------------

@@ -326,20 +326,19 @@ class CellScorer:
         self.cfg, self.lm = cfg, lm
         ctype = ctype or (list(cfg.eval.corruption_eval.types) or ["gaussian"])[0]
         lookup("corruption type", ctype, CORRUPTION_TYPES, key="model_args corruption")
-        if defense != grid.REPAIR_NAME:
-            defenses.check_name(defense)
+        defenses.check_name(defense)
         if float(eps) < 0:
             raise ConfigError(f"model_args eps: must be >= 0, got {eps}")
         self.cell = grid.Cell(grid.CLEAN, 0.0, defense) if float(eps) == 0 else grid.Cell(ctype, float(eps), defense)
         op = cal = None
-        if defense == grid.REPAIR_NAME or defense in defenses.CALIBRATED:
+        if defenses.get(defense).needs.operator or defenses.get(defense).needs.calibration:
             if not run_dir:
                 raise ConfigError(f"model_args defense={defense} needs run_dir (the run that holds its "
                                   "repair checkpoint / calibration)")
             from cachemedicpp.rundir import RunDir
 
             rd = RunDir(run_dir)
-            if defense == grid.REPAIR_NAME:
+            if defenses.get(defense).needs.operator:
                 ckpt = stage.resolve_checkpoint(cfg, rd, [defense])
                 op = stage.load_operator(cfg, rd, ckpt, lm.arch)
             else:
@@ -359,6 +358,7 @@ class CellScorer:
         self.ctx = grid.EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, [defense],
                                     types, [float(eps)], [self.cell], [], {}, {}, cfg.baseline.to_dict(),
                                     cfg.corruption.persistence, ctype, int(cfg.eval.cell_batch_size), cal=cal)
+        grid.set_up_defenses(self.ctx)
 
     def score(self, ex: tasks.Example) -> list[tuple[float, bool]]:
         """(summed log-likelihood, is_greedy) of each row of `ex` over its corrupted, defended cache."""

@@ -21,18 +21,50 @@ extra work is O(Tq·d·r) per layer whatever the cache length.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from cachemedicpp import config
 from cachemedicpp.config import ConfigError, lookup
+from cachemedicpp.fileio import load_checkpoint
+from cachemedicpp.repair_detect import DetectingOperator, reference_layer
 
-FAMILIES = ("A", "B", "C", "D")  # D: the detecting operator of `repair_detect`
+
+@dataclass(frozen=True)
+class Family:
+    """A repair family: what its operator is and what it has (SPEC §5)."""
+
+    name: str
+    description: str
+    detects: bool = False  # a per-entry detector: its gate, detect_recompute's alarm, the detection metrics
+    shrinkage: bool = False  # B's bounded shrinkage in an orthonormal basis (else A's additive correction)
+    shared: bool = False  # one set of factors for every protected layer, with layer (and head) embeddings
+    build: Callable | None = None  # (resolved repair section, arch, layers, seed) -> operator; None: RepairOperator
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(fam: Family) -> Family:
+    FAMILIES[fam.name] = fam
+    return fam
+
+
+def family(name: str) -> Family:
+    """A registered family by name (unknown -> bad input listing the known ones)."""
+    return lookup("family", name, FAMILIES, key="repair.family")
 
 
 def get_family(name: str) -> str:
-    return lookup("family", name, FAMILIES, key="repair.family")
+    return family(name).name
+
+
+def detects(op) -> bool:
+    """Whether an operator has a per-entry detector (its family says)."""
+    return family(op.family).detects
 
 
 class _Gate(nn.Module):
@@ -60,18 +92,18 @@ class _Gate(nn.Module):
 class _Factors(nn.Module):
     """One low-rank correction (for K or for V): W, U of shape [P, d, r] and its gate."""
 
-    def __init__(self, family: str, groups: int, d: int, d_in: int, rank: int, alpha_max: float, init_std: float):
+    def __init__(self, fam: Family, groups: int, d: int, d_in: int, rank: int, alpha_max: float, init_std: float):
         super().__init__()
-        self.family = family
-        if family == "B":
+        self.shrinkage = fam.shrinkage
+        if fam.shrinkage:
             self.basis = nn.Parameter(torch.randn(groups, d, rank) / math.sqrt(d))
         else:
             self.w = nn.Parameter(torch.randn(groups, d, rank) / math.sqrt(d))
             self.u = nn.Parameter(torch.zeros(groups, d, rank))  # zero U: identity at initialisation
-        self.gate = _Gate(groups, d_in, rank, alpha_max, init_std, zero_scale=(family == "B"))
+        self.gate = _Gate(groups, d_in, rank, alpha_max, init_std, zero_scale=fam.shrinkage)
 
     def wu(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.family == "B":
+        if self.shrinkage:
             basis = torch.linalg.qr(self.basis).Q  # orthonormal columns
             return basis, -basis
         return self.w, self.u
@@ -82,7 +114,8 @@ class RepairOperator(nn.Module):
                  rank: int = 8, apply_to: str = "KV", alpha_max: float = 0.9, share_across_heads: bool = True,
                  conditioning: Mapping | None = None, init_std: float = 0.02, seed: int = 0):
         super().__init__()
-        self.family = get_family(family)
+        self.spec = family_spec = lookup("family", family, FAMILIES, key="repair.family")
+        self.family = family_spec.name
         if apply_to not in ("K", "V", "KV"):
             raise ConfigError(f"repair.apply_to: {apply_to!r} is not one of K, V, KV")
         if num_heads % num_kv_heads:
@@ -92,16 +125,16 @@ class RepairOperator(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.groups = 1 if share_across_heads else num_kv_heads
         cond = dict(conditioning or {})
-        self.use_layer_emb = family == "C" and cond.get("use_layer_embedding", True)
-        self.use_head_emb = family == "C" and cond.get("use_head_embedding", False)
+        self.use_layer_emb = family_spec.shared and cond.get("use_layer_embedding", True)
+        self.use_head_emb = family_spec.shared and cond.get("use_head_embedding", False)
         e = int(cond.get("embed_dim", 8))
         d_in = head_dim + (e if self.use_layer_emb else 0) + (e if self.use_head_emb else 0)
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             make = lambda: nn.ModuleDict({  # noqa: E731
-                w: _Factors(family, self.groups, head_dim, d_in, rank, alpha_max, init_std) for w in apply_to})
-            if family == "C":
+                w: _Factors(family_spec, self.groups, head_dim, d_in, rank, alpha_max, init_std) for w in apply_to})
+            if family_spec.shared:
                 self.shared = make()
                 self.layer_emb = nn.Embedding(len(self.layers), e) if self.use_layer_emb else None
                 self.head_emb = nn.Embedding(num_kv_heads, e) if self.use_head_emb else None
@@ -113,7 +146,7 @@ class RepairOperator(nn.Module):
     def factors(self, layer: int) -> nn.ModuleDict:
         """The K and V correction factors of `layer` ({"K"|"V": module with .wu() and .gate}); family C
         shares one set across the protected layers."""
-        return self.shared if self.family == "C" else self.per_layer[str(layer)]
+        return self.shared if self.spec.shared else self.per_layer[str(layer)]
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Hq, T, d] -> [B, P, n, d] where P is the number of parameter groups."""
@@ -130,7 +163,7 @@ class RepairOperator(nn.Module):
         b, hq, t, _ = q.shape
         x = q.float()
         extra = []
-        if self.family == "C":
+        if self.spec.shared:
             if self.layer_emb is not None:
                 idx = torch.tensor(self.layers.index(layer), device=q.device)
                 extra.append(self.layer_emb(idx).expand(b, hq, t, -1))
@@ -156,7 +189,7 @@ class RepairOperator(nn.Module):
         """Inference form of `layer`'s factors (families A and B, parameters shared across heads): the K and
         V gates' first layers and U_K in one [d, 3r] matrix, the gates' second layers block-diagonal, so a
         decode step runs about half the small kernels. Rebuilt when a parameter changes (its version)."""
-        if self.family == "C" or self.groups != 1:
+        if self.spec.shared or self.groups != 1:
             return None
         facs = self.factors(layer)
         params = [p for f in facs.values() for p in f.parameters()]
@@ -223,7 +256,7 @@ class RepairOperator(nn.Module):
         """True when every correction of `layer` is exactly zero (zero U, or zero B-gate scale). Then
         `attend` adds exact zeros to q and to the output, so it equals the bare kernel bit for bit."""
         for f in self.factors(layer).values():
-            z = f.gate.scale if f.family == "B" else f.u
+            z = f.gate.scale if f.shrinkage else f.u
             if bool(z.detach().any()):
                 return False
         return True
@@ -269,26 +302,27 @@ class RepairOperator(nn.Module):
 
 
 def build_operator(repair_cfg: Mapping, arch, seed: int = 0) -> RepairOperator:
-    """Operator for a resolved `repair` config section and an `hf.ArchInfo`."""
+    """Operator for a `repair` config section (schema defaults fill what it lacks) and an `hf.ArchInfo`."""
+    repair_cfg = config.section_defaults("repair", repair_cfg)
     layers = list(repair_cfg["protect_layers"])
     bad = [l for l in layers if l >= arch.num_layers]
     if bad:
         raise ConfigError(f"repair.protect_layers: {bad} out of range for a {arch.num_layers}-layer model")
     if not layers:
         raise ConfigError("repair.protect_layers: empty")
-    if get_family(repair_cfg["family"]) == "D":
-        return _build_detecting(repair_cfg, arch, layers, seed)
+    return (family(repair_cfg["family"]).build or _build_low_rank)(repair_cfg, arch, layers, seed)
+
+
+def _build_low_rank(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> RepairOperator:
     return RepairOperator(repair_cfg["family"], layers, arch.head_dim, arch.num_heads, arch.num_kv_heads,
                           rank=repair_cfg["rank"], apply_to=repair_cfg["apply_to"], alpha_max=repair_cfg["alpha_max"],
                           share_across_heads=repair_cfg["share_across_heads"], conditioning=repair_cfg["conditioning"],
-                          init_std=repair_cfg.get("init_std", 0.02), seed=seed)
+                          init_std=repair_cfg["init_std"], seed=seed)
 
 
-def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int):
-    from cachemedicpp.repair_detect import DetectingOperator, reference_layer
-
-    det = dict(repair_cfg.get("detector") or {})
-    req = det.get("reference_layer", "auto")
+def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> DetectingOperator:
+    det = repair_cfg["detector"]
+    req = det["reference_layer"]
     if isinstance(req, str) and req != "auto":
         raise ConfigError(f"repair.detector.reference_layer: {req!r} is not auto, null or a layer index")
     ref = reference_layer(layers, arch, req)
@@ -303,10 +337,18 @@ def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int):
     if repair_cfg["apply_to"] not in ("K", "V", "KV"):
         raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
     return DetectingOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
-                             apply_to=repair_cfg["apply_to"], hidden=int(det.get("hidden", 16)), reference_layer=ref,
-                             sink_tokens=int(det.get("sink_tokens", 4)), ramp=float(det.get("ramp", 1.0)),
-                             suppress=bool(det.get("suppress", True)), correct=bool(det.get("correct", True)),
-                             score_block=int(det.get("score_block", 16)), seed=seed)
+                             apply_to=repair_cfg["apply_to"], hidden=int(det["hidden"]), reference_layer=ref,
+                             sink_tokens=int(det["sink_tokens"]), ramp=float(det["ramp"]),
+                             suppress=bool(det["suppress"]), correct=bool(det["correct"]),
+                             score_block=int(det["score_block"]), seed=seed)
+
+
+register_family(Family("A", "query-gated low-rank additive correction"))
+register_family(Family("B", "bounded shrinkage in a learned orthonormal basis", shrinkage=True))
+register_family(Family("C", "one operator of A's form shared by the protected layers, with layer embeddings",
+                       shared=True))
+register_family(Family("D", "a per-entry detector gating a correction (and an attention bias)", detects=True,
+                       build=_build_detecting))
 
 
 def expected_params(family: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,
@@ -330,8 +372,6 @@ def repair_checkpoint_payload(op: RepairOperator, step: int, config_hash: str, r
 
 def load_repair_checkpoint(path, repair_cfg: Mapping, arch, seed: int = 0) -> tuple[RepairOperator, dict]:
     """Rebuild the operator from a repair checkpoint; a damaged or mismatched file is bad input."""
-    from cachemedicpp.fileio import load_checkpoint
-
     payload = load_checkpoint(path, "repair checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != "cachemedicpp.repair/1":
         raise ConfigError(f"repair checkpoint {path}: not a cachemedicpp repair checkpoint")

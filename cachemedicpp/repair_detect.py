@@ -55,6 +55,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from cachemedicpp import config, hf
+from cachemedicpp.seeding import torch_rng
+
+_DETECTOR = config.section_defaults("repair")["detector"]  # the schema's defaults, written there once
+_REPAIR = config.section_defaults("repair")
+
 N_FEATURES = 12
 FEATURES = tuple(f"{x}_{n}" for x in "kv" for n in ("mean_z2", "max_z", "log_norm", "zeros", "nonfinite", "agree"))
 
@@ -63,13 +69,15 @@ class DetectingOperator(nn.Module):
     """Family D (see the module docstring). `layers` are the protected layers; `reference_layer` (or
     None) is the unprotected layer whose cache the agreement feature reads."""
 
-    family = "D"
+    family = "D"  # repair.FAMILIES["D"] says what the family has
     uses_memo = True
 
     def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
-                 rank: int = 8, apply_to: str = "KV", hidden: int = 16, reference_layer: int | None = None,
-                 sink_tokens: int = 4, ramp: float = 1.0, suppress: bool = True, correct: bool = True,
-                 score_block: int = 16, seed: int = 0):
+                 rank: int = _REPAIR["rank"], apply_to: str = _REPAIR["apply_to"],
+                 hidden: int = _DETECTOR["hidden"], reference_layer: int | None = None,
+                 sink_tokens: int = _DETECTOR["sink_tokens"], ramp: float = _DETECTOR["ramp"],
+                 suppress: bool = _DETECTOR["suppress"], correct: bool = _DETECTOR["correct"],
+                 score_block: int = _DETECTOR["score_block"], seed: int = 0):
         super().__init__()
         self.layers = tuple(sorted(set(int(l) for l in layers)))
         self.d, self.rank, self.apply_to = head_dim, rank, apply_to
@@ -351,9 +359,6 @@ def clean_caches(lm, tokens: torch.Tensor, windows: int, length: int, layers: Se
     """Batch-1 clean {layer: (k, v)} of `windows` training windows drawn from (seed, stream, i): the entries
     attention reads in the prefill (all positions, also on sliding-window layers, whose stored cache keeps
     only the window)."""
-    from cachemedicpp import hf
-    from cachemedicpp.seeding import torch_rng
-
     hi = tokens.numel() - length
     out = []
     for i in range(windows):

@@ -423,10 +423,10 @@ def test_detect_recompute_recomputes_exactly_the_flagged_blocks(tmp_path, tiny_m
     lm = tiny_lm("llama")
     op, _ = _fitted(lm)
     ctx = build_context(cfg, lm, op)
-    assert ctx.alarm >= 1 and any("detect_recompute" in n for n in ctx.notes)
+    assert ctx.defense("detect_recompute").alarm >= 1 and any("detect_recompute" in n for n in ctx.notes)
     for tau, restores in ((-1e4, True), (1e4, False)):
         op.tau.fill_(tau)
-        ctx.alarm = 1  # any gated entry raises the alarm
+        ctx.defense("detect_recompute").alarm = 1  # any gated entry raises the alarm
         for ex in ctx.examples:
             unit = score_example(ctx, ex)
             cells = unit["cells"]

@@ -24,6 +24,7 @@ from cachemedicpp.fileio import atomic_torch_save, read_jsonl, validate_records
 
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                   "MKL_NUM_THREADS": "1"}
+REFERENCE = ("reset_clear", "smoothing", "masking_dropout", "clipping_renorm")  # the reference heuristics
 DEFENSES = ["no_defense", "reset_clear", "smoothing", "masking_dropout", "clipping_renorm", "cachemedic"]
 METRIC_KEYS = {"task_curves", "clean_metrics", "clean_scores", "score_vs_eps", "score_vs_eps_by_task",
                "robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "clean_regression",
@@ -135,10 +136,10 @@ def test_metrics_keys_shapes_and_files(baseline):
         assert set(block["ci"]) == set(DEFENSES) | {"best_heuristic"}
         assert all(len(v["low"]) == len(v["high"]) == len(eps) for v in block["ci"].values())
     best = m["best_heuristic_name"]
-    assert best in ev.HEURISTICS
+    assert best in defenses.candidates()
     # chosen on the validation grid (held-in types, other examples), never on these test AUCs
     choice = m["best_baseline_choice"]
-    assert choice["chosen"] == best and set(choice["validation_auc"]) == set(defenses.REFERENCE)
+    assert choice["chosen"] == best and set(choice["validation_auc"]) == set(REFERENCE)
     assert choice["validation_auc"][best] == max(choice["validation_auc"].values())
     assert m["heuristic_auc"] == m["robustness_auc"]["best_heuristic"] == m["robustness_auc"][best]
     assert set(m["robustness_auc"]) == set(DEFENSES) | {"best_heuristic"} == set(m["robustness_auc_ci"])
@@ -211,13 +212,15 @@ def test_all_defenses_see_the_same_corrupted_cache(tiny_cfg, tiny_lm, monkeypatc
     from cachemedicpp import hf
 
     seen = []
-    original = defenses.apply_defense
+    for name in REFERENCE:
+        cls = defenses.get(name)
+        original = cls.apply
 
-    def recorder(name, k, v, mask, baseline, gen=None):
-        seen.append((name, k.clone(), v.clone()))
-        return original(name, k, v, mask, baseline, gen=gen)
+        def recorder(self, k, v, inp, _original=original):
+            seen.append((self.name, k.clone(), v.clone()))
+            return _original(self, k, v, inp)
 
-    monkeypatch.setattr(defenses, "apply_defense", recorder)
+        monkeypatch.setattr(cls, "apply", recorder)
     with torch.no_grad():
         _, clean = hf.forward(ctx.lm.model, ex.prefix[None])
     groups: dict = {}
@@ -234,7 +237,7 @@ def test_all_defenses_see_the_same_corrupted_cache(tiny_cfg, tiny_lm, monkeypatc
         heur_inputs = {}
         for name, k, v in g["inputs"]:
             heur_inputs.setdefault(name, []).append((k, v))
-        assert set(heur_inputs) == set(defenses.REFERENCE)
+        assert set(heur_inputs) == set(REFERENCE)
         for layer_i, layer in enumerate(sorted(nd.overrides)):
             k_nd, v_nd = nd.overrides[layer]
             # cachemedic reads exactly the corrupted cache no_defense reads

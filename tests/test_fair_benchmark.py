@@ -199,13 +199,13 @@ def test_test_grid_narrowed_to_the_validation_pick(tmp_path, tiny_cfg, done, mon
     m, fm = doc["metrics"], full["metrics"]
     best = fm["best_heuristic_name"]
     assert m["best_baseline_choice"] == fm["best_baseline_choice"]
-    assert doc["settings"]["defenses"] == [d for d in NAMES if d not in defenses.CANDIDATES or d == best]
+    assert doc["settings"]["defenses"] == [d for d in NAMES if d not in defenses.candidates() or d == best]
     assert set(m["robustness_auc"]) == set(doc["settings"]["defenses"]) | {"best_heuristic"}
     for d in doc["settings"]["defenses"]:  # the same draws and examples: the same numbers
         assert m["robustness_auc"][d] == fm["robustness_auc"][d], d
     prog = json.loads((ref / "metrics" / "eval_progress.json").read_text())
     assert prog["status"] == "completed"
-    assert all(not any(k.split("|")[2] in set(defenses.CANDIDATES) - {best} for k in u["cells"])
+    assert all(not any(k.split("|")[2] in set(defenses.candidates()) - {best} for k in u["cells"])
                for u in prog["units"].values())
 
     real, calls = ev.score_example, []

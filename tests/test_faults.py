@@ -246,20 +246,21 @@ def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ct
             return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real recomputation
         return get
 
-    report = {}
+    dfn = defenses.make("checksum_recompute")
+    failed = set()
     for l, (k, v) in faulted.items():
         assert not (torch.equal(k, clean[l][0]) and torch.equal(v, clean[l][1]))  # the fault acted
-        k2, v2, drop = defenses.defend("checksum_recompute", l, k, v, clean=clean[l], positions=torch.arange(48),
-                                       fresh=fresh(l), report=report)
+        got = dfn.apply(k, v, defenses.LayerInput(l, torch.arange(48), clean=clean[l], fresh=fresh(l)))
+        k2, v2, drop = got.k, got.v, got.drop
+        failed |= got.cost.blocks
         assert drop is None
         assert torch.equal(k2, clean[l][0]) and torch.equal(v2, clean[l][1])  # bit-identical, NaN gone
-    assert report["blocks_failed"] > 0 and calls
+    assert len(failed) > 0 and calls
     # a clean cache: every checksum passes, nothing is recomputed, the very tensors come back
     calls.clear()
     for l, (k, v) in clean.items():
-        k2, v2, _ = defenses.defend("checksum_recompute", l, k, v, clean=(k.clone(), v.clone()),
-                                    positions=torch.arange(48), fresh=fresh(l), report=(r := {}))
-        assert k2 is k and v2 is v and r["blocks_failed"] == 0
+        got = dfn.apply(k, v, defenses.LayerInput(l, torch.arange(48), clean=(k.clone(), v.clone()), fresh=fresh(l)))
+        assert got.k is k and got.v is v and len(got.cost.blocks) == 0
     assert not calls
 
 

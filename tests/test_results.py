@@ -309,7 +309,7 @@ def test_real_files_take_the_optional_branches(real):
     """The fixture really exercises what the schemas make optional or nullable."""
     a, b = real["task_a"], real["task_b"]
     assert a["metrics"]["overhead"] and a["settings"]["overhead"] and b["metrics"]["overhead"] is None
-    assert a["metrics"]["best_heuristic_name"] in defenses.CANDIDATES and b["metrics"]["best_heuristic_name"] is None
+    assert a["metrics"]["best_heuristic_name"] in defenses.candidates() and b["metrics"]["best_heuristic_name"] is None
     assert len(a["metrics"]["paired_bootstrap"]) == 4 and b["metrics"]["paired_bootstrap"] == {}
     assert b["settings"]["ood_split"]["test_type"] == "gaussian" and a["settings"]["ood_split"] is None
     assert a["settings"]["checkpoint"]["status"] == "loaded" and "config_hash" in a["settings"]["checkpoint"]

@@ -168,6 +168,7 @@ def test_defenses_cut_a_context_mask_to_the_held_positions():
     mask[:, :, 20:30] = True
     L = 15
     for name in ("reset_clear", "clipping_renorm"):
-        full_k, _, _ = defenses.defend(name, 0, k, v, mask=mask)
-        held_k, _, _ = defenses.defend(name, 0, k[:, :, -L:], v[:, :, -L:], mask=mask)
+        dfn = defenses.make(name)
+        full_k = dfn.apply(k, v, defenses.LayerInput(0, torch.arange(40), region=mask)).k
+        held_k = dfn.apply(k[:, :, -L:], v[:, :, -L:], defenses.LayerInput(0, torch.arange(40 - L, 40), region=mask)).k
         assert torch.equal(full_k[:, :, -L:], held_k), name

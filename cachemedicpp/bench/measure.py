@@ -16,7 +16,7 @@ from cachemedicpp.bench.timing import abba, interleaved, median, paired_ratios, 
 from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator,
                                           prefilled, train_workloads, variant_agreement)
 from cachemedicpp.config import ConfigError
-from cachemedicpp.results import NO_DEFENSE
+from cachemedicpp.results import CHECKSUM_RECOMPUTE, NO_DEFENSE
 
 log = logging.getLogger("cachemedicpp")
 
@@ -80,9 +80,9 @@ DEFENSE_OVERHEAD = ("eval's own overhead measurement (eval.measure_overhead, fig
 def bench_defense_overhead(s: Settings, lm: hf.LoadedModel) -> dict:
     """Every defense of the base config plus checksum_recompute, timed as the eval times them, with wall
     time and throughput relative to no_defense and checksum_recompute's recomputation cost."""
-    cfg = bench_config(s, str(lm.device), lm.arch, extra_defenses=[NO_DEFENSE, defenses.RECOMPUTE[0]])
+    cfg = bench_config(s, str(lm.device), lm.arch, extra_defenses=[NO_DEFENSE, CHECKSUM_RECOMPUTE])
     names, _ = ev.eval_defenses(cfg)
-    cal = calibration.build(cfg, lm) if set(defenses.CALIBRATED) & set(names) else None
+    cal = calibration.build(cfg, lm) if defenses.required(names, "calibration") else None
     ctx = ev.build_context(cfg, lm, perturbed_operator(cfg, lm), cal)
     reps = s.eval_reps or s.reps
     protocol = ev.overhead_protocol(ctx, reps)
@@ -90,7 +90,7 @@ def bench_defense_overhead(s: Settings, lm: hf.LoadedModel) -> dict:
     base = measured[NO_DEFENSE]
     rows = {}
     for d, m in measured.items():
-        row = dict(m, group=defenses.GROUPS[d],
+        row = dict(m, group=defenses.group(d),
                    wall_ratio_vs_no_defense=ratio(m["wall_sec"], base["wall_sec"]),
                    throughput_ratio_vs_no_defense=(ratio(m["tokens_per_sec"], base["tokens_per_sec"])
                                                    if m["tokens_per_sec"] and base["tokens_per_sec"] else None))

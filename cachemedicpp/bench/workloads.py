@@ -225,7 +225,7 @@ def eval_workloads(s: Settings, lm: hf.LoadedModel) -> tuple[Workload, Workload,
     cfg = bench_config(s, str(lm.device), lm.arch)
     op = perturbed_operator(cfg, lm)
     names, _ = ev.eval_defenses(cfg)
-    cal = calibration.build(cfg, lm) if set(defenses.CALIBRATED) & set(names) else None
+    cal = calibration.build(cfg, lm) if defenses.required(names, "calibration") else None
     ctx = ev.build_context(cfg, lm, op, cal)
     n_cells = len(ctx.cells)
     computed: list[int] = []

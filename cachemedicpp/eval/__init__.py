@@ -7,7 +7,7 @@ values into the metrics (a pure function), `overhead` times the defenses, `stage
 """
 
 from cachemedicpp.eval.aggregate import CI_ALPHA, aggregate, best_heuristic, unit_matrices
-from cachemedicpp.eval.grid import (CLEAN, HEURISTICS, PHASE, REPAIR_NAME, Cell, EvalContext, Row, build_context,
+from cachemedicpp.eval.grid import (CLEAN, PHASE, REPAIR_NAME, Cell, EvalContext, Row, build_context,
                                     cell_rows, defense_rng, eval_defenses, exposure, make_grid, run_batch,
                                     score_example)
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
@@ -15,7 +15,7 @@ from cachemedicpp.eval.stage import (examples_fingerprint, load_operator, load_p
                                      run, settings, write_results)
 
 __all__ = [
-    "CI_ALPHA", "CLEAN", "HEURISTICS", "PHASE", "REPAIR_NAME",
+    "CI_ALPHA", "CLEAN", "PHASE", "REPAIR_NAME",
     "Cell", "EvalContext", "Row", "make_grid", "eval_defenses", "build_context", "defense_rng", "cell_rows",
     "run_batch", "exposure", "score_example",
     "aggregate", "best_heuristic", "unit_matrices",

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from cachemedicpp import defenses, seeding, stats, tasks
-from cachemedicpp.eval.grid import BIT_TYPE, CLEAN, HEURISTICS, REPAIR_NAME, Cell, EvalContext
+from cachemedicpp.eval.grid import BIT_TYPE, CLEAN, REPAIR_NAME, Cell, EvalContext
 from cachemedicpp.results import NO_DEFENSE
 
 CI_ALPHA = 0.05
@@ -72,7 +72,7 @@ BEST_RULE = ("highest robustness AUC on the validation grid (held-in corruption 
 def best_heuristic(auc: dict[str, float], names: Sequence[str]) -> str | None:
     """The fixed rule applied to `auc` (validation AUCs): the candidate with the highest one."""
     best = None
-    for h in HEURISTICS:
+    for h in defenses.candidates():
         if h in names and h in auc and (best is None or auc[h] > auc[best]):
             best = h
     return best
@@ -219,7 +219,7 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
         "best_heuristic_name": best,
         "heuristic_auc": auc[best] if best else None,
         "best_baseline_choice": choice,
-        "defense_groups": {d: defenses.GROUPS[d] for d in names},
+        "defense_groups": {d: defenses.group(d) for d in names},
         "damage": _damage(point, boot, n_total),
         "damage_by_type": damage_by_type,
         "recovered_fraction": _recovered(point, boot, names),
@@ -232,10 +232,10 @@ def aggregate(task_info: dict, values: dict[str, np.ndarray], exposures: dict[st
     }
 
 
-def recompute_cost(ctx: EvalContext, units: dict, name: str = defenses.RECOMPUTE[0]) -> dict | None:
-    """metrics.recompute_cost (checksum_recompute) or metrics.detect_recompute_cost (`name`): the
-    recomputations per grid cell (None when not evaluated). For detect_recompute, the clean cells' count is
-    the false alarms."""
+def recompute_cost(ctx: EvalContext, units: dict, name: str) -> dict | None:
+    """The cost table of a recomputing defense `name` (metrics[its cost_key], e.g. recompute_cost for
+    checksum_recompute): the recomputations per grid cell (None when not evaluated). For an alarm
+    (detect_recompute), the clean cells' count is the false alarms."""
     if name not in ctx.defense_names:
         return None
     rows = []
@@ -253,10 +253,8 @@ def recompute_cost(ctx: EvalContext, units: dict, name: str = defenses.RECOMPUTE
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
             "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
                    "tested); the tokens counted are those the exact recomputation forwards (the whole context)"
-                   + ("; a block of positions is recomputed (in every protected layer) when it holds at least "
-                      "alarm_min_gated entries the family-D detector gates; what raises no alarm stays as stored"
-                      if name != defenses.RECOMPUTE[0] else ""),
-            **({"alarm_min_gated": int(ctx.alarm)} if name != defenses.RECOMPUTE[0] and ctx.alarm is not None else {})}
+                   + ctx.defense(name).cost_how,
+            **ctx.defense(name).cost_settings()}
 
 
 

@@ -4,10 +4,12 @@ Per example (one unit of work, key "<task>/<index>"):
   1. prefill the clean context once (no hook);
   2. for every grid cell — defenses × (clean + types × eps) — copy that cache (one batch row per cell),
      corrupt its old region at rest with the draws of (seed, "eval", example id, type, eps, layer), so
-     every defense sees the very same corrupted cache (paired), apply the heuristic defense on the
-     region the corruption's masks select (an oracle advantage, recorded), and write it back;
-  3. score the example's continuation rows with one forward over the batched cache; cachemedic rows run
-     with the repair operator active inside attention (their own batches).
+     every defense sees the very same corrupted cache (paired), apply the defense (`defenses`, handed what
+     it declares it needs: the corruption's region for the reference heuristics, an oracle advantage that
+     is recorded; the calibration; the clean cache for ceilings and checksums; the recomputation), and
+     write it back;
+  3. score the example's continuation rows with one forward over the batched cache; the rows of a defense
+     that acts inside attention (the learned operator) run with it in the hook plan (their own batches).
 Clean cells use eps 0 with the region of the first evaluated type, so heuristics act on clean inputs
 too (their clean cost is measured, never a silent no-op). Figure E's bit-class cells (eval.bit_classes)
 score `bitflip` once per bit class at eval.bit_class_eps, outside the curves: a cell's `bits` replaces
@@ -28,12 +30,10 @@ import torch
 from cachemedicpp import corruption, defenses, hf, recompute, repair, seeding, tasks
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.results import CACHEMEDIC as REPAIR_NAME
-from cachemedicpp.results import DETECT_RECOMPUTE, NO_DEFENSE
+from cachemedicpp.results import NO_DEFENSE
 
 PHASE = "eval"  # also the name of the corruption draw stream: changing it changes every draw
 CLEAN = "clean"
-HEURISTICS = defenses.CANDIDATES  # candidates for the best baseline; registry order breaks ties
-PASS_THROUGH = (NO_DEFENSE, REPAIR_NAME)  # defenses that leave the cache as read
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,7 +53,8 @@ class Cell:
 
     @property
     def repaired(self) -> bool:
-        return self.defense == REPAIR_NAME
+        """Its rows run with the learned operator inside attention."""
+        return defenses.get(self.defense).in_attention
 
 
 BIT_TYPE = "bitflip"  # the type of figure E's bit-class cells
@@ -80,8 +81,7 @@ def eval_defenses(cfg: Config) -> tuple[list[str], list[str]]:
     """(defenses evaluated, notes). no_defense is always evaluated: it normalises perplexity."""
     names, notes = [], []
     for d in cfg.eval.defenses:
-        if d != REPAIR_NAME:
-            defenses.check_name(d)  # unknown name -> ConfigError listing the known ones
+        defenses.check_name(d)  # unknown name -> ConfigError listing the known ones
         if d not in names:
             names.append(d)
     if NO_DEFENSE not in names:
@@ -100,7 +100,7 @@ class Row:
     region: corruption.Region
     alias: Cell | None = None  # provably identical to this cell: reuse its value
     drops: dict | None = None  # layer -> bool [1, H, T]: entries attention ignores (dropping defenses)
-    recompute: dict | None = None  # checksum_recompute at rest: {"tokens", "blocks", "seconds" (real forward only)}
+    recompute: dict | None = None  # a recomputing defense at rest: {"tokens", "blocks", "seconds" (real forward only)}
 
 
 @dataclass
@@ -124,10 +124,16 @@ class EvalContext:
     cal: Any = None  # calibration.Calibration when a calibrated baseline is evaluated
     bit_classes: list[str] = field(default_factory=list)  # figure E's bit classes (eval.bit_classes)
     bit_eps: float | None = None  # their severity
-    # checksum_recompute: run the real recomputation forward (timed overhead) instead of reading the clean
+    # recomputing defenses: run the real recomputation forward (timed overhead) instead of reading the clean
     # prefill, which it reproduces bit for bit (tests/test_faults.py); the cost is counted either way
     recompute_exact: bool = False
-    alarm: int | None = None  # detect_recompute: gated entries that make a block an alarm (repair_detect.alarm_level)
+    instances: dict = field(default_factory=dict)  # defense name -> its Defense (made once, set up by build_context)
+
+    def defense(self, name: str) -> defenses.Defense:
+        """The evaluated defense `name`, with its hyper-parameters from the baseline section."""
+        if name not in self.instances:
+            self.instances[name] = defenses.make(name, self.baseline)
+        return self.instances[name]
 
     @property
     def layers(self) -> list[int]:
@@ -202,38 +208,30 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     if needles:
         where = (f"corruption.axes.time_mode={axes.time_mode}, N_recent={axes.N_recent}, window={list(axes.window)}")
         tasks.check_needle(needles, corruptor.time_mask, where)
-    if REPAIR_NAME in names and op is None:
-        raise ValueError("cachemedic is evaluated but no repair operator was given")
-    alarm = None
-    if DETECT_RECOMPUTE in names:
-        if op is None or getattr(op, "family", None) != "D":
-            raise ConfigError("eval.defenses: detect_recompute raises its alarm with a family-D operator's detector; "
-                              "set repair.family: D (and train it) or remove detect_recompute")
-        if cfg.corruption.persistence != "at_rest":
-            raise ConfigError("eval.defenses: detect_recompute is evaluated at rest only "
-                              "(corruption.persistence: at_rest)")
-        alarm = detect_alarm(cfg, lm, op)
-        notes.append(f"detect_recompute: a block raises the alarm at {alarm} gated entries (set on clean training "
-                     "windows: one more than any of their blocks holds)")
-    if set(defenses.CALIBRATED) & set(names) and cal is None:
-        raise ValueError("a calibrated baseline is evaluated but no calibration was given")
     ref = next((t for t in types if t != "targeted"), types[0])
     bits, bit_eps = list(cfg.eval.bit_classes), bit_class_eps(cfg)
-    return EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
-                       make_grid(names, types, eps, bits, bit_eps), examples, info, sources, cfg.baseline.to_dict(),
-                       cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal, bit_classes=bits,
-                       bit_eps=bit_eps, alarm=alarm)
+    ctx = EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
+                      make_grid(names, types, eps, bits, bit_eps), examples, info, sources, cfg.baseline.to_dict(),
+                      cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal, bit_classes=bits,
+                      bit_eps=bit_eps)
+    set_up_defenses(ctx)
+    return ctx
 
 
-def detect_alarm(cfg: Config, lm: hf.LoadedModel, op) -> int:
-    """detect_recompute's alarm level for `op`, set on clean training windows (never on evaluation text)."""
-    from cachemedicpp import data
-    from cachemedicpp.repair_detect import alarm_level, training_caches
-
-    text, _ = data.load_text(cfg.data.to_dict(), "train_corpus")
-    tokens = data.tokenize_stream(lm.tokenizer, text)
-    caches = training_caches(cfg, lm, op.to(lm.device), tokens, "detector-alarm")
-    return alarm_level(op, caches, int(cfg.baseline.checksum_block_size))
+def set_up_defenses(ctx: EvalContext) -> None:
+    """Make every evaluated defense, check that the evaluation gives it what it needs (bad input first), and
+    let it set what it sets on training data (e.g. an alarm level)."""
+    for name in ctx.defense_names:
+        dfn = ctx.defense(name)
+        if dfn.needs.operator and ctx.op is None:
+            raise ValueError(f"{name} is evaluated but no repair operator was given")
+        if dfn.needs.calibration and ctx.cal is None:
+            raise ValueError(f"{name} is evaluated but no calibration was given")
+        if dfn.at_rest_only and ctx.persistence != "at_rest":
+            raise ConfigError(f"eval.defenses: {name} is evaluated at rest only (corruption.persistence: at_rest)")
+        dfn.check(ctx.cfg, ctx.op)
+    for name in ctx.defense_names:
+        ctx.notes += ctx.defense(name).setup(ctx.cfg, ctx.lm, ctx.op)
 
 
 def corruptor_for(ctx: EvalContext, cell: Cell) -> corruption.Corruptor:
@@ -251,16 +249,24 @@ def defense_rng(ctx: EvalContext, ex: tasks.Example, name: str, layer: int) -> t
     return seeding.torch_rng(ctx.cfg.seed, "eval-defense", ex.example_id, name, layer)
 
 
-def _defend_layer(ctx: EvalContext, ex: tasks.Example, name: str, layer: int, k, v, region: corruption.Region,
-                  clean: tuple | None = None, end: int | None = None):
-    """(k, v, drop | None) of one layer; the positions are the last k.shape[2] before `end` (default: the
-    example's context length, at rest; on read, what is read ends at the context and the continuation): all
-    of them, or a sliding-window layer's last ones; the region's mask is cut to them."""
+def _layer_input(ctx: EvalContext, ex: tasks.Example, dfn: defenses.Defense, layer: int, k: torch.Tensor,
+                 region: corruption.Region, clean: tuple | None, end: int | None = None,
+                 fresh: Callable | None = None, cache: defenses.CacheInput | None = None) -> defenses.LayerInput:
+    """What `dfn` may read of one layer, and nothing it does not declare. The positions are the last
+    k.shape[2] before `end` (default: the example's context length, at rest; on read, what is read ends at
+    the context and the continuation): all of them, or a sliding-window layer's last ones; the region's mask
+    is cut to them."""
     T = int(ex.prefix.numel()) if end is None else int(end)
-    mask = region.mask(layer, k.shape[2]) if name in defenses.REFERENCE else None
-    return defenses.defend(name, layer, k, v, mask=mask,
-                           baseline=ctx.baseline, gen=defense_rng(ctx, ex, name, layer), cal=ctx.cal,
-                           positions=torch.arange(T - k.shape[2], T), clean=clean)
+    needs = dfn.needs
+    return defenses.LayerInput(
+        layer, torch.arange(T - k.shape[2], T),
+        region=region.mask(layer, k.shape[2]) if needs.region else None,
+        gen=defense_rng(ctx, ex, dfn.name, layer) if needs.generator else None,
+        cal=ctx.cal if needs.calibration else None,
+        clean=clean if needs.clean else None,
+        fresh=fresh if needs.recompute else None,
+        op=ctx.op if needs.operator else None,
+        cache=cache)
 
 
 class _Recomputation:
@@ -287,57 +293,35 @@ class _Recomputation:
         return out
 
 
-def _checksum_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
-    """checksum_recompute at rest: each layer's blocks verified against the checksums of the clean cache;
-    once any block fails, the context is recomputed (one forward of its tokens, exact: recompute.py) and
-    every failing block is read from it. Returns the defended K/V and the cost."""
-    T = int(ex.prefix.numel())
-    fresh = _Recomputation(ctx, ex, kv, clean_cache)
-    out, report = {}, {"blocks_failed": 0}
-    for l, (k, v) in kv.items():
-        k2, v2, _ = defenses.defend(defenses.RECOMPUTE[0], l, k, v, baseline=ctx.baseline,
-                                    positions=torch.arange(T - k.shape[2], T), clean=hf.get_kv(clean_cache, l),
-                                    fresh=fresh.layer(l), report=report)
-        out[l] = (k2, v2)
-    return out, fresh.cost(report["blocks_failed"])
-
-
-def _detect_recompute(ctx: EvalContext, ex: tasks.Example, kv: dict, clean_cache) -> tuple[dict, dict]:
-    """detect_recompute at rest: the family-D operator's detector reads the stored K/V of the protected layers
-    (the reference layer's as stored); a block of positions holding at least `ctx.alarm` gated entries (all
-    protected layers and KV heads pooled) raises the alarm; then the context is recomputed (one forward,
-    exact: recompute.py) and the alarmed blocks of every protected layer are read from the recomputation.
-    What raises no alarm stays as stored. Returns the defended K/V and the cost."""
-    from cachemedicpp.repair_detect import gated_per_block
-
-    op, T = ctx.op, int(ex.prefix.numel())
-    bs = int(ctx.baseline["checksum_block_size"])
-    stored = {l: kv[l] if l in kv else hf.get_kv(clean_cache, l) for l in list(op.layers) + list(op.observes)}
-    alarmed = gated_per_block(op, op.prime(stored), T, bs) >= int(ctx.alarm)
-    fresh = _Recomputation(ctx, ex, set(kv) | set(op.layers), clean_cache)
-    out = dict(kv)
-    if bool(alarmed.any()):
-        for l in op.layers:
-            k, v = stored[l]
-            pos = torch.arange(T - k.shape[2], T)
-            out[l] = defenses.recompute_blocks(k, v, alarmed, pos, bs, fresh.layer(l))
-    return out, fresh.cost(int(alarmed.sum()))
+def _acting_layers(ctx: EvalContext, dfn: defenses.Defense, corrupted) -> list[int]:
+    """The layers a defense acts on at rest: none, the corrupted ones, or every protected layer as well."""
+    if dfn.acts_on == defenses.NOWHERE:
+        return []
+    if dfn.acts_on == defenses.PROTECTED:
+        return list(dict.fromkeys([*ctx.cfg.repair.protect_layers, *corrupted]))
+    return list(corrupted)
 
 
 def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region,
-            clean_cache) -> tuple[dict, dict | None]:
-    """The defended K/V of every layer the defense acts on, and the entries to drop (or None)."""
-    if name in PASS_THROUGH:
-        return dict(kv), None
-    if name in defenses.CALIBRATED:  # every protected layer, corrupted or not
-        kv = {**{l: hf.get_kv(clean_cache, l) for l in ctx.cal.layers}, **kv}
-    out, drops = {}, {}
-    for l, (k, v) in kv.items():
-        k2, v2, d = _defend_layer(ctx, ex, name, l, k, v, region, clean=hf.get_kv(clean_cache, l))
-        out[l] = (k2, v2)
-        if d is not None and bool(d.any()):
-            drops[l] = d
-    return out, (drops or None)
+            clean_cache) -> tuple[dict, dict | None, dict | None]:
+    """At rest: the defended K/V of every layer the defense acts on (the corrupted `kv` as read elsewhere),
+    the entries to drop (or None), and for a recomputing defense its cost ({"tokens", "blocks"[, "seconds"]})."""
+    dfn = ctx.defense(name)
+    layers = _acting_layers(ctx, dfn, kv)
+    stored = lambda l: kv[l] if l in kv else hf.get_kv(clean_cache, l)  # noqa: E731
+    cache = defenses.CacheInput(int(ex.prefix.numel()), stored)
+    fresh = _Recomputation(ctx, ex, layers, clean_cache) if dfn.needs.recompute else None
+    out, drops, blocks = dict(kv), {}, set()
+    for l in layers:
+        k, v = stored(l)
+        got = dfn.apply(k, v, _layer_input(ctx, ex, dfn, l, k, region, hf.get_kv(clean_cache, l),
+                                           fresh=fresh.layer(l) if fresh else None, cache=cache))
+        out[l] = (got.k, got.v)
+        if got.drop is not None and bool(got.drop.any()):
+            drops[l] = got.drop
+        if got.cost is not None:
+            blocks |= got.cost.blocks
+    return out, (drops or None), (fresh.cost(len(blocks)) if fresh else None)
 
 
 def _covers_nothing(region: corruption.Region) -> bool:
@@ -363,16 +347,17 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
     corrupt = None if cell.ctype == CLEAN else corruptor_for(ctx, cell).on_read(cell.ctype, cell.eps, PHASE,
                                                                                ex.example_id)
     region = _region(ctx, cell.ctype, cell.eps, T, ex)
-    everywhere = cell.defense in defenses.CALIBRATED  # not only the corrupted layers
+    dfn = ctx.defense(cell.defense)
 
     def fn(layer: int, k: torch.Tensor, v: torch.Tensor):
         clean = (k, v)
         if corrupt is not None:
             k, v = corrupt(layer, k, v, length=T)
-        if cell.defense not in PASS_THROUGH and (layer in region.layers or everywhere):
-            k, v, d = _defend_layer(ctx, ex, cell.defense, layer, k, v, region, clean=clean, end=T)
-            if d is not None:
-                fn.drops[layer] = d  # read by the batch's drop function right after this call
+        if dfn.acts_on == defenses.PROTECTED or (dfn.acts_on == defenses.CORRUPTED and layer in region.layers):
+            got = dfn.apply(k, v, _layer_input(ctx, ex, dfn, layer, k, region, clean, end=T))
+            k, v = got.k, got.v
+            if got.drop is not None:
+                fn.drops[layer] = got.drop  # read by the batch's drop function right after this call
         return k, v
 
     fn.drops = {}
@@ -400,15 +385,9 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
                 or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
             yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
             continue
-        if at_rest and cell.defense == DETECT_RECOMPUTE:
-            defended, cost = _detect_recompute(ctx, ex, kv, clean_cache)
-            yield Row(cell, defended, None, region, recompute=cost)
-        elif at_rest and cell.defense in defenses.RECOMPUTE:
-            defended, cost = _checksum_recompute(ctx, ex, kv, clean_cache)
-            yield Row(cell, defended, None, region, recompute=cost)
-        elif at_rest:
-            defended, drops = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
-            yield Row(cell, defended, None, region, drops=drops)
+        if at_rest:
+            defended, drops, cost = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
+            yield Row(cell, defended, None, region, drops=drops, recompute=cost)
         else:
             yield Row(cell, None, _read_fn(ctx, ex, cell), region)
 
@@ -487,7 +466,7 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
                            repair=ctx.op if repaired else None, drop=drop)
     feeds = ex.feeds.repeat(len(rows), 1).to(ctx.lm.device)
     logits, _ = hf.forward(ctx.lm.model, feeds, cache, plan=plan)
-    if repaired and detected is not None and plan is not None and getattr(ctx.op, "family", None) == "D" \
+    if repaired and detected is not None and plan is not None and repair.detects(ctx.op) \
             and ctx.persistence == "at_rest":
         detected.update(detection_counts(ctx.op, plan.memo, clean_cache, rows, R))
     logits = logits.float().cpu()

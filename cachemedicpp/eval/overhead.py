@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from cachemedicpp import defenses, hf, memory, tasks
+from cachemedicpp import hf, memory, tasks
 from cachemedicpp.eval.grid import CLEAN, Cell, EvalContext, cell_rows, run_batch
 
 
@@ -36,8 +36,9 @@ def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
                   for ex in exs}
         for d in ctx.defense_names:
             cell = Cell(ctype, eps, d)
-            # checksum_recompute runs its real recomputation forward here, so its cost is measured, not assumed
-            sub = dataclasses.replace(ctx, cells=[cell], recompute_exact=d in defenses.RECOMPUTE)
+            # a recomputing defense runs its real recomputation forward here, so its cost is measured, not assumed
+            recomputes = ctx.defense(d).needs.recompute
+            sub = dataclasses.replace(ctx, cells=[cell], recompute_exact=recomputes)
             for ex in exs:  # warm-up
                 run_batch(sub, ex, caches[ex.key], [next(cell_rows(sub, ex, caches[ex.key], dedupe=False))],
                           cell.repaired)
@@ -55,7 +56,7 @@ def measure_overhead(ctx: EvalContext, reps: int = 3) -> dict:
             wall = time.perf_counter() - t0
             out[d] = {"tokens_per_sec": tokens / wall if wall > 0 else None, "wall_sec": wall, "peak_mem_mb": peak,
                       "peak_mem_method": method, "tokens": tokens}
-            if d in defenses.RECOMPUTE:
+            if recomputes:
                 out[d].update(recompute_tokens=re_tokens, recompute_sec=re_sec)
     return out
 

@@ -21,13 +21,12 @@ from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
 from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
                                          nonfinite_outputs, recompute_cost, unit_matrices, validation_aucs)
-from cachemedicpp.eval.grid import (HEURISTICS, PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses,
-                                    make_grid)
+from cachemedicpp.eval.grid import PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses, make_grid
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECT_RECOMPUTE,
-                                  DETECT_RECOMPUTE_COST, DETECTOR, EXPOSURE_EVICTED, METRICS, NO_DEFENSE, RECOMPUTE_COST, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
+                                  METRICS, NO_DEFENSE, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
                                   SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
 from cachemedicpp.rundir import RunDir
 
@@ -43,7 +42,7 @@ NOT_EVALUATED = "cachemedic not evaluated"
 def resolve_checkpoint(cfg: Config, rd: RunDir, names: Sequence[str]) -> dict:
     """Which repair weights cachemedic (and detect_recompute, whose alarm is the family-D operator's detector)
     uses. A missing checkpoint is bad input unless allowed."""
-    if REPAIR_NAME not in names and DETECT_RECOMPUTE not in names:
+    if not defenses.required(names, "operator"):
         return {"path": None, "step": None, "sha256": None, "status": NOT_EVALUATED}
     p = rd.latest_repair_checkpoint()
     if p is None:
@@ -169,7 +168,7 @@ def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> d
         "eps": ctx.eps,
         "types": ctx.types,
         "defenses": ctx.defense_names,
-        "heuristics": [h for h in HEURISTICS if h in ctx.defense_names],
+        "heuristics": [h for h in defenses.candidates() if h in ctx.defense_names],
         "persistence": ctx.persistence,
         "corruption_region": {"time_mode": ax.time_mode, "N_recent": ax.N_recent, "window": list(ax.window),
                               "layer_mode": ax.layer_mode, "head_mode": ax.head_mode,
@@ -195,7 +194,7 @@ def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> d
             "num_examples": {t: i["n"] for t, i in vctx.task_info.items()}, "types": vctx.types,
             "start": {t["name"]: int(t["start"]) for t in vctx.cfg.eval.tasks}},
         "calibration": ctx.cal.summary() if ctx.cal is not None else None,
-        "defense_groups": {d: defenses.GROUPS[d] for d in ctx.defense_names},
+        "defense_groups": {d: defenses.group(d) for d in ctx.defense_names},
         "exposure": "fraction of the corruptible layers' context K/V entries (every context position) inside the "
                     "corruption masks and held in the layer's cache, mean over examples and (type, eps) cells; "
                     "positions a sliding-window layer no longer holds count as not exposed",
@@ -243,12 +242,13 @@ def narrow_to_choice(ctx: EvalContext, vctx: EvalContext | None, vunits: dict) -
     test grid is final (narrowed, or nothing to narrow)."""
     if vctx is None or ctx.cfg.eval.validation.test_candidates != "chosen":
         return True
-    if sum(d in defenses.CANDIDATES for d in ctx.defense_names) <= 1:
+    candidates = defenses.candidates()
+    if sum(d in candidates for d in ctx.defense_names) <= 1:
         return True  # narrowed already (or one candidate only): nothing to choose again per test unit
     if len(vunits) < len(vctx.examples):
         return False
     best, _ = choose_best(vctx, vunits)
-    keep = [d for d in ctx.defense_names if d not in defenses.CANDIDATES or d == best]
+    keep = [d for d in ctx.defense_names if d not in candidates or d == best]
     ctx.defense_names = keep
     ctx.cells = make_grid(keep, ctx.types, ctx.eps, ctx.bit_classes, ctx.bit_eps)
     ctx.notes.append(f"eval.validation.test_candidates: chosen: the test grid scores {best} of the candidate "
@@ -268,12 +268,10 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
     metrics[EXPOSURE_EVICTED] = {t: float(evicted[t]) for t in metrics["exposure"]}
     if BIT_CLASS_SCORES in metrics:
         metrics[BIT_CLASS_SCORES].update(bit_class_settings(ctx))
-    cost = recompute_cost(ctx, units, DETECT_RECOMPUTE)
-    if cost is not None:
-        metrics[DETECT_RECOMPUTE_COST] = cost
-    cost = recompute_cost(ctx, units)
-    if cost is not None:
-        metrics[RECOMPUTE_COST] = cost
+    for name in ctx.defense_names:  # recomputing defenses: their cost tables
+        key = ctx.defense(name).cost_key
+        if key is not None:
+            metrics[key] = recompute_cost(ctx, units, name)
     metrics["nonfinite_outputs"] = nonfinite_outputs(ctx, units)
     det = detector_stats(ctx, units)
     if det is not None:
@@ -297,7 +295,7 @@ def write_results(s: PhaseSession, ctx: EvalContext, ckpt: dict, units: dict, vc
 def validation_config(cfg: Config) -> Config | None:
     """The validation grid's config (see `eval.validation` in the config schema); None without candidates."""
     names, _ = eval_defenses(cfg)
-    candidates = [d for d in names if d in defenses.CANDIDATES]
+    candidates = [d for d in names if d in defenses.candidates()]
     if not candidates:
         return None
     v = cfg.eval.validation
@@ -321,7 +319,7 @@ def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalCo
     """The test grid and the validation grid (None without candidate baselines), sharing the calibration
     (`cal`: the stored one, already checked; else built here when a calibrated baseline is evaluated)."""
     names, _ = eval_defenses(cfg)
-    if cal is None and set(defenses.CALIBRATED) & set(names):
+    if cal is None and defenses.required(names, "calibration"):
         cal = calibration.obtain(cfg, lm, rd.calibration)
     op = load_operator(cfg, rd, ckpt, lm.arch)
     ctx = build_context(cfg, lm, op, cal)
@@ -333,7 +331,7 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
     names, _ = eval_defenses(cfg)
     ckpt = resolve_checkpoint(cfg, RunDir(run_dir), names)  # fail before any expensive work
     cal = None
-    if set(defenses.CALIBRATED) & set(names):
+    if defenses.required(names, "calibration"):
         cal = calibration.check_file(cfg, RunDir(run_dir).calibration)  # a foreign file: refused, nothing touched
     with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
         rd = s.rd

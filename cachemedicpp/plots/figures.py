@@ -18,37 +18,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cachemedicpp import defenses
 from cachemedicpp.config import ConfigError
+from cachemedicpp.palette import BLACK, BLUE, GREY, SKY
 from cachemedicpp.plots.inputs import Curves, Inputs
 from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES
 from cachemedicpp.plots.text import fmt, plain
-from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CHECKSUM_RECOMPUTE, CLEAN_REGRESSION,
-                                  DETECT_RECOMPUTE, GROUP_CALIBRATED, GROUP_REFERENCE, METRICS, NO_DEFENSE,
-                                  ORACLE_DROP, OVERHEAD, ROBUSTNESS_AUC)
+from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, GROUP_BASELINE,
+                                  GROUP_CALIBRATED, GROUP_DETECT_RECOMPUTE, GROUP_LEARNED, GROUP_RECOMPUTE,
+                                  GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD, ROBUSTNESS_AUC)
 
 DPI = 150
 REFERENCE_TITLE = "reference heuristics, oracle region"  # the group of the heuristics that see the corruption's region
 CLEAN_LABEL, CEILING_LABEL = "clean (ceiling)", f"{ORACLE_DROP} (ceiling)"
 
-# Okabe-Ito palette (distinguishable under the common colour-vision deficiencies); every curve also
-# gets its own marker and line style so the figures survive greyscale printing.
-BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE, GREY = (
-    "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#8C8C8C")
-BROWN = "#8C510A"  # outside Okabe-Ito (its yellow is too light for a line on white)
-DEFENSE_STYLE = {  # colour, marker
-    NO_DEFENSE: (BLACK, "o"),
-    "reset_clear": (VERMILLION, "v"),
-    "smoothing": (ORANGE, "s"),
-    "masking_dropout": (GREEN, "P"),
-    "clipping_renorm": (PURPLE, "X"),
-    "range_clamp": (SKY, "^"),
-    "norm_outlier_drop": (BROWN, "d"),
-    ORACLE_DROP: (GREY, "*"),
-    CACHEMEDIC: (BLUE, "D"),
-    CHECKSUM_RECOMPUTE: (YELLOW, "h"),
-    DETECT_RECOMPUTE: (ORANGE, "<"),
-}
-SPARE_STYLES = [(GREY, "h"), (YELLOW, "*"), (ORANGE, "<"), (GREEN, ">"), (PURPLE, "p")]
+BIT_SERIES_GROUPS = (GROUP_LEARNED, GROUP_RECOMPUTE, GROUP_DETECT_RECOMPUTE)  # figure E, after the baselines
 NO_CONTR_STYLE = (SKY, "^")  # a lighter shade of cachemedic's blue: the same operator without L_contr
 RC = {
     "font.size": 10.5, "axes.titlesize": 11.5, "axes.labelsize": 10.5, "legend.fontsize": 9.5,
@@ -58,10 +42,8 @@ RC = {
 
 
 def defense_style(name: str) -> tuple[str, str]:
-    if name in DEFENSE_STYLE:
-        return DEFENSE_STYLE[name]
-    # an unknown defense still gets the same style on every run (a stable hash of its name)
-    return SPARE_STYLES[sum(map(ord, name)) % len(SPARE_STYLES)]
+    """(colour, marker): the registered defense's own style (a stable spare one for an unknown name)."""
+    return defenses.style(name)
 
 
 def heuristic_label(best: str) -> str:
@@ -482,14 +464,15 @@ def fig_amplification(inp: Inputs) -> bytes:
 
 def bit_position_series(inp: Inputs) -> list[tuple[str, str]]:
     """(defense, label) of figure E's bars, in order: no defense, the best calibrated baseline (chosen on
-    validation data), cachemedic and checksum_recompute, each when the block has it."""
+    validation data), then the learned operator and the recomputing defenses (in that group order), each when
+    the block has it."""
     per = inp.bits["per_defense"] if inp.bits else {}
     out = [(NO_DEFENSE, "no defense")]
     cal = inp.best_calibrated()
     if cal and cal in per:
         how = "best baseline" if cal == inp.best else "best calibrated baseline"
         out.append((cal, f"{cal} ({how}, chosen on validation data)"))
-    out += [(d, d) for d in (CACHEMEDIC, CHECKSUM_RECOMPUTE, DETECT_RECOMPUTE) if d in per]
+    out += [(d, d) for g in BIT_SERIES_GROUPS for d in per if inp.group(d) == g]
     return [(d, label) for d, label in out if d in per]
 
 
@@ -509,7 +492,7 @@ def fig_bit_position(inp: Inputs) -> bytes:
     series = bit_position_series(inp)
     x = np.arange(len(classes), dtype=float)
     width = 0.8 / len(series)
-    hatches = {NO_DEFENSE: "", CACHEMEDIC: "", CHECKSUM_RECOMPUTE: "..", DETECT_RECOMPUTE: "//"}
+    hatches = {GROUP_BASELINE: "", GROUP_LEARNED: "", GROUP_RECOMPUTE: "..", GROUP_DETECT_RECOMPUTE: "//"}
     fig = _new_figure(max(7.5, 1.9 * len(classes) + 3.0), 5.4)
     ax = fig.add_subplot(1, 1, 1)
     vals: list[float] = []
@@ -524,7 +507,7 @@ def fig_bit_position(inp: Inputs) -> bytes:
             err = np.where(np.isfinite(err), err, 0.0)
             vals += [v for v in (*lo, *hi) if math.isfinite(v)]
         ax.bar(pos, np.where(np.isfinite(y), y, 0.0), width * 0.92, color=color, edgecolor=BLACK, linewidth=0.6,
-               hatch=hatches.get(d, "//"), label=label, yerr=err, capsize=3, error_kw={"lw": 1.0}, zorder=3)
+               hatch=hatches.get(inp.group(d), "//"), label=label, yerr=err, capsize=3, error_kw={"lw": 1.0}, zorder=3)
         for px, v in zip(pos, y):
             if not math.isfinite(v):  # undefined (e.g. every example's value NaN): say so, draw nothing
                 ax.text(px, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, zorder=4)

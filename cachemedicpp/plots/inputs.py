@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cachemedicpp.config import ConfigError, resolve_path
+from cachemedicpp.defenses import ORACLE_NOTE
 from cachemedicpp.fileio import read_json
 from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES,
                                   BIT_CLASS_SCORES,
@@ -512,8 +513,6 @@ def load_inputs(run_dir: str | Path) -> Inputs:
     paired_cfg, paired_dir = _paired_config(rd, cfg, stab["stab_settings"])
     oracle = task.pop("oracle_note")
     if not isinstance(oracle, str) or not oracle:
-        from cachemedicpp.defenses import ORACLE_NOTE  # here, not at the top: defenses imports torch
-
         oracle = ORACLE_NOTE
     return Inputs(run_dir=rd.path, task_path=task_path,
                   run_id=str(task["run_id"] or rd.path.name), config_hash=str(th or sh or "unknown"),

@@ -32,22 +32,23 @@ def _perturbed(lm: hf.LoadedModel, s: Setup, clean: CleanState, p_idx: int) -> t
 def _heuristic_logits(lm: hf.LoadedModel, s: Setup, base, masks: dict, p_idx: int, token: torch.Tensor,
                       T: int) -> torch.Tensor:
     """The logits over every row of `base` with the best baseline applied: a reference heuristic on the
-    perturbed region, a calibrated baseline on every cached entry of the protected layers."""
+    perturbed region (its region, as the corruption's in eval), a calibrated baseline on every cached entry of
+    the protected layers."""
     heur = hf.clone_cache(base)
-    calibrated = s.heuristic in defenses.CALIBRATED
+    dfn = defenses.make(s.heuristic, s.baseline_cfg)
     drops = {}
-    for l in (s.cal.layers if calibrated else s.sens_layers):
+    for l in (s.protect if dfn.acts_on == defenses.PROTECTED else s.sens_layers):
         k, v = hf.get_kv(heur, l)
         # row by row with one seed: a random defense (masking_dropout) is the same fixed map for every
         # row, so the rows differ only by their perturbation
-        out = [defenses.defend(s.heuristic, l, k[r:r + 1], v[r:r + 1],
-                               mask=None if calibrated else masks[l].to(lm.device), baseline=s.baseline_cfg,
-                               gen=s.rng(p_idx, "heuristic", s.heuristic, l), cal=s.cal,
-                               positions=torch.arange(T - k.shape[2], T))
+        out = [dfn.apply(k[r:r + 1], v[r:r + 1], defenses.LayerInput(
+                   l, torch.arange(T - k.shape[2], T), region=masks[l].to(lm.device) if dfn.needs.region else None,
+                   gen=s.rng(p_idx, "heuristic", s.heuristic, l) if dfn.needs.generator else None,
+                   cal=s.cal if dfn.needs.calibration else None))
                for r in range(k.shape[0])]
-        hf.set_kv(heur, l, torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]))
-        if any(o[2] is not None for o in out):
-            drops[l] = torch.cat([o[2] for o in out]).cpu()
+        hf.set_kv(heur, l, torch.cat([o.k for o in out]), torch.cat([o.v for o in out]))
+        if any(o.drop is not None for o in out):
+            drops[l] = torch.cat([o.drop for o in out]).cpu()
     plan = None
     if drops:
         plan = hf.HookPlan(layers=frozenset(drops), drop=lambda l, n: defenses.fit_drop(drops[l], n) if l in drops else None)

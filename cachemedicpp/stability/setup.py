@@ -77,8 +77,8 @@ def check_paired_run(cfg: Config, paired_run_dir: str | None) -> dict | None:
 def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
     """(name, origin): the eval's best baseline (chosen on its validation grid) when the task metrics name
     one, else the configured fallback."""
-    if fallback not in defenses.CANDIDATES:
-        known = list(defenses.CANDIDATES)
+    if fallback not in defenses.candidates():
+        known = defenses.candidates()
         raise ConfigError(f"stability.heuristic_fallback: {fallback!r} is not a heuristic defense; known: {known}")
     where = rd.rel(rd.task_metrics)
     if not rd.task_metrics.is_file():
@@ -88,7 +88,7 @@ def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
     name = metrics.get(BEST_HEURISTIC_NAME) if isinstance(metrics, dict) else None
     if not name:
         return fallback, f"stability.heuristic_fallback ({where} names no {BEST_HEURISTIC_NAME})"
-    if not isinstance(name, str) or name not in defenses.CANDIDATES:
+    if not isinstance(name, str) or name not in defenses.candidates():
         raise ConfigError(f"{rd.task_metrics}: {BEST_HEURISTIC_NAME} {name!r} is not a heuristic defense")
     return name, f"{where} {BEST_HEURISTIC_NAME}"
 

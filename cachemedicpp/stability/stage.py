@@ -121,7 +121,7 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
         heuristic, h_origin = best_heuristic(rd, st.heuristic_fallback)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, "float32")
         s = build_setup(cfg, lm.arch, int(lm.model.get_output_embeddings().weight.shape[0]), heuristic)
-        if heuristic in defenses.CALIBRATED:  # the eval's calibration, reused (computed here if eval did not run)
+        if defenses.get(heuristic).needs.calibration:  # the eval's calibration, reused (computed here if eval did not run)
             s.cal = calibration.obtain(cfg, lm, rd.calibration)
         prompts, prompt_info = load_prompts(cfg, lm.tokenizer)
         op = _load_operator(cfg, lm, rd.resolve(ckpt["checkpoint"]), cfg.hash)

@@ -232,7 +232,8 @@ def loto_figure(loto: dict) -> bytes:
     with their CIs (n/a where the run measured no damage); lines at 0 (no better than no defense) and 1 (back
     to clean). Several runs of one type (seeds) stand side by side within each series, in seed order, the
     seeds named under the type."""
-    from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
+    from cachemedicpp.palette import GREY, ORANGE
+    from cachemedicpp.plots.figures import RC, _new_figure, _png, defense_style
     from matplotlib import rc_context
 
     types = list(dict.fromkeys(r["test_type"] for r in loto["rows"]))  # the rows' order (sorted by type)
