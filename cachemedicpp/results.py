@@ -76,7 +76,7 @@ RECOVERED_FRACTION, RECOVERED_FRACTION_BY_TYPE = "recovered_fraction", "recovere
 EXPOSURE, EXPOSURE_EVICTED = "exposure", "exposure_evicted"  # masked entries held / no longer held (sliding layers)
 SLIDING_WINDOW = "sliding_window"  # settings key: the sliding-window layers among the corruptible ones
 
-# the groups of metrics.defense_groups (defenses.GROUPS spells the same strings)
+# the groups of metrics.defense_groups (each registered defense names its own: defenses/)
 GROUP_BASELINE = "baseline"  # no_defense
 GROUP_REFERENCE = "reference heuristic (oracle region)"  # reset_clear, smoothing, ...: act on the corruption's region
 GROUP_CALIBRATED = "calibrated baseline"  # range_clamp, norm_outlier_drop: no oracle, calibrated on clean caches
@@ -760,7 +760,7 @@ class StabilityRepair(TypedDict):
     checkpoint_sha256: Annotated[str | None, "first 16 hex digits of its sha256 (null without one)"]
     identity_operator: Annotated[bool, "true when no checkpoint existed and the identity operator was measured"]
     note: NotRequired[Annotated[str, "why the identity operator was measured (only without a checkpoint)"]]
-    family: Annotated[Literal["A", "B", "C"], "repair.family"]
+    family: Annotated[str, "repair.family (a registered family: A, B, C, D)"]
     rank: Annotated[int, "repair.rank"]
 
 

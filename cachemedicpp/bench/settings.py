@@ -30,7 +30,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from cachemedicpp import ROOT, hf  # noqa: E402
+from cachemedicpp import ROOT, hf, repair  # noqa: E402
 from cachemedicpp.config import ConfigError, load_config  # noqa: E402
 
 FORMAT = "cachemedicpp.bench/1"
@@ -44,7 +44,7 @@ DETECTING_VARIANTS = ("none", "repair", "repair_all_gated", "stock")
 
 
 def decode_variants(family: str) -> tuple[str, ...]:
-    return DETECTING_VARIANTS if family == "D" else DECODE_VARIANTS
+    return DETECTING_VARIANTS if repair.family(family).detects else DECODE_VARIANTS
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 MEASUREMENTS = ("train_step", "eval_grid", "defense_overhead", "decode", "memory")
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from cachemedicpp import eval as ev
-from cachemedicpp import calibration, defenses, hf
+from cachemedicpp import calibration, defenses, hf, repair
 from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
@@ -28,7 +28,7 @@ def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
     Family D: statistics fitted on random-token windows, a detector whose score varies with the entry and
     its threshold set on those windows (as training leaves it)."""
     op = build_operator(cfg.repair.to_dict(), lm.arch, seed=cfg.seed).to(lm.device)
-    if op.family == "D":
+    if repair.detects(op):
         return _detecting_operator(op, lm, cfg.seed, std)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def train_workloads(cfg, lm: hf.LoadedModel) -> tuple[Workload, Workload]:
 
 def decode_repairs(op, lm: hf.LoadedModel) -> dict[str, Any]:
     """The object each decode variant hands the hook (None: no plan)."""
-    if op.family == "D":
+    if repair.detects(op):
         return {"none": None, "repair": op, "repair_all_gated": all_gated(op), "stock": None}
     scaling = lm.arch.head_dim ** -0.5
     return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op),
