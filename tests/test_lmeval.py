@@ -142,6 +142,18 @@ def test_on_read_persistence_through_the_backend(tiny_cfg, task_dir, tmp_path):
     assert hit != clean
 
 
+@pytest.mark.parametrize("defense", ["no_defense", "smoothing"])
+def test_a_context_without_an_old_region_is_scored_not_aliased(defense, tiny_cfg, task_dir, tmp_path):
+    """Contexts no longer than corruption.axes.N_recent have no old region: a corrupted cell covers nothing at
+    rest and scores what the clean cell scores. The backend's grid holds that one cell, so it is scored, not
+    read from a clean cell the backend never scored."""
+    cfg = cfg_file(tmp_path, tiny_cfg("llama", **{"corruption.axes.N_recent": 10_000}))
+    clean = lls(evaluate("cachemedic", f"config={cfg},eps=0,defense={defense}", MC, task_dir, limit=3), MC)
+    hit = lls(evaluate("cachemedic", f"config={cfg},corruption=gaussian,eps=0.64,defense={defense}", MC, task_dir,
+                       limit=3), MC)
+    assert hit == clean
+
+
 def test_cachemedic_defense_reads_the_run_dirs_checkpoint(tiny_cfg, tiny_lm, task_dir, tmp_path):
     """defense=cachemedic loads the run's repair checkpoint; the operator (not the identity) changes the
     scores of the very same corrupted caches; generation decodes from the corrupted cache."""

@@ -370,6 +370,7 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
     T = int(ex.prefix.numel())
     ref = _region(ctx, CLEAN, 0.0, T, ex)
     at_rest = ctx.persistence == "at_rest"
+    scored = set(ctx.cells)
     group: tuple | None = None
     region, kv = ref, {}
     for cell in ctx.cells:
@@ -380,10 +381,13 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
             if at_rest and cell.ctype != CLEAN:
                 kv, _ = corruptor_for(ctx, cell).apply_cache(kv, cell.ctype, cell.eps, PHASE, ex.example_id,
                                                              region=region)
-        if dedupe and cell.ctype != CLEAN and (
+        alias = Cell(CLEAN, 0.0, cell.defense)
+        # the clean cell's value is reused only where the grid scores it (a one-cell grid, as the lm-eval
+        # backend's, scores a corrupted cell that covers nothing itself)
+        if dedupe and cell.ctype != CLEAN and alias in scored and (
                 (cell.eps == 0 and _same_region(region, ref))
                 or (at_rest and _covers_nothing(region) and _covers_nothing(ref))):
-            yield Row(cell, None, None, region, alias=Cell(CLEAN, 0.0, cell.defense))
+            yield Row(cell, None, None, region, alias=alias)
             continue
         if at_rest:
             defended, drops, cost = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
