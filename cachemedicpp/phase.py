@@ -1,6 +1,7 @@
-"""The lifecycle every phase shares: the session (lock, config guard, pause control, a `failed` heartbeat
-on error), the heartbeat and record log, and the unit loop (check pause, save, acknowledge, heartbeat,
-progress bar, exit code) that train, eval and stability run their units of work through.
+"""The lifecycle every phase shares: the session (lock, config guard, the resumed progress record, pause
+control, a `failed` heartbeat on error), the heartbeat and record log, and the unit loop (check pause,
+save, acknowledge, heartbeat, progress bar, exit code) that train, eval and stability run their units of
+work through.
 
 A phase's unit is the smallest piece of work whose result is saved: a training step (saved periodically,
 and always on pause), an evaluation example, a stability prompt. A kill loses at most the unit in flight.
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from cachemedicpp import progress
 from cachemedicpp.cli import EXIT_OK, EXIT_PAUSED
-from cachemedicpp.config import Config, ConfigError
+from cachemedicpp.config import Config, ConfigError, config_hash
 from cachemedicpp.fileio import append_jsonl, atomic_write_json, repair_jsonl_tail, utc_now
 from cachemedicpp.rundir import RunDir
 
@@ -132,11 +134,15 @@ class PauseControl:
 
 class PhaseSession:
     """Lifecycle shared by train, eval and stability: lock the run dir, bind the config, heartbeat,
-    pause control; on an exception a `failed` heartbeat names the error. Use as a context manager."""
+    pause control; on an exception a `failed` heartbeat names the error. Use as a context manager.
+
+    With `resume`, a unit-resumable phase's progress file is read and checked (`progress.read`) before the
+    run dir is bound; the record is `saved` (None when there is none or without `resume`)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, phase: str, config_path: str | None = None,
-                 command: str | None = None, sweep_pause: Path | None = None):
-        self.cfg, self.phase = cfg, phase
+                 command: str | None = None, sweep_pause: Path | None = None, resume: bool = False):
+        self.cfg, self.phase, self.resume = cfg, phase, resume
+        self.saved: dict | None = None
         self.rd = RunDir(run_dir)
         self.config_path = config_path
         self.command = command or f"python -m cachemedicpp.{phase}"
@@ -151,12 +157,22 @@ class PhaseSession:
         try:
             self.rd.ensure()
             self.rd.clear_stale_temps()
+            self.saved = self._read_progress() if self.resume else None
             self.run_id = self.rd.bind_config(self.cfg, self.command, self.config_path)
             self.pause = PauseControl(self.rd.control, self.phase, self.sweep_pause).install()
         except BaseException:
             self.rd.unlock()
             raise
         return self
+
+    def _read_progress(self) -> dict | None:
+        """The phase's saved progress record, checked before `bind_config` so that a refusal writes nothing.
+        A run dir bound to another config is left to `bind_config`: its refusal (a new run dir or the same
+        config) is the one that applies, where --no-resume would not help."""
+        stored = self.rd.stored_config()
+        if stored is not None and config_hash(stored) != self.cfg.hash:
+            return None
+        return progress.read(self.rd.progress(self.phase), self.cfg)
 
     def heartbeat(self, total_steps: int, elapsed_before: float = 0.0) -> Heartbeat:
         self.hb = Heartbeat(self.rd.logs, self.run_id, self.phase, total_steps)

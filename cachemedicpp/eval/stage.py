@@ -11,20 +11,21 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
-from cachemedicpp import calibration, cli, corruption, defenses, hf, repair, tasks
+from cachemedicpp import calibration, cli, corruption, defenses, hf, progress, repair, tasks
 from cachemedicpp.cli import EXIT_OK
-from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
+from cachemedicpp.config import FAULT_TYPES, Config, load_config
 from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
                                          nonfinite_outputs, recompute_cost, unit_matrices, validation_aucs)
 from cachemedicpp.eval.grid import PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses, make_grid
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
-from cachemedicpp.fileio import atomic_write_json, file_sha256, read_json, truncate_jsonl
+from cachemedicpp.fileio import atomic_write_json, truncate_jsonl
 from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
+from cachemedicpp.progress import Progress
 from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
                                   METRICS, NO_DEFENSE, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
                                   SCORE_VS_EPS_BY_TASK, SETTINGS, SLIDING_WINDOW)
@@ -41,19 +42,14 @@ NOT_EVALUATED = "cachemedic not evaluated"
 
 def resolve_checkpoint(cfg: Config, rd: RunDir, names: Sequence[str]) -> dict:
     """Which repair weights cachemedic (and detect_recompute, whose alarm is the family-D operator's detector)
-    uses. A missing checkpoint is bad input unless allowed."""
+    uses (`progress.checkpoint_record`). A missing checkpoint is bad input unless allowed."""
     if not defenses.required(names, "operator"):
-        return {"path": None, "step": None, "sha256": None, "status": NOT_EVALUATED}
-    p = rd.latest_repair_checkpoint()
-    if p is None:
-        if not cfg.eval.allow_missing_checkpoint:
-            raise ConfigError(
-                f"no repair checkpoint in {rd.checkpoints}: run `python -m cachemedicpp.train` on this run dir "
-                "first, set eval.allow_missing_checkpoint=true to score the untrained identity operator as "
-                "cachemedic, or remove cachemedic from eval.defenses")
-        return {"path": None, "step": None, "sha256": None,
-                "status": "missing: untrained identity operator scored as cachemedic (eval.allow_missing_checkpoint)"}
-    return {"path": rd.rel(p), "step": None, "sha256": file_sha256(p), "status": "loaded"}
+        return progress.checkpoint_record(rd, None, NOT_EVALUATED)
+    return progress.latest_checkpoint(
+        rd, allow_missing=bool(cfg.eval.allow_missing_checkpoint),
+        missing="missing: untrained identity operator scored as cachemedic (eval.allow_missing_checkpoint)",
+        remedy="run `python -m cachemedicpp.train` on this run dir first, set eval.allow_missing_checkpoint=true "
+               "to score the untrained identity operator as cachemedic, or remove cachemedic from eval.defenses")
 
 
 def load_operator(cfg: Config, rd: RunDir, ckpt: dict, arch) -> repair.RepairOperator | None:
@@ -79,41 +75,31 @@ def examples_fingerprint(examples: Sequence[tasks.Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def _kept_units(saved: dict | None, ctx: EvalContext | None) -> dict:
-    """The saved units of `ctx`'s examples whose cells are exactly `ctx`'s grid."""
-    if ctx is None or not isinstance(saved, dict):
-        return {}
+def _scored_on(ctx: EvalContext | None) -> Callable[[str, dict], bool]:
+    """Whether a saved unit is one of `ctx`'s examples scored on exactly `ctx`'s grid."""
+    if ctx is None:
+        return lambda key, unit: False
     keys, want = {ex.key for ex in ctx.examples}, {c.key for c in ctx.cells}
-    return {k: u for k, u in saved.items() if k in keys and isinstance(u, dict) and set(u.get("cells") or {}) == want}
+    return lambda key, unit: key in keys and isinstance(unit, dict) and set(unit.get("cells") or {}) == want
 
 
-def load_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, resume: bool,
-                  vctx: EvalContext | None = None) -> dict:
-    """Finished units (test, and validation under "validation_units") from a previous run of the same
-    config, checkpoint and examples (else none)."""
-    keys = [ex.key for ex in ctx.examples]
+def new_progress(path: Path, cfg: Config, ckpt: dict, ctx: EvalContext, vctx: EvalContext | None = None) -> Progress:
+    """The eval progress record: test units under "units", validation units under "validation_units"; the
+    units depend on the checkpoint and on the examples' tokens beyond the config (`progress` policy)."""
     vexs = list(vctx.examples) if vctx is not None else []
-    fresh = {"status": "running", "config_hash": cfg.hash, "checkpoint": ckpt.get("sha256"),
-             "examples": examples_fingerprint(ctx.examples + vexs), "total_units": len(keys) + len(vexs),
-             "completed_units": 0, "elapsed_wall_sec": 0.0, "units": {}, "validation_units": {}}
-    if not resume or not path.is_file():
-        return fresh
-    prog = read_json(path, "eval progress")
-    if not isinstance(prog, dict) or prog.get("config_hash") != cfg.hash:
-        raise ConfigError(f"eval progress {path} belongs to another config; rerun with --no-resume")
-    if prog.get("checkpoint") != ckpt.get("sha256"):
-        log.warning("repair checkpoint changed since the saved eval progress: recomputing every unit")
-        return fresh
-    if prog.get("examples") != fresh["examples"]:
-        log.warning("evaluation examples changed since the saved eval progress (data source?): recomputing "
-                    "every unit")
-        return fresh
-    vunits = _kept_units(prog.get("validation_units"), vctx)
+    return Progress(path, cfg, len(ctx.examples) + len(vexs), ckpt,
+                    {"examples": examples_fingerprint(list(ctx.examples) + vexs)},
+                    groups=("units", "validation_units"))
+
+
+def load_progress(prog: Progress, saved: dict | None, ctx: EvalContext, vctx: EvalContext | None = None) -> None:
+    """Keep the finished units of `saved` (the session's resumed record) that this run would compute:
+    validation first, since its pick narrows the test grid the test units were scored on."""
+    if not prog.resume(saved):
+        return
+    vunits = prog.keep("validation_units", _scored_on(vctx))
     narrow_to_choice(ctx, vctx, vunits)  # a test grid narrowed to the validation pick is kept as such
-    units = _kept_units(prog.get("units"), ctx)
-    fresh.update(units=units, validation_units=vunits, completed_units=len(units) + len(vunits),
-                 elapsed_wall_sec=float(prog.get("elapsed_wall_sec", 0.0)))
-    return fresh
+    prog.keep("units", _scored_on(ctx))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +319,7 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
     cal = None
     if defenses.required(names, "calibration"):
         cal = calibration.check_file(cfg, RunDir(run_dir).calibration)  # a foreign file: refused, nothing touched
-    with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause) as s:
+    with PhaseSession(cfg, run_dir, PHASE, config_path, sweep_pause=sweep_pause, resume=resume) as s:
         rd = s.rd
         progress_path = rd.progress(PHASE)
         if not resume:
@@ -343,9 +329,10 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
         ctx, vctx = _contexts(cfg, rd, ckpt, lm, cal)
         vexs = list(vctx.examples) if vctx is not None else []
         total = len(ctx.examples) + len(vexs)
-        prog = load_progress(progress_path, cfg, ckpt, ctx, resume, vctx)
-        units, vunits = prog["units"], prog["validation_units"]
-        hb = s.heartbeat(total, prog["elapsed_wall_sec"])
+        prog = new_progress(progress_path, cfg, ckpt, ctx, vctx)
+        load_progress(prog, s.saved, ctx, vctx)
+        units, vunits = prog.units(), prog.units("validation_units")
+        hb = s.heartbeat(total, prog.elapsed)
         hb.latest = {"checkpoint": ckpt["path"], "state": rd.rel(progress_path)}
         s.step = len(units) + len(vunits)
         hb.beat("resumed" if s.step else "running", s.step, reason="resume" if s.step else "start", force=True)
@@ -353,9 +340,7 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
                  len(ctx.cells), ctx.persistence)
 
         def save(status: str) -> None:
-            prog.update(status=status, completed_units=len(units) + len(vunits),
-                        elapsed_wall_sec=round(hb.elapsed(), 3))
-            atomic_write_json(progress_path, prog)
+            prog.save(status, hb.elapsed())
 
         def score(item: tuple[EvalContext, dict, tasks.Example]) -> Done:
             c, done, ex = item

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from cachemedicpp import config as config_mod
-from cachemedicpp import corruption, data, defenses, hf, seeding
+from cachemedicpp import corruption, data, defenses, hf, progress, seeding
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.fileio import file_sha256, read_json
 from cachemedicpp.results import BEST_HEURISTIC_NAME, METRICS
@@ -93,18 +93,19 @@ def best_heuristic(rd: RunDir, fallback: str) -> tuple[str, str]:
     return name, f"{where} {BEST_HEURISTIC_NAME}"
 
 
-def repair_checkpoint(rd: RunDir, allow_missing: bool) -> dict:
-    """The record of the operator measured: the run's latest repair checkpoint (path relative to the run
-    dir), or, when allowed, the untrained identity operator."""
-    ckpt = rd.latest_repair_checkpoint()
-    if ckpt is None:
-        if not allow_missing:
-            raise ConfigError(f"no repair checkpoint in {rd.checkpoints} (run train first, or set "
-                              "eval.allow_missing_checkpoint: true to measure the untrained identity operator)")
-        return {"checkpoint": None, "checkpoint_step": None, "checkpoint_sha256": None, "identity_operator": True,
-                "note": "no checkpoint: untrained identity operator (eval.allow_missing_checkpoint)"}
-    return {"checkpoint": rd.rel(ckpt), "checkpoint_step": RunDir.checkpoint_step(ckpt),
-            "checkpoint_sha256": file_sha256(ckpt), "identity_operator": False}
+def repair_checkpoint(rd: RunDir, allow_missing: bool) -> tuple[dict, dict]:
+    """The operator measured, the run's latest repair checkpoint or, when allowed, the untrained identity
+    operator: its record (`progress.checkpoint_record`) and its fields as settings.repair states them."""
+    ckpt = progress.latest_checkpoint(
+        rd, allow_missing=allow_missing,
+        missing="no checkpoint: untrained identity operator (eval.allow_missing_checkpoint)",
+        remedy="run train first, or set eval.allow_missing_checkpoint: true to measure the untrained identity "
+               "operator")
+    if ckpt["path"] is None:
+        return ckpt, {"checkpoint": None, "checkpoint_step": None, "checkpoint_sha256": None,
+                      "identity_operator": True, "note": ckpt["status"]}
+    return ckpt, {"checkpoint": ckpt["path"], "checkpoint_step": ckpt["step"], "checkpoint_sha256": ckpt["sha256"],
+                  "identity_operator": False}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,8 +241,9 @@ def settings_record(cfg: Config, s: Setup, arch: hf.ArchInfo, ckpt: dict, paired
     }
 
 
-def fingerprint(s: Setup, ckpt: dict, paired: dict | None, prompt_info: dict) -> dict:
-    """What the saved units depend on beyond the config hash: a change discards saved progress."""
-    return {"repair": ckpt, "paired": paired and {k: paired[k] for k in ("config_hash", "checkpoint_sha256")},
+def fingerprint(s: Setup, paired: dict | None, prompt_info: dict) -> dict:
+    """What the saved units depend on beyond the config hash and the checkpoint: a change discards saved
+    progress."""
+    return {"paired": paired and {k: paired[k] for k in ("config_hash", "checkpoint_sha256")},
             "heuristic": s.heuristic, "prompts": prompt_info["token_starts"], "source": prompt_info["source"],
             "deltas": s.deltas, "layers": s.layers, "heads": s.heads, "topk": s.topk}

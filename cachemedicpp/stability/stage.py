@@ -14,8 +14,9 @@ import cachemedicpp.stability as package
 from cachemedicpp import calibration, defenses, hf, repair
 from cachemedicpp.cli import EXIT_OK, run_phase
 from cachemedicpp.config import Config
-from cachemedicpp.fileio import atomic_write_json, read_json
+from cachemedicpp.fileio import atomic_write_json
 from cachemedicpp.phase import PhaseSession, run_units
+from cachemedicpp.progress import Progress
 from cachemedicpp.results import AMP_KEY, CONFIG_HASH, METRICS, RUN_ID, SENS_KEY, SETTINGS, STAB_SETTINGS_KEY
 from cachemedicpp.stability import amplification, sensitivity
 from cachemedicpp.stability.perturb import clean_state, drift
@@ -24,8 +25,6 @@ from cachemedicpp.stability.setup import (PHASE, Setup, best_heuristic, build_se
                                           settings_record)
 
 log = logging.getLogger("cachemedicpp")
-
-PROGRESS_FORMAT = "cachemedicpp.stability_progress/1"
 
 
 def measure_prompt(lm: hf.LoadedModel, s: Setup, op, op_paired, p_idx: int, ids: torch.Tensor) -> dict:
@@ -51,43 +50,22 @@ def aggregate(units: list[dict], s: Setup, paired: bool, settings: dict) -> dict
 # progress
 
 
-class Progress:
-    """The stability progress file: every finished prompt's drifts, so that a paused or killed run
-    resumes where it stopped. Valid only for the same config hash and fingerprint."""
+def prompt_key(i: int) -> str:
+    """The unit key of prompt `i` in the progress file."""
+    return f"prompt_{i:04d}"
 
-    def __init__(self, path: Path, chash: str, total: int, fingerprint: dict):
-        self.path, self.chash, self.total, self.fingerprint = path, chash, total, fingerprint
-        self.units: dict[str, dict] = {}
-        self.elapsed = 0.0  # wall time of the previous invocations
 
-    @staticmethod
-    def key(i: int) -> str:
-        return f"prompt_{i:04d}"
+def load_progress(prog: Progress, saved: dict | None, total: int) -> None:
+    """Keep the finished prompts of `saved` (the session's resumed record) that this run measures."""
+    if prog.resume(saved):
+        keys = {prompt_key(i) for i in range(total)}
+        prog.keep("units", lambda key, unit: key in keys)
 
-    def load(self) -> None:
-        if not self.path.is_file():
-            return
-        doc = read_json(self.path, "stability progress")
-        if not isinstance(doc, dict) or doc.get("format") != PROGRESS_FORMAT or doc.get("config_hash") != self.chash:
-            log.warning("stability: %s belongs to another config or format; recomputing", self.path)
-            return
-        if doc.get("fingerprint") != self.fingerprint:
-            log.warning("stability: checkpoint, paired run, heuristic or prompts changed since %s; recomputing",
-                        self.path)
-            return
-        keys = {self.key(i) for i in range(self.total)}
-        self.units = {k: v for k, v in (doc.get("units") or {}).items() if k in keys}
-        self.elapsed = float(doc.get("elapsed_wall_sec") or 0.0)
 
-    def ordered(self) -> list[dict]:
-        return [self.units[self.key(i)] for i in range(self.total) if self.key(i) in self.units]
-
-    def save(self, status: str, elapsed: float) -> None:
-        units = {self.key(i): self.units[self.key(i)] for i in range(self.total) if self.key(i) in self.units}
-        atomic_write_json(self.path, {
-            "format": PROGRESS_FORMAT, "status": status, "config_hash": self.chash, "total_units": self.total,
-            "completed_units": len(units), "fingerprint": self.fingerprint, "elapsed_wall_sec": round(elapsed, 3),
-            "units": units})
+def ordered_units(prog: Progress, total: int) -> list[dict]:
+    """The finished prompts' units in prompt order (the aggregation's order, whatever order they were run in)."""
+    units = prog.units()
+    return [units[prompt_key(i)] for i in range(total) if prompt_key(i) in units]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,47 +91,47 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
     st = cfg.stability
     map_delta(measured_deltas(st.delta_norms))  # bad input fails before the run dir is touched
     paired = check_paired_run(cfg, paired_run_dir if paired_run_dir is not None else st.paired_run_dir)
-    with PhaseSession(cfg, run_dir, PHASE, config_path, command, sweep_pause) as session, torch.no_grad():
+    with PhaseSession(cfg, run_dir, PHASE, config_path, command, sweep_pause, resume=resume) as session, \
+            torch.no_grad():
         rd = session.rd
         total = int(st.num_prompts)
         hb = session.heartbeat(total)  # from here on, a crash leaves a `failed` heartbeat
-        ckpt = repair_checkpoint(rd, bool(cfg.eval.allow_missing_checkpoint))
+        ckpt, repair_fields = repair_checkpoint(rd, bool(cfg.eval.allow_missing_checkpoint))
         heuristic, h_origin = best_heuristic(rd, st.heuristic_fallback)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, "float32")
         s = build_setup(cfg, lm.arch, int(lm.model.get_output_embeddings().weight.shape[0]), heuristic)
         if defenses.get(heuristic).needs.calibration:  # the eval's calibration, reused (computed here if eval did not run)
             s.cal = calibration.obtain(cfg, lm, rd.calibration)
         prompts, prompt_info = load_prompts(cfg, lm.tokenizer)
-        op = _load_operator(cfg, lm, rd.resolve(ckpt["checkpoint"]), cfg.hash)
+        op = _load_operator(cfg, lm, rd.resolve(ckpt["path"]), cfg.hash)
         # the paired config equals this one except train.lambda_contr, so this repair section builds it
         op_paired = _load_operator(cfg, lm, paired["checkpoint"], paired["config_hash"]) if paired else None
-        settings = settings_record(cfg, s, lm.arch, ckpt, paired, h_origin, prompt_info)
+        settings = settings_record(cfg, s, lm.arch, repair_fields, paired, h_origin, prompt_info)
 
-        progress = Progress(rd.progress(PHASE), cfg.hash, total, fingerprint(s, ckpt, paired, prompt_info))
-        if resume:
-            progress.load()
-        if not progress.units and rd.stability_metrics.is_file():
+        progress = Progress(rd.progress(PHASE), cfg, total, ckpt, {"setup": fingerprint(s, paired, prompt_info)})
+        load_progress(progress, session.saved, total)
+        if not progress.units() and rd.stability_metrics.is_file():
             rd.stability_metrics.unlink()  # stale results of a discarded computation
         hb.elapsed_before = progress.elapsed
-        hb.latest = {"checkpoint": ckpt["checkpoint"], "state": rd.rel(progress.path)}
-        session.step = done = len(progress.units)
+        hb.latest = {"checkpoint": ckpt["path"], "state": rd.rel(progress.path)}
+        session.step = done = progress.completed
         hb.beat("resumed" if done else "running", done, reason="resume" if done else "start", force=True)
         log.info("stability: %d/%d prompts done; layers %s, heads %s, deltas %s, heuristic %s (%s)",
                  done, total, s.layers, s.heads, s.deltas, heuristic, h_origin)
 
         def work(i: int) -> None:
             # looked up on the package, so that a test can wrap stability.measure_prompt
-            progress.units[Progress.key(i)] = package.measure_prompt(lm, s, op, op_paired, i, prompts[i])
+            progress.units()[prompt_key(i)] = package.measure_prompt(lm, s, op, op_paired, i, prompts[i])
             progress.save("running", hb.elapsed())
 
-        pending = [i for i in range(total) if Progress.key(i) not in progress.units]
-        code = run_units(session, pending, name=Progress.key, work=work,
+        pending = [i for i in range(total) if prompt_key(i) not in progress.units()]
+        code = run_units(session, pending, name=prompt_key, work=work,
                          save=lambda: progress.save("paused", hb.elapsed()), state=progress.path, total=total,
                          unit="prompt")
         if code != EXIT_OK:
             return code
 
-        metrics = aggregate(progress.ordered(), s, paired is not None, settings)
+        metrics = aggregate(ordered_units(progress, total), s, paired is not None, settings)
         atomic_write_json(rd.stability_metrics, {RUN_ID: session.run_id, CONFIG_HASH: cfg.hash, METRICS: metrics,
                                                  SETTINGS: settings})
         progress.save("completed", hb.elapsed())
