@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cachemedicpp.config import ConfigError, resolve_path
+from cachemedicpp import defenses
 from cachemedicpp.defenses import ORACLE_NOTE
 from cachemedicpp.fileio import read_json
 from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES,
@@ -175,8 +176,11 @@ class Inputs:
         return any(not math.isnan(p.no_contr) for p in self.sens)
 
     def group(self, name: str) -> str:
-        """The defense's group (metrics.defense_groups; for older files, inferred from the name)."""
-        return self.groups.get(name) or KNOWN_GROUPS.get(name, GROUP_REFERENCE)
+        """The defense's group (metrics.defense_groups; for older files, inferred from the name: the registered
+        defense's group, a reference heuristic otherwise)."""
+        if name in self.groups:
+            return self.groups[name]
+        return KNOWN_GROUPS.get(name) or (defenses.group(name) if name in defenses.names() else GROUP_REFERENCE)
 
     def chosen_on_validation(self) -> bool:
         """Whether best_heuristic_name was chosen on a validation grid (older files chose it on the test grid)."""
