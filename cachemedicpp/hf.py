@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from cachemedicpp.config import ConfigError, lookup
+from cachemedicpp.schema import ConfigError, lookup
 
 log = logging.getLogger("cachemedicpp")
 

@@ -320,12 +320,11 @@ class CellScorer:
 
     def __init__(self, cfg, lm, ctype: str | None, eps: float, defense: str, run_dir: str | None = None):
         from cachemedicpp import corruption, defenses
-        from cachemedicpp.config import CORRUPTION_TYPES, lookup
         from cachemedicpp.eval import grid, stage
 
         self.cfg, self.lm = cfg, lm
         ctype = ctype or (list(cfg.eval.corruption_eval.types) or ["gaussian"])[0]
-        lookup("corruption type", ctype, CORRUPTION_TYPES, key="model_args corruption")
+        corruption.get(ctype, key="model_args corruption")
         if defense != grid.REPAIR_NAME:
             defenses.check_name(defense)
         if float(eps) < 0:
@@ -349,13 +348,9 @@ class CellScorer:
         types = [ctype]
         layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
         longest = max_length(lm)
-        donor = block = None
-        if grid.needs_donor(cfg, types):
-            donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
-        if ctype == "block_fault" or (ctype == "targeted" and cfg.corruption.params.targeted_base == "block_fault"):
-            block = corruption.block_donor_kv(lm, cfg.corruption.params.to_dict(), longest, layers)
+        donors = corruption.donors(cfg.corruption.params, lm, types, longest, layers)
         corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
-                                         lm.arch.num_kv_heads, cfg.seed, donor_kv=donor, block_donor=block)
+                                         lm.arch.num_kv_heads, cfg.seed, **donors)
         self.ctx = grid.EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, [defense],
                                     types, [float(eps)], [self.cell], [], {}, {}, cfg.baseline.to_dict(),
                                     cfg.corruption.persistence, ctype, int(cfg.eval.cell_batch_size), cal=cal)
