@@ -38,6 +38,10 @@ import torch
 
 from cachemedicpp.schema import ConfigError, lookup
 
+# transformers (and tokenizers) are imported inside the functions that use them: importing transformers takes
+# seconds, and commands that resolve configs (watch, the sweep's planning) reach this module through the
+# corruption family's donor KV without ever loading a model
+
 log = logging.getLogger("cachemedicpp")
 
 HOOK_NAMES = {"eager": "cachemedic_eager", "sdpa": "cachemedic_sdpa"}

@@ -232,8 +232,10 @@ def loto_figure(loto: dict) -> bytes:
     with their CIs (n/a where the run measured no damage); lines at 0 (no better than no defense) and 1 (back
     to clean). Several runs of one type (seeds) stand side by side within each series, in seed order, the
     seeds named under the type."""
-    from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
+    # matplotlib only when a figure is drawn: the summary's tables and JSON do without it
     from matplotlib import rc_context
+
+    from cachemedicpp.plots.figures import GREY, ORANGE, RC, _new_figure, _png, defense_style
 
     types = list(dict.fromkeys(r["test_type"] for r in loto["rows"]))  # the rows' order (sorted by type)
     groups = [[r for r in loto["rows"] if r["test_type"] == t] for t in types]
