@@ -60,7 +60,8 @@ from cachemedicpp.corruption.region import LAYER_MODES, TIME_MODES, Region, time
 from cachemedicpp.corruption.registry import (FAMILIES, CorruptionType, Site, applied, check_params, corruption_types,
                                               draw, float_transform, get, names, param, register_corruption,
                                               round_half_up, severity)
-from cachemedicpp.corruption.types.bitflip import BIT_CLASSES, FORMATS, bit_positions, flip_bits, format_name, storage_format
+from cachemedicpp.corruption.types.bitflip import (BIT_CLASSES, FORMATS, bit_positions, flip_bits, format_name,
+                                                   storage_format)
 from cachemedicpp.corruption.types.block_fault import BLOCK_DONOR_PROMPTS, BLOCK_MODES, BLOCK_SCOPES, block_map
 from cachemedicpp.corruption.types.statistical import rotation_power
 from cachemedicpp.seeding import torch_rng as rng
