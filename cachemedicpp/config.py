@@ -16,77 +16,31 @@ from typing import Any, Iterable, Mapping, Sequence
 import jsonschema
 import yaml
 
-from cachemedicpp import ROOT
+from cachemedicpp.schema import (CONFIG_DIR, SCHEMA_DIR, ConfigError, fill_defaults, load_schema,  # noqa: F401
+                                 lookup, read_yaml, resolve_path, section_defaults)
 
-SCHEMA_DIR = ROOT / "schemas"
-CONFIG_DIR = ROOT / "configs"
-CORRUPTION_TYPES = (
-    "gaussian",
-    "dropout_zero",
-    "orthogonal_rotation",
-    "bitflipish_sparse",
-    "quant_noise",
-    "contiguous_overwrite",
-    "bitflip",
-    "block_fault",
-)
-# The statistical family of the default mixture (configs/corruption/default_mix.yaml) and of the six
-# leave-one-type-out splits; the fault models (bitflip, block_fault) come after them in a second
-# mixture (configs/corruption/faults_mix.yaml), so the default mixture's results stay as they were.
-STATISTICAL_TYPES = CORRUPTION_TYPES[:6]
-FAULT_TYPES = ("bitflip", "block_fault")
 # Keys that name where something lives rather than what is computed: excluded from the config hash
 # so that moving a sweep or a split file does not orphan its runs.
 HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir")
 # Keys the two runs of a contraction ablation pair may differ in: where things live, and the ablated weight.
 PAIRING_IGNORED = HASH_EXCLUDE + ("train.lambda_contr",)
+# The corruption registry's name lists (cachemedicpp.corruption owns them), read through this module too
+_REGISTRY_NAMES = ("CORRUPTION_TYPES", "STATISTICAL_TYPES", "FAULT_TYPES")
 
 
-class ConfigError(Exception):
-    """Bad input. Carries every problem found; the CLI prints them and exits 2."""
-
-    def __init__(self, problems: str | Iterable[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-def lookup(kind: str, name: Any, table: Mapping[str, Any] | Sequence[str], *, key: str = "",
-           known: str = "known", note: str = "", error: type[ConfigError] | None = None) -> Any:
-    """A registry entry by name (the name itself where `table` is a sequence of names). An unknown name is
-    bad input: one message naming the config key, the closest known name and all known names."""
-    if name in table:
-        return table[name] if isinstance(table, Mapping) else name
-    close = difflib.get_close_matches(str(name), [str(k) for k in table], n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise (error or ConfigError)(f"{key + ': ' if key else ''}unknown {kind} {name!r}{hint}; {known}: {list(table)}{note}")
+def __getattr__(name: str) -> Any:
+    """CORRUPTION_TYPES, STATISTICAL_TYPES, FAULT_TYPES: the corruption registry's, current when asked."""
+    if name in _REGISTRY_NAMES:
+        return getattr(_corruption(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_schema(name: str) -> dict:
-    path = SCHEMA_DIR / f"{name}.schema.json"
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _corruption():
+    # imported when a config is resolved, not with this module: the corruption family imports torch, which
+    # commands that only read the schema or a run's files (plots, results --check, watch) never need
+    from cachemedicpp import corruption
 
-
-def resolve_path(p: str | Path, base: Path | None = None) -> Path:
-    """Resolve a user path: absolute, relative to `base` (a config's folder), cwd, or the repo root."""
-    p = Path(p).expanduser()
-    if p.is_absolute():
-        return p
-    for cand in ([base / p] if base else []) + [Path.cwd() / p, ROOT / p]:
-        if cand.exists():
-            return cand.resolve()
-    return (ROOT / p).resolve()
-
-
-def read_yaml(path: str | Path, what: str = "config") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+    return corruption
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,57 +154,8 @@ def pairing_differences(ours: Mapping, theirs: Mapping) -> list[tuple[str, Any, 
             if not any(k == i or k.startswith(i + ".") for i in PAIRING_IGNORED) and a.get(k, missing) != b.get(k, missing)]
 
 
-def section_defaults(section: str, data: Mapping | None = None) -> dict:
-    """One config section with every schema default filled in (for callers given a partial section)."""
-    return fill_defaults(load_schema("config")["properties"][section], copy.deepcopy(dict(data or {})))
-
-
-def fill_defaults(schema: dict, data: Any) -> Any:
-    if isinstance(data, dict) and "properties" in schema:
-        for key, sub in schema["properties"].items():
-            if key not in data and "default" in sub:
-                data[key] = copy.deepcopy(sub["default"])
-            if key in data:
-                data[key] = fill_defaults(sub, data[key])
-    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
-        data = [fill_defaults(schema["items"], item) for item in data]
-    return data
-
-
 # --------------------------------------------------------------------------------------------------
 # resolution: mixture, OOD split
-
-
-def load_mixture(spec: str | Mapping, base: Path | None = None) -> tuple[dict[str, float], dict]:
-    """A mixture name (`configs/corruption/<name>.yaml`), a path, or an inline {type: weight} map."""
-    if isinstance(spec, Mapping):
-        weights, params = dict(spec.get("weights", spec)), dict(spec.get("params", {}) or {})
-    else:
-        path = Path(spec)
-        if not path.suffix:
-            path = CONFIG_DIR / "corruption" / f"{spec}.yaml"
-        path = resolve_path(path, base)
-        doc = read_yaml(path, "corruption mixture")
-        if not isinstance(doc, dict) or not isinstance(doc.get("weights"), dict):
-            raise ConfigError(f"corruption mixture {path}: expected a mapping with a 'weights' section")
-        weights, params = dict(doc["weights"]), dict(doc.get("params", {}) or {})
-    bad = [t for t in weights if t not in CORRUPTION_TYPES]
-    if bad:
-        raise ConfigError(f"corruption.mixture: unknown corruption type(s) {bad}; known: {list(CORRUPTION_TYPES)}")
-    for t, w in weights.items():
-        if not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"corruption.mixture.{t}: weight must be a non-negative number, got {w!r}")
-    return {t: float(w) for t, w in weights.items()}, params
-
-
-def normalise_weights(weights: Mapping[str, float], keep: Iterable[str] | None = None) -> dict[str, float]:
-    kept = {t: w for t, w in weights.items() if keep is None or t in set(keep)}
-    total = sum(kept.values())
-    if total <= 0:
-        raise ConfigError(f"corruption.mixture: no positive weight left after filtering to {list(keep or [])}")
-    if abs(total - 1.0) <= 1e-12:  # already normalised: dividing again would move the last bits (and the hash)
-        return {t: w for t, w in kept.items() if w > 0}
-    return {t: w / total for t, w in kept.items() if w > 0}
 
 
 def load_ood_split(name: str, path: str | None, base: Path | None = None) -> dict:
@@ -276,7 +181,8 @@ def resolve(data: dict, base: Path | None = None) -> dict:
     user_params = set(((data.get("corruption") or {}).get("params") or {}))
     data = fill_defaults(schema, copy.deepcopy(data))
     corr, ev = data["corruption"], data["eval"]
-    weights, mix_params = load_mixture(corr["mixture"], base)
+    corruption = _corruption()
+    weights, mix_params = corruption.load_mixture(corr["mixture"], base)
     for k, v in mix_params.items():
         if k not in corr["params"]:
             raise ConfigError(f"corruption mixture params: unknown key {k}; known: {sorted(corr['params'])}")
@@ -287,27 +193,24 @@ def resolve(data: dict, base: Path | None = None) -> dict:
         ev["ood_split"] = split
         corr["train_types"] = split["train_types"]
         ev["corruption_eval"]["types"] = [split["test_type"]]
-    corr["mixture"] = normalise_weights(weights, corr["train_types"])
-    bad = [t for t in ev["corruption_eval"]["types"] if t not in CORRUPTION_TYPES]
+    corr["mixture"] = corruption.normalise_weights(weights, corr["train_types"])
+    known = corruption.CORRUPTION_TYPES
+    bad = [t for t in ev["corruption_eval"]["types"] if t not in known]
     if bad:
-        raise ConfigError(f"eval.corruption_eval.types: unknown type(s) {bad}; known: {list(CORRUPTION_TYPES)}")
-    if corr["params"]["targeted_base"] not in CORRUPTION_TYPES:
+        raise ConfigError(f"eval.corruption_eval.types: unknown type(s) {bad}; known: {list(known)}")
+    if corr["params"]["targeted_base"] not in known:
         raise ConfigError(f"corruption.params.targeted_base: unknown type {corr['params']['targeted_base']!r}")
-    from cachemedicpp import corruption  # the fault models' parameters depend on bit layouts it owns
-
     corruption.check_params(corr["params"], data["dtype"])
-    _check_bit_classes(ev)
+    _check_bit_classes(ev, corruption.BIT_CLASSES)
     validate(data, schema)
     return data
 
 
-def _check_bit_classes(ev: dict) -> None:
+def _check_bit_classes(ev: dict, known: Sequence[str]) -> None:
     """eval.bit_classes (known, each once) and a positive severity for them (figure E)."""
-    from cachemedicpp.corruption import BIT_CLASSES
-
     classes = list(ev["bit_classes"])
     for c in classes:
-        lookup("bit class", c, BIT_CLASSES, key="eval.bit_classes")
+        lookup("bit class", c, known, key="eval.bit_classes")
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup:
         raise ConfigError(f"eval.bit_classes: class(es) {dup} listed twice")

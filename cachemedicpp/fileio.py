@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import jsonschema
+
 from cachemedicpp.config import ConfigError, load_schema
 
 
@@ -47,7 +49,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    import torch
+    import torch  # here, not at the top: watch and plots read run files through this module without torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -84,7 +86,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
-    import torch
+    import torch  # here, not at the top: watch and plots read run files through this module without torch
 
     path = Path(path)
     if not path.is_file():
@@ -146,7 +148,5 @@ def truncate_jsonl(path: str | Path, keep) -> None:
 
 def validate_records(records: Iterable[Mapping], schema_name: str) -> list[str]:
     """Schema problems of records (empty when all valid)."""
-    import jsonschema
-
     v = jsonschema.Draft202012Validator(load_schema(schema_name))
     return [f"record {i}: {e.message}" for i, r in enumerate(records) for e in v.iter_errors(r)]

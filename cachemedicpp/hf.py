@@ -36,7 +36,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from cachemedicpp.config import ConfigError, lookup
+from cachemedicpp.schema import ConfigError, lookup
+
+# transformers (and tokenizers) are imported inside the functions that use them: importing transformers takes
+# seconds, and commands that resolve configs (watch, the sweep's planning) reach this module through the
+# corruption family's donor KV without ever loading a model
 
 log = logging.getLogger("cachemedicpp")
 

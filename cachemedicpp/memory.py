@@ -9,6 +9,7 @@ peak carries the text of `method()` beside it.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 from pathlib import Path
@@ -64,8 +65,6 @@ def pin_mmap_threshold() -> bool:
     """Make glibc serve large blocks by mmap and unmap them on free (no dynamic threshold), so the RSS
     follows the live tensors instead of a heap that keeps freed memory."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 65536))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):

@@ -32,6 +32,8 @@ def phase_done(run_dir: str | Path, phase: str) -> bool:
 
 def run_one(phase: str, cfg: Config, run_dir: str | Path, *, resume: bool, config_path: str | None,
             sweep_pause: Path | None = None, extra: dict | None = None) -> int:
+    # each stage is imported when it runs, not with this module: watch and the sweep's planning read PHASES
+    # and must not pay for torch and transformers
     if phase == "train":
         from cachemedicpp import train
 

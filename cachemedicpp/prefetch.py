@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import logging
 import os
 import sys
@@ -31,9 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from cachemedicpp import ROOT
+from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
+
+from cachemedicpp import ROOT, data, hf, lmeval, tasks
 from cachemedicpp.cli import EXIT_FAILED, EXIT_OK, guarded
-from cachemedicpp.config import ConfigError, load_config
+from cachemedicpp.config import ConfigError, load_config, lookup
 
 # The fast preset, with the model each config names (used when a preset file is absent).
 DEFAULT_PRESET = (
@@ -133,8 +138,6 @@ def merged(targets: list) -> list:
 
 def classify(t: Target) -> str:
     """embedded | local | hub | missing-local, by `hf.model_kind`'s rule (anything on disk is local)."""
-    from cachemedicpp import hf
-
     if _local_path(t).exists():
         return "local"
     try:
@@ -170,10 +173,6 @@ def select_files(names: Iterable[str]) -> tuple[list[str], str | None]:
 
 
 def _hub_error(e: BaseException, t: Target) -> str:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     if isinstance(e, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
         return (f"offline mode is on (HF_HUB_OFFLINE=1) and {t.label} is not in the cache "
                 f"{constants.HF_HUB_CACHE}; run prefetch where the hub is reachable")
@@ -194,8 +193,6 @@ def _hub_error(e: BaseException, t: Target) -> str:
 
 def _cached_snapshot(t: Target) -> tuple[str, str] | None:
     """(commit, folder) of a complete-looking cached snapshot for the target, without any network."""
-    from huggingface_hub import try_to_load_from_cache
-
     cfg = try_to_load_from_cache(t.name, "config.json", revision=t.revision)
     if not isinstance(cfg, str):
         return None
@@ -206,8 +203,6 @@ def _cached_snapshot(t: Target) -> tuple[str, str] | None:
 
 
 def prepare_hub(t: Target, dry_run: bool) -> Result:
-    from huggingface_hub import HfApi, constants, snapshot_download
-
     if t.gguf_file:
         return Result(t, "hub", "failed", note="model.gguf_file is only supported for a local folder or file; "
                                                "download the GGUF and point model.name at it")
@@ -244,8 +239,6 @@ def prepare_hub(t: Target, dry_run: bool) -> Result:
 
 
 def prepare_embedded(t: Target, dry_run: bool) -> Result:
-    from cachemedicpp import hf
-
     if t.name not in hf.EMBEDDED_MODELS:
         return Result(t, "embedded", "failed",
                       note=f"unknown embedded model {t.name!r}; known: {sorted(hf.EMBEDDED_MODELS)}")
@@ -260,8 +253,6 @@ def prepare_embedded(t: Target, dry_run: bool) -> Result:
 
 def _embedded_dry_run(t: Target, hf) -> Result:
     """Where the embedded model would come from, without assembling or converting anything."""
-    import importlib.util
-
     parts, fname = hf.EMBEDDED_MODELS[t.name]
     missing = [pkg for pkg, _ in parts if importlib.util.find_spec(pkg) is None]
     if missing:
@@ -318,9 +309,6 @@ def dataset_targets(configs: Sequence[str] = (), keys: Sequence[str] = (), lmeva
                     include_path: str | None = None, from_configs: bool = False) -> list[DataTarget]:
     """Dataset targets: named ones, and with `from_configs` those each config reads (not when its
     data.source is offline)."""
-    from cachemedicpp import data, lmeval, tasks
-    from cachemedicpp.config import lookup
-
     out: list[DataTarget] = []
     for k in keys:
         out.append(DataTarget(lookup("dataset", k, list(data.HUB), key="--dataset"), "dataset", sources=["--dataset"]))
@@ -339,18 +327,15 @@ def dataset_targets(configs: Sequence[str] = (), keys: Sequence[str] = (), lmeva
 def fetch_dataset(t: DataTarget) -> str:
     """Download one dataset into the datasets cache; returns what was fetched (raises on failure)."""
     if t.kind == "lmeval":
-        from cachemedicpp import lmeval
+        lmeval.require()
+        from cachemedicpp.lmeval import adapter  # imports lm-eval (optional): only for an lm-eval task
 
-        task = lmeval.load_task(t.name, t.include_path)  # lm-eval downloads the task's dataset here
-        return lmeval._source(task)
-    from cachemedicpp import data
-
+        task = adapter.load_task(t.name, t.include_path)  # lm-eval downloads the task's dataset here
+        return adapter._source(task)
     return data._from_hub(t.name)[1]
 
 
 def _data_error(e: BaseException, t: DataTarget) -> str:
-    from huggingface_hub import constants
-
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
     if offline:
         return (f"offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and {t.label} is not in the datasets "
@@ -360,8 +345,6 @@ def _data_error(e: BaseException, t: DataTarget) -> str:
 
 def prepare_dataset(t: DataTarget, dry_run: bool = False) -> Result:
     if dry_run:
-        from cachemedicpp import data
-
         what = "/".join(x for x in data.HUB[t.name] if x) if t.kind == "dataset" else f"lm-eval task {t.name}"
         return Result(t, t.kind, "would-fetch", note=f"dry run: would load {what}")
     try:

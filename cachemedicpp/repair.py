@@ -351,14 +351,14 @@ register_family(Family("D", "a per-entry detector gating a correction (and an at
                        build=_build_detecting))
 
 
-def expected_params(family: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,
+def expected_params(name: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,
                     embed: int = 0) -> int:
     """Closed-form parameter count (the SPEC's ≈ 6dr + 2r² per layer for KV, plus gate biases)."""
-    per = {"A": 3 * d * r + r * r + 2 * r, "B": 2 * d * r + r * r + 3 * r, "C": 3 * d * r + r * r + 2 * r}
-    if family == "C":
-        d_in_extra = embed
-        return len(apply_to) * (per["A"] + d_in_extra * r) * groups
-    return len(apply_to) * per[family] * groups * n_layers
+    fam = family(name)
+    per = 2 * d * r + r * r + 3 * r if fam.shrinkage else 3 * d * r + r * r + 2 * r
+    if fam.shared:  # one set for every layer; the gate also reads the layer embedding
+        return len(apply_to) * (per + embed * r) * groups
+    return len(apply_to) * per * groups * n_layers
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
+import jsonschema
+from jsonschema.exceptions import best_match
+
 try:  # Python >= 3.11
     from typing import NotRequired, Required, TypedDict, get_args, get_origin, get_type_hints, is_typeddict
 except ImportError:  # Python 3.10: the backport, whose TypedDict understands its own NotRequired
@@ -990,8 +993,6 @@ def _stem(which: str) -> str:
 
 @lru_cache(maxsize=None)
 def _validator(stem: str):
-    import jsonschema
-
     return jsonschema.Draft202012Validator(load_schema(stem))
 
 
@@ -1002,8 +1003,6 @@ def _where(path: Sequence) -> str:
 def validate(doc: Any, which: str) -> list[str]:
     """Problems of `doc` against a checked-in schema (TASK_METRICS_SCHEMA, STABILITY_METRICS_SCHEMA,
     METRIC_RECORD_SCHEMA, or their stems / data file names), each as "dotted.key: message"; empty when valid."""
-    from jsonschema.exceptions import best_match
-
     stem = _stem(which)
     if stem in ("task_metrics", "stability_metrics", "metric_record"):
         v = _validator(stem)

@@ -283,7 +283,7 @@ class RunDir(_Layout):
         return f"{self.path.name}-{chash[:8]}"
 
     def _write_record(self, run_id: str, cfg: Config, command: str, config_path: str | None) -> None:
-        from cachemedicpp.hf import versions
+        from cachemedicpp.hf import versions  # here, not at the top: watch reads run directories without torch
 
         env = versions()
         rec_path = self.record
@@ -345,7 +345,7 @@ class SweepDir(_Layout):
 
 
 def _torch_threads() -> int:
-    import torch
+    import torch  # here, not at the top: watch reads run directories without torch
 
     return torch.get_num_threads()
 

@@ -1,4 +1,5 @@
-"""Statistics for the evaluation: trapezoid AUC, bootstrap resampling over examples, CI helpers.
+"""Statistics for the evaluation: trapezoid AUC, the detector's ROC-AUC, bootstrap resampling over examples,
+CI helpers.
 
 Everything is deterministic given a seed: the bootstrap generator is numpy's PCG64 seeded from a hash
 of (config seed, purpose), so a resumed evaluation reproduces its confidence intervals bit for bit.
@@ -7,9 +8,12 @@ of (config seed, purpose), so a resumed evaluation reproduces its confidence int
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def trapezoid_auc(x: Sequence[float], y) -> np.ndarray | float:
@@ -29,6 +33,23 @@ def trapezoid_auc(x: Sequence[float], y) -> np.ndarray | float:
     else:
         out = (np.diff(x) * (y[..., 1:] + y[..., :-1]) / 2.0).sum(axis=-1)
     return float(out) if out.ndim == 0 else out
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """ROC-AUC of `scores` for the `positive` entries (Mann–Whitney, ties counted half); None unless both
+    classes occur. Non-finite scores rank highest (a non-finite entry is always gated)."""
+    import torch  # here, not at the top: the other statistics are numpy's, read by commands without torch
+
+    positive = positive.to(torch.bool).flatten()
+    p, n = int(positive.sum()), int((~positive).sum())
+    if not p or not n:
+        return None
+    s = torch.nan_to_num(scores.double().flatten(), nan=float("inf"))
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # ranks (0-based) of each distinct value's first entry
+    mid = first.double() + (counts.double() - 1) / 2 + 1  # average 1-based rank of ties
+    ranks = mid[inverse]
+    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
 
 
 def bootstrap_indices(n: int, samples: int, rng: np.random.Generator) -> np.ndarray:

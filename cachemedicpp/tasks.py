@@ -18,8 +18,8 @@ and normalised score:
 - `sst2_prompted`: "Review: {x}\\nSentiment:" (optionally after `few_shot` demos from the SST-2 *train*
   split), both labels " negative" / " positive" scored as summed log-probs against the same cache
   (two rows of one batch). x = 1 if the better label is the gold one. value = score = accuracy.
-- `lmeval:<task>`: an lm-evaluation-harness task (`cachemedicpp.lmeval`): a multiple-choice document is one
-  example whose choices are its rows (x = lm-eval's per-document `acc`, or `metric`); a rolling
+- `lmeval:<task>`: an lm-evaluation-harness task (`cachemedicpp.lmeval.adapter`): a multiple-choice document
+  is one example whose choices are its rows (x = lm-eval's per-document `acc`, or `metric`); a rolling
   log-likelihood task is a perplexity task over windows.
 - `needle_long_context`: seeded filler from the wikitext text with "NEEDLE: {token} = {value}." at
   `position_frac`, then the question and the answer cue "{token} =". x = 1 if every answer token is the argmax given the correct
@@ -29,57 +29,20 @@ and normalised score:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from cachemedicpp import data, seeding
-from cachemedicpp.config import ConfigError, lookup
+from cachemedicpp import data, lmeval, seeding
+from cachemedicpp.examples import (IGNORE, Example, Task, example_span, feed_row, pad_id, pad_rows,  # noqa: F401
+                                   token_logprobs)
+from cachemedicpp.schema import ConfigError, lookup
 
-IGNORE = -100
 SST2_LABELS = (" negative", " positive")
 NEEDLE_TEMPLATE = "NEEDLE: {token} = {value}."
 ANSWER_CUE = " {needle_token} ="
 DEMO_SEED = 1234
-
-
-@dataclass
-class Example:
-    task: str
-    index: int
-    prefix: torch.Tensor  # [T] long
-    feeds: torch.Tensor  # [R, L] long
-    targets: torch.Tensor  # [R, L] long, IGNORE where not scored
-    label: int | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """Stable unit key of this example in progress files."""
-        return f"{self.task}/{self.index:05d}"
-
-    @property
-    def example_id(self) -> str:
-        """The id that seeds this example's corruption draws (shared by every defense: paired)."""
-        return f"{self.task}:{self.index}"
-
-    @property
-    def rows(self) -> int:
-        return int(self.feeds.shape[0])
-
-    def num_tokens(self) -> int:
-        return int(self.prefix.numel() + self.feeds.numel())
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str  # "ppl" | "accuracy"
-    value_name: str
-    build: Callable[..., tuple[list[Example], dict]]
-    score: Callable[[torch.Tensor, Example], float]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,33 +53,6 @@ def _ids(tok, text: str, special: bool = False) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
-def feed_row(prefix_last: int, target: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Feed = last context token + target[:-1]; predictions at each feed position are the targets."""
-    return [prefix_last] + list(target[:-1]), list(target)
-
-
-def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(f) for f, _ in rows)
-    feeds = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), n), IGNORE, dtype=torch.long)
-    for i, (f, t) in enumerate(rows):
-        feeds[i, :len(f)] = torch.tensor(f)
-        targets[i, :len(t)] = torch.tensor(t)
-    return feeds, targets
-
-
-def pad_id(tok) -> int:
-    for v in (tok.pad_token_id, tok.eos_token_id, 0):
-        if v is not None:
-            return int(v)
-    return 0
-
-
-def example_span(task_cfg: Mapping) -> tuple[int, int]:
-    """(first example index, number of examples): validation examples start after the test examples."""
-    return int(task_cfg.get("start", 0) or 0), int(task_cfg["num_examples"])
-
-
 def _prefix(task: str, prompt: Sequence[int], answer_len: int, max_positions: int) -> torch.Tensor:
     """The cached part of a prompt (all but its last token), after checking prompt + answer fit."""
     if len(prompt) < 2:
@@ -125,14 +61,6 @@ def _prefix(task: str, prompt: Sequence[int], answer_len: int, max_positions: in
         raise ConfigError(f"eval task {task}: a prompt of {len(prompt)} tokens plus a {answer_len}-token answer "
                           f"exceeds the model's {max_positions} positions")
     return torch.tensor(prompt[:-1], dtype=torch.long)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target ([R, L], 0 where ignored) and the scored-position mask."""
-    mask = targets != IGNORE
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    got = lp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, got, torch.zeros_like(got)), mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,10 +350,11 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     """A built-in task by name, or an lm-evaluation-harness task named "lmeval:<task>" (cachemedicpp.lmeval)."""
-    if isinstance(name, str) and name.startswith("lmeval:"):
-        from cachemedicpp import lmeval  # optional dependency, imported only when an lm-eval task is named
+    if lmeval.is_lmeval(name):
+        lmeval.require()  # bad input naming the install command when lm-eval is missing
+        from cachemedicpp.lmeval import adapter  # imports lm-eval (optional): only once an lm-eval task is named
 
-        return lmeval.get_task(name)
+        return adapter.get_task(name)
     return lookup("task", name, TASKS, key="eval.tasks", note="; an lm-evaluation-harness task is named lmeval:<task>")
 
 

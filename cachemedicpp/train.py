@@ -24,12 +24,13 @@ from typing import Sequence
 
 import torch
 
-from cachemedicpp import data, hf, memory
+from cachemedicpp import corruption, data, hf, memory
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
-from cachemedicpp.corruption import Corruptor, Region, block_donor_kv, donor_kv
+from cachemedicpp.corruption import Corruptor, Region
 from cachemedicpp.seeding import torch_rng as rng
-from cachemedicpp.repair import build_operator, repair_checkpoint_payload
+from cachemedicpp.repair import build_operator, detects, repair_checkpoint_payload
+from cachemedicpp.repair_detect import set_threshold, training_caches
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.fileio import atomic_torch_save, atomic_write_bytes, load_checkpoint, read_jsonl, truncate_jsonl
 from cachemedicpp.phase import Done, Heartbeat, JsonlLog, PhaseSession, run_units
@@ -59,15 +60,9 @@ class Trainer:
         if self.tokens.numel() <= self.window:
             raise ConfigError(f"training text ({self.data_source}) has {self.tokens.numel()} tokens, "
                               f"fewer than one window of {self.window}")
-        donor = None
-        if "contiguous_overwrite" in cfg.corruption.mixture:
-            donor = donor_kv(lm, cfg.corruption.params.donor_prompt, t.prefix_len, self.protect)
-        block_donor = None
-        if "block_fault" in cfg.corruption.mixture:
-            block_donor = block_donor_kv(lm, cfg.corruption.params.to_dict(), t.prefix_len, self.protect)
-        self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, donor,
-                                   block_donor=block_donor)
-        self.detecting = self.op.family == "D"
+        donors = corruption.donors(cfg.corruption.params, lm, cfg.corruption.mixture, t.prefix_len, self.protect)
+        self.corruptor = Corruptor(cfg.corruption.to_dict(), self.protect, lm.arch.num_kv_heads, cfg.seed, **donors)
+        self.detecting = detects(self.op)
         rr = t.random_regions
         self.random_regions = self.detecting if rr == "auto" else bool(rr)
         self.threshold_caches: list | None = None
@@ -75,15 +70,11 @@ class Trainer:
             self.op.fit(self._clean_caches("detector-fit"))
 
     def _clean_caches(self, stream: str) -> list[dict]:
-        from cachemedicpp.repair_detect import training_caches
-
         return training_caches(self.cfg, self.lm, self.op, self.tokens, stream)
 
     def detector_threshold(self) -> tuple[dict, dict]:
         """Family D: the operator's state with τ set on fresh clean training windows (the training state
         keeps τ = 0), and the per-layer record of the rule."""
-        from cachemedicpp.repair_detect import set_threshold
-
         if self.threshold_caches is None:
             self.threshold_caches = self._clean_caches("detector-threshold")
         tau = self.op.tau.clone()

@@ -400,7 +400,7 @@ def test_eval_reports_the_detectors_recall_and_false_positives(tmp_path, tiny_mo
 
 
 def test_roc_auc_is_the_mann_whitney_statistic():
-    from cachemedicpp.eval.grid import roc_auc
+    from cachemedicpp.stats import roc_auc
 
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 6, (200,), generator=g).float()  # many ties

@@ -151,7 +151,7 @@ def test_block_faults_hit_whole_blocks_with_the_donors_entries(mode):
     sev = C.severity("block_fault", 0.08, cor.params, cor.eps_ref)
     hits = []
     for layer in (0, 1):
-        hit, src = cor.block_map(sev, region.time, layer, "eval", 2)
+        hit, src = C.block_map(cor, sev, region.time, layer, "eval", 2)
         hits.append(hit)
         k, v = kv[layer]
         k2, v2 = out[layer]
@@ -177,14 +177,14 @@ def test_block_fault_severity_is_nested_and_layer_scope_draws_per_layer():
     time = torch.ones(SHAPE[2], dtype=torch.bool)
     prev = None
     for eps in (0.0, 0.08, 0.16, 0.32, 0.64):
-        hit, _ = cor.block_map(C.severity("block_fault", eps, cor.params, cor.eps_ref), time, 0, "eval", 1)
-        assert int(hit.sum()) == 4 * C._round_half_up(min(1.0, 0.125 * eps / 0.08) * 10)
+        hit, _ = C.block_map(cor, C.severity("block_fault", eps, cor.params, cor.eps_ref), time, 0, "eval", 1)
+        assert int(hit.sum()) == 4 * C.round_half_up(min(1.0, 0.125 * eps / 0.08) * 10)
         if prev is not None:
             assert bool((hit | ~prev).all())  # blocks hit at a smaller eps stay hit
         prev = hit
     per_layer = make({"block_size": 4, "block_fault_frac": 0.5, "block_fault_scope": "layer"})
     sev = C.severity("block_fault", 0.08, per_layer.params, 0.08)
-    maps = [per_layer.block_map(sev, time, layer, "eval", 1)[0] for layer in range(6)]
+    maps = [C.block_map(per_layer, sev, time, layer, "eval", 1)[0] for layer in range(6)]
     assert any(not torch.equal(maps[0], m) for m in maps[1:])
 
 

@@ -19,6 +19,7 @@ import yaml
 pytest.importorskip("lm_eval")
 
 from cachemedicpp import ROOT, hf, lmeval, tasks  # noqa: E402
+from cachemedicpp.lmeval import adapter, backend, tokens  # noqa: E402
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED  # noqa: E402
 from cachemedicpp.config import ConfigError, load_config  # noqa: E402
 
@@ -52,8 +53,8 @@ def cfg_file(folder: Path, data: dict) -> Path:
 def evaluate(model: str, model_args: str, task: str, task_dir: Path, limit: int | None = None) -> dict:
     import lm_eval
 
-    lmeval.register()
-    tm = lmeval.task_manager(task, str(task_dir))
+    backend.register()
+    tm = adapter.task_manager(task, str(task_dir))
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], task_manager=tm,
                                    log_samples=True, limit=limit, bootstrap_iters=0)
 
@@ -179,11 +180,11 @@ def test_cachemedic_defense_reads_the_run_dirs_checkpoint(tiny_cfg, tiny_lm, tas
     gen = evaluate("cachemedic", f"{args},defense=cachemedic,run_dir={rd}", GEN, task_dir, limit=2)
     assert len(gen["samples"][GEN]) == 2
     with pytest.raises(ConfigError, match="no repair checkpoint"):
-        lmeval.register()(config=str(cfg_path), defense="cachemedic", run_dir=str(tmp_path / "empty"))
+        backend.register()(config=str(cfg_path), defense="cachemedic", run_dir=str(tmp_path / "empty"))
 
 
 def test_backend_bad_model_args(tiny_cfg, tmp_path):
-    cls = lmeval.register()
+    cls = backend.register()
     cfg = cfg_file(tmp_path, tiny_cfg("llama"))
     with pytest.raises(ConfigError, match="unknown corruption type 'gausian'.*did you mean gaussian"):
         cls(config=str(cfg), corruption="gausian", eps=0.1)
@@ -217,7 +218,7 @@ def test_examples_mirror_lm_eval_requests(tiny_lm, tiny_cfg, task_dir):
     docs = [json.loads(l) for l in (DATA / "questions.jsonl").read_text().splitlines()]
     for ex in exs:
         d = docs[ex.index]
-        ctx, _ = lmeval.encode_pair(lm.tokenizer, f"Question: {d['question']}\nAnswer:", " x")
+        ctx, _ = tokens.encode_pair(lm.tokenizer, f"Question: {d['question']}\nAnswer:", " x")
         assert ex.prefix.tolist() == ctx[:-1] and ex.rows == len(d["choices"])
         assert (ex.feeds[:, 0] == ctx[-1]).all()  # every scored token reads the cache
         assert ex.example_id == f"lmeval:{MC}:{ex.index}"
@@ -226,7 +227,7 @@ def test_examples_mirror_lm_eval_requests(tiny_lm, tiny_cfg, task_dir):
     assert all(f.prefix.numel() > e.prefix.numel() + 10 and torch.equal(f.feeds, e.feeds) for f, e in zip(few, exs))
     # x is lm-eval's own per-document metric: acc (argmax of the summed log-likelihood), or acc_norm
     norm, _ = tasks.get_task(tcfg["name"]).build(lm, cfg, {**tcfg, "metric": "acc_norm"}, {})
-    task = lmeval._TASKS[tcfg["name"]]
+    task = adapter._TASKS[tcfg["name"]]
     g = torch.Generator().manual_seed(0)
     for a, b in zip(exs, norm):
         logits = torch.randn(a.rows, a.feeds.shape[1], 512, generator=g)
@@ -345,8 +346,7 @@ def test_missing_lm_eval_exits_2_naming_it(tiny_cfg, task_dir, tmp_path, monkeyp
     for mod in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    lmeval.backend_class.cache_clear()
-    lmeval._manager.cache_clear()
+    adapter._manager.cache_clear()
     try:
         assert lmeval.main(["--model", "cachemedic", "--tasks", MC]) == EXIT_BAD_INPUT
         assert "lm-eval is not installed" in capsys.readouterr().err
@@ -356,8 +356,7 @@ def test_missing_lm_eval_exits_2_naming_it(tiny_cfg, task_dir, tmp_path, monkeyp
         assert ev.main(["--config", str(cfg), "--run_dir", str(tmp_path / "rd")]) == EXIT_BAD_INPUT
         assert "lm-eval is not installed" in capsys.readouterr().err
     finally:
-        lmeval.backend_class.cache_clear()
-        lmeval._manager.cache_clear()
+        adapter._manager.cache_clear()
 
 
 @pytest.mark.slow

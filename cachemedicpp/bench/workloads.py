@@ -5,6 +5,7 @@ the timing and the memory measurements."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import tempfile
 import time
@@ -18,6 +19,7 @@ from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
+from cachemedicpp.repair_detect import set_threshold
 from cachemedicpp.repair_reference import AugmentedRepair, NaiveRepair
 from cachemedicpp.rundir import RunDir
 from cachemedicpp.train import Trainer
@@ -42,8 +44,6 @@ def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
 
 
 def _detecting_operator(op, lm: hf.LoadedModel, seed: int, std: float):
-    from cachemedicpp.repair_detect import set_threshold
-
     layers = list(op.layers) + list(op.observes)
     caches = []
     for i in range(4):
@@ -62,8 +62,6 @@ def _detecting_operator(op, lm: hf.LoadedModel, seed: int, std: float):
 
 def all_gated(op):
     """A copy of a family-D operator whose gate is open on every entry (τ far below any score)."""
-    import copy
-
     other = copy.deepcopy(op)
     other.tau.fill_(-1e4)
     return other

@@ -31,6 +31,7 @@ from cachemedicpp import corruption, defenses, hf, recompute, repair, seeding, t
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.results import CACHEMEDIC as REPAIR_NAME
 from cachemedicpp.results import NO_DEFENSE
+from cachemedicpp.stats import roc_auc
 
 PHASE = "eval"  # also the name of the corruption draw stream: changing it changes every draw
 CLEAN = "clean"
@@ -148,11 +149,6 @@ class EvalContext:
 # building the context
 
 
-def needs_donor(cfg: Config, types: Sequence[str]) -> bool:
-    return "contiguous_overwrite" in types or (
-        "targeted" in types and cfg.corruption.params.targeted_base == "contiguous_overwrite")
-
-
 def _check_grid(cfg: Config, n_layers: int) -> None:
     bad = [l for l in list(cfg.repair.protect_layers) + list(cfg.corruption.axes.layers) if l >= n_layers]
     if bad:
@@ -191,18 +187,11 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
     eps = sorted({float(e) for e in cfg.eval.corruption_eval.eps})
     _check_grid(cfg, lm.arch.num_layers)
     examples, info, sources = _build_examples(cfg, lm, notes)
-    donor = None
-    if needs_donor(cfg, types):
-        longest = max(int(e.prefix.numel()) for e in examples)
-        layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
-        donor = corruption.donor_kv(lm, cfg.corruption.params.donor_prompt, longest, layers)
-    block_donor = None
-    if "block_fault" in types or ("targeted" in types and cfg.corruption.params.targeted_base == "block_fault"):
-        longest = max(int(e.prefix.numel()) for e in examples)
-        layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
-        block_donor = corruption.block_donor_kv(lm, cfg.corruption.params.to_dict(), longest, layers)
+    longest = max((int(e.prefix.numel()) for e in examples), default=0)
+    layers = sorted(set(cfg.repair.protect_layers) | set(cfg.corruption.axes.layers))
+    donors = corruption.donors(cfg.corruption.params, lm, types, longest, layers)
     corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
-                                     lm.arch.num_kv_heads, cfg.seed, donor_kv=donor, block_donor=block_donor)
+                                     lm.arch.num_kv_heads, cfg.seed, **donors)
     axes = cfg.corruption.axes
     needles = [e for e in examples if e.task in ("needle_long_context", "kv_retrieval")]
     if needles:
@@ -512,21 +501,6 @@ def detection_counts(op, memo: dict, clean_cache, rows: list[Row], R: int) -> di
         auc = roc_auc(torch.cat(margins), torch.cat(labels)) if pos and neg else None
         out[row.cell.key] = [tp, pos, fp, neg, auc]
     return out
-
-
-def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
-    """ROC-AUC of `scores` for the `positive` entries (Mann–Whitney, ties counted half); None unless both
-    classes occur. Non-finite scores rank highest (a non-finite entry is always gated)."""
-    positive = positive.to(torch.bool).flatten()
-    p, n = int(positive.sum()), int((~positive).sum())
-    if not p or not n:
-        return None
-    s = torch.nan_to_num(scores.double().flatten(), nan=float("inf"))
-    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
-    first = torch.cumsum(counts, 0) - counts  # ranks (0-based) of each distinct value's first entry
-    mid = first.double() + (counts.double() - 1) / 2 + 1  # average 1-based rank of ties
-    ranks = mid[inverse]
-    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
 
 
 def exposure(ctx: EvalContext, regions: Sequence[corruption.Region], held: dict[int, int] | None = None,

@@ -61,13 +61,13 @@ def render_figures(inp: Inputs) -> dict[str, bytes]:
     return out
 
 
-def _new_figure(w: float, h: float) -> Figure:
+def new_figure(w: float, h: float) -> Figure:
     fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
     return buf.getvalue()
@@ -197,7 +197,7 @@ def fig_score_vs_eps(inp: Inputs) -> bytes:
     tasks = list(inp.by_task) if len(inp.by_task) >= 2 else []
     ncols = min(len(tasks), 3) if tasks else 1
     nrows_tasks = math.ceil(len(tasks) / ncols) if tasks else 0
-    fig = _new_figure(11.0, 5.6 + 3.3 * nrows_tasks)
+    fig = new_figure(11.0, 5.6 + 3.3 * nrows_tasks)
     gs = fig.add_gridspec(1 + nrows_tasks, ncols, height_ratios=[1.5] + [1.0] * nrows_tasks)
     main = fig.add_subplot(gs[0, :])
     refs = _draw_curves(main, inp, inp.curves, main=True)
@@ -224,7 +224,7 @@ def fig_score_vs_eps(inp: Inputs) -> bytes:
             ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     sub = _settings_subtitle(inp.settings)
     fig.suptitle("Task robustness vs corruption severity" + (f"\n{sub}" if sub else ""))
-    return _png(fig)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def fig_pareto(inp: Inputs) -> bytes:
     """Clean score (and robustness) against throughput; without overhead data, clean score vs AUC."""
     defenses = [d for d in inp.clean if d != BEST_HEURISTIC_SERIES]
     panels, title, needed = _pareto_panels(inp, defenses)
-    fig = _new_figure(12.5 if len(panels) == 2 else 8.5, 5.4)
+    fig = new_figure(12.5 if len(panels) == 2 else 8.5, 5.4)
     missing: set[str] = set()
     for i, (xs, ys, xlabel, ylabel, sub) in enumerate(panels):
         pts = {d: (xs[d], ys[d]) for d in defenses
@@ -301,7 +301,7 @@ def fig_pareto(inp: Inputs) -> bytes:
     if missing:
         title += f"\nnot plotted (no data): {', '.join(sorted(missing))}"
     fig.suptitle(title)
-    return _png(fig)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,14 +371,14 @@ def _relative_panel(rax, inp: Inputs, d: np.ndarray, lines: list[tuple]) -> None
 def fig_sensitivity(inp: Inputs) -> bytes:
     d = np.array([p.delta for p in inp.sens])
     lines = _sensitivity_lines(inp)
-    fig = _new_figure(12.0, 5.8)
+    fig = new_figure(12.0, 5.8)
     ax, rax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     _drift_panel(ax, inp, d, lines)
     _relative_panel(rax, inp, d, lines)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
     fig.suptitle("Stability of output logits under random cache perturbations")
-    return _png(fig)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def fig_amplification(inp: Inputs) -> bytes:
     seq, div = colormaps["viridis"], colormaps["RdBu_r"]
     annotate = L * H <= 60
 
-    fig = _new_figure(min(4.0 + 2.4 * H, 13.5) if H > 3 else 11.0, max(4.2, 0.32 * L + 2.2))
+    fig = new_figure(min(4.0 + 2.4 * H, 13.5) if H > 3 else 11.0, max(4.2, 0.32 * L + 2.2))
     axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
     ylabels = [f"{l}*" if l in a["flagged"] else str(l) for l in a["layers"]]
     panels = [(before, shared, seq, "before: no repair"), (after, shared, seq, "after: cachemedic repair"),
@@ -455,7 +455,7 @@ def fig_amplification(inp: Inputs) -> bytes:
     delta = f" at δ = {a['delta']:g}" if a["delta"] is not None and math.isfinite(a["delta"]) else ""
     fig.suptitle(f"Amplification map γ(layer, head){delta}: median drift per unit perturbation\n"
                  "ratio < 1 (blue) means the repair damps the perturbation, > 1 (red) amplifies it")
-    return _png(fig)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def fig_bit_position(inp: Inputs) -> bytes:
     x = np.arange(len(classes), dtype=float)
     width = 0.8 / len(series)
     hatches = {GROUP_BASELINE: "", GROUP_LEARNED: "", GROUP_RECOMPUTE: "..", GROUP_DETECT_RECOMPUTE: "//"}
-    fig = _new_figure(max(7.5, 1.9 * len(classes) + 3.0), 5.4)
+    fig = new_figure(max(7.5, 1.9 * len(classes) + 3.0), 5.4)
     ax = fig.add_subplot(1, 1, 1)
     vals: list[float] = []
     for i, (d, label) in enumerate(series):
@@ -532,4 +532,4 @@ def fig_bit_position(inp: Inputs) -> bytes:
     detail = ", ".join(t for t in (rate, eps) if t)
     fig.suptitle(f"Bit-position damage: bit flips in the {fmt_name} word{sim}{burst}\n{detail} · the same elements "
                  "hit in every class (bars: 95% CI)")
-    return _png(fig)
+    return png(fig)

@@ -232,9 +232,11 @@ def loto_figure(loto: dict) -> bytes:
     with their CIs (n/a where the run measured no damage); lines at 0 (no better than no defense) and 1 (back
     to clean). Several runs of one type (seeds) stand side by side within each series, in seed order, the
     seeds named under the type."""
-    from cachemedicpp.palette import GREY, ORANGE
-    from cachemedicpp.plots.figures import RC, _new_figure, _png, defense_style
+    # matplotlib only when a figure is drawn: the summary's tables and JSON do without it
     from matplotlib import rc_context
+
+    from cachemedicpp.palette import GREY, ORANGE
+    from cachemedicpp.plots.figures import RC, defense_style, new_figure, png
 
     types = list(dict.fromkeys(r["test_type"] for r in loto["rows"]))  # the rows' order (sorted by type)
     groups = [[r for r in loto["rows"] if r["test_type"] == t] for t in types]
@@ -254,7 +256,7 @@ def loto_figure(loto: dict) -> bytes:
     slot = 0.8 / len(LOTO_SERIES)
     most = max(len(g) for g in groups)
     with rc_context(RC):
-        fig = _new_figure(max(6.5, (1.6 + 0.3 * (most - 1)) * len(groups) + 2.5), 5.0)
+        fig = new_figure(max(6.5, (1.6 + 0.3 * (most - 1)) * len(groups) + 2.5), 5.0)
         ax = fig.add_subplot(1, 1, 1)
         for j, name in enumerate(LOTO_SERIES):
             color, lab, hatch = style[name]
@@ -287,7 +289,7 @@ def loto_figure(loto: dict) -> bytes:
         ax.set_ylabel("recovered fraction of the damage (95% CI)")
         ax.set_title("Leave-one-type-out: damage recovered on the held-out corruption type")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8.5, frameon=False)
-        return _png(fig)
+        return png(fig)
 
 
 def combine(sweep_dirs: Sequence[Path], out_dir: Path) -> dict:

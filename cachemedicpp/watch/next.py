@@ -14,6 +14,7 @@ import yaml
 from cachemedicpp.config import HASH_EXCLUDE, ConfigError, config_hash, flatten, load_config, resolve_path
 from cachemedicpp.pipeline import PHASES
 from cachemedicpp.rundir import RunDir, SweepDir
+from cachemedicpp.sweep.plan import load_plan
 from cachemedicpp.watch.fmt import fmt_progress
 from cachemedicpp.watch.read import (LIVE, PhaseState, RunView, SweepView, lock_holder, plan_doc, planned_runs,
                                      read_json)
@@ -151,8 +152,6 @@ def sweep_command(path: Path) -> SweepCommand:
                                   f"{shlex.quote(str(sd.path.parent))}")
     out_root = sd.path.parent
     cmd = command(PYTHON, "-m", "cachemedicpp.sweep", "--sweep_config", sweep_file, "--out_root", out_root)
-    from cachemedicpp.sweep.plan import load_plan  # only for sweeps: it loads every run's config
-
     try:
         plan = load_plan(sweep_file, str(out_root))
     except ConfigError as e:

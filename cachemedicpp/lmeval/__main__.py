@@ -1,0 +1,3 @@
+from cachemedicpp.lmeval import main
+
+raise SystemExit(main())
