@@ -163,7 +163,9 @@ class Trainer:
             # on logged steps only: the same corrupted cache without repair, a paired baseline for L_KD
             with torch.no_grad():
                 z_base, _ = hf.forward(model, cont, hf.clone_cache(student), hf.HookPlan(on_read=on_read))
-                kd_base = float(kd_loss(z_clean, z_base, t.temperature))
+                # a KL divergence is >= 0; where the corruption barely moves the logits, fp32 rounding leaves
+                # a residue of about -1e-7, which is no information
+                kd_base = max(0.0, float(kd_loss(z_clean, z_base, t.temperature)))
         seen: dict[int, tuple] = {}
         plan = hf.HookPlan(repair=self.op, on_read=on_read, record=lambda l, q, k, v: seen.__setitem__(l, (q, k, v)))
         z_rep, _ = hf.forward(model, cont, student, plan)

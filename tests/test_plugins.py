@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import ROOT, defenses, plots, results, stability
+from cachemedicpp import ROOT, corruption, defenses, plots, results, stability
 from cachemedicpp import eval as ev
 from cachemedicpp.cli import EXIT_OK
 
 PLUGIN_DEFENSE = "test_vector_clip"
+PLUGIN_TYPE = "test_sign_flip"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,18 +39,30 @@ class VectorClip(defenses.Defense):
         return defenses.Defended(clip(k), clip(v))
 
 
+def _sign_flip(x: torch.Tensor, sev: dict, gen: torch.Generator, mask: torch.Tensor) -> torch.Tensor:
+    """Each element's sign flipped with probability p (one draw shared by the batch rows, as every type)."""
+    return torch.where(corruption.draw(torch.rand, x, gen) < sev["p"], -x, x)
+
+
+SIGN_FLIP = corruption.CorruptionType(
+    PLUGIN_TYPE, "other", severity=lambda eps, s, params: {"p": min(1.0, 0.05 * s)},
+    transform=corruption.float_transform(_sign_flip))
+
+
 @pytest.fixture
 def plugins():
     defenses.register_defense(VectorClip)
+    corruption.register_corruption(SIGN_FLIP)
     yield
     defenses.unregister_defense(PLUGIN_DEFENSE)
+    corruption.unregister_corruption(PLUGIN_TYPE)
 
 
 def _config(tiny_cfg, folder: Path) -> Path:
     data = tiny_cfg("llama", **{
         "eval.defenses": ["no_defense", PLUGIN_DEFENSE, "cachemedic"],
         "eval.allow_missing_checkpoint": True,
-        "eval.corruption_eval.types": ["gaussian", "bitflipish_sparse"],
+        "eval.corruption_eval.types": [PLUGIN_TYPE, "bitflipish_sparse"],
         "eval.corruption_eval.eps": [0.0, 0.32],
         "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}, {"name": "sst2_prompted", "num_examples": 2}]})
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +71,7 @@ def _config(tiny_cfg, folder: Path) -> Path:
     return path
 
 
-def test_a_defense_registered_outside_the_package_runs_everywhere(plugins, tiny_cfg, tmp_path):
+def test_a_defense_and_a_corruption_type_registered_outside_the_package_run_everywhere(plugins, tiny_cfg, tmp_path):
     cfg = _config(tiny_cfg, tmp_path / "c")
     rd = tmp_path / "run"
     assert ev.main(["--config", str(cfg), "--run_dir", str(rd)]) == EXIT_OK
@@ -73,6 +86,9 @@ def test_a_defense_registered_outside_the_package_runs_everywhere(plugins, tiny_
     rows = {(r["task"], r["corruption_type"], r["epsilon"], r["defense"]): r["value"] for r in m["task_curves"]}
     moved = [k for k, val in rows.items() if k[3] == PLUGIN_DEFENSE and val != rows[(*k[:3], "no_defense")]]
     assert moved  # it acted: some cell's value differs from no defense's
+    # the plug-in type has its cells and its per-type AUC, and it reached the scores
+    assert PLUGIN_TYPE in m["robustness_auc_by_type"]
+    assert rows[("wikitext2_ppl", PLUGIN_TYPE, 0.32, "no_defense")] != rows[("wikitext2_ppl", "clean", 0.0, "no_defense")]
 
     assert stability.main(["--config", str(cfg), "--run_dir", str(rd)]) == EXIT_OK
     sdoc = json.loads((rd / "metrics" / "stability_metrics.json").read_text())
@@ -87,7 +103,7 @@ def test_a_defense_registered_outside_the_package_runs_everywhere(plugins, tiny_
 
 def test_a_plugin_defense_through_the_lm_eval_backend(plugins, tiny_cfg, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
-    from cachemedicpp import lmeval
+    from cachemedicpp.lmeval import adapter, backend
 
     data = ROOT / "tests" / "data" / "lmeval"
     tasks_dir = tmp_path / "tasks"
@@ -97,13 +113,19 @@ def test_a_plugin_defense_through_the_lm_eval_backend(plugins, tiny_cfg, tmp_pat
         doc["dataset_kwargs"]["data_files"] = {k: str(data / v) for k, v in doc["dataset_kwargs"]["data_files"].items()}
         (tasks_dir / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
     cfg = _config(tiny_cfg, tmp_path / "c")
-    lmeval.register()
+    backend.register()
     task = "cm_tiny_mc"
 
     def lls(defense: str) -> list[float]:
-        res = lm_eval.simple_evaluate(model="cachemedic", model_args=f"config={cfg},corruption=gaussian,eps=1.0,"
-                                      f"defense={defense}", tasks=[task], task_manager=lmeval.task_manager(task, str(tasks_dir)),
+        res = lm_eval.simple_evaluate(model="cachemedic", model_args=f"config={cfg},corruption={PLUGIN_TYPE},eps=1.0,"
+                                      f"defense={defense}", tasks=[task], task_manager=adapter.task_manager(task, str(tasks_dir)),
                                       log_samples=True, limit=4, bootstrap_iters=0)
         return [float(r[0][0]) for s in sorted(res["samples"][task], key=lambda s: s["doc_id"]) for r in s["resps"]]
 
-    assert lls(PLUGIN_DEFENSE) != lls("no_defense")
+    clean = lm_eval.simple_evaluate(model="cachemedic", model_args=f"config={cfg},eps=0,defense=no_defense",
+                                    tasks=[task], task_manager=adapter.task_manager(task, str(tasks_dir)),
+                                    log_samples=True, limit=4, bootstrap_iters=0)
+    clean = [float(r[0][0]) for s in sorted(clean["samples"][task], key=lambda s: s["doc_id"]) for r in s["resps"]]
+    hit = lls("no_defense")
+    assert hit != clean  # the plug-in type reached the scores
+    assert lls(PLUGIN_DEFENSE) != hit  # and the plug-in defense acted on them

@@ -59,7 +59,7 @@ from cachemedicpp.corruption.mixture import load_mixture, normalise_weights
 from cachemedicpp.corruption.region import LAYER_MODES, TIME_MODES, Region, time_mask
 from cachemedicpp.corruption.registry import (FAMILIES, CorruptionType, Site, applied, check_params, corruption_types,
                                               draw, float_transform, get, names, param, register_corruption,
-                                              round_half_up, severity)
+                                              round_half_up, severity, unregister_corruption)
 from cachemedicpp.corruption.types.bitflip import (BIT_CLASSES, FORMATS, bit_positions, flip_bits, format_name,
                                                    storage_format)
 from cachemedicpp.corruption.types.block_fault import BLOCK_DONOR_PROMPTS, BLOCK_MODES, BLOCK_SCOPES, block_map
@@ -71,7 +71,7 @@ __all__ = ["BIT_CLASSES", "BLOCK_DONOR_PROMPTS", "BLOCK_MODES", "BLOCK_SCOPES", 
            "block_map", "check_params", "corruption_types", "donor_kv", "donors", "draw", "flip_bits",
            "float_transform", "format_name", "get", "load_mixture", "names", "normalise_weights", "param",
            "register_corruption", "rng", "rotation_power", "round_half_up", "severity", "storage_format",
-           "time_mask"]
+           "time_mask", "unregister_corruption"]
 
 
 def __getattr__(name: str):

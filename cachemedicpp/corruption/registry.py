@@ -90,6 +90,11 @@ def register_corruption(kind: CorruptionType) -> CorruptionType:
     return kind
 
 
+def unregister_corruption(name: str) -> None:
+    """Remove a type (a plug-in's tests register and remove theirs)."""
+    _REGISTRY.pop(name, None)
+
+
 def get(name: str, key: str = "") -> CorruptionType:
     """The registered type of `name`; an unknown name is bad input listing the known ones."""
     return lookup("corruption type", name, _REGISTRY, key=key)
