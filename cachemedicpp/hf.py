@@ -414,18 +414,17 @@ def load_model(model_cfg: Mapping, device: str = "auto", dtype: str = "float32")
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise ModelLoadError(f"model.name={model_cfg['name']!r}: cannot be loaded ({type(e).__name__}: {e})") from None
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ModelLoadError(f"model {model_cfg['name']!r} ({type(model).__name__}): its attention does not go "
-                             "through transformers' AttentionInterface, so the cache hook cannot act on it")
+    # No class flag decides whether the model can be hooked (`_supports_attention_backend` is missing on
+    # classes whose attention does use the interface): the probe below runs every layer and fails closed.
     kind = model_cfg.get("attn_implementation", "sdpa")  # the schema's default: the fastest base kernel
-    model.set_attn_implementation(HOOK_NAMES[kind])
+    _select_attention(model, HOOK_NAMES[kind])
     model.requires_grad_(False)
     model.eval()
     model.to(dev)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     info = arch_info(model)
-    _probe(model, info, dev)
+    _probe(model, info, dev, model_cfg["name"])
     return LoadedModel(model, tok, info, source, dev, torch_dtype, time.perf_counter() - t0, notes)
 
 
@@ -434,21 +433,36 @@ def stock_attention(model, kind: str = "sdpa") -> Iterator[None]:
     """The model's own attention implementation (`kind`), without the hook, for the span of the block: the
     model as users run it (bench's stock baseline). The hook is selected again afterwards."""
     current = model.config._attn_implementation
-    model.set_attn_implementation(kind)
+    _select_attention(model, kind)
     try:
         yield
     finally:
-        model.set_attn_implementation(current)
+        _select_attention(model, current)
 
 
-def _probe(model, info: ArchInfo, device: torch.device) -> None:
-    """Fail closed: every layer's attention must reach our function, or the hook would be a no-op."""
+def _select_attention(model, name: str) -> None:
+    """Make `name` the attention implementation of the model and its sub-models. `set_attn_implementation`
+    validates the name, but on a class whose module source does not look like it dispatches through the
+    AttentionInterface (a text heuristic: older and remote-code models index `ALL_ATTENTION_FUNCTIONS`
+    directly) it keeps the old implementation with only a logged warning; then the config, which the layers
+    read at every forward, is set directly. Whether the layers really reach the hook is the probe's call."""
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name  # the config's setter, recursive over its sub-configs
+
+
+def _probe(model, info: ArchInfo, device: torch.device, name: str) -> None:
+    """Fail closed: every layer's attention must reach our function, or the hook would be a no-op on the
+    layers that bypass it, and corruption and repair would silently not happen there."""
     plan = HookPlan(layers=frozenset(range(info.num_layers)))
     with torch.no_grad(), hooked(plan):
         model(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
     missing = [i for i in range(info.num_layers) if plan.calls.get(i, 0) == 0]
     if missing:
-        raise ModelLoadError(f"model {info.model_type}: attention of layers {missing} bypassed the hook")
+        which = "its attention" if len(missing) == info.num_layers else f"the attention of layers {missing}"
+        raise ModelLoadError(f"model {name!r} ({type(model).__name__}): {which} does not go through transformers' "
+                             "AttentionInterface, so the cache hook cannot act on it (a probe forward with the "
+                             f"hook selected did not reach it on {len(missing)} of {info.num_layers} layers)")
 
 
 # --------------------------------------------------------------------------------------------------

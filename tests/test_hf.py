@@ -216,3 +216,69 @@ def test_dropping_everything_keeps_each_query_on_itself(tiny_lm):
     with torch.no_grad():
         out, _ = hf.forward(lm.model, ids, plan=plan)
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# whether a model can be hooked: the probe decides, not a class flag
+
+
+class _BypassRegistry:
+    """Stands in for transformers' attention registry in a modeling module: every layer gets the module's own
+    kernel back, as in a model whose attention does not go through the AttentionInterface."""
+
+    def get_interface(self, name, default):
+        return default
+
+
+def _load_llama(tiny_model_dir, attn: str = "eager"):
+    return hf.load_model({"name": str(tiny_model_dir("llama")), "attn_implementation": attn}, "cpu")
+
+
+def _identity_logits(lm, ids):
+    plan = hf.HookPlan(layers=frozenset(range(lm.arch.num_layers)), on_read=lambda l, k, v: (k, v))
+    with torch.no_grad():
+        out, _ = hf.forward(lm.model, ids, plan=plan)
+    assert all(plan.calls[l] == 1 for l in range(lm.arch.num_layers))
+    return out
+
+
+def test_a_class_without_the_backend_flag_loads_when_its_attention_reaches_the_hook(tiny_model_dir, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    lm = _load_llama(tiny_model_dir)
+    assert type(lm.model) is LlamaForCausalLM and not lm.model._supports_attention_backend
+    ids = _ids(lm)
+    assert torch.equal(_identity_logits(lm, ids), _stock(lm, ids))
+
+
+def test_the_hook_is_selected_where_transformers_will_not_switch_the_class(tiny_model_dir, monkeypatch):
+    """transformers refuses to switch a class whose module source fails its AttentionInterface heuristic
+    (logging a warning only); the hook is then selected through the config, and stock attention too."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_can_set_attn_implementation", classmethod(lambda cls: False))
+    lm = _load_llama(tiny_model_dir)
+    assert lm.model.config._attn_implementation == hf.HOOK_NAMES["eager"]
+    ids = _ids(lm)
+    plan = hf.HookPlan(layers=frozenset(range(lm.arch.num_layers)))
+    with torch.no_grad(), hf.stock_attention(lm.model, "eager"), hf.hooked(plan):
+        stock = lm.model(input_ids=ids).logits
+    assert plan.calls == {} and lm.model.config._attn_implementation == hf.HOOK_NAMES["eager"]
+    assert torch.equal(_identity_logits(lm, ids), stock)
+
+
+def test_a_model_whose_attention_bypasses_the_hook_is_refused(tiny_model_dir, monkeypatch, capsys):
+    from transformers.models.llama import modeling_llama
+
+    from cachemedicpp.cli import EXIT_BAD_INPUT, guarded
+
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", _BypassRegistry())
+    name = str(tiny_model_dir("llama"))
+    with pytest.raises(hf.ModelLoadError) as e:
+        _load_llama(tiny_model_dir)
+    msg = str(e.value)
+    assert f"model {name!r} (LlamaForCausalLM): its attention does not go through transformers' AttentionInterface" \
+           ", so the cache hook cannot act on it" in msg and "3 of 3 layers" in msg
+    assert guarded(lambda: _load_llama(tiny_model_dir, "sdpa")) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.count("error: model") == 1

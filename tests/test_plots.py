@@ -191,12 +191,6 @@ def _fails(tmp_path, capsys, rd: Path, *needles: str) -> None:
     assert paper_files(rd) == set()  # no placeholder images
 
 
-def test_missing_metrics_file(tmp_path, capsys):
-    rd = make_run(tmp_path)
-    (rd / "metrics" / "stability_metrics.json").unlink()
-    _fails(tmp_path, capsys, rd, "stability_metrics.json", "not found")
-
-
 def test_missing_task_metrics_file(tmp_path, capsys):
     rd = make_run(tmp_path)
     (rd / "metrics" / "task_metrics.json").unlink()
@@ -494,3 +488,52 @@ def test_fig_e_is_skipped_with_a_note_without_a_usable_block(tmp_path, capsys, e
     assert paper_files(rd) == EXPECTED
     note = "figure E not drawn"
     assert note in capsys.readouterr().out and note in (rd / "paper" / "report.md").read_text()
+
+
+TASK_ONLY = {"figures/figA_score_vs_eps.png", "figures/figB_clean_vs_overhead_pareto.png",
+             "tables/table_main_results.tex", "tables/table_ablation_summary.tex", "report.md"}
+
+
+@pytest.mark.parametrize("task_file,edit", [("task_metrics.json", None), (FAIR, add_bit_classes)])
+def test_task_metrics_alone_draw_what_they_allow(tmp_path, capsys, task_file, edit):
+    """train -> eval -> plots (no stability): figures A, B (and E with bit-class scores), both tables and the
+    report; C and D are skipped and said so, and a figure C left by an earlier plots run is removed. The task
+    numbers are the same as with stability metrics."""
+    full = make_run(tmp_path / "full", edit, task_file=task_file)
+    assert plots.run(full) == 0
+    capsys.readouterr()
+    rd = make_run(tmp_path / "task_only", edit, task_file=task_file)
+    (rd / "metrics" / "stability_metrics.json").unlink()
+    stale = rd / "paper" / "figures" / "figC_logit_sensitivity.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier plots run")
+
+    assert plots.main(["--run_dir", str(rd)]) == 0
+    assert paper_files(rd) == TASK_ONLY | ({FIG_E} if edit else set())
+    out = capsys.readouterr().out
+    assert "note: figures C and D not drawn: stability was not measured for this run" in out
+    assert "removed paper/figures/figC_logit_sensitivity.png" in out
+    assert ("figure E not drawn" in out) == (edit is None)
+
+    report = (rd / "paper" / "report.md").read_text()
+    assert "Stability was not measured for this run" in report and "figures C and D are not drawn" in report
+    assert "stability_metrics.json` and" not in report and "Logit drift" not in report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(links) == sorted(f"figures/{n}" for n in plots.FIGURES[:2]) + ([FIG_E] if edit else [])
+    for name in ("figA_score_vs_eps.png", "figB_clean_vs_overhead_pareto.png", *([FIG_E[8:]] if edit else [])):
+        assert (rd / "paper" / "figures" / name).read_bytes() == (full / "paper" / "figures" / name).read_bytes()
+    main = "tables/table_main_results.tex"
+    assert (rd / "paper" / main).read_text() == (full / "paper" / main).read_text()
+    abl = (rd / "paper" / "tables" / "table_ablation_summary.tex").read_text()
+    check_table(abl, ["Family & A", "Rank & 8", "Training steps & 200"])
+    assert abl.count(r"\begin{tabular}") == 1 and "Stability was not measured for this run" in abl
+
+
+def test_stale_figure_e_is_removed_when_the_metrics_no_longer_have_bit_classes(tmp_path, capsys):
+    rd = make_run(tmp_path, add_bit_classes, task_file=FAIR)
+    assert plots.run(rd) == 0 and paper_files(rd) == EXPECTED | {FIG_E}
+    make_run(tmp_path / "again", task_file=FAIR)  # the same run, evaluated again without eval.bit_classes
+    shutil.copy(tmp_path / "again" / "run" / "metrics" / "task_metrics.json", rd / "metrics" / "task_metrics.json")
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED
+    assert f"removed paper/{FIG_E}" in capsys.readouterr().out

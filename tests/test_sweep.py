@@ -262,6 +262,22 @@ def test_two_run_sweep_end_to_end(reference):
     assert (reference / summary["loto"]["figure"]).is_file() and "## Leave-one-type-out" in md
 
 
+def test_a_sweep_without_stability_gets_the_figures_its_task_metrics_allow(tmp_path, base_config):
+    """Phases train, eval, plots: the plots phase completes from the task metrics alone, with figures A and B
+    and a report that says stability was not measured."""
+    doc = {"sweep_name": "nostab", "base_config": str(base_config), "phases": ["train", "eval", "plots"],
+           "runs": [{"name": "a"}]}
+    path = write_sweep(tmp_path, doc)
+    assert sweep.main(["--sweep_config", str(path), "--out_root", str(tmp_path / "out")]) == EXIT_OK
+    rd = tmp_path / "out" / "nostab" / "a"
+    assert (rd / METRIC_FILES[0]).is_file() and not (rd / METRIC_FILES[1]).exists()
+    figures = {p.name for p in (rd / "paper" / "figures").iterdir()}
+    assert figures == {"figA_score_vs_eps.png", "figB_clean_vs_overhead_pareto.png"}
+    assert "Stability was not measured for this run" in (rd / "paper" / "report.md").read_text()
+    summary = json.loads((tmp_path / "out" / "nostab" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["runs_completed"] == 1
+
+
 def test_pause_mid_run_then_resume_is_bit_identical(tmp_path, base_config, reference, monkeypatch):
     from cachemedicpp import hf, train
 

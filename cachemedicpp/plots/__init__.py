@@ -1,14 +1,16 @@
 """plots: figures, tables and a short report from a run's metrics (SPEC §9).
 
-`python -m cachemedicpp.plots --run_dir D` reads the run's task and stability metrics and, when present,
-its resolved config (operator settings), and writes the locked names (`outputs.py`) under the run dir's
-figure and table folders, plus the report. Plots read metrics, never model state.
+`python -m cachemedicpp.plots --run_dir D` reads the run's task metrics (required), its stability metrics and
+its resolved config (operator settings) when present, and writes the locked names (`outputs.py`) under the run
+dir's figure and table folders, plus the report. Plots read metrics, never model state.
 
 Numbers that were not measured are shown as such, never made up (a null `overhead` turns figure B into
-clean score vs robustness AUC and the title says so).
+clean score vs robustness AUC and the title says so; a run without stability metrics gets no figures C and
+D, and the report says stability was not measured).
 
     inputs.py   read and validate the metrics into `Inputs`
-    figures.py  the figures (PNG bytes): A-D always, E (bit positions) when the metrics have bit-class scores
+    figures.py  the figures (PNG bytes): A, B always, C, D with stability metrics, E (bit positions) with
+                bit-class scores
     tables.py   the two LaTeX tables
     report.py   the markdown report
     text.py     number formatting they share

@@ -1,5 +1,5 @@
-"""The figures (A-D always, E when the metrics have bit-class scores), each rendered to PNG bytes in memory
-(nothing is written here).
+"""The figures (A and B always, C and D when the run has stability metrics, E when the task metrics have
+bit-class scores), each rendered to PNG bytes in memory (nothing is written here).
 
 Figures are deterministic for the same metrics: no timestamps or software tag in the PNG metadata.
 """
@@ -51,10 +51,13 @@ def heuristic_label(best: str) -> str:
 
 
 def render_figures(inp: Inputs) -> dict[str, bytes]:
-    """{file name: PNG bytes} of the four figures, in FIGURES order, then figure E when the metrics have
-    bit-class scores (else it is skipped: `inp.bits_note` says why)."""
+    """{file name: PNG bytes} of the figures the metrics allow, in FIGURES order, then figure E. C and D need
+    the stability metrics, E the bit-class scores; without them they are skipped (`inp.stability_note`,
+    `inp.bits_note` say why), never drawn from made-up numbers."""
     with rc_context(RC):
-        figs = [fig_score_vs_eps(inp), fig_pareto(inp), fig_sensitivity(inp), fig_amplification(inp)]
+        figs = [fig_score_vs_eps(inp), fig_pareto(inp)]
+        if inp.has_stability:  # C and D, the last two of FIGURES
+            figs += [fig_sensitivity(inp), fig_amplification(inp)]
         out = dict(zip(FIGURES, figs))
         if inp.bits is not None:
             out[FIG_BIT_POSITION] = fig_bit_position(inp)

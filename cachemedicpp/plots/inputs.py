@@ -154,8 +154,8 @@ class Inputs:
     overhead: dict[str, dict[str, float]] | None
     exposure: dict[str, float]
     settings: dict
-    sens: list[SensPoint]
-    amp: dict
+    sens: list[SensPoint] | None  # None: stability was not measured for this run (figures C and D not drawn)
+    amp: dict | None  # None with sens
     stab_settings: dict
     cfg: dict | None
     paired_cfg: dict | None = None
@@ -170,10 +170,16 @@ class Inputs:
     recovered: dict[str, dict[str, float]] = field(default_factory=dict)  # {defense: {value, ci_low, ci_high}}
     bits: dict | None = None  # metrics.bit_class_scores (figure E); None when absent or malformed
     bits_note: str = ""  # why figure E is not drawn (empty when it is)
+    stability_note: str = ""  # why figures C and D are not drawn (empty when they are)
+
+    @property
+    def has_stability(self) -> bool:
+        """Whether the run has stability metrics (a run of train -> eval -> plots has none)."""
+        return self.sens is not None
 
     @property
     def has_pair(self) -> bool:
-        return any(not math.isnan(p.no_contr) for p in self.sens)
+        return any(not math.isnan(p.no_contr) for p in self.sens or ())
 
     def group(self, name: str) -> str:
         """The defense's group (metrics.defense_groups; for older files, inferred from the name: the registered
@@ -505,10 +511,20 @@ def _paired_config(rd: RunDir, cfg: dict | None, stab_settings: dict) -> tuple[d
     return None, str(spec)
 
 
+def _load_stability_if_measured(path: Path) -> tuple[dict, str]:
+    """(stability inputs, note): the empty note when the file exists, else no points and why figures C and D
+    are not drawn. Only absence means "not measured": a file that is there is read and validated in full."""
+    if not path.exists():
+        return (dict(config_hash=None, sens=None, amp=None, stab_settings={}),
+                f"figures C and D not drawn: stability was not measured for this run ({path.name} not found)")
+    return _load_stability(path), ""
+
+
 def load_inputs(run_dir: str | Path) -> Inputs:
     rd = RunDir(run_dir)
     task_path, stab_path = rd.task_metrics, rd.stability_metrics
-    task, stab = _load_task(task_path), _load_stability(stab_path)
+    task = _load_task(task_path)  # required: figures A and B, the main table and the report need it
+    stab, stability_note = _load_stability_if_measured(stab_path)
     th, sh = task["config_hash"], stab["config_hash"]
     if th and sh and th != sh:
         raise ConfigError(f"{task_path} (config {th}) and {stab_path} (config {sh}) come from different configs; "
@@ -522,4 +538,4 @@ def load_inputs(run_dir: str | Path) -> Inputs:
                   run_id=str(task["run_id"] or rd.path.name), config_hash=str(th or sh or "unknown"),
                   **{k: v for k, v in task.items() if k not in ("run_id", "config_hash")},
                   sens=stab["sens"], amp=stab["amp"], stab_settings=stab["stab_settings"], cfg=cfg,
-                  paired_cfg=paired_cfg, paired_dir=paired_dir, oracle_note=oracle)
+                  paired_cfg=paired_cfg, paired_dir=paired_dir, oracle_note=oracle, stability_note=stability_note)

@@ -7,7 +7,8 @@ FIG_SCORE_VS_EPS = "figA_score_vs_eps.png"
 FIG_PARETO = "figB_clean_vs_overhead_pareto.png"
 FIG_SENSITIVITY = "figC_logit_sensitivity.png"
 FIG_AMPLIFICATION = "figD_amplification_map.png"
-FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)  # drawn for every run
+# A and B are drawn for every run; C and D (the last two) only when the run has stability metrics
+FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)
 FIG_BIT_POSITION = "figE_bit_position_damage.png"  # only when the metrics have bit_class_scores (eval.bit_classes)
 OPTIONAL_FIGURES = (FIG_BIT_POSITION,)
 

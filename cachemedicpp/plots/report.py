@@ -82,9 +82,10 @@ def _link(rd: RunDir, path: Path) -> str:
 
 
 def _header(inp: Inputs, rd: RunDir) -> list[str]:
+    sources = f"`{rd.rel(rd.task_metrics)}`" + (f" and `{rd.rel(rd.stability_metrics)}`" if inp.has_stability
+                                                 else " (stability was not measured for this run)")
     return [f"# Results for run `{inp.run_id}`", "",
-            f"Config hash `{inp.config_hash}`. Numbers below are read from `{rd.rel(rd.task_metrics)}` and "
-            f"`{rd.rel(rd.stability_metrics)}`"
+            f"Config hash `{inp.config_hash}`. Numbers below are read from {sources}"
             + (f" (operator settings from `{rd.rel(rd.resolved_config_path)}`)." if inp.cfg else "."),
             ""]
 
@@ -239,8 +240,11 @@ def _amplification_lines(amp: dict) -> list[str]:
     return lines
 
 
-def _stability_section(inp: Inputs) -> list[str]:
+def _stability_section(inp: Inputs, rd: RunDir) -> list[str]:
     L = ["## Stability", ""]
+    if not inp.has_stability:
+        return L + [f"- Stability was not measured for this run (`{rd.rel(rd.stability_metrics)}` not found), so "
+                    "figures C and D are not drawn.", ""]
     for delta in (1.0, 2.0):
         p = _sens_at(inp, delta)
         L.append(_drift_line(p, delta) if p is not None else
@@ -312,8 +316,10 @@ def _figures_section(inp: Inputs, rd: RunDir) -> list[str]:
                 "Clean score vs robustness AUC (throughput not measured)", "Logit sensitivity vs δ",
                 "Amplification map before/after repair"]
     L = ["## Figures", ""]
-    for name, cap in zip(FIGURES, captions):
+    for name, cap in zip(FIGURES if inp.has_stability else FIGURES[:2], captions):
         L += [f"![{cap}]({_link(rd, rd.figure(name))})", ""]
+    if inp.stability_note:
+        L += [f"Note: {inp.stability_note}.", ""]
     if inp.bits is not None:
         L += [f"![Bit-position damage: score per bit class at one flip rate]({_link(rd, rd.figure(FIG_BIT_POSITION))})",
               ""]
@@ -325,5 +331,5 @@ def _figures_section(inp: Inputs, rd: RunDir) -> list[str]:
 
 def report_md(inp: Inputs) -> str:
     rd = RunDir(inp.run_dir)
-    return "\n".join(_header(inp, rd) + _task_section(inp) + _stability_section(inp) + _settings_section(inp)
+    return "\n".join(_header(inp, rd) + _task_section(inp) + _stability_section(inp, rd) + _settings_section(inp)
                      + _figures_section(inp, rd))

@@ -2,7 +2,9 @@
 
 Every input is validated and every output rendered in memory before the first one is written (each write
 atomic), so a missing or malformed input is one clear exit-2 message and leaves no placeholder or
-half-updated artefacts.
+half-updated artefacts. The task metrics are required; without stability metrics figures C and D are
+skipped, and so is figure E without bit-class scores. A skipped figure left by an earlier plots run is
+removed, so every figure in the run dir matches the metrics it now holds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from cachemedicpp.cli import guarded
 from cachemedicpp.fileio import atomic_write_bytes
 from cachemedicpp.plots.figures import render_figures
 from cachemedicpp.plots.inputs import Inputs, load_inputs
-from cachemedicpp.plots.outputs import TABLE_ABLATION, TABLE_MAIN
+from cachemedicpp.plots.outputs import FIGURES, OPTIONAL_FIGURES, TABLE_ABLATION, TABLE_MAIN
 from cachemedicpp.plots.report import report_md
 from cachemedicpp.plots.tables import table_ablation, table_main
 from cachemedicpp.rundir import RunDir
@@ -31,15 +33,27 @@ def render(inp: Inputs) -> dict[Path, bytes]:
     return out
 
 
+def stale_figures(rd: RunDir, outputs: dict[Path, bytes]) -> list[Path]:
+    """Figures on disk that this render skipped: drawn earlier from metrics the run dir no longer has (or
+    never had since), they would otherwise pass for current results."""
+    return [rd.figure(n) for n in FIGURES + OPTIONAL_FIGURES
+            if rd.figure(n) not in outputs and rd.figure(n).is_file()]
+
+
 def run(run_dir: str | Path) -> int:
     """Draw the figures, tables and report of one run dir. Bad input raises ConfigError (exit 2)."""
-    inp = load_inputs(run_dir)
+    rd = RunDir(run_dir)
+    inp = load_inputs(rd.path)
     outputs = render(inp)
     for path, data in outputs.items():
         atomic_write_bytes(path, data)
-    if inp.bits_note:
-        print(f"note: {inp.bits_note}")
-    print(f"wrote {len(outputs)} files under {RunDir(run_dir).paper}")
+    for note in (inp.stability_note, inp.bits_note):
+        if note:
+            print(f"note: {note}")
+    for path in stale_figures(rd, outputs):
+        path.unlink()
+        print(f"note: removed {rd.rel(path)} from an earlier plots run: these metrics do not support it")
+    print(f"wrote {len(outputs)} files under {rd.paper}")
     return 0
 
 

@@ -175,6 +175,8 @@ def table_ablation(inp: Inputs) -> str:
         cap.append("Bottom: logit sensitivity (drift over the top-$k$ logits) at each perturbation size $\\delta$; "
                    "ratio = CacheMedic / $\\lambda_{\\mathrm{contr}}=0$ pair (below 1: the contraction term lowers "
                    "sensitivity).")
+    elif not inp.has_stability:
+        cap.append("Stability was not measured for this run, so no sensitivity contrast is shown.")
     else:
         cap.append("No paired $\\lambda_{\\mathrm{contr}}=0$ run in the stability metrics, so no contrast is shown.")
     return _table("tab:ablation-summary", " ".join(cap), body)
