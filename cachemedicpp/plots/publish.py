@@ -1,0 +1,285 @@
+"""Committed results: a compact JSON per run, and the documentation's result tables rendered from it.
+
+    python -m cachemedicpp.plots.publish RUN_DIR [RUN_DIR ...] --out docs/results [--name NAME]
+    python -m cachemedicpp.plots.publish --docs README.md docs/RESULTS.md --out docs/results [--check]
+
+The first form reads each run dir's metrics, config, versions, machine and phase times and writes
+`<out>/<name>.json` (`name`: the run dir's name, or --name with one run dir) with the run's figures A and C
+beside it (`<name>_figA_score_vs_eps.png`, ...). The second form rewrites every block of the given Markdown
+files that sits between `<!-- published:NAME:TABLE -->` and `<!-- /published -->` with the table rendered
+from `<out>/NAME.json`; with --check it writes nothing and exits 1 when a block differs from its rendering
+(the test suite runs it on the committed files). So every number a document shows is in a committed file,
+and the documents cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cachemedicpp.cli import guarded
+from cachemedicpp.config import ConfigError
+from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json
+from cachemedicpp.plots.outputs import FIGURES
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC,
+                                  CACHEMEDIC_MINUS_NO_DEFENSE, NO_DEFENSE, ORACLE_DROP)
+from cachemedicpp.rundir import RunDir
+
+FORMAT = "cachemedicpp.published/1"
+PHASES = ("train", "eval", "stability")
+# the task-metrics blocks a published record keeps (what the tables and a reader's checks need)
+TASK_KEYS = ("robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "robustness_auc_by_type",
+             "clean_metrics", "clean_regression", "best_heuristic_name", "best_baseline_choice", "defense_groups",
+             "damage", "damage_by_type", "recovered_fraction", "recovered_fraction_by_type", "paired_bootstrap",
+             "paired_bootstrap_by_type", "exposure", "recompute_cost", "detect_recompute_cost", "detector")
+FIGURES_KEPT = ("figA_score_vs_eps.png", "figC_logit_sensitivity.png")
+BLOCK = re.compile(r"(<!-- published:(?P<name>[\w.-]+):(?P<table>[\w-]+) -->\n)(?P<body>.*?)(<!-- /published -->)",
+                   re.S)
+
+
+# --------------------------------------------------------------------------------------------------
+# collecting a run
+
+
+def _settings(cfg: dict) -> dict:
+    ev, rep, tr = cfg.get("eval", {}), cfg.get("repair", {}), cfg.get("train", {})
+    split = ev.get("ood_split") or {}
+    return {"model": cfg.get("model", {}).get("name"), "seed": cfg.get("seed"), "dtype": cfg.get("dtype"),
+            "repair": {k: rep.get(k) for k in ("family", "rank", "apply_to", "protect_layers", "detector")},
+            "train": {k: tr.get(k) for k in ("steps", "batch_size", "lr", "prefix_len", "cont_len", "lambda_contr")},
+            "ood_protocol": ev.get("ood_protocol"), "test_type": split.get("test_type"),
+            "train_types": split.get("train_types"), "eps": ev.get("corruption_eval", {}).get("eps"),
+            "tasks": {t["name"]: t.get("num_examples") for t in ev.get("tasks", [])},
+            "validation": ev.get("validation"), "defenses": ev.get("defenses"),
+            "bootstrap_samples": ev.get("bootstrap_samples"),
+            "persistence": cfg.get("corruption", {}).get("persistence"),
+            "axes": cfg.get("corruption", {}).get("axes")}
+
+
+def _minutes(rd: RunDir) -> dict:
+    """Wall minutes of each completed phase (its heartbeat's elapsed time, resumes included)."""
+    out = {}
+    for phase in PHASES:
+        path = rd.heartbeat(phase)
+        if path.is_file():
+            hb = read_json(path, f"{phase} heartbeat")
+            if isinstance(hb, dict) and hb.get("status") == "completed":
+                out[phase] = round(float(hb.get("elapsed_wall_sec") or 0.0) / 60.0, 2)
+    return out
+
+
+def collect(run_dir: str | Path, name: str | None = None) -> dict:
+    """The published record of one run dir (task metrics needed; stability metrics when measured)."""
+    rd = RunDir(run_dir)
+    if not rd.task_metrics.is_file():
+        raise ConfigError(f"{rd.task_metrics}: not found (publish needs an evaluated run dir)")
+    task = read_json(rd.task_metrics, "task metrics")
+    cfg = rd.stored_config() or {}
+    record = read_json(rd.record, "run record") if rd.record.is_file() else {}
+    env = read_json(rd.env, "env") if rd.env.is_file() else {}
+    out = {"format": FORMAT, "name": name or rd.path.name, "run_id": task.get("run_id"),
+           "config_hash": task.get("config_hash"), "settings": _settings(cfg),
+           "versions": record.get("env", {}), "git": record.get("git", {}), "machine": env,
+           "minutes": _minutes(rd),
+           "task_metrics": {k: task["metrics"][k] for k in TASK_KEYS if task["metrics"].get(k) is not None}}
+    if rd.stability_metrics.is_file():
+        stab = read_json(rd.stability_metrics, "stability metrics")
+        sens = stab["metrics"]["stability.logit_sensitivity"]
+        out["stability"] = {"points": sens["points"], "heuristic": sens.get("heuristic"),
+                            "repair_clean_drift": sens.get("repair_clean_drift")}
+    return out
+
+
+def publish(run_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
+    """Write the record and the run's figures A and C (when drawn) under `out_dir`; the record's path."""
+    rec = collect(run_dir, name)
+    out_dir = Path(out_dir)
+    path = out_dir / f"{rec['name']}.json"
+    atomic_write_json(path, rec)
+    rd = RunDir(run_dir)
+    for fig in FIGURES_KEPT:
+        if fig in FIGURES and rd.figure(fig).is_file():
+            shutil.copyfile(rd.figure(fig), out_dir / f"{rec['name']}_{fig}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _f(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}".replace("-", "−")
+
+
+def _ci(value, lo, hi, digits: int = 4) -> str:
+    return f"{_f(value, digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
+
+
+def _columns(rec: dict) -> list[str]:
+    """no_defense, the chosen best baseline, the ceilings and recomputing defenses, then cachemedic."""
+    m = rec["task_metrics"]
+    names = list(m["robustness_auc"])
+    best = m.get(BEST_HEURISTIC_NAME)
+    others = [d for d in names if d not in (NO_DEFENSE, best, CACHEMEDIC, "best_heuristic")
+              and m["defense_groups"].get(d) not in ("reference heuristic (oracle region)", "calibrated baseline")]
+    return [NO_DEFENSE] + ([best] if best else []) + others + ([CACHEMEDIC] if CACHEMEDIC in names else [])
+
+
+def _label(rec: dict, d: str) -> str:
+    m = rec["task_metrics"]
+    if d == m.get(BEST_HEURISTIC_NAME):
+        return f"best baseline: {d} (chosen on validation data)"
+    if d == CACHEMEDIC:
+        return f"cachemedic (family {rec['settings']['repair']['family']})"
+    return d.replace("_", " ") if d == NO_DEFENSE else d
+
+
+def main_table(rec: dict) -> str:
+    """Robustness AUC, recovered fraction, paired differences, clean scores and drift, one column per defense."""
+    m = rec["task_metrics"]
+    cols = _columns(rec)
+    rf = m["recovered_fraction"]
+    pb = m.get("paired_bootstrap") or {}
+    paired = {NO_DEFENSE: pb.get(CACHEMEDIC_MINUS_NO_DEFENSE), m.get(BEST_HEURISTIC_NAME): pb.get(CACHEMEDIC_MINUS_BEST_HEURISTIC)}
+    tasks = list(m["clean_metrics"])
+    test_type = rec["settings"].get("test_type")
+    head = f"held-out `{test_type}`" if test_type else "all evaluated types"
+    rows = [[head, "clean (ceiling)"] + [_label(rec, d) for d in cols]]
+    dmg = m["damage"]
+    rows.append(["robustness AUC, 95% CI", _f(dmg["auc_clean"])]
+                + [_ci(m["robustness_auc"][d], *m["robustness_auc_ci"][d]) for d in cols])
+    rows.append(["recovered fraction of the damage, 95% CI", "1"]
+                + ["0" if d == NO_DEFENSE else _ci(rf[d]["value"], rf[d]["ci_low"], rf[d]["ci_high"], 3) for d in cols])
+    rows.append(["cachemedic − this defense (AUC), paired 95% CI", ""]
+                + [_ci(paired[d]["diff"], paired[d]["ci_low"], paired[d]["ci_high"]) if paired.get(d) else ""
+                   for d in cols])
+    rows.append(["clean score (mean normalised)", _f(m["clean_regression"][NO_DEFENSE])]
+                + [_f(m["clean_regression"][d]) for d in cols])
+    rows.append([f"clean {' / '.join(tasks)}", " / ".join(_f(m["clean_metrics"][t][NO_DEFENSE], 3) for t in tasks)]
+                + [" / ".join(_f(m["clean_metrics"][t][d], 3) for t in tasks) for d in cols])
+    stab = rec.get("stability")
+    if stab:
+        pts = {p["delta_norm"]: p for p in stab["points"]}
+        shown = [dl for dl in (1.0, 2.0) if dl in pts]
+
+        def drift(d: str) -> str:
+            vals = [pts[dl]["baseline"] if d == NO_DEFENSE else pts[dl]["cachemedic"] if d == CACHEMEDIC
+                    else pts[dl]["heuristics"].get(d) for dl in shown]
+            return "" if any(v is None for v in vals) else " / ".join(_f(v, 2) for v in vals)
+
+        rows.append([f"logit drift at δ = {' / '.join(f'{x:g}' for x in shown)} (vs the undefended clean logits)", ""]
+                    + [drift(d) for d in cols])
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines.append("")
+    lines.append(f"Damage (clean − no defense, AUC): {_ci(dmg['diff'], dmg['ci_low'], dmg['ci_high'], 3)} over "
+                 f"{dmg['n']} test examples.")
+    return "\n".join(lines) + "\n"
+
+
+def choice_table(rec: dict) -> str:
+    """The validation grid's AUCs behind the best-baseline pick (never the test grid)."""
+    c = rec["task_metrics"].get("best_baseline_choice") or {}
+    val = dict(c.get("validation_auc") or {})
+    rows = [("no_defense", c.get("validation_auc_no_defense"))] + sorted(val.items(), key=lambda kv: -kv[1])
+    if c.get("validation_auc_cachemedic") is not None:
+        rows.append((CACHEMEDIC, c["validation_auc_cachemedic"]))
+    lines = ["| defense (validation grid) | robustness AUC |", "|---|---|"]
+    lines += [f"| {d}{' (chosen)' if d == c.get('chosen') else ''} | {_f(a)} |" for d, a in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_table(rec: dict) -> str:
+    """Where and how long: the machine, the versions and each phase's wall minutes."""
+    mach, ver = rec.get("machine") or {}, rec.get("versions") or {}
+    cpu = mach.get("cpu_model") or mach.get("cpu") or "unknown CPU"
+    mins = rec.get("minutes") or {}
+    total = sum(mins.values())
+    lines = ["| what | value |", "|---|---|",
+             f"| machine | {cpu}, {mach.get('cpu_count', '?')} cores, torch threads {mach.get('torch_threads', '?')} |",
+             f"| versions | python {ver.get('python', '?')}, torch {ver.get('torch', '?')}, transformers "
+             f"{ver.get('transformers', '?')} |",
+             f"| phase minutes | " + ", ".join(f"{p} {mins[p]:.1f}" for p in PHASES if p in mins)
+             + f" (total {total:.1f}) |",
+             f"| config hash | `{rec['config_hash']}` |"]
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[dict], str]] = {"main": main_table, "choice": choice_table, "run": run_table}
+
+
+def render_doc(text: str, records: Callable[[str], dict], where: str = "") -> str:
+    """`text` with every published block re-rendered from its record."""
+
+    def sub(mt: re.Match) -> str:
+        table = TABLES.get(mt["table"])
+        if table is None:
+            raise ConfigError(f"{where}: unknown published table {mt['table']!r}; known: {list(TABLES)}")
+        return mt.group(1) + table(records(mt["name"])) + mt.group(5)
+
+    return BLOCK.sub(sub, text)
+
+
+def _records(out_dir: Path) -> Callable[[str], dict]:
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            path = out_dir / f"{name}.json"
+            if not path.is_file():
+                raise ConfigError(f"{path}: no published record named {name!r}")
+            cache[name] = read_json(path, "published record")
+        return cache[name]
+
+    return get
+
+
+def render_docs(docs: Sequence[str | Path], out_dir: str | Path, check: bool = False) -> list[Path]:
+    """Re-render the published blocks of `docs`; the files whose blocks differed (written unless `check`)."""
+    get, stale = _records(Path(out_dir)), []
+    for doc in map(Path, docs):
+        if not doc.is_file():
+            raise ConfigError(f"{doc}: not found")
+        text = doc.read_text(encoding="utf-8")
+        new = render_doc(text, get, str(doc))
+        if new != text:
+            stale.append(doc)
+            if not check:
+                atomic_write_text(doc, new)
+    return stale
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def run(runs: Sequence[str], out: str, name: str | None, docs: Sequence[str], check: bool) -> int:
+    if name and len(runs) != 1:
+        raise ConfigError("--name goes with exactly one run dir")
+    for r in runs:
+        print(f"published {publish(r, out, name)}")
+    stale = render_docs(docs, out, check)
+    for doc in stale:
+        print(f"{doc}: {'differs from' if check else 're-rendered from'} the records in {out}")
+    return 1 if check and stale else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cachemedicpp.plots.publish",
+                                description="Compact JSON records of run dirs, and the documents' result tables "
+                                            "rendered from them.")
+    p.add_argument("runs", nargs="*", help="run dirs to publish")
+    p.add_argument("--out", required=True, help="folder of the records (e.g. docs/results)")
+    p.add_argument("--name", help="the record's name (one run dir only; default: the run dir's name)")
+    p.add_argument("--docs", nargs="*", default=[], help="Markdown files whose published blocks are re-rendered")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block differs")
+    args = p.parse_args(argv)
+    return guarded(lambda: run(args.runs, args.out, args.name, args.docs, args.check))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Committed results: `plots.publish` writes a compact record per run dir, the documents' result tables are
+rendered from the committed records, and the committed documents equal their rendering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cachemedicpp import ROOT
+from cachemedicpp.config import ConfigError
+from cachemedicpp.plots import publish
+
+DATA = ROOT / "tests" / "data" / "metrics"
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    rd = tmp_path / "demo_run"
+    (rd / "metrics").mkdir(parents=True)
+    shutil.copyfile(DATA / "task_metrics_fair.json", rd / "metrics" / "task_metrics.json")
+    shutil.copyfile(DATA / "config_resolved.yaml", rd / "config_resolved.yaml")
+    stab = json.loads((DATA / "stability_metrics.json").read_text())
+    stab["config_hash"] = json.loads((rd / "metrics" / "task_metrics.json").read_text())["config_hash"]
+    (rd / "metrics" / "stability_metrics.json").write_text(json.dumps(stab))
+    return rd
+
+
+def test_a_record_holds_the_numbers_the_tables_need(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert publish.main([str(run_dir), "--out", str(out), "--name", "demo"]) == 0
+    rec = json.loads((out / "demo.json").read_text())
+    task = json.loads((run_dir / "metrics" / "task_metrics.json").read_text())["metrics"]
+    assert rec["format"] == publish.FORMAT and rec["config_hash"] == "1a2b3c4d5e6f7788"
+    for key in ("robustness_auc", "recovered_fraction", "paired_bootstrap", "best_baseline_choice", "damage"):
+        assert rec["task_metrics"][key] == task[key]
+    assert rec["stability"]["points"] and rec["settings"]["repair"]["family"] == "A"
+
+
+def test_documents_are_rendered_from_the_records_and_checked(run_dir, tmp_path):
+    out = tmp_path / "out"
+    publish.publish(run_dir, out, "demo")
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- published:demo:main -->\nstale\n<!-- /published -->\nmiddle\n"
+                   "<!-- published:demo:choice -->\n<!-- /published -->\n")
+    assert publish.main(["--out", str(out), "--docs", str(doc), "--check"]) == 1
+    assert "stale" in doc.read_text()  # --check writes nothing
+    assert publish.main(["--out", str(out), "--docs", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and "stale" not in text
+    assert "0.0742 [0.0702, 0.0782]" in text  # no_defense's AUC and CI from the record
+    assert "range_clamp (chosen)" in text
+    assert publish.main(["--out", str(out), "--docs", str(doc), "--check"]) == 0
+    # a number edited by hand in the document is caught
+    doc.write_text(text.replace("0.0742 [0.0702", "0.0800 [0.0702"))
+    assert publish.render_docs([doc], out, check=True) == [doc]
+
+
+def test_unknown_record_or_table_is_bad_input(run_dir, tmp_path):
+    out = tmp_path / "out"
+    publish.publish(run_dir, out, "demo")
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- published:nothing:main -->\n<!-- /published -->\n")
+    with pytest.raises(ConfigError, match="nothing"):
+        publish.render_docs([doc], out)
+    doc.write_text("<!-- published:demo:sideways -->\n<!-- /published -->\n")
+    with pytest.raises(ConfigError, match="sideways"):
+        publish.render_docs([doc], out)
+    assert publish.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_the_committed_documents_equal_their_rendering():
+    """Every result table of the README and docs/ is what `publish` renders from docs/results."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert publish.render_docs(docs, ROOT / "docs" / "results", check=True) == []
