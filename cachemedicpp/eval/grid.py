@@ -199,12 +199,31 @@ def build_context(cfg: Config, lm: hf.LoadedModel, op: repair.RepairOperator | N
         tasks.check_needle(needles, corruptor.time_mask, where)
     ref = next((t for t in types if t != "targeted"), types[0])
     bits, bit_eps = list(cfg.eval.bit_classes), bit_class_eps(cfg)
-    ctx = EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, names, types, eps,
-                      make_grid(names, types, eps, bits, bit_eps), examples, info, sources, cfg.baseline.to_dict(),
-                      cfg.corruption.persistence, ref, int(cfg.eval.cell_batch_size), notes, cal, bit_classes=bits,
-                      bit_eps=bit_eps)
+    ctx = _context(cfg, lm, corruptor, op, cal, names, types, eps, make_grid(names, types, eps, bits, bit_eps),
+                   ref, examples=examples, task_info=info, sources=sources, notes=notes, bit_classes=bits,
+                   bit_eps=bit_eps)
     set_up_defenses(ctx)
     return ctx
+
+
+def cell_context(cfg: Config, lm: hf.LoadedModel, corruptor: corruption.Corruptor, cell: Cell, ctype: str,
+                 op=None, cal=None) -> EvalContext:
+    """The grid reduced to one cell, set up like a whole grid, for examples built elsewhere (the lm-eval
+    backend scores lm-eval's requests through it); `ctype` is the type whose region a clean cell takes."""
+    ctx = _context(cfg, lm, corruptor, op, cal, [cell.defense], [ctype], [float(cell.eps)], [cell], ctype)
+    set_up_defenses(ctx)
+    return ctx
+
+
+def _context(cfg: Config, lm: hf.LoadedModel, corruptor, op, cal, names, types, eps, cells, ref_type: str, *,
+             examples: Sequence[tasks.Example] = (), task_info: dict | None = None, sources: dict | None = None,
+             notes: list[str] | None = None, bit_classes: Sequence[str] = (), bit_eps: float | None = None) -> EvalContext:
+    return EvalContext(cfg=cfg, lm=lm, corruptor=corruptor, op=op.to(lm.device) if op is not None else None,
+                       defense_names=list(names), types=list(types), eps=list(eps), cells=list(cells),
+                       examples=list(examples), task_info=task_info or {}, sources=sources or {},
+                       baseline=cfg.baseline.to_dict(), persistence=cfg.corruption.persistence, ref_type=ref_type,
+                       batch_rows=int(cfg.eval.cell_batch_size), notes=notes if notes is not None else [], cal=cal,
+                       bit_classes=list(bit_classes), bit_eps=bit_eps)
 
 
 def set_up_defenses(ctx: EvalContext) -> None:

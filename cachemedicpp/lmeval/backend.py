@@ -58,10 +58,7 @@ class CellScorer:
         donors = corruption.donors(cfg.corruption.params, lm, types, longest, layers)
         corruptor = corruption.Corruptor(cfg.corruption.to_dict(), list(cfg.repair.protect_layers),
                                          lm.arch.num_kv_heads, cfg.seed, **donors)
-        self.ctx = grid.EvalContext(cfg, lm, corruptor, op.to(lm.device) if op is not None else None, [defense],
-                                    types, [float(eps)], [self.cell], [], {}, {}, cfg.baseline.to_dict(),
-                                    cfg.corruption.persistence, ctype, int(cfg.eval.cell_batch_size), cal=cal)
-        grid.set_up_defenses(self.ctx)
+        self.ctx = grid.cell_context(cfg, lm, corruptor, self.cell, ctype, op, cal)
 
     def score(self, ex: Example) -> list[tuple[float, bool]]:
         """(summed log-likelihood, is_greedy) of each row of `ex` over its corrupted, defended cache."""
