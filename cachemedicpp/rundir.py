@@ -6,6 +6,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -306,10 +308,7 @@ class RunDir(_Layout):
         record.setdefault("commands", [])
         record["commands"] = [c for c in record["commands"] if c] + [command]
         atomic_write_json(rec_path, record)
-        atomic_write_json(self.env, {
-            **env, "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
-            "torch_threads": _torch_threads(), "platform": os.uname().sysname + " " + os.uname().release,
-        })
+        atomic_write_json(self.env, {**env, **machine_env()})
 
 
 class SweepDir(_Layout):
@@ -344,10 +343,61 @@ class SweepDir(_Layout):
         return RunDir(self.path / name)
 
 
-def _torch_threads() -> int:
+# ISA extensions that decide which CPU kernels torch dispatches to (vector width, fused multiply-add,
+# half/bf16 conversion and dot products, matrix tiles): two machines that differ in them may differ in
+# the last bits of a float result. x86 names from /proc/cpuinfo `flags`, Arm names from its `Features`.
+NUMERIC_CPU_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+                     "asimd", "asimdhp", "fphp", "sve", "sve2", "bf16", "i8mm")
+
+
+def machine_env() -> dict:
+    """env.json's machine part: what a result needs to be checked on another machine. Every probe fails
+    soft (None where this system does not tell)."""
+    cpuinfo = _cpuinfo()
+    flags = _cpuinfo_field(cpuinfo, "flags", "Features")
+    threads, capability = _torch_cpu()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": f"{platform.system()} {platform.release()}".strip() or None,  # OS name and kernel release
+        "machine": platform.machine() or None,  # x86_64, aarch64, arm64, ...
+        "cpu_model": _cpuinfo_field(cpuinfo, "model name", "Model", "Hardware") or platform.processor() or None,
+        # the NUMERIC_CPU_FLAGS this CPU has, sorted; None where the system lists no flags (not Linux)
+        "cpu_flags": None if flags is None else sorted(set(flags.split()) & set(NUMERIC_CPU_FLAGS)),
+        "cpu_count": os.cpu_count(),  # logical CPUs of the machine
+        # logical CPUs this process may run on (a container or a taskset can hold fewer)
+        "cpu_count_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": threads,  # torch's intra-op threads (torch.get_num_threads())
+        # the ISA level torch's CPU kernels were dispatched for (DEFAULT, AVX2, AVX512, ...); None before torch 2.1
+        "torch_cpu_capability": capability,
+    }
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cpuinfo_field(text: str, *names: str) -> str | None:
+    """The first CPU's value of the first of `names` that /proc/cpuinfo has."""
+    for name in names:
+        m = re.search(rf"^{re.escape(name)}\s*:\s*(.*)$", text, re.M)
+        if m:
+            return m.group(1).strip()
+    return None
+
+
+def _torch_cpu() -> tuple[int, str | None]:
     import torch  # here, not at the top: watch reads run directories without torch
 
-    return torch.get_num_threads()
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    try:
+        capability = str(get()) if get is not None else None
+    except RuntimeError:
+        capability = None
+    return torch.get_num_threads(), capability
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

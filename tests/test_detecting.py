@@ -20,7 +20,7 @@ from cachemedicpp.config import ConfigError, load_config
 from cachemedicpp.corruption import Corruptor
 from cachemedicpp.fileio import read_jsonl
 from cachemedicpp.repair import build_operator, load_repair_checkpoint
-from cachemedicpp.repair_detect import DetectingOperator, clean_caches, set_threshold
+from cachemedicpp.repair_detect import FEATURES, DetectingOperator, clean_caches, set_threshold
 from conftest import pause_after, tiny_config
 
 
@@ -71,21 +71,38 @@ def test_identity_at_initialisation_is_bit_exact(tiny_lm, arch):
     assert torch.equal(_logits(lm, ids, hf.HookPlan(repair=op)), _logits(lm, ids))
 
 
+# the configured rule (repair.detector.fit_windows, repair.detector.threshold_margin defaults)
+FIT_WINDOWS, MARGIN = 24, 0.5
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_clean_cache_is_untouched_once_the_threshold_is_set(tiny_lm, arch):
+    """τ set on clean training windows by the configured rule: on clean windows of other text, which it
+    never saw, the operator leaves the logits bit for bit; without the margin one of them is gated."""
     lm = tiny_lm(arch)
     ref = 0 if arch == "llama" else None
-    op, tokens = _fitted(lm, reference=ref)
+    op, tokens = _fitted(lm, reference=ref, windows=FIT_WINDOWS)
     _open_detector(op)
-    ids = tokens[50:82][None]
+    other_text = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(11))
+    unseen = other_text[:320].view(8, 40)[:, :32]
+    ids = unseen[:1]
     opened = _logits(lm, ids, hf.HookPlan(repair=op))
     assert not torch.equal(opened, _logits(lm, ids)), "the open detector gates nothing: the test proves nothing"
     layers = list(op.layers) + list(op.observes)
-    with torch.no_grad():  # what attention reads (a sliding layer's stored cache keeps only its window)
-        seen = hf.prefill_kv(lm.model, ids, layers)
-    record = set_threshold(op, [seen], margin=0.5)
-    assert all(r["tau"] >= r["max_clean_score"] + 0.5 - 1e-6 for r in record.values())
-    assert torch.equal(_logits(lm, ids, hf.HookPlan(repair=op)), _logits(lm, ids))
+    # what attention reads (a sliding layer's stored cache keeps only its window)
+    training = clean_caches(lm, tokens, FIT_WINDOWS, 32, layers, seed=0, stream="detector-threshold")
+
+    def untouched() -> list[bool]:
+        return [torch.equal(_logits(lm, w[None], hf.HookPlan(repair=op)), _logits(lm, w[None])) for w in unseen]
+
+    set_threshold(op, training, margin=0.0)
+    # on the windows τ was set on nothing is gated, even without a margin ...
+    assert not any(bool((op.prime(c)[l]["gate"] > 0).any()) for c in training for l in op.layers)
+    # ... but an unseen window can score above them: the margin is what keeps unseen clean text untouched
+    assert not all(untouched())
+    record = set_threshold(op, training, margin=MARGIN)
+    assert all(r["tau"] >= r["max_clean_score"] + MARGIN - 1e-6 for r in record.values())
+    assert all(untouched())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,19 +457,44 @@ def test_detect_recompute_recomputes_exactly_the_flagged_blocks(tmp_path, tiny_m
                 assert unit["recompute"]["clean|0.0|detect_recompute"]["tokens"] == 0
 
 
+def _outlier_detector(op, tau=2.0):
+    """A hand-set detector that sees outliers, as a trained one does: the score is gelu of the standardised
+    largest channel z-score of K plus that of V, so entries far from the clean statistics score high; at
+    this τ it gates some clean entries too."""
+    with torch.no_grad():
+        for p in (op.w1, op.b1, op.w2, op.b2):
+            p.zero_()
+        op.w1[:, FEATURES.index("k_max_z"), 0] = 1.0
+        op.w1[:, FEATURES.index("v_max_z"), 1] = 1.0
+        op.w2[:, :2] = 1.0
+        op.tau.fill_(tau)
+    return op
+
+
 def test_the_alarm_level_keeps_every_clean_training_block_quiet(tiny_lm):
     from cachemedicpp.repair_detect import alarm_level, gated_per_block
 
     lm = tiny_lm("llama")
     op, tokens = _fitted(lm)
-    _open_detector(op)
-    op.tau.fill_(0.5)
+    _outlier_detector(op)
     caches = clean_caches(lm, tokens, 3, 40, [0, 1, 2], seed=5)
     level = alarm_level(op, caches, 16)
     counts = [gated_per_block(op, op.prime(c), 40, 16) for c in caches]
-    assert level == max(int(c.max()) for c in counts) + 1 > 1  # the open detector gates some clean entries
+    assert level > 1  # the detector gates some clean entries
+    # no block of the clean windows alarms, and the level is the tightest such: one lower, a clean block would
+    assert not any(bool((c >= level).any()) for c in counts)
+    assert any(bool((c >= level - 1).any()) for c in counts)
     assert all(int(c.sum()) == sum(int((op.prime(cc)[l]["gate"] > 0).sum()) for l in op.layers)
                for c, cc in zip(counts, caches))
+    # a corrupted block (positions 16..31 of a clean window) alarms; the blocks it left alone stay as they were
+    corruptor = Corruptor({"axes": {"time_mode": "window", "window": [16, 32]}, "params": {"bitflip_p": 0.1}},
+                          op.layers, lm.arch.num_kv_heads, 0)
+    for ctype, eps in (("gaussian", 1.0), ("bitflipish_sparse", 0.16)):
+        kv, _ = corruptor.apply_cache({l: caches[0][l] for l in op.layers}, ctype, eps, "alarm", 0)
+        assert all(not torch.equal(kv[l][0], caches[0][l][0]) for l in op.layers), ctype
+        hit = gated_per_block(op, op.prime({**caches[0], **kv}), 40, 16)
+        assert int(hit[1]) >= level > int(counts[0][1]), (ctype, hit.tolist(), level)
+        assert torch.equal(hit[[0, 2]], counts[0][[0, 2]]), ctype
 
 
 def test_detect_recompute_needs_a_family_d_operator(tmp_path, tiny_model_dir, tiny_lm):

@@ -4,6 +4,7 @@ chosen on validation data only, the damage and the recovered fractions, refusal 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import calibration, defenses, hf
+from cachemedicpp import calibration, defenses, hf, tasks
 from cachemedicpp import eval as ev
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
 from cachemedicpp.config import load_config
@@ -73,33 +74,86 @@ def test_ceilings_and_identity_differences(done):
     assert doc["settings"]["calibration"]["data_source"].startswith("offline:")
 
 
-def test_best_baseline_is_chosen_on_validation_only(done):
+def test_best_baseline_is_chosen_on_validation_only(done, tmp_path):
     data, rd, doc = done
     m = doc["metrics"]
     choice = m["best_baseline_choice"]
     # candidates: calibrated baselines and reference heuristics, never the ceiling or the learned operator
-    assert set(choice["validation_auc"]) == {"range_clamp", "norm_outlier_drop", "smoothing"}
-    assert m["best_heuristic_name"] == choice["chosen"] == max(choice["validation_auc"], key=choice["validation_auc"].get)
-    # the pick is a function of the validation units alone: changing every test result leaves it as it was
+    vauc = choice["validation_auc"]
+    assert set(vauc) == {"range_clamp", "norm_outlier_drop", "smoothing"}
+    chosen = choice["chosen"]
+    assert m["best_heuristic_name"] == chosen == max(vauc, key=vauc.get)
     prog = json.loads((rd / "metrics" / "eval_progress.json").read_text())
     cfg = load_config(data=data)
     lm = hf.load_model(cfg.model.to_dict(), "cpu", "float32")
     cal = calibration.obtain(cfg, lm, rd / "checkpoints" / "calibration.pt")
     vctx = ev.build_context(stage.validation_config(cfg), lm, hf_identity(cfg, lm), cal)
     best, _ = stage.choose_best(vctx, prog["validation_units"])
-    assert best == choice["chosen"]
+    assert best == chosen
+    # the pick follows the validation units: swap the chosen candidate's results with a weaker one's in every
+    # validation unit and the weaker one is picked
+    other = min(vauc, key=vauc.get)
+    assert vauc[other] < vauc[chosen], "the candidates tie on validation: the swap below proves nothing"
+    swapped = {k: _swap_defenses(u, chosen, other) for k, u in prog["validation_units"].items()}
+    assert stage.choose_best(vctx, swapped)[0] == other
     # the learned operator is scored on the validation grid too (to choose an operator family), never chosen
     assert "cachemedic" in vctx.defense_names and "validation_auc_cachemedic" in choice
+    # ... and never follows the test units: make `other` the best candidate on every test unit, rerun the stage
+    # on those results (a resume: nothing is rescored) and the pick is still the validation one
     ctx = ev.build_context(cfg, lm, hf_identity(cfg, lm), cal)
-    values, expo = ev.unit_matrices(ctx, prog["units"])
-    flipped = {t: -v for t, v in values.items()}  # every test result changed
-    for vals in (values, flipped):
-        out = ev.aggregate(ctx.task_info, vals, expo, ctx.cells, ctx.defense_names, ctx.types, ctx.eps, 20, 0,
-                            best=best)
-        assert out["best_heuristic_name"] == best
-    # validation examples are other examples than the test ones
-    assert not {e.key for e in vctx.examples} & {e.key for e in ctx.examples}
+    kinds = {t: info["kind"] for t, info in ctx.task_info.items()}
+    prog["units"] = {k: _best_everywhere(u, other, kinds[k.split("/")[0]]) for k, u in prog["units"].items()}
+    copy = tmp_path / "rerun"
+    shutil.copytree(rd, copy)
+    (copy / "metrics" / "eval_progress.json").write_text(json.dumps(prog))
+    code, _ = _run(tmp_path, data, "rerun")
+    assert code == EXIT_OK
+    again = json.loads((copy / "metrics" / "task_metrics.json").read_text())["metrics"]
+    test_auc = {d: again["robustness_auc"][d] for d in vauc}
+    assert max(test_auc, key=test_auc.get) == other != chosen, "the test units do not favour another candidate"
+    assert again["best_heuristic_name"] == again["best_baseline_choice"]["chosen"] == chosen
+    assert again["best_baseline_choice"]["validation_auc"] == vauc
+    # validation examples are other inputs than the test ones: no prompt is shared, and the validation
+    # wikitext windows lie elsewhere in the token stream than the test windows
+    for v in vctx.examples:
+        assert not any(torch.equal(v.prefix, e.prefix) for e in ctx.examples), v.key
+    stream = tasks.load_sources(cfg, lm, ["wikitext2_ppl"])["wikitext2_ids"]
+    vspans = _wikitext_spans(vctx.examples, stream)
+    tspans = _wikitext_spans(ctx.examples, stream)
+    assert len(vspans) == 1 and len(tspans) == 3
+    assert all(a1 <= b0 or b1 <= a0 for a0, a1 in vspans for b0, b1 in tspans)
     assert vctx.types == ["gaussian", "bitflipish_sparse"] and "oracle_drop" not in vctx.defense_names
+
+
+def _swap_defenses(unit: dict, a: str, b: str) -> dict:
+    """The unit with the cell results of defenses `a` and `b` exchanged."""
+    cells = dict(unit["cells"])
+    for key, value in unit["cells"].items():
+        ctype, eps, d = key.split("|")
+        if d in (a, b):
+            cells[f"{ctype}|{eps}|{b if d == a else a}"] = value
+    return {**unit, "cells": cells}
+
+
+def _best_everywhere(unit: dict, name: str, kind: str) -> dict:
+    """The unit with every cell of defense `name` better than any cell of the unit (a lower NLL for
+    perplexity, the top score for accuracy)."""
+    vals = unit["cells"].values()
+    top = min(vals) - 1.0 if kind == "ppl" else max(vals)
+    return {**unit, "cells": {k: top if k.split("|")[2] == name else v for k, v in unit["cells"].items()}}
+
+
+def _wikitext_spans(examples, stream: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) in the token stream of every wikitext2_ppl example's window (context + continuation)."""
+    spans = []
+    for e in examples:
+        if e.task != "wikitext2_ppl":
+            continue
+        window = torch.cat([e.prefix, e.feeds[0, :1], e.targets[0]])
+        hits = (stream.unfold(0, window.numel(), 1) == window).all(1).nonzero().flatten().tolist()
+        assert hits, e.key  # the window is a slice of the stream
+        spans += [(h, h + window.numel()) for h in hits]
+    return spans
 
 
 def hf_identity(cfg, lm):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from cachemedicpp.config import ConfigError, load_config
 from cachemedicpp.fileio import (atomic_write_json, load_checkpoint, read_json, read_jsonl, repair_jsonl_tail,
     truncate_jsonl, validate_records)
+from cachemedicpp import rundir
 from cachemedicpp.phase import Heartbeat, JsonlLog, PauseControl
-from cachemedicpp.rundir import RunDir
+from cachemedicpp.rundir import NUMERIC_CPU_FLAGS, RunDir
 
 
 def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):
@@ -89,6 +93,29 @@ def test_config_guard_refuses_other_config(tmp_path):
     (rd.path / "config_resolved.yaml").write_text("seed: [\n")
     with pytest.raises(ConfigError, match="corrupted"):
         rd.bind_config(a, "cmd", None)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_env_records_what_a_result_needs_on_another_machine(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path / "run").ensure()
+    rd.bind_config(load_config(data={"seed": 1}), "cmd", None)
+    env = json.loads(rd.env.read_text())
+    for key, kind in {"python": str, "torch": str, "transformers": str, "hostname": str, "platform": str,
+                      "machine": str, "cpu_model": str, "cpu_flags": list, "cpu_count": int, "cpu_count_usable": int,
+                      "torch_threads": int, "torch_cpu_capability": str}.items():
+        assert isinstance(env[key], kind), (key, env[key])
+    assert 1 <= env["cpu_count_usable"] <= env["cpu_count"] and env["torch_threads"] == torch.get_num_threads()
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # the flags are the numerics-relevant ones this CPU lists, sorted
+    listed = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert env["cpu_flags"] == sorted(listed & set(NUMERIC_CPU_FLAGS))
+    if env["machine"] == "x86_64":
+        assert "sse4_2" in env["cpu_flags"]  # every x86-64 CPU torch builds for has it
+    assert env["cpu_model"].strip() and env["cpu_model"] != "unknown"
+    # where the system lists nothing, the machine part says so instead of failing
+    monkeypatch.setattr(rundir, "_cpuinfo", lambda: "")
+    bare = rundir.machine_env()
+    assert bare["cpu_flags"] is None and set(bare) == set(env) - {"python", "torch", "transformers", "cuda", "gpu_name"}
 
 
 def test_heartbeat_snapshot_and_timeline(tmp_path):
