@@ -23,7 +23,6 @@ else:
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 
 from cachemedicpp import ROOT, hf, repair  # noqa: E402
 from cachemedicpp.config import ConfigError, load_config  # noqa: E402
+from cachemedicpp.rundir import machine_env  # noqa: E402
 
 FORMAT = "cachemedicpp.bench/1"
 TARGETS = {"train_step": ("<=", 1.15), "eval_grid": ("<=", 1.3), "decode_repair": (">=", 0.95),
@@ -102,16 +102,12 @@ def load_lm(s: Settings, device: str) -> hf.LoadedModel:
 
 
 def machine_info() -> dict:
-    cpu = None
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else None
-    except OSError:
-        pass
+    """The machine (as a run's env.json records it), the versions, and what this bench run ran under."""
+    m = machine_env()
     info = hf.versions()
     info.update({
-        "cpu_model": cpu or platform.processor() or None,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": m["cpu_model"], "cpu_flags": m["cpu_flags"], "torch_cpu_capability": m["torch_cpu_capability"],
+        "nproc": m["cpu_count_usable"],
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "loadavg_start": list(os.getloadavg()),
