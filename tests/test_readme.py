@@ -81,7 +81,7 @@ def command_lines(path: Path) -> list[Line]:
         text = (pending + stripped).strip()
         pending = ""
         if shlex.split(text, comments=True):
-            out.append(Line(doc, start, " ".join(shlex.split(text, comments=True)), block))
+            out.append(Line(doc, start, shlex.join(shlex.split(text, comments=True)), block))
     return out
 
 
@@ -253,7 +253,8 @@ def run_line(line: Line, wd: Workdir) -> None:
     argv = prepare(argv, wd)
     p = subprocess.run([sys.executable, *argv[1:]], cwd=wd.path, env=ENV, capture_output=True, text=True,
                        timeout=900)
-    assert p.returncode == 0, f"{line.where}: `{line.text}` exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert p.returncode == 0, (f"{line.where}: `{line.text}` exited {p.returncode}\n"
+                               f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     check(argv, wd)
 
 
@@ -286,7 +287,9 @@ def test_a_new_command_line_is_caught(tmp_path):
     doc.write_text("text\n```bash\nbash scripts/test.sh -m \"not slow\"   # fast tier\n"
                    "python -m cachemedicpp.watch --run_dir \\\n  runs/x --json\nls runs/\n```\n")
     lines = command_lines(doc)
-    assert [ln.text for ln in lines] == ["bash scripts/test.sh -m not slow", "python -m cachemedicpp.watch --run_dir runs/x --json", "ls runs/"]
+    assert [ln.argv for ln in lines] == [["bash", "scripts/test.sh", "-m", "not slow"],
+                                         ["python", "-m", "cachemedicpp.watch", "--run_dir", "runs/x", "--json"],
+                                         ["ls", "runs/"]]
     assert [kind(ln) for ln in lines] == ["setup", "module:cachemedicpp.watch", "unknown"]
     assert lines[1].lineno == 4 and "cachemedicpp.watch" not in RUNNERS
 
