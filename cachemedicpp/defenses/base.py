@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from cachemedicpp import config
-from cachemedicpp.config import ConfigError, lookup
+from cachemedicpp.config import lookup
 from cachemedicpp.palette import SPARE_STYLES
 
 ORACLE_NOTE = "heuristics act on the region the corruption's masks select (an oracle advantage)"
@@ -186,9 +186,9 @@ def style(name: str) -> tuple[str, str]:
     return SPARE_STYLES[sum(map(ord, name)) % len(SPARE_STYLES)]
 
 
-def required(names_: list[str], need: str) -> bool:
-    """Whether any of the defenses `names_` has `need` (a field of Needs) set."""
-    return any(getattr(get(n).needs, need) for n in names_)
+def required(defense_names: Sequence[str], need: str) -> bool:
+    """Whether any of the defenses `defense_names` has `need` (a field of Needs) set."""
+    return any(getattr(get(n).needs, need) for n in defense_names)
 
 
 def fit_drop(drop: Tensor, k_len: int) -> Tensor:
@@ -215,4 +215,4 @@ def replace_rows(k: Tensor, v: Tensor, bad: Tensor, fresh: Callable[[], tuple[Te
 __all__ = ["ORACLE_NOTE", "NOWHERE", "CORRUPTED", "PROTECTED", "Needs", "CacheInput", "LayerInput", "Cost",
            "Defended", "Defense", "baseline_param", "register_defense", "unregister_defense", "get", "check_name",
            "make", "names", "candidates", "group", "style", "required", "fit_drop", "changed_entries",
-           "replace_rows", "ConfigError"]
+           "replace_rows"]

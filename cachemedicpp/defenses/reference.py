@@ -6,6 +6,7 @@ is fp32, cast back to the input dtype."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ class MaskingDropout(_Reference):
 
     def apply(self, k: Tensor, v: Tensor, inp: LayerInput) -> Defended:
         if inp.gen is None:  # one generator for K then V: the draws of an uninterrupted call
-            inp = LayerInput(**{**inp.__dict__, "gen": torch.Generator(device="cpu").manual_seed(DEFAULT_DROPOUT_SEED)})
+            inp = dataclasses.replace(inp, gen=torch.Generator(device="cpu").manual_seed(DEFAULT_DROPOUT_SEED))
         return super().apply(k, v, inp)
 
     def transform(self, x, gen):
