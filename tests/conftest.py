@@ -121,3 +121,18 @@ def pause_after(monkeypatch, run_dir: Path, k: int) -> None:
         return out
 
     monkeypatch.setattr(train.Trainer, "step", step)
+
+
+@pytest.fixture(scope="session")
+def lmeval_task_dir(tmp_path_factory) -> Path:
+    """The lm-eval test tasks of tests/data/lmeval with absolute data_files (lm-eval resolves relative ones
+    against the working directory)."""
+    import yaml
+
+    data = ROOT / "tests" / "data" / "lmeval"
+    out = tmp_path_factory.mktemp("lmeval_tasks")
+    for y in data.glob("*.yaml"):
+        doc = yaml.safe_load(y.read_text())
+        doc["dataset_kwargs"]["data_files"] = {k: str(data / v) for k, v in doc["dataset_kwargs"]["data_files"].items()}
+        (out / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out

@@ -31,16 +31,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The test tasks with absolute data_files (lm-eval resolves relative ones against the cwd)."""
-    out = tmp_path_factory.mktemp("lmeval_tasks")
-    for y in DATA.glob("*.yaml"):
-        doc = yaml.safe_load(y.read_text())
-        files = doc["dataset_kwargs"]["data_files"]
-        doc["dataset_kwargs"]["data_files"] = {k: str(DATA / v) for k, v in files.items()}
-        (out / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
-    return out
+@pytest.fixture
+def task_dir(lmeval_task_dir) -> Path:
+    return lmeval_task_dir
 
 
 def cfg_file(folder: Path, data: dict) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import ROOT, corruption, defenses, plots, results, stability
+from cachemedicpp import corruption, defenses, plots, results, stability
 from cachemedicpp import eval as ev
 from cachemedicpp.cli import EXIT_OK
 
@@ -101,17 +101,11 @@ def test_a_defense_and_a_corruption_type_registered_outside_the_package_run_ever
     assert defenses.style(PLUGIN_DEFENSE) == defenses.style(PLUGIN_DEFENSE)  # a stable spare style
 
 
-def test_a_plugin_defense_through_the_lm_eval_backend(plugins, tiny_cfg, tmp_path):
+def test_a_plugin_defense_through_the_lm_eval_backend(plugins, tiny_cfg, tmp_path, lmeval_task_dir):
     lm_eval = pytest.importorskip("lm_eval")
     from cachemedicpp.lmeval import adapter, backend
 
-    data = ROOT / "tests" / "data" / "lmeval"
-    tasks_dir = tmp_path / "tasks"
-    tasks_dir.mkdir()
-    for y in data.glob("*.yaml"):  # absolute data files (lm-eval resolves relative ones against the cwd)
-        doc = yaml.safe_load(y.read_text())
-        doc["dataset_kwargs"]["data_files"] = {k: str(data / v) for k, v in doc["dataset_kwargs"]["data_files"].items()}
-        (tasks_dir / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    tasks_dir = lmeval_task_dir
     cfg = _config(tiny_cfg, tmp_path / "c")
     backend.register()
     task = "cm_tiny_mc"

@@ -36,7 +36,6 @@ SETUP = {
     "scripts/quickstart.sh": "the fresh-clone check runs `bash scripts/quickstart.sh` (its run dir is what "
                              "docs/results/quickstart.json is published from)",
 }
-LMEVAL_TASK_DATA = ROOT / "tests" / "data" / "lmeval"
 LMEVAL_TASK = "cm_tiny_mc"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false",
@@ -294,16 +293,9 @@ def test_a_new_command_line_is_caught(tmp_path):
     assert lines[1].lineno == 4 and "cachemedicpp.watch" not in RUNNERS
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The lm-eval test tasks with absolute data_files (lm-eval resolves relative ones against the cwd)."""
-    out = tmp_path_factory.mktemp("lmeval_tasks")
-    for y in LMEVAL_TASK_DATA.glob("*.yaml"):
-        doc = yaml.safe_load(y.read_text())
-        files = doc["dataset_kwargs"]["data_files"]
-        doc["dataset_kwargs"]["data_files"] = {k: str(LMEVAL_TASK_DATA / v) for k, v in files.items()}
-        (out / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
-    return out
+@pytest.fixture
+def task_dir(lmeval_task_dir) -> Path:
+    return lmeval_task_dir
 
 
 def _blocks() -> list:

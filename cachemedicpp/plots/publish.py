@@ -26,7 +26,7 @@ from cachemedicpp.config import ConfigError
 from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json
 from cachemedicpp.plots.outputs import FIGURES
 from cachemedicpp.results import (BEST_HEURISTIC_NAME, CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC,
-                                  CACHEMEDIC_MINUS_NO_DEFENSE, NO_DEFENSE, ORACLE_DROP)
+                                  CACHEMEDIC_MINUS_NO_DEFENSE, NO_DEFENSE)
 from cachemedicpp.rundir import RunDir
 
 FORMAT = "cachemedicpp.published/1"
@@ -203,7 +203,7 @@ def run_table(rec: dict) -> str:
              f"| machine | {cpu}, {mach.get('cpu_count', '?')} cores, torch threads {mach.get('torch_threads', '?')} |",
              f"| versions | python {ver.get('python', '?')}, torch {ver.get('torch', '?')}, transformers "
              f"{ver.get('transformers', '?')} |",
-             f"| phase minutes | " + ", ".join(f"{p} {mins[p]:.1f}" for p in PHASES if p in mins)
+             "| phase minutes | " + ", ".join(f"{p} {mins[p]:.1f}" for p in PHASES if p in mins)
              + f" (total {total:.1f}) |",
              f"| config hash | `{rec['config_hash']}` |"]
     return "\n".join(lines) + "\n"
