@@ -200,7 +200,8 @@ def run_table(rec: dict) -> str:
     mins = rec.get("minutes") or {}
     total = sum(mins.values())
     lines = ["| what | value |", "|---|---|",
-             f"| machine | {cpu}, {mach.get('cpu_count', '?')} cores, torch threads {mach.get('torch_threads', '?')} |",
+             f"| machine | {cpu} ({mach.get('torch_cpu_capability') or 'ISA not recorded'} kernels), "
+             f"{mach.get('cpu_count', '?')} cores, torch threads {mach.get('torch_threads', '?')} |",
              f"| versions | python {ver.get('python', '?')}, torch {ver.get('torch', '?')}, transformers "
              f"{ver.get('transformers', '?')} |",
              "| phase minutes | " + ", ".join(f"{p} {mins[p]:.1f}" for p in PHASES if p in mins)
