@@ -31,6 +31,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -308,8 +309,6 @@ def load(path, expected_hash: str, layers: Sequence[int]) -> Calibration:
 def check_file(cfg: Config, path) -> Calibration | None:
     """The stored calibration when its file exists and matches this run (else bad input naming the file);
     None when there is none yet. Needs no model: call it before a phase touches the run dir."""
-    from pathlib import Path
-
     if not Path(path).is_file():
         return None
     _, source = data.load_text(cfg.data.to_dict(), "train_corpus", max_chars=1)
