@@ -136,3 +136,13 @@ def lmeval_task_dir(tmp_path_factory) -> Path:
         doc["dataset_kwargs"]["data_files"] = {k: str(data / v) for k, v in doc["dataset_kwargs"]["data_files"].items()}
         (out / y.name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
+
+
+def write_cfg(folder: Path, data: dict) -> Path:
+    """`data` as `folder/cfg.yaml` (the folder made), the path returned."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import write_cfg
 from cachemedicpp import ROOT, corruption, defenses, repair
 from cachemedicpp import eval as ev
 from cachemedicpp.config import load_config
@@ -38,13 +38,6 @@ PAIRED = {"cachemedic_minus_no_defense", "cachemedic_minus_best_heuristic",
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_cfg(folder: Path, data: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def args(cfg_path: Path, rd: Path, *extra: str) -> list[str]:

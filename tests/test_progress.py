@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import write_cfg
 from cachemedicpp import eval as ev
 from cachemedicpp import progress, stability
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
@@ -134,13 +134,6 @@ def test_session_checks_progress_before_binding_the_run_dir(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # both phases end to end on the tiny Llama
-
-
-def write_cfg(folder: Path, data: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def run_args(cfg_path: Path, rd: Path, *extra: str) -> list[str]:
