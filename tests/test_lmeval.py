@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("lm_eval")
 
+from conftest import write_cfg as cfg_file  # noqa: E402
 from cachemedicpp import ROOT, hf, lmeval, tasks  # noqa: E402
 from cachemedicpp.lmeval import adapter, backend, tokens  # noqa: E402
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_PAUSED  # noqa: E402
@@ -34,13 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def task_dir(lmeval_task_dir) -> Path:
     return lmeval_task_dir
-
-
-def cfg_file(folder: Path, data: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    p = folder / "cfg.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 def evaluate(model: str, model_args: str, task: str, task_dir: Path, limit: int | None = None) -> dict:
