@@ -25,8 +25,9 @@ from cachemedicpp.cli import guarded
 from cachemedicpp.config import ConfigError
 from cachemedicpp.fileio import atomic_write_json, atomic_write_text, read_json
 from cachemedicpp.plots.outputs import FIGURES
-from cachemedicpp.results import (BEST_HEURISTIC_NAME, CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC,
-                                  CACHEMEDIC_MINUS_NO_DEFENSE, NO_DEFENSE)
+from cachemedicpp.results import (BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES, CACHEMEDIC,
+                                  CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE, GROUP_CALIBRATED,
+                                  GROUP_REFERENCE, NO_DEFENSE)
 from cachemedicpp.rundir import RunDir
 
 FORMAT = "cachemedicpp.published/1"
@@ -124,8 +125,8 @@ def _columns(rec: dict) -> list[str]:
     m = rec["task_metrics"]
     names = list(m["robustness_auc"])
     best = m.get(BEST_HEURISTIC_NAME)
-    others = [d for d in names if d not in (NO_DEFENSE, best, CACHEMEDIC, "best_heuristic")
-              and m["defense_groups"].get(d) not in ("reference heuristic (oracle region)", "calibrated baseline")]
+    others = [d for d in names if d not in (NO_DEFENSE, best, CACHEMEDIC, BEST_HEURISTIC_SERIES)
+              and m["defense_groups"].get(d) not in (GROUP_REFERENCE, GROUP_CALIBRATED)]
     return [NO_DEFENSE] + ([best] if best else []) + others + ([CACHEMEDIC] if CACHEMEDIC in names else [])
 
 
