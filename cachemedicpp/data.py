@@ -8,6 +8,13 @@ files; the default). `data.use_offline: true`, the older spelling of `offline`, 
 
 Training text never comes from an evaluation split: the hub path trains on wikitext-103 *train*,
 the offline path on `train_corpus.txt`, a separate corpus from the evaluation prose.
+
+The evaluation data is cut into three disjoint splits (`SPLITS`, `split_range`): the token stream of the
+evaluation text, the SST-2 evaluation rows and an lm-eval task's documents each give their first 60 % to
+`test` (the test grid, stability's prompts), the next 20 % to `validation` (a run's own validation grid,
+which picks its baseline) and the last 20 % to `selection` (the examples settings and operator families are
+chosen on, across runs). Every example of a split, its needle filler included, is cut from that split's
+range only, so a setting chosen on the selection split has never seen a test or validation text.
 """
 
 from __future__ import annotations
@@ -46,6 +53,17 @@ def _from_hub(key: str):
 
 
 SOURCES = ("hub", "offline", "auto")
+
+# [first, last) fraction of the evaluation data each split owns, in stream order
+SPLITS = {"test": (0.0, 0.6), "validation": (0.6, 0.8), "selection": (0.8, 1.0)}
+
+
+def split_range(n: int, split: str) -> tuple[int, int]:
+    """[lo, hi) of n items (tokens of the evaluation stream, rows, documents) that `split` owns."""
+    if split not in SPLITS:
+        raise ConfigError(f"evaluation split {split!r} is not one of {list(SPLITS)}")
+    lo, hi = SPLITS[split]
+    return int(n * lo), int(n * hi)
 
 
 def source_mode(data_cfg: Mapping) -> str:

@@ -23,16 +23,19 @@ class Example:
     targets: torch.Tensor  # [R, L] long, IGNORE where not scored
     label: int | None = None
     meta: dict = field(default_factory=dict)
+    split: str = "test"  # the evaluation split it comes from (data.SPLITS)
 
     @property
     def key(self) -> str:
-        """Stable unit key of this example in progress files."""
-        return f"{self.task}/{self.index:05d}"
+        """Stable unit key of this example in progress files (the split is named unless it is test)."""
+        where = "" if self.split == "test" else f"{self.split}/"
+        return f"{self.task}/{where}{self.index:05d}"
 
     @property
     def example_id(self) -> str:
-        """The id that seeds this example's corruption draws (shared by every defense: paired)."""
-        return f"{self.task}:{self.index}"
+        """The id that seeds this example's corruption draws (shared by every defense: paired); examples of
+        the validation and selection splits draw apart from the test examples."""
+        return f"{self.task}:{self.index}" if self.split == "test" else f"{self.task}:{self.split}:{self.index}"
 
     @property
     def rows(self) -> int:
@@ -74,8 +77,18 @@ def pad_id(tok) -> int:
 
 
 def example_span(task_cfg: Mapping) -> tuple[int, int]:
-    """(first example index, number of examples): validation examples start after the test examples."""
+    """(first example index within the task's split, number of examples)."""
     return int(task_cfg.get("start", 0) or 0), int(task_cfg["num_examples"])
+
+
+def example_split(task_cfg: Mapping) -> str:
+    """The evaluation split a task's examples come from (`data.SPLITS`): test unless the grid says otherwise."""
+    return str(task_cfg.get("split") or "test")
+
+
+def split_stream(name: str, split: str) -> str:
+    """The name of a seeded draw for one split: the test split keeps the plain name, the others draw apart."""
+    return name if split == "test" else f"{name}:{split}"
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -451,8 +451,9 @@ class TaskInfo(TypedDict):
     value_name: Annotated[Literal["perplexity", "accuracy", "fraction recalled"], "what `value` in task_curves is"]
     source: Annotated[str, "where the task's text came from ('offline:<path>' or 'hf:<repo>/<name>:<split>'; an lm-eval "
                           "task: 'lmeval:<task>:<dataset>:<split>')"]
-    start: NotRequired[Annotated[int, "index of the first example in the task's source order (test examples start "
-                                      "at 0; validation examples come after them)"]]
+    split: NotRequired[Annotated[Literal["test", "validation", "selection"], "the evaluation split the examples come "
+                                 "from (data.SPLITS: disjoint parts of the text stream, rows and documents)"]]
+    rows: NotRequired[Annotated[list[int], "sst2_prompted: [first, last) row of the SST-2 evaluation set scored"]]
     # wikitext2_ppl
     window_len: NotRequired[Annotated[int, "wikitext2_ppl: tokens per window (eval.max_seq_len)"]]
     cont_len: NotRequired[Annotated[int, "wikitext2_ppl: scored continuation tokens at the end of each window"]]
@@ -610,12 +611,13 @@ class CalibrationRecord(TypedDict):
 
 
 class ValidationSettings(TypedDict):
-    """The validation grid the best baseline is chosen on: held-in corruption types, examples after the
-    test examples of each task."""
+    """The validation grid the best baseline is chosen on: held-in corruption types, examples from the
+    validation (or selection) split of each task's data, disjoint from the test split."""
 
     num_examples: Annotated[dict[str, int], "keys: task; validation examples"]
     types: Annotated[list[str], "corruption types of the validation grid (held-in: never the OOD test type)"]
-    start: Annotated[dict[str, int], "keys: task; index of its first validation example"]
+    split: Annotated[Literal["validation", "selection"], "the evaluation split its examples come from "
+                                                          "(eval.validation.split)"]
 
 
 class SlidingWindowSettings(TypedDict):
@@ -771,7 +773,7 @@ class PromptInfo(TypedDict):
     """The prompts: the last consecutive windows of the evaluation token stream."""
 
     source: Annotated[str, "where the text came from"]
-    stream_tokens: Annotated[int, "tokens in the whole stream"]
+    stream_tokens: Annotated[int, "tokens in the stream's test split (the prompts are its last windows)"]
     windows: Annotated[str, "how windows are chosen"]
     token_starts: Annotated[list[int], "first token of each prompt in the stream"]
     prompt_len: Annotated[int, "tokens per prompt (the last one is processed over the cached rest)"]

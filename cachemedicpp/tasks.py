@@ -21,6 +21,8 @@ and normalised score:
 - `lmeval:<task>`: an lm-evaluation-harness task (`cachemedicpp.lmeval.adapter`): a multiple-choice document
   is one example whose choices are its rows (x = lm-eval's per-document `acc`, or `metric`); a rolling
   log-likelihood task is a perplexity task over windows.
+- Every task reads its split of the evaluation data only (`data.SPLITS`: test, validation, selection;
+  disjoint parts of the text stream and rows), needle filler included.
 - `needle_long_context`: seeded filler from the wikitext text with "NEEDLE: {token} = {value}." at
   `position_frac`, then the question and the answer cue "{token} =". x = 1 if every answer token is the argmax given the correct
   previous ones (teacher forcing), which is exactly "greedy decoding emits the answer's tokens first":
@@ -35,8 +37,8 @@ import numpy as np
 import torch
 
 from cachemedicpp import data, lmeval, seeding
-from cachemedicpp.examples import (IGNORE, Example, Task, example_span, feed_row, pad_id, pad_rows,  # noqa: F401
-                                   token_logprobs)
+from cachemedicpp.examples import (IGNORE, Example, Task, example_span, example_split, feed_row, pad_id,  # noqa: F401
+                                   pad_rows, split_stream, token_logprobs)
 from cachemedicpp.schema import ConfigError, lookup
 
 SST2_LABELS = (" negative", " positive")
@@ -74,18 +76,20 @@ def build_wikitext(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exam
         raise ConfigError(f"eval.cont_len ({cont}) must be smaller than eval.max_seq_len − 1 ({L - 1})")
     if L > lm.arch.max_positions:
         raise ConfigError(f"eval.max_seq_len ({L}) exceeds the model's {lm.arch.max_positions} positions")
-    stream = sources["wikitext2_ids"]
+    split = example_split(task_cfg)
+    stream = split_tokens(sources["wikitext2_ids"], split)
     start, n = example_span(task_cfg)
     windows = data.fixed_windows(stream, L, start + n)[start:]
-    if not windows:
-        raise ConfigError(f"wikitext2_ppl: the text has fewer than {start + 1} windows of {L} tokens "
-                          "(validation examples come after the test examples)")
+    if len(windows) < n:
+        raise ConfigError(f"wikitext2_ppl: the {split} split of the text ({stream.numel()} tokens) has "
+                          f"{len(windows) + start} windows of {L} tokens, fewer than the {start + n} asked for")
     out = []
     for i, w in enumerate(windows, start=start):
         ctx, target = w[:L - cont], w[L - cont:]
         feed, tgt = feed_row(int(ctx[-1]), target.tolist())
-        out.append(Example("wikitext2_ppl", i, ctx[:-1].clone(), torch.tensor([feed]), torch.tensor([tgt])))
-    info = {"window_len": L, "context_len": L - cont, "cache_len": L - cont - 1, "cont_len": cont,
+        out.append(Example("wikitext2_ppl", i, ctx[:-1].clone(), torch.tensor([feed]), torch.tensor([tgt]),
+                           split=split))
+    info = {"split": split, "window_len": L, "context_len": L - cont, "cache_len": L - cont - 1, "cont_len": cont,
             "scored_tokens_per_example": cont, "source": sources["wikitext2_source"],
             "first_token_note": "the continuation's first token is predicted by re-feeding the context's last "
                                 "token over the corrupted cache (the cache holds context[:-1])"}
@@ -107,9 +111,12 @@ def sst2_prompt(sentence: str) -> str:
 
 def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
     tok = lm.tokenizer
-    rows = sources["sst2"]
+    split = example_split(task_cfg)
+    lo, hi = data.split_range(len(sources["sst2"]), split)
     start, n = example_span(task_cfg)
-    n = min(start + n, len(rows))
+    if lo + start + n > hi:
+        raise ConfigError(f"sst2_prompted: the {split} split has {hi - lo} rows, fewer than the {start + n} asked for")
+    rows = sources["sst2"]
     few = int(task_cfg.get("few_shot", 0) or 0)
     demos = sources["sst2_train"] if few else []
     if few and len(demos) < few:
@@ -119,7 +126,7 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
         raise ConfigError("sst2_prompted: a label tokenises to nothing")
     pad = pad_id(tok)
     out = []
-    for i in range(start, n):
+    for i in range(lo + start, lo + start + n):  # rows are numbered over the whole evaluation set
         sentence, label = rows[i]
         text = ""
         if few:
@@ -130,11 +137,12 @@ def build_sst2(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example]
         full = _ids(tok, text + sst2_prompt(sentence), special=True)
         prefix = _prefix("sst2_prompted", full, max(map(len, label_ids)), lm.arch.max_positions)
         feeds, targets = pad_rows([feed_row(full[-1], ids) for ids in label_ids], pad)
-        out.append(Example("sst2_prompted", i, prefix, feeds, targets, label=int(label)))
+        out.append(Example("sst2_prompted", i, prefix, feeds, targets, label=int(label), split=split))
     if not out:
         return [], {"source": sources["sst2_source"]}
     lens = [int(e.prefix.numel()) for e in out]
-    info = {"source": sources["sst2_source"], "few_shot": few, "labels": list(SST2_LABELS),
+    info = {"source": sources["sst2_source"], "split": split, "rows": [lo + start, lo + start + n],
+            "few_shot": few, "labels": list(SST2_LABELS),
             "demo_source": sources.get("sst2_train_source") if few else None,
             "demo_choice": f"per example, seeded ({DEMO_SEED}, 'sst2-demos', index)" if few else None,
             "cache_len_min": min(lens), "cache_len_max": max(lens),
@@ -225,12 +233,23 @@ def _with_needles(bos: list[int], fill: list[int], lines: list[list[int]], at: l
     return out + fill[prev:], spans
 
 
-def _filler(stream: torch.Tensor, lc: Mapping, index: int, n_fill: int, task: str) -> tuple[list[int], int]:
-    if stream.numel() < n_fill + 1:
-        raise ConfigError(f"{task}: the filler text has {stream.numel()} tokens, needs {n_fill}")
-    g = seeding.torch_rng(int(lc["seed"]), "needle-filler", index)
-    start = int(torch.randint(0, stream.numel() - n_fill + 1, (1,), generator=g))
-    return stream[start:start + n_fill].tolist(), start
+def split_tokens(stream: torch.Tensor, split: str) -> torch.Tensor:
+    """The part of the evaluation token stream a split owns (`data.split_range`)."""
+    lo, hi = data.split_range(stream.numel(), split)
+    return stream[lo:hi]
+
+
+def _filler(stream: torch.Tensor, lc: Mapping, index: int, n_fill: int, task: str,
+            split: str) -> tuple[list[int], int]:
+    """n_fill consecutive tokens at a seeded offset inside the split's part of the stream, and that offset
+    in the whole stream."""
+    lo, _ = data.split_range(stream.numel(), split)
+    part = split_tokens(stream, split)
+    if part.numel() < n_fill + 1:
+        raise ConfigError(f"{task}: the {split} split of the filler text has {part.numel()} tokens, needs {n_fill}")
+    g = seeding.torch_rng(int(lc["seed"]), split_stream("needle-filler", split), index)
+    start = int(torch.randint(0, part.numel() - n_fill + 1, (1,), generator=g))
+    return part[start:start + n_fill].tolist(), lo + start
 
 
 def _fits(task: str, ctx_len: int, used: int, tail: int, max_positions: int) -> int:
@@ -250,21 +269,24 @@ def build_needle(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exampl
     ctx_len = int(lc["context_len"])
     bos = _ids(tok, "", special=True)  # whatever the tokenizer puts in front of a prompt (often nothing)
     out = []
+    split = example_split(task_cfg)
     start, n = example_span(task_cfg)
     for i in range(start, start + n):
-        (key, value), = draw_pairs(lc, i, 1, "needle-vocab")
+        (key, value), = draw_pairs(lc, i, 1, split_stream("needle-vocab", split))
         needle, question, answer = needle_parts(lm, lc, key, value)
         n_fill = _fits("needle_long_context", ctx_len, len(needle) + len(bos), len(question) + len(answer),
                        lm.arch.max_positions)
-        fill, start = _filler(sources["wikitext2_ids"], lc, i, n_fill, "needle_long_context")
-        ctx, spans = _with_needles(bos, fill, [needle], _positions(lc, i, n_fill, 1, "needle", len(needle)))
+        fill, at = _filler(sources["wikitext2_ids"], lc, i, n_fill, "needle_long_context", split)
+        ctx, spans = _with_needles(bos, fill, [needle], _positions(lc, i, n_fill, 1, split_stream("needle", split),
+                                                                  len(needle)))
         full = ctx + question
         prefix = _prefix("needle_long_context", full, len(answer), lm.arch.max_positions)
         feeds, targets = pad_rows([feed_row(full[-1], answer)], pad_id(tok))
         out.append(Example("needle_long_context", i, prefix, feeds, targets,
-                           meta={"needle_spans": spans, "filler_start": start, "key": key, "value": value}))
-    info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,
-            "cache_len": int(out[0].prefix.numel()) if out else 0, "needles": lc["needles"],
+                           meta={"needle_spans": spans, "filler_start": at, "filler_len": n_fill, "key": key,
+                                 "value": value}, split=split))
+    info = {"source": sources["wikitext2_source"] + " (filler)", "split": split, "seed": int(lc["seed"]),
+            "context_len": ctx_len, "cache_len": int(out[0].prefix.numel()) if out else 0, "needles": lc["needles"],
             "needle_spans": [list(ex.meta["needle_spans"][0]) for ex in out],
             "needle": NEEDLE_TEMPLATE.format(token="{key}", value="{value}"),
             "question": needle_question({**lc, "needle_token": "{key}"}),
@@ -285,15 +307,16 @@ def build_retrieval(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exa
     ctx_len = int(lc["context_len"])
     bos = _ids(tok, "", special=True)
     out = []
+    split = example_split(task_cfg)
     start, n = example_span(task_cfg)
     for i in range(start, start + n):
-        pairs = draw_pairs(lc, i, k, "retrieval-vocab")
+        pairs = draw_pairs(lc, i, k, split_stream("retrieval-vocab", split))
         parts = [needle_parts(lm, lc, key, value) for key, value in pairs]
         lines = [p[0] for p in parts]
         tail = max(len(q) + len(a) for _, q, a in parts)
         n_fill = _fits("kv_retrieval", ctx_len, sum(map(len, lines)) + len(bos), tail, lm.arch.max_positions)
-        fill, start = _filler(sources["wikitext2_ids"], lc, i, n_fill, "kv_retrieval")
-        ctx, spans = _with_needles(bos, fill, lines, _positions(lc, i, n_fill, k, "retrieval",
+        fill, at = _filler(sources["wikitext2_ids"], lc, i, n_fill, "kv_retrieval", split)
+        ctx, spans = _with_needles(bos, fill, lines, _positions(lc, i, n_fill, k, split_stream("retrieval", split),
                                                              sum(map(len, lines))))
         prefix = _prefix("kv_retrieval", ctx, tail, lm.arch.max_positions)
         rows = []
@@ -302,8 +325,10 @@ def build_retrieval(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Exa
             rows.append((f, [IGNORE] * len(question) + t[len(question):]))
         feeds, targets = pad_rows(rows, pad_id(tok))
         out.append(Example("kv_retrieval", i, prefix, feeds, targets,
-                           meta={"needle_spans": spans, "filler_start": start, "pairs": pairs}))
-    info = {"source": sources["wikitext2_source"] + " (filler)", "seed": int(lc["seed"]), "context_len": ctx_len,
+                           meta={"needle_spans": spans, "filler_start": at, "filler_len": n_fill, "pairs": pairs},
+                           split=split))
+    info = {"source": sources["wikitext2_source"] + " (filler)", "split": split, "seed": int(lc["seed"]),
+            "context_len": ctx_len,
             "cache_len": int(out[0].prefix.numel()) if out else 0, "pairs": k,
             "scoring": "fraction of the k keys whose value is recalled exactly (teacher forcing, argmax)"}
     return out, info

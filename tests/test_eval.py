@@ -172,8 +172,9 @@ def test_metrics_keys_shapes_and_files(baseline):
     assert hb["status"] == "completed" and hb["step"] == hb["total_steps"] == 9 + 3  # 3 validation units
     prog = json.loads((rd / "metrics" / "eval_progress.json").read_text())
     assert prog["status"] == "completed" and prog["completed_units"] == prog["total_units"] == 9 + 3
-    # validation examples come after the test ones: one per task
-    assert set(prog["validation_units"]) == {"wikitext2_ppl/00003", "sst2_prompted/00004", "needle_long_context/00002"}
+    # validation examples come from the validation split: one per task
+    assert set(prog["validation_units"]) == {"wikitext2_ppl/validation/00000", "sst2_prompted/validation/00255",
+                                            "needle_long_context/validation/00000"}  # disjoint splits (data.SPLITS)
     assert set(prog["units"]) == {f"{t}/{i:05d}" for t, n in (("wikitext2_ppl", 3), ("sst2_prompted", 4),
                                                               ("needle_long_context", 2)) for i in range(n)}
 

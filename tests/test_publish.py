@@ -75,3 +75,37 @@ def test_the_committed_documents_equal_their_rendering():
     """Every result table of the README and docs/ is what `publish` renders from docs/results."""
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert publish.render_docs(docs, ROOT / "docs" / "results", check=True) == []
+
+
+def _selection_sweep(tmp_path: Path, aucs: dict[str, float], split: str = "selection") -> Path:
+    sweep = tmp_path / "sweep"
+    runs = []
+    for name, auc in aucs.items():
+        rd = sweep / name
+        (rd / "metrics").mkdir(parents=True)
+        task = json.loads((DATA / "task_metrics_fair.json").read_text())
+        task["settings"]["validation"]["split"] = split
+        task["metrics"]["best_baseline_choice"]["validation_auc_cachemedic"] = auc
+        (rd / "metrics" / "task_metrics.json").write_text(json.dumps(task))
+        shutil.copyfile(DATA / "config_resolved.yaml", rd / "config_resolved.yaml")
+        runs.append({"name": name, "run_dir": name, "overrides": {"train.lambda_contr": auc}})
+    (sweep / "summary.json").write_text(json.dumps({"sweep_name": "sel", "runs": runs}))
+    return sweep
+
+
+def test_a_selection_sweep_is_published_with_the_rules_pick(tmp_path):
+    out = tmp_path / "out"
+    sweep = _selection_sweep(tmp_path, {"first": 0.20, "second": 0.25, "third": 0.25})
+    assert publish.main(["--selection", str(sweep), "--out", str(out)]) == 0
+    rec = json.loads((out / "sel.json").read_text())
+    assert rec["chosen"] == "second"  # the highest; of equals, the one listed first
+    assert [r["validation_auc_cachemedic"] for r in rec["runs"]] == [0.20, 0.25, 0.25]
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- published:sel:selection -->\n<!-- /published -->\n")
+    publish.render_docs([doc], out)
+    text = doc.read_text()
+    assert "| second (chosen) |" in text and "| third |" in text and "0.2500" in text
+    # a run whose validation grid read another split cannot decide: bad input, nothing written
+    other = _selection_sweep(tmp_path / "x", {"only": 0.3}, split="validation")
+    assert publish.main(["--selection", str(other), "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()

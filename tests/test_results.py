@@ -188,9 +188,9 @@ def test_fair_benchmark_keys_are_described():
         "format", "hash", "data_source", "windows", "select_windows", "window_len", "tokens", "layers",
         "sink_tokens", "keys", "rule", "selection", "chosen"}
     assert set(_props(schema, "CalibrationTry")) == {"q", "ppl", "cost"}
-    assert set(_props(schema, "ValidationSettings")) == {"num_examples", "types", "start"}
+    assert set(_props(schema, "ValidationSettings")) == {"num_examples", "types", "split"}
     info = _props(schema, "TaskInfo")
-    assert {"needles", "needle_spans", "distinct_keys", "needle", "question", "pairs", "start"} <= set(info)
+    assert {"needles", "needle_spans", "distinct_keys", "needle", "question", "pairs", "split"} <= set(info)
     assert not {"needle_span", "needle_tokens", "answer_tokens"} & set(info)
     assert "fraction recalled" in info["value_name"]["enum"]
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cachemedicpp import corruption, data, eval as ev, seeding, stats, tasks
+from cachemedicpp import ROOT, corruption, data, eval as ev, seeding, stats, tasks
+from cachemedicpp.eval import stage
 from cachemedicpp.config import ConfigError, load_config
 
 
@@ -277,3 +278,79 @@ def test_data_source_hub_unreachable_exits_2_and_sources_are_recorded(tiny_cfg, 
             m = json.loads((rd / "metrics" / "task_metrics.json").read_text())
             assert m["settings"]["data_sources"] == {"sst2": "offline:data/offline/sst2_eval.tsv"}
             assert m["settings"]["tasks"]["sst2_prompted"]["source"] == "offline:data/offline/sst2_eval.tsv"
+
+
+# --------------------------------------------------------------------------------------------------
+# test, validation and selection splits
+
+
+def _evaluation_text(cfg, lm, split: str) -> dict[str, list[str]]:
+    """The evaluation text each task's examples of one split read: wikitext windows, SST-2 sentences and
+    needle / kv_retrieval filler (not the needle lines or SST-2 demos, which are no evaluation text)."""
+    names = [t["name"] for t in cfg.eval.tasks]
+    src = tasks.load_sources(cfg, lm, names)
+    stream = src["wikitext2_ids"]
+    out: dict[str, list[str]] = {}
+    for tcfg in cfg.eval.tasks:
+        exs, info = tasks.get_task(tcfg["name"]).build(lm, cfg, {**tcfg, "split": split}, src)
+        assert len(exs) == tcfg["num_examples"] and info["split"] == split
+        if tcfg["name"] == "wikitext2_ppl":
+            texts = [lm.tokenizer.decode(ex.prefix.tolist() + ex.feeds[0].tolist() + ex.targets[0, -1:].tolist())
+                     for ex in exs]
+        elif tcfg["name"] == "sst2_prompted":
+            texts = [src["sst2"][i][0] for i in range(*info["rows"])]
+        else:
+            texts = [lm.tokenizer.decode(stream[ex.meta["filler_start"]:ex.meta["filler_start"]
+                                                + ex.meta["filler_len"]].tolist()) for ex in exs]
+        out[tcfg["name"]] = texts
+    return out
+
+
+def _grams(texts: dict[str, list[str]], n: int = 8) -> set[tuple[str, ...]]:
+    grams = set()
+    for group in texts.values():
+        for t in group:
+            w = t.split()
+            grams |= {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return grams
+
+
+def test_test_validation_and_selection_share_no_8gram_of_evaluation_text(tiny_cfg, tiny_lm):
+    """The quickstart's tasks at its test sizes, built from each split: no 8-word sequence of evaluation text
+    is shared between splits (word 8-grams: independent of the tokenizer)."""
+    import yaml
+
+    qs = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    lm = tiny_lm("llama")
+    cfg = _cfg(tiny_cfg, **{"eval.tasks": qs["eval"]["tasks"], "eval.max_seq_len": qs["eval"]["max_seq_len"],
+                            "eval.cont_len": qs["eval"]["cont_len"],
+                            "data.long_context.context_len": qs["data"]["long_context"]["context_len"]})
+    texts = {s: _evaluation_text(cfg, lm, s) for s in data.SPLITS}
+    grams = {s: _grams(t) for s, t in texts.items()}
+    assert all(len(g) > 1000 for g in grams.values())
+    for a, b in (("test", "validation"), ("test", "selection"), ("validation", "selection")):
+        assert not grams[a] & grams[b], (a, b)
+    # the check sees an overlap where there is one: test windows built again, shifted by one window
+    shifted = _cfg(tiny_cfg, **{"eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 4, "start": 1}]})
+    assert _grams(_evaluation_text(shifted, lm, "test")) & grams["test"]
+    # the splits own disjoint ranges in order, and the test grid refuses another split
+    n = 1000
+    ranges = [data.split_range(n, s) for s in ("test", "validation", "selection")]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(ConfigError, match="split"):
+        data.split_range(n, "train")
+
+
+def test_test_grid_refuses_a_validation_split(tiny_cfg):
+    cfg = load_config(data=tiny_cfg("llama", **{"eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2,
+                                                                "split": "selection"}]}))
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\].split"):
+        stage.check_test_split(cfg)
+
+
+def test_validation_grid_reads_its_split(tiny_cfg):
+    for split in ("validation", "selection"):
+        cfg = load_config(data=tiny_cfg("llama", **{"eval.defenses": ["no_defense", "range_clamp"],
+                                                    "eval.validation.split": split}))
+        vcfg = stage.validation_config(cfg)
+        assert {t["split"] for t in vcfg.eval.tasks} == {split} and {t["start"] for t in vcfg.eval.tasks} == {0}

@@ -18,7 +18,7 @@ import torch
 import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
 from cachemedicpp import calibration, cli, corruption, defenses, hf, progress, repair, tasks
 from cachemedicpp.cli import EXIT_OK
-from cachemedicpp.config import FAULT_TYPES, Config, load_config
+from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
 from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
                                          nonfinite_outputs, recompute_cost, unit_matrices, validation_aucs)
 from cachemedicpp.eval.grid import PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses, make_grid
@@ -178,7 +178,7 @@ def settings(ctx: EvalContext, ckpt: dict, vctx: EvalContext | None = None) -> d
         "best_heuristic_rule": BEST_RULE,
         "validation": None if vctx is None else {
             "num_examples": {t: i["n"] for t, i in vctx.task_info.items()}, "types": vctx.types,
-            "start": {t["name"]: int(t["start"]) for t in vctx.cfg.eval.tasks}},
+            "split": vctx.cfg.eval.validation.split},
         "calibration": ctx.cal.summary() if ctx.cal is not None else None,
         "defense_groups": {d: defenses.group(d) for d in ctx.defense_names},
         "exposure": "fraction of the corruptible layers' context K/V entries (every context position) inside the "
@@ -290,8 +290,7 @@ def validation_config(cfg: Config) -> Config | None:
                                            else list(cfg.eval.corruption_eval.types))
     data = cfg.to_dict()
     ev = data["eval"]
-    ev["tasks"] = [{**t, "start": int(t.get("start") or 0) + int(t["num_examples"]),
-                    "num_examples": int(v.num_examples)} for t in ev["tasks"]]
+    ev["tasks"] = [{**t, "split": v.split, "start": 0, "num_examples": int(v.num_examples)} for t in ev["tasks"]]
     # the learned operator is scored too (never a candidate): its held-in validation AUC chooses between
     # operator families without reading the test grid
     learned = [REPAIR_NAME] if REPAIR_NAME in names else []
@@ -313,7 +312,16 @@ def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalCo
     return ctx, (build_context(vcfg, lm, op, cal) if vcfg is not None else None)
 
 
+def check_test_split(cfg: Config) -> None:
+    """The test grid reads the test split only: validation and selection examples are never test examples."""
+    for i, t in enumerate(cfg.eval.tasks):
+        if (t.get("split") or "test") != "test":
+            raise ConfigError(f"eval.tasks[{i}].split: {t['split']!r}: the test grid reads the test split; the "
+                              "validation grid reads eval.validation.split")
+
+
 def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = None, sweep_pause=None) -> int:
+    check_test_split(cfg)
     names, _ = eval_defenses(cfg)
     ckpt = resolve_checkpoint(cfg, RunDir(run_dir), names)  # fail before any expensive work
     cal = None

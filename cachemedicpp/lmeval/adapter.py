@@ -11,7 +11,9 @@ import lm_eval
 import torch
 from lm_eval.tasks import TaskManager
 
-from cachemedicpp.examples import Example, Task, example_span, feed_row, pad_id, pad_rows, token_logprobs
+from cachemedicpp import data
+from cachemedicpp.examples import (Example, Task, example_span, example_split, feed_row, pad_id, pad_rows,
+                                   token_logprobs)
 from cachemedicpp.lmeval import CHOICE_TYPES, FEWSHOT_SEED, MODEL_NAME, PREFIX, ROLLING_TYPES, lmeval_name
 from cachemedicpp.lmeval.tokens import encode_pair, max_length, prefix_token_id, rolling_windows, tok_encode, truncate
 from cachemedicpp.schema import ConfigError
@@ -72,13 +74,13 @@ def task_requests(task, first: int, n: int, few_shot: int) -> dict[int, list]:
 
 
 def choice_example(lm, task_name: str, doc_id: int, ctx: list[int], conts: Sequence[list[int]],
-                   meta: dict | None = None) -> Example:
+                   meta: dict | None = None, split: str = "test") -> Example:
     """One context, R continuations: the cache holds ctx[:-1]; row r feeds ctx[-1] + conts[r][:-1]."""
     if len(ctx) < 2:
         raise ValueError("a context of fewer than 2 tokens leaves nothing in the cache")
     feeds, targets = pad_rows([feed_row(ctx[-1], c) for c in conts], pad_id(lm.tokenizer))
     return Example(PREFIX + task_name, int(doc_id), torch.tensor(ctx[:-1], dtype=torch.long), feeds, targets,
-                         meta=dict(meta or {}))
+                   meta=dict(meta or {}), split=split)
 
 
 def score_rows(logits: torch.Tensor, ex: Example) -> float:
@@ -101,21 +103,24 @@ _TASKS: dict[str, Any] = {}  # "lmeval:<task>" -> its lm-eval Task object (for p
 
 
 def build(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dict]:
-    """tasks.Task.build of an `lmeval:<task>` entry: its first documents (from `start`) as examples."""
+    """tasks.Task.build of an `lmeval:<task>` entry: documents of the task's split (`data.split_range` over its
+    evaluation documents), from `start`, as examples."""
     name = lmeval_name(task_cfg["name"])
     include = task_cfg.get("include_path")
     task = load_task(name, str(include) if include else None)
     kind = task.OUTPUT_TYPE
     start, n = example_span(task_cfg)
+    split = example_split(task_cfg)
+    lo, hi = data.split_range(len(task.eval_docs), split)
     few = int(task_cfg.get("few_shot", 0) or 0)
     metric = task_cfg.get("metric") or "acc"
     tok, L = lm.tokenizer, max_length(lm)
     info = {"source": _source(task), "lmeval": {"task": name, "output_type": kind, "num_fewshot": few,
                                                 "metric": metric, "include_path": str(include) if include else None,
-                                                "version": lm_eval.__version__}}
+                                                "version": lm_eval.__version__}, "split": split}
     if kind in CHOICE_TYPES:
         out = []
-        for doc_id, reqs in task_requests(task, start, n, few).items():
+        for doc_id, reqs in task_requests(task, lo + start, min(n, max(0, hi - lo - start)), few).items():
             contexts = {r.args[0] for r in reqs}
             if len(contexts) != 1:
                 raise ConfigError(f"eval.tasks {task_cfg['name']}: the choices of a document have different contexts "
@@ -127,7 +132,7 @@ def build(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dic
                 raise ConfigError(f"eval.tasks {task_cfg['name']}: document {doc_id} has a context of {len(ctx)} "
                                   "token(s): nothing to hold in the cache")
             out.append(choice_example(lm, name, doc_id, ctx, [c for _, c in pairs],
-                                      {"doc": reqs[0].doc, "metric": metric}))
+                                      {"doc": reqs[0].doc, "metric": metric}, split))
         if out:
             probe = task.process_results(out[0].meta["doc"], [(0.0, False)] * out[0].rows)
             if metric not in probe:
@@ -146,11 +151,13 @@ def build(lm, cfg, task_cfg: Mapping, sources: dict) -> tuple[list[Example], dic
         out, index = [], 0  # examples are windows, numbered over the documents in order
         task.set_config(key="num_fewshot", value=0)
         for d, doc in enumerate(task.eval_docs):
+            if not lo <= d < hi:
+                continue
             for ctx, tgt in rolling_windows(tok_encode(tok, task.doc_to_target(doc)), prefix_token_id(tok), W, cont):
                 if len(ctx) < 2:
                     continue  # the document's first token: no context to corrupt
                 if index >= start:
-                    out.append(choice_example(lm, name, index, ctx, [tgt], {"kind": "ppl", "doc_index": d}))
+                    out.append(choice_example(lm, name, index, ctx, [tgt], {"kind": "ppl", "doc_index": d}, split))
                 index += 1
                 if len(out) >= n:
                     break

@@ -1,6 +1,7 @@
 """Committed results: a compact JSON per run, and the documentation's result tables rendered from it.
 
     python -m cachemedicpp.plots.publish RUN_DIR [RUN_DIR ...] --out docs/results [--name NAME]
+    python -m cachemedicpp.plots.publish --selection SWEEP_DIR --out docs/results [--name NAME]
     python -m cachemedicpp.plots.publish --docs README.md docs/RESULTS.md --out docs/results [--check]
 
 The first form reads each run dir's metrics, config, versions, machine and phase times and writes
@@ -10,6 +11,9 @@ files that sits between `<!-- published:NAME:TABLE -->` and `<!-- /published -->
 from `<out>/NAME.json`; with --check it writes nothing and exits 1 when a block differs from its rendering
 (the test suite runs it on the committed files). So every number a document shows is in a committed file,
 and the documents cannot drift from them.
+
+--selection publishes a selection sweep (e.g. configs/sweeps/cpu_selection.yaml) as one record: each run's
+held-in validation AUCs on the selection split and the variant the written rule picks (`SELECTION_RULE`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ TASK_KEYS = ("robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "r
              "damage", "damage_by_type", "recovered_fraction", "recovered_fraction_by_type", "paired_bootstrap",
              "paired_bootstrap_by_type", "exposure", "recompute_cost", "detect_recompute_cost", "detector")
 FIGURES_KEPT = ("figA_score_vs_eps.png", "figC_logit_sensitivity.png")
+SELECTION_RULE = ("the variant with the highest held-in validation robustness AUC of cachemedic on the selection "
+                  "split (best_baseline_choice.validation_auc_cachemedic); ties: the variant listed first")
 BLOCK = re.compile(r"(<!-- published:(?P<name>[\w.-]+):(?P<table>[\w-]+) -->\n)(?P<body>.*?)(<!-- /published -->)",
                    re.S)
 
@@ -105,6 +111,53 @@ def publish(run_dir: str | Path, out_dir: str | Path, name: str | None = None) -
     for fig in FIGURES_KEPT:
         if fig in FIGURES and rd.figure(fig).is_file():
             shutil.copyfile(rd.figure(fig), out_dir / f"{rec['name']}_{fig}")
+    return path
+
+
+def collect_selection(sweep_dir: str | Path, name: str | None = None) -> dict:
+    """The published record of a selection sweep: every run's validation AUCs on the selection split, and
+    the variant `SELECTION_RULE` picks. A run not evaluated, or evaluated on another split, is refused."""
+    sweep_dir = Path(sweep_dir)
+    summary_path = sweep_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ConfigError(f"{summary_path}: not found (--selection needs a sweep dir)")
+    summary = read_json(summary_path, "sweep summary")
+    runs, machine, versions = [], {}, {}
+    for r in summary.get("runs", []):
+        rd = RunDir(sweep_dir / r["run_dir"])
+        if not rd.task_metrics.is_file():
+            raise ConfigError(f"{rd.task_metrics}: not found (run {r['name']} of the sweep is not evaluated)")
+        task = read_json(rd.task_metrics, "task metrics")
+        val = (task.get("settings") or {}).get("validation") or {}
+        if val.get("split") != "selection":
+            raise ConfigError(f"{rd.task_metrics}: its validation grid read the {val.get('split')!r} split, not "
+                              "the selection split (eval.validation.split: selection)")
+        c = task["metrics"]["best_baseline_choice"]
+        if c.get("validation_auc_cachemedic") is None:
+            raise ConfigError(f"{rd.task_metrics}: no validation AUC of cachemedic (is it in eval.defenses?)")
+        cfg = rd.stored_config() or {}
+        runs.append({"name": r["name"], "overrides": r.get("overrides") or {}, "config_hash": task.get("config_hash"),
+                     "repair": _settings(cfg)["repair"], "lambda_contr": cfg.get("train", {}).get("lambda_contr"),
+                     "validation_auc_cachemedic": c["validation_auc_cachemedic"],
+                     "validation_auc_no_defense": c["validation_auc_no_defense"],
+                     "validation_auc": c.get("validation_auc") or {}, "types": val.get("types"),
+                     "num_examples": val.get("num_examples"), "minutes": _minutes(rd)})
+        if not machine and rd.env.is_file():
+            machine = read_json(rd.env, "env")
+            record = read_json(rd.record, "run record") if rd.record.is_file() else {}
+            versions = record.get("env", {})
+    if not runs:
+        raise ConfigError(f"{summary_path}: the sweep has no runs")
+    best = max(runs, key=lambda x: x["validation_auc_cachemedic"])  # max keeps the first of equals
+    return {"format": FORMAT, "kind": "selection", "name": name or summary.get("sweep_name") or sweep_dir.name,
+            "sweep": summary.get("sweep_name"), "split": "selection", "rule": SELECTION_RULE, "runs": runs,
+            "chosen": best["name"], "machine": machine, "versions": versions}
+
+
+def publish_selection(sweep_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
+    rec = collect_selection(sweep_dir, name)
+    path = Path(out_dir) / f"{rec['name']}.json"
+    atomic_write_json(path, rec)
     return path
 
 
@@ -211,7 +264,22 @@ def run_table(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[dict], str]] = {"main": main_table, "choice": choice_table, "run": run_table}
+def selection_table(rec: dict) -> str:
+    """A selection sweep: each variant's held-in validation AUCs on the selection split; the rule's pick."""
+    if rec.get("kind") != "selection":
+        raise ConfigError(f"published record {rec.get('name')!r} is not a selection sweep")
+    lines = ["| variant | settings changed | cachemedic | no defense | best calibrated baseline |", "|---|---|---|---|---|"]
+    for r in rec["runs"]:
+        over = ", ".join(f"`{k}: {v}`" for k, v in r["overrides"].items()) or "(the base config)"
+        base = max(r["validation_auc"].items(), key=lambda kv: kv[1], default=(None, None))
+        mark = " (chosen)" if r["name"] == rec["chosen"] else ""
+        lines.append(f"| {r['name']}{mark} | {over} | {_f(r['validation_auc_cachemedic'])} | "
+                     f"{_f(r['validation_auc_no_defense'])} | {_f(base[1])} ({base[0]}) |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[dict], str]] = {"main": main_table, "choice": choice_table, "run": run_table,
+                                            "selection": selection_table}
 
 
 def render_doc(text: str, records: Callable[[str], dict], where: str = "") -> str:
@@ -259,11 +327,15 @@ def render_docs(docs: Sequence[str | Path], out_dir: str | Path, check: bool = F
 # the command
 
 
-def run(runs: Sequence[str], out: str, name: str | None, docs: Sequence[str], check: bool) -> int:
-    if name and len(runs) != 1:
-        raise ConfigError("--name goes with exactly one run dir")
+def run(runs: Sequence[str], out: str, name: str | None, docs: Sequence[str], check: bool,
+        selection: str | None = None) -> int:
+    if name and len(runs) + bool(selection) != 1:
+        raise ConfigError("--name goes with exactly one run dir or one --selection sweep")
     for r in runs:
         print(f"published {publish(r, out, name)}")
+    if selection:
+        path = publish_selection(selection, out, name)
+        print(f"published {path} (chosen: {read_json(path, 'published record')['chosen']})")
     stale = render_docs(docs, out, check)
     for doc in stale:
         print(f"{doc}: {'differs from' if check else 're-rendered from'} the records in {out}")
@@ -277,10 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("runs", nargs="*", help="run dirs to publish")
     p.add_argument("--out", required=True, help="folder of the records (e.g. docs/results)")
     p.add_argument("--name", help="the record's name (one run dir only; default: the run dir's name)")
+    p.add_argument("--selection", metavar="SWEEP_DIR", help="publish a selection sweep's choice as one record")
     p.add_argument("--docs", nargs="*", default=[], help="Markdown files whose published blocks are re-rendered")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block differs")
     args = p.parse_args(argv)
-    return guarded(lambda: run(args.runs, args.out, args.name, args.docs, args.check))
+    return guarded(lambda: run(args.runs, args.out, args.name, args.docs, args.check, args.selection))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
                                      [--paired_run_dir <DIR>]
 
 Definitions (all in fp32; the model is loaded in float32 whatever `dtype` says):
-- Prompts: the LAST `num_prompts` consecutive windows of `prompt_len` tokens of the evaluation text, so they
-  do not coincide with the first windows the wikitext task scores. The clean state S is the KV cache of a
+- Prompts: the LAST `num_prompts` consecutive windows of `prompt_len` tokens of the evaluation text's test
+  split (`data.SPLITS`), so they do not coincide with the first windows the wikitext task scores. The clean state S is the KV cache of a
   clean prefill of prompt[:-1]; z(S) is the logit vector of the last prompt token processed with S.
 - Perturbation at severity delta: a Gaussian direction on K and on V of every perturbed layer, inside the
   segment (KV heads or `head_subset`, time mask from `time_mode`/`N_recent`), rescaled per layer and per

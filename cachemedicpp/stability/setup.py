@@ -195,19 +195,20 @@ def build_setup(cfg: Config, arch: hf.ArchInfo, vocab: int, heuristic: str) -> S
 
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[list[torch.Tensor], dict]:
-    """The last `num_prompts` consecutive windows of `prompt_len` tokens of the evaluation text, and where
-    they come from."""
+    """The last `num_prompts` consecutive windows of `prompt_len` tokens of the evaluation text's test split
+    (`data.SPLITS`: stability is a test measurement), and where they come from."""
     st = cfg.stability
     text, source = data.load_text(cfg.data.to_dict(), "wikitext2")
     tokens = data.tokenize_stream(tokenizer, text)
-    n, L = tokens.numel(), int(st.prompt_len)
+    _, n = data.split_range(tokens.numel(), "test")
+    L = int(st.prompt_len)
     if n < L * st.num_prompts:
-        raise ConfigError(f"stability.num_prompts: the evaluation text ({source}) has {n} tokens, fewer than "
-                          f"{st.num_prompts} windows of stability.prompt_len = {L}")
+        raise ConfigError(f"stability.num_prompts: the test split of the evaluation text ({source}) has {n} tokens, "
+                          f"fewer than {st.num_prompts} windows of stability.prompt_len = {L}")
     starts = [n - (st.num_prompts - i) * L for i in range(st.num_prompts)]
     eval_tokens = sum(int(t["num_examples"]) for t in cfg.eval.tasks if t["name"] == "wikitext2_ppl") \
         * int(cfg.eval.max_seq_len)
-    info = {"source": source, "stream_tokens": n, "windows": "last consecutive windows of the token stream",
+    info = {"source": source, "stream_tokens": n, "windows": "last consecutive windows of the token stream's test split",
             "token_starts": starts, "prompt_len": L,
             "overlaps_wikitext2_eval_windows": bool(eval_tokens > starts[0])}
     return [tokens[s:s + L] for s in starts], info
