@@ -440,6 +440,25 @@ def stock_attention(model, kind: str = "sdpa") -> Iterator[None]:
         _select_attention(model, current)
 
 
+@contextlib.contextmanager
+def hook_selected(model) -> Iterator[ArchInfo]:
+    """A model loaded by the user's own code with the cachemedic hook as its attention implementation for the
+    span of the block (the base kernel stays the one it had: sdpa or eager), checked by the fail-closed probe;
+    its own implementation is selected again afterwards. Yields its ArchInfo."""
+    current = model.config._attn_implementation or "sdpa"
+    kind = next((k for k, v in HOOK_NAMES.items() if v == current), current)
+    if kind not in HOOK_NAMES:
+        raise ModelLoadError(f"{type(model).__name__}: attention implementation {current!r} cannot be hooked; "
+                             f"load it with attn_implementation in {sorted(HOOK_NAMES)}")
+    info = arch_info(model)
+    _select_attention(model, HOOK_NAMES[kind])
+    try:
+        _probe(model, info, next(model.parameters()).device, getattr(model, "name_or_path", type(model).__name__))
+        yield info
+    finally:
+        _select_attention(model, current)
+
+
 def _select_attention(model, name: str) -> None:
     """Make `name` the attention implementation of the model and its sub-models. `set_attn_implementation`
     validates the name, but on a class whose module source does not look like it dispatches through the

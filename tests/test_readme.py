@@ -174,6 +174,7 @@ def _publish_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name")
     p.add_argument("--docs", nargs="*", default=[])
     p.add_argument("--check", action="store_true")
+    p.add_argument("--selection")
     return p.parse_args(argv[3:])
 
 
@@ -184,16 +185,35 @@ def prepare_publish(argv: list[str], wd: Workdir) -> list[str]:
         wd.run_dir(run)
     for doc in map(wd.doc, args.docs):
         # a record a block reads that no earlier line of the block wrote: published from a tiny run
-        for name in sorted({m["name"] for m in publish.BLOCK.finditer(doc.read_text())}):
-            if not (out / f"{name}.json").is_file():
-                publish.publish(wd.run_dir(f"prepared_runs/{name}"), out, name)
+        for m in publish.BLOCK.finditer(doc.read_text()):
+            if (out / f"{m['name']}.json").is_file():
+                continue
+            if m["table"] == "selection":  # a one-run selection sweep of the tiny run
+                publish.publish_selection(_selection_sweep(wd, m["name"]), out, m["name"])
+            else:
+                publish.publish(wd.run_dir(f"prepared_runs/{m['name']}"), out, m["name"])
     return argv
+
+
+def _selection_sweep(wd: Workdir, name: str) -> Path:
+    """A sweep dir holding the tiny run, its validation grid relabelled as the selection split."""
+    sweep = wd.path / "prepared_sweeps" / name
+    run = sweep / "only"
+    if not run.is_dir():
+        shutil.copytree(wd.run_dir(f"prepared_runs/{name}"), run)
+        path = run / "metrics" / "task_metrics.json"
+        task = json.loads(path.read_text())
+        task["settings"]["validation"]["split"] = "selection"
+        path.write_text(json.dumps(task))
+        (sweep / "summary.json").write_text(json.dumps({"sweep_name": name, "runs": [
+            {"name": "only", "run_dir": "only", "overrides": {}}]}))
+    return sweep
 
 
 def check_publish(argv: list[str], wd: Workdir) -> None:
     args = _publish_args(argv)
     out = wd.path / args.out
-    for name in [args.name] if args.name else [Path(r).name for r in args.runs]:
+    for name in [args.name] if args.name and not args.selection else [Path(r).name for r in args.runs]:
         rec = json.loads((out / f"{name}.json").read_text())
         assert rec["format"] == publish.FORMAT and rec["task_metrics"]["robustness_auc"]
     docs = [wd.path / d for d in args.docs]
