@@ -241,9 +241,9 @@ def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ct
     calls = []
 
     def fresh(layer):
-        def get():
+        def get(blocks, block_size):
             calls.append(layer)
-            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real recomputation
+            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real (full) recomputation
         return get
 
     dfn = defenses.make("checksum_recompute")
