@@ -489,15 +489,46 @@ def _probe(model, info: ArchInfo, device: torch.device, name: str) -> None:
 
 
 def forward(model, input_ids: torch.Tensor, cache=None, plan: HookPlan | None = None,
-            logits_to_keep: int = 0):
-    """One forward, hooked by `plan`, appending to `cache` (created when None). Returns (logits, cache)."""
+            logits_to_keep: int = 0, start: int | None = None):
+    """One forward, hooked by `plan`, appending to `cache` (created when None). Returns (logits, cache).
+    `start`: the absolute position of the first token, passed as explicit position ids (default: the
+    model derives them from the cache's length, which is the same for a cache built by this module)."""
     from transformers import DynamicCache
 
     if cache is None:
         cache = DynamicCache(config=model.config)
+    kw = {}
+    if start is not None:
+        B, n = input_ids.shape
+        kw["position_ids"] = torch.arange(start, start + n, device=input_ids.device)[None].expand(B, n)
     with hooked(plan):
-        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kw)
     return out.logits, cache
+
+
+def prefix_cache(model, kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]], length: int, start: int):
+    """A new cache holding the positions before `start` of a context of `length` positions whose layer l
+    holds `kv[l]` (its last `kv[l][0].shape[2]` positions; every layer of the model): what a forward of the
+    tokens from `start` on reads. A full-attention layer gets [0, start), a sliding-window layer the W - 1
+    positions before `start`, with its count of positions seen set to `start` (the mask and the next position
+    ids follow from it). A layer that no longer holds what it needs is a ValueError. The entries are copies."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if start == 0:
+        return cache
+    for l, lay in enumerate(cache.layers):
+        k, v = kv[l]
+        first = length - k.shape[2]
+        sliding = getattr(lay, "is_sliding", False)
+        need = max(0, start - int(lay.sliding_window) + 1) if sliding else 0
+        if need < first:
+            raise ValueError(f"prefix_cache: layer {l} holds positions from {first} on; a forward from {start} "
+                             f"reads it from {need}")
+        lay.update(k[:, :, need - first:start - first].clone(), v[:, :, need - first:start - first].clone())
+        if sliding:
+            lay.cumulative_length = start
+    return cache
 
 
 def prefill_kv(model, input_ids: torch.Tensor, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -208,9 +208,9 @@ class OverheadEntry(TypedDict):
     peak_mem_mb: Annotated[float, "peak memory in MiB during the timed runs (see peak_mem_method)"]
     peak_mem_method: Annotated[str, "how peak_mem_mb was measured (CUDA allocator peak, or CPU peak RSS)"]
     tokens: Annotated[int, "continuation tokens scored in the timed runs"]
-    recompute_tokens: NotRequired[Annotated[int, "checksum_recompute only: context tokens its recomputation forwards "
+    recompute_tokens: NotRequired[Annotated[int, "recomputing defenses only: tokens their recomputation forwards "
                                                  "processed in the timed runs (included in wall_sec)"]]
-    recompute_sec: NotRequired[Annotated[float, "checksum_recompute only: wall seconds of those recomputation "
+    recompute_sec: NotRequired[Annotated[float, "recomputing defenses only: wall seconds of those recomputation "
                                                 "forwards (part of wall_sec)"]]
 
 
@@ -257,23 +257,24 @@ class RecomputeCell(TypedDict):
     corruption_type: Annotated[str, "corruption type of the cell, or 'clean'"]
     epsilon: Annotated[float, "severity of the cell"]
     n: Annotated[int, "examples behind the means"]
-    recomputed_fraction: Annotated[float, "fraction of examples where a block failed its checksum (the context was "
+    recomputed_fraction: Annotated[float, "fraction of examples where a block failed its checksum (something was "
                                           "recomputed)"]
-    tokens_mean: Annotated[float, "mean forward tokens recomputed per example (the context length when a block "
-                                  "failed, else 0)"]
+    tokens_mean: Annotated[float, "mean forward tokens recomputed per example (0 when no block failed; selective: "
+                                  "the failing blocks' tokens, from position 0 where a sliding-window layer no "
+                                  "longer holds a block's window; full: the context length)"]
     blocks_failed_mean: Annotated[float, "mean blocks (block x layer) that failed their checksum per example "
                                          "(detect_recompute: blocks of positions that raised the alarm)"]
 
 
 class RecomputeCost(TypedDict):
-    """What a recomputing defense costs over the grid: a forward of the whole context whenever a block fails its
-    checksum (checksum_recompute) or the detector flags one (detect_recompute); exactness needs the very forward
-    that wrote the cache (recompute.py)."""
+    """What a recomputing defense costs over the grid: the recomputation whenever a block fails its checksum
+    (checksum_recompute) or the detector flags one (detect_recompute), of the failing blocks or of the whole
+    context (baseline.recompute_mode, recompute.py)."""
 
     defense: Annotated[str, "the defense (checksum_recompute or detect_recompute)"]
     block_size: Annotated[int, "cache positions per checksummed block (baseline.checksum_block_size)"]
     persistence: Annotated[Literal["at_rest", "on_read"], "the evaluation's persistence"]
-    context_tokens_mean: Annotated[float, "mean context tokens per example: the cost of one recomputation"]
+    context_tokens_mean: Annotated[float, "mean context tokens per example: the cost of one full recomputation"]
     by_cell: Annotated[list[RecomputeCell], "one entry per grid cell of the defense; empty under on_read "
                                             "persistence (verified on every read, not counted)"]
     how: Annotated[str, "how the recomputed entries were obtained in the grid"]

@@ -241,9 +241,9 @@ def test_checksum_recompute_restores_the_clean_cache_bit_identically(tiny_lm, ct
     calls = []
 
     def fresh(layer):
-        def get():
+        def get(blocks, block_size):
             calls.append(layer)
-            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real recomputation
+            return recompute.recompute(lm, ids, [layer]).kv[layer]  # the real (full) recomputation
         return get
 
     dfn = defenses.make("checksum_recompute")
@@ -277,6 +277,368 @@ def test_block_checksum_detects_every_single_bit_flip():
             k2[0, 1, t, 3] = C.flip_bits(k2[0, 1, t, 3], "bfloat16", bit)
             bad = defenses.block_checksums(k2, v, pos, 16) != ref
             assert bad.tolist() == [[j == t // 16 for j in range(3)]], (bit, t)
+
+
+# --------------------------------------------------------------------------------------------------
+# block-selective recomputation
+
+
+def _fake_arch(num_layers=3, sliding=(), window=None):
+    from cachemedicpp import hf
+
+    return hf.ArchInfo("fake", num_layers, 4, 2, 8, 512, tuple(sliding), window)
+
+
+def test_plan_forwards_runs_of_failing_blocks_and_goes_back_to_0_where_a_window_is_gone():
+    from cachemedicpp import recompute as R
+
+    full = _fake_arch()
+    held = {0: 60, 1: 60, 2: 60}
+    segs = R.plan([5, 1, 2, 7], 8, 60, full, held)
+    assert segs == [R.Segment(8, 24, (1, 2)), R.Segment(40, 48, (5,)), R.Segment(56, 60, (7,))]
+    assert R.plan_tokens(segs) == 16 + 8 + 4  # the failing blocks' tokens (the last block is short)
+    assert R.plan([], 8, 60, full, held) == [] and R.plan_tokens([]) == 0
+    assert R.plan([0], 8, 60, full, held) == [R.Segment(0, 8, (0,))]
+    # sliding layers holding their last W - 1 = 15 of 60 positions: the window before any block is gone
+    sliding = _fake_arch(sliding=(0, 1), window=16)
+    held = {0: 15, 1: 15, 2: 60}
+    assert R.plan([1, 5], 8, 60, sliding, held) == [R.Segment(0, 48, (1, 5))]
+    assert R.plan([0], 8, 60, sliding, held) == [R.Segment(0, 8, (0,))]  # nothing before it is read
+    # a context no longer than W - 1: every position held, selective again
+    assert R.plan([1, 2], 4, 15, sliding, {0: 15, 1: 15, 2: 15}) == [R.Segment(4, 12, (1, 2))]
+    with pytest.raises(ValueError, match="outside a context"):
+        R.plan([8], 8, 60, full, {0: 60, 1: 60, 2: 60})
+
+
+def _prefill(lm, ids):
+    from cachemedicpp import hf
+
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[None], logits_to_keep=1)
+    return cache
+
+
+def _damaged(stored: dict, blocks, bs: int, T: int) -> dict:
+    """Every layer's entries of `blocks` overwritten with garbage (what a layer still holds of them)."""
+    out = {}
+    for l, (k, v) in stored.items():
+        k, v, first = k.clone(), v.clone(), T - k.shape[2]
+        for j in blocks:
+            s, e = max(j * bs, first), min((j + 1) * bs, T)
+            if s < e:
+                k[:, :, s - first:e - first] = 50.0
+                v[:, :, s - first:e - first] = float("nan")
+        out[l] = (k, v)
+    return out
+
+
+def _next_logits(lm, cache, kv: dict, cont):
+    from cachemedicpp import hf
+
+    c = hf.clone_cache(cache)
+    for l, (k, v) in kv.items():
+        hf.set_kv(c, l, k, v)
+    with torch.no_grad():
+        logits, _ = hf.forward(lm.model, cont[None], c)
+    return logits
+
+
+@pytest.mark.parametrize("arch,T,bs,blocks", [
+    ("gpt2", 48, 8, [1, 3, 4]), ("llama", 48, 8, [1, 3, 4]), ("llama", 50, 16, [0, 3]),
+    ("gemma3", 48, 8, [1, 3, 4]),  # sliding layers hold 15 of 48 positions: forwarded from 0
+    ("gemma3", 15, 4, [1, 2]),  # a context the sliding layers hold whole: selective
+])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_selective_recompute_equals_the_full_one_within_tolerance(tiny_lm, arch, T, bs, blocks, attn, one_thread):
+    from cachemedicpp import hf, recompute
+
+    lm = tiny_lm(arch, attn=attn)
+    ids = torch.randint(0, 400, (T + 6,), generator=torch.Generator().manual_seed(7))
+    ctx, cont = ids[:T], ids[T:]
+    cache = _prefill(lm, ctx)
+    L = lm.arch.num_layers
+    stored = {l: hf.get_kv(cache, l) for l in range(L)}
+    bad = _damaged(stored, blocks, bs, T)
+    sel = recompute.recompute_blocks(lm, ctx, bad, blocks, bs)
+    full = recompute.recompute(lm, ctx, range(L))
+    held = {l: k.shape[2] for l, (k, _) in stored.items()}
+    assert sel.tokens == recompute.plan_tokens(recompute.plan(blocks, bs, T, lm.arch, held)) and sel.length == T
+    if arch != "gemma3" or T < lm.arch.sliding_window:
+        assert sel.tokens == sum(min((j + 1) * bs, T) - j * bs for j in blocks)  # the failing blocks only
+    else:
+        assert sel.tokens == (blocks[-1] + 1) * bs  # from position 0 to the last failing block's end
+    for l in range(L):
+        k, v = sel.kv[l]
+        first = T - k.shape[2]
+        redone = torch.zeros(k.shape[2], dtype=torch.bool)
+        for j in blocks:
+            redone[max(0, j * bs - first):max(0, (j + 1) * bs - first)] = True
+        # outside the blocks: bit for bit as given; inside: the full recomputation within tolerance
+        assert torch.equal(k[:, :, ~redone], bad[l][0][:, :, ~redone])
+        assert torch.equal(v[:, :, ~redone], bad[l][1][:, :, ~redone])
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+        for a, b in ((k, full.kv[l][0]), (v, full.kv[l][1])):
+            assert float((a - b).abs().max()) <= recompute.TOLERANCE
+    assert bad[0][0] is not sel.kv[0][0] and bool(torch.isnan(bad[0][1]).any())  # the input is left alone
+    d_logit = (_next_logits(lm, cache, sel.kv, cont) - _next_logits(lm, cache, full.kv, cont)).abs().max()
+    assert float(d_logit) <= recompute.TOLERANCE
+
+
+def test_a_forward_from_a_prefix_cache_continues_the_context(tiny_lm, one_thread):
+    """hf.prefix_cache + a forward at the right positions give the logits of the uncropped forward (within the
+    tolerance), also on sliding-window layers; a layer that no longer holds the window is refused."""
+    from cachemedicpp import hf, recompute
+
+    for arch, T, start in (("llama", 40, 24), ("gemma3", 15, 9)):
+        lm = tiny_lm(arch)
+        ids = torch.randint(0, 400, (T,), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            whole, cache = hf.forward(lm.model, ids[None])
+            kv = {l: hf.get_kv(cache, l) for l in range(lm.arch.num_layers)}
+            part, _ = hf.forward(lm.model, ids[None, start:], hf.prefix_cache(lm.model, kv, T, start), start=start)
+        assert float((part - whole[:, start:]).abs().max()) <= recompute.TOLERANCE
+    lm = tiny_lm("gemma3")
+    ids = torch.randint(0, 400, (48,), generator=torch.Generator().manual_seed(8))
+    kv = {l: hf.get_kv(_prefill(lm, ids), l) for l in range(lm.arch.num_layers)}
+    with pytest.raises(ValueError, match="layer 0 holds positions from 33"):
+        hf.prefix_cache(lm.model, kv, 48, 24)
+
+
+# --------------------------------------------------------------------------------------------------
+# integrity tags that bind a block to its place
+
+
+def _seq(seed, T=40):
+    return torch.randint(0, 400, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_place_keys_follow_the_tokens_up_to_each_block():
+    from cachemedicpp.defenses import checksum as ck
+
+    a = _seq(1)
+    b = a.clone()
+    b[20] = (b[20] + 1) % 400  # the same tokens up to position 19
+    ka, kb = ck.place_keys(a, 3, 16), ck.place_keys(b, 3, 16)
+    assert ka[0] == kb[0] and ka[1] != kb[1] and ka[2] != kb[2]  # blocks [0,16) | [16,32) | [32,40)
+    assert torch.equal(ka, ck.place_keys(a[None], 3, 16))  # the same ids, the same keys
+    assert ck.place_keys(a[:32], 2, 16).tolist() == ka[:2].tolist()  # a block's key ignores what follows it
+    with pytest.raises(ValueError, match="do not reach block 3"):
+        ck.place_keys(a, 4, 16)
+
+
+def test_a_stale_a_swapped_and_a_moved_block_fail_their_tags():
+    """A block that is internally intact and carries the tag it was written with fails where it does not
+    belong: a stale one (an earlier prompt's entries at the same positions), one swapped in from another
+    sequence, one moved to other positions of the same sequence. Content checksums alone let the stale one
+    through."""
+    from cachemedicpp.defenses import checksum as ck
+
+    bs, T = 8, SHAPE[2]
+    pos = torch.arange(T)
+    ids_a, ids_b = _seq(1), _seq(2)  # this sequence, and an earlier prompt / another sequence
+    ka, va = kv_pair(seed=1)
+    kb, vb = kv_pair(seed=2)
+    tags_a = ck.block_tags(ka, va, pos, bs, ids_a)
+    tags_b = ck.block_tags(kb, vb, pos, bs, ids_b)
+    assert not ck.failing_blocks(ka, va, pos, tags_a, bs, ids_a).any()  # a clean cache passes
+
+    def placed(dst_block, k_src, v_src, src_block, tags_src):
+        """Cache A with block `dst_block` holding the source's block `src_block` and its tag."""
+        k, v, tags = ka.clone(), va.clone(), tags_a.clone()
+        d, s = slice(dst_block * bs, (dst_block + 1) * bs), slice(src_block * bs, (src_block + 1) * bs)
+        k[:, :, d], v[:, :, d] = k_src[:, :, s], v_src[:, :, s]
+        tags[:, dst_block] = tags_src[:, src_block]
+        return k, v, tags
+
+    def failing(k, v, tags, tokens=ids_a):
+        return ck.failing_blocks(k, v, pos, tags, bs, tokens).tolist()
+
+    want = [[j == 2 for j in range(T // bs)]]
+    stale = placed(2, kb, vb, 2, tags_b)
+    assert failing(*stale) == want
+    swapped = placed(2, kb, vb, 4, tags_b)
+    assert failing(*swapped) == want
+    moved = placed(2, ka, va, 0, tags_a)
+    assert failing(*moved) == want
+    # what the place key adds: with content checksums alone, the stale block and its checksum pass
+    sums = ck.block_checksums(ka, va, pos, bs)
+    sums[:, 2] = ck.block_checksums(kb, vb, pos, bs)[:, 2]
+    assert not ck.block_tags(*stale[:2], pos, bs, None).ne(sums).any()
+    # read for another sequence (the tags of A verified as B's), every block fails
+    assert ck.failing_blocks(ka, va, pos, tags_a, bs, ids_b).all()
+
+
+def _block_faulted(lm, mode: str, T: int = 48, bs: int = 8):
+    """(ids, clean K/V, K/V with block_fault `mode` on every layer, the blocks hit) on a tiny model; the donor is
+    another prompt's prefill."""
+    from cachemedicpp import hf
+
+    ids = _seq(4, T)
+    L = lm.arch.num_layers
+    clean = {l: hf.get_kv(_prefill(lm, ids), l) for l in range(L)}
+    donor_cache = _prefill(lm, _seq(5, 64))
+    donor = {l: hf.get_kv(donor_cache, l) for l in range(L)}
+    params = {"block_size": bs, "block_fault_mode": mode, "block_fault_frac": 0.2}
+    cor = C.Corruptor({"axes": {"time_mode": "old_only", "N_recent": 8}, "params": params}, list(range(L)),
+                      lm.arch.num_kv_heads, 0, block_donor=donor)
+    faulted, _ = cor.apply_cache(clean, "block_fault", 0.16, "eval", 0)
+    hit = set()
+    for l in range(L):
+        changed = (faulted[l][0] != clean[l][0]).any(-1) | (faulted[l][1] != clean[l][1]).any(-1)
+        hit |= {int(t) // bs for t in changed.any(1)[0].nonzero().flatten()}
+    return ids, clean, faulted, sorted(hit)
+
+
+@pytest.mark.parametrize("mode", ["stale", "swap"])
+def test_checksum_recompute_recomputes_exactly_the_stale_or_swapped_blocks(tiny_lm, mode, one_thread):
+    from cachemedicpp import defenses, recompute
+
+    lm = tiny_lm("llama")
+    T, bs, L = 48, 8, lm.arch.num_layers
+    ids, clean, faulted, hit = _block_faulted(lm, mode, T, bs)
+    assert len(hit) == 2
+    asked = []
+
+    def fresh(layer):
+        def get(blocks, block_size):
+            asked.append((blocks, block_size))
+            return recompute.recompute_blocks(lm, ids, faulted, blocks, block_size).kv[layer]
+        return get
+
+    dfn = defenses.make("checksum_recompute", {"checksum_block_size": bs})
+    assert dfn.recompute_mode == "selective"
+    whole = defenses.CacheInput(T, lambda l: faulted[l], layers=tuple(range(L)), clean=lambda l: clean[l], tokens=ids)
+    failed = set()
+    for l in range(L):
+        got = dfn.apply(*faulted[l], defenses.LayerInput(l, torch.arange(T), clean=clean[l], fresh=fresh(l),
+                                                         cache=whole))
+        failed |= {j for _, _, j in got.cost.blocks}
+        for a, b in zip((got.k, got.v), clean[l]):
+            assert float((a - b).abs().max()) <= recompute.TOLERANCE
+    assert sorted(failed) == hit  # exactly the blocks hit, in every layer
+    assert set(asked) == {(tuple(hit), bs)}  # one request for every layer: the failing blocks of the cache
+    tokens = recompute.plan_tokens(recompute.plan(hit, bs, T, lm.arch, {l: T for l in range(L)}))
+    assert tokens == len(hit) * bs  # the oracle's minimum: the corrupted blocks' tokens
+    # a clean cache: every tag passes, nothing is recomputed
+    asked.clear()
+    whole = defenses.CacheInput(T, lambda l: clean[l], layers=tuple(range(L)), clean=lambda l: clean[l], tokens=ids)
+    for l in range(L):
+        got = dfn.apply(*clean[l], defenses.LayerInput(l, torch.arange(T), clean=clean[l], fresh=fresh(l), cache=whole))
+        assert got.k is clean[l][0] and not got.cost.blocks
+    assert not asked
+
+
+def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives_it(tiny_lm, one_thread):
+    """_Recomputation: the requested blocks' tokens as cost (0 when nothing is asked, the context for a full
+    recomputation); the clean prefill as the result where every changed entry before the last requested block
+    is requested too, else the real recomputation, whose entries depend on what is stored."""
+    from types import SimpleNamespace
+
+    from cachemedicpp import hf, recompute
+    from cachemedicpp.eval import grid
+
+    lm = tiny_lm("llama")
+    T, bs = 48, 8
+    ids = _seq(6, T)
+    cache = _prefill(lm, ids)
+    layers = list(range(lm.arch.num_layers))
+    bad = _damaged({l: hf.get_kv(cache, l) for l in layers}, [1, 4], bs, T)
+    ctx, ex = SimpleNamespace(lm=lm, recompute_exact=False), SimpleNamespace(prefix=ids)
+
+    def recomputation():
+        return grid._Recomputation(ctx, ex, layers, cache, lambda l: bad[l])
+
+    rc = recomputation()
+    assert rc.cost(0) == {"tokens": 0, "blocks": 0}
+    k, _ = rc.layer(0)((1, 4), bs)  # both damaged blocks: a clean prefix
+    assert k is hf.get_kv(cache, 0)[0] and rc.run is None and rc.cost(2)["tokens"] == 16
+    with pytest.raises(ValueError, match="asked for"):
+        rc.layer(1)((4,), bs)
+    rc = recomputation()
+    k, v = rc.layer(2)((4,), bs)  # block 1 stays damaged before block 4: the real recomputation runs
+    want = recompute.recompute_blocks(lm, ids, bad, [4], bs).kv[2]
+    torch.testing.assert_close((k, v), want, rtol=0, atol=0, equal_nan=True)  # bit for bit (NaN of block 1 kept)
+    assert rc.cost(1)["tokens"] == 8 and "seconds" in rc.cost(1)
+    rc = recomputation()
+    k, _ = rc.layer(0)(None, bs)  # the whole context: the clean prefill, bit for bit
+    assert k is hf.get_kv(cache, 0)[0] and rc.cost(1)["tokens"] == T
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_eval_counts_the_recomputed_tokens_per_cell(tiny_cfg, tiny_lm, mode, one_thread):
+    """checksum_recompute in the grid: 0 tokens on the clean cell, the failing blocks' tokens (selective) or the
+    context (full) on a block-fault cell, and the real recomputation scores what the stand-in scores."""
+    import dataclasses
+
+    from cachemedicpp import eval as ev
+    from cachemedicpp.config import load_config
+
+    cfg = load_config(data=tiny_cfg("llama", **{
+        "eval.defenses": ["no_defense", "checksum_recompute"], "eval.corruption_eval.types": ["block_fault"],
+        "eval.corruption_eval.eps": [0.16], "corruption.params.block_fault_mode": "swap",
+        "corruption.params.block_size": 8, "corruption.params.block_fault_frac": 0.25,
+        "baseline.checksum_block_size": 8, "baseline.recompute_mode": mode,
+        "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 1}]}))
+    lm = tiny_lm("llama")
+    ctx = ev.build_context(cfg, lm)
+    ex = ctx.examples[0]
+    unit = ev.score_example(ctx, ex)
+    T = int(ex.prefix.numel())
+    hit_cell = ev.Cell("block_fault", 0.16, "checksum_recompute")
+    clean_cell = ev.Cell("clean", 0.0, "checksum_recompute")
+    assert unit["recompute"][clean_cell.key] == {"tokens": 0, "blocks": 0}
+    region = ctx.corruptor.region("block_fault", 0.16, T, "eval", ex.example_id)
+    sev = C.severity("block_fault", 0.16, ctx.corruptor.params, ctx.corruptor.eps_ref)
+    hit, _ = C.block_map(ctx.corruptor, sev, region.time, 0, "eval", ex.example_id)
+    n_blocks = len({int(t) // 8 for t in hit.nonzero().flatten()})
+    assert n_blocks >= 1
+    got = unit["recompute"][hit_cell.key]
+    assert got["tokens"] == (8 * n_blocks if mode == "selective" else T)
+    assert got["blocks"] == n_blocks * len(region.layers)  # (layer, block) pairs, as before
+    exact = ev.score_example(dataclasses.replace(ctx, recompute_exact=True, instances={}), ex)
+    assert exact["recompute"][hit_cell.key] == got
+    value, clean_value = unit["cells"][hit_cell.key], unit["cells"][clean_cell.key]
+    assert value == clean_value  # the stand-in: exact recovery
+    assert exact["cells"][hit_cell.key] == pytest.approx(value, rel=1e-5)
+
+
+def test_recompute_mode_is_a_baseline_setting():
+    from cachemedicpp import defenses
+
+    assert config.load_config(data={}).baseline.recompute_mode == "selective"
+    assert defenses.make("checksum_recompute", {"recompute_mode": "full"}).recompute_mode == "full"
+    assert defenses.make("detect_recompute").recompute_mode == "selective"
+    with pytest.raises(ConfigError, match="baseline.recompute_mode"):
+        config.load_config(data={"baseline": {"recompute_mode": "partial"}})
+
+
+@pytest.mark.slow
+def test_selective_recompute_on_the_embedded_model_within_tolerance():
+    """SmolLM2-135M, a 201-token context, four failing blocks of 16 (the last one short): the K/V, the logits of
+    32 continuation tokens and their perplexity agree with the full recomputation."""
+    from cachemedicpp import ROOT, hf, recompute
+
+    lm = hf.load_model({"name": "embedded:smollm2-135m-instruct"}, "cpu", "float32")
+    text = (ROOT / "data" / "offline" / "wikitext2_eval.txt").read_text(encoding="utf-8")[:4000]
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[0][:233]
+    T, bs, blocks = 201, 16, [2, 5, 6, 12]
+    ctx, cont = ids[:T], ids[T:]
+    cache = _prefill(lm, ctx)
+    L = lm.arch.num_layers
+    bad = _damaged({l: hf.get_kv(cache, l) for l in range(L)}, blocks, bs, T)
+    sel = recompute.recompute_blocks(lm, ctx, bad, blocks, bs)
+    full = recompute.recompute(lm, ctx, range(L))
+    assert sel.tokens == 16 * 3 + 9
+    for l in range(L):
+        for a, b in zip(sel.kv[l], full.kv[l]):
+            assert float((a - b).abs().max()) <= recompute.TOLERANCE
+    ls, lf = _next_logits(lm, cache, sel.kv, cont), _next_logits(lm, cache, full.kv, cont)
+    assert float((ls - lf).abs().max()) <= recompute.TOLERANCE
+
+    def ppl(logits):
+        return float(torch.nn.functional.cross_entropy(logits[0, :-1], cont[1:]).exp())
+
+    assert round(ppl(ls), 4) == pytest.approx(round(ppl(lf), 4), abs=1.5e-4)
 
 
 # --------------------------------------------------------------------------------------------------

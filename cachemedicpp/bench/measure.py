@@ -72,8 +72,9 @@ def bench_eval(s: Settings, lm: hf.LoadedModel) -> dict:
 DEFENSE_OVERHEAD = ("eval's own overhead measurement (eval.measure_overhead, figure B's throughput): per defense, "
                     "one warm-up, then `reps` x one example per task of one corrupted cell (the first evaluated type "
                     "at the smallest positive eps), building the row (corrupt + defend) and scoring its continuation; "
-                    "checksum_recompute runs its real recomputation forward of the whole context whenever a block "
-                    "fails its checksum (counted in recompute_tokens / recompute_sec, part of wall_sec). Defenses "
+                    "checksum_recompute runs its real recomputation (baseline.recompute_mode: the failing blocks, or "
+                    "the whole context) whenever a block fails its checksum (counted in recompute_tokens / "
+                    "recompute_sec, part of wall_sec). Defenses "
                     "run one after another (not interleaved): ratios move with the machine's load")
 
 

@@ -50,6 +50,9 @@ class CacheInput:
     length: int  # positions of the context
     stored: Callable[[int], tuple[Tensor, Tensor]]  # layer -> its K/V as stored (corrupted where hit)
     memo: dict = field(default_factory=dict)  # what a defense decides once per cache (e.g. an alarm)
+    layers: tuple[int, ...] = ()  # the layers the defense acts on in this cache (a decision over all of them)
+    clean: Callable[[int], tuple[Tensor, Tensor]] | None = None  # layer -> its clean K/V (needs.clean)
+    tokens: Tensor | None = None  # the context's token ids (tags that bind a block to its sequence)
 
 
 @dataclass
@@ -62,7 +65,10 @@ class LayerInput:
     gen: torch.Generator | None = None  # needs.generator
     cal: Any = None  # calibration.Calibration (needs.calibration)
     clean: tuple[Tensor, Tensor] | None = None  # the clean K/V of the held entries (needs.clean)
-    fresh: Callable[[], tuple[Tensor, Tensor]] | None = None  # () -> the layer's recomputed K/V (needs.recompute)
+    # (blocks, block_size) -> the layer's K/V with the entries of those blocks (positions [j·b, (j+1)·b), decided
+    # once for every layer of the cache: their prefix must be clean) recomputed; blocks None: the whole context's
+    # recomputation (needs.recompute)
+    fresh: Callable[[tuple[int, ...] | None, int], tuple[Tensor, Tensor]] | None = None
     op: Any = None  # the learned operator (needs.operator)
     cache: CacheInput | None = None  # the whole cache (defenses that decide over every layer at once)
 

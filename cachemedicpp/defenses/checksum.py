@@ -1,15 +1,22 @@
-"""checksum_recompute, exact recovery: a checksum per block of `baseline.checksum_block_size` positions and
-layer (over K and V) is recorded when the clean cache is written and verified when it is read; a failing
-block is replaced by its entries recomputed from the tokens (`recompute.py`, bit-identical to the clean
-cache). It pays a forward of the context whenever a block fails; never a candidate for the best baseline.
+"""checksum_recompute, exact recovery: an integrity tag per block of `baseline.checksum_block_size` positions and
+layer (over K and V) is recorded when the clean cache is written and verified when it is read; the failing
+blocks' entries are recomputed from the tokens (`recompute.py`: by default only those blocks, in position
+order, exact up to float32 kernel rounding; `baseline.recompute_mode: full` recomputes the whole context, bit
+for bit). Nothing fails on a clean cache, and nothing is recomputed there. Never a candidate for the best
+baseline.
 
-The checksum: a weighted sum of the raw words modulo a prime, per block. A change of one word by any bit
-pattern changes the sum (the weights and 2^k are units modulo P); several changes collide with
-probability about 2^-31.
+The tag of a block binds it to its place: a checksum of its content (a weighted sum of the raw words modulo
+a prime, weighted by head, absolute position and channel) plus a key of its sequence and positions (a hash of
+the sequence's token ids up to the block's end and of the block's span). A change of one word by any bit
+pattern changes the checksum (the weights and 2^k are units modulo P); a block that is internally intact but
+misplaced, carrying the tag it was written with, fails too: a stale block (an earlier prompt's entries at the
+same positions), a block of another sequence (swapped in), or one of the same sequence moved to other
+positions. Several changes, or two keys, collide with probability about 2^-31.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -48,24 +55,88 @@ def block_checksums(k: Tensor, v: Tensor, positions: Tensor, block_size: int) ->
     return total % _P
 
 
+def place_keys(tokens: Tensor, n_blocks: int, block_size: int) -> Tensor:
+    """int64 [n_blocks] in [0, P): block j's key, a chained hash of the sequence's token ids up to the block's
+    end and of every block's span [start, end) up to j. Equal for two blocks only where the same tokens fill the
+    same positions up to there (collisions aside)."""
+    ids = tokens.reshape(-1).to(device="cpu", dtype=torch.int64)
+    bs = int(block_size)
+    if n_blocks and (n_blocks - 1) * bs >= ids.numel():
+        raise ValueError(f"place_keys: {ids.numel()} token ids do not reach block {n_blocks - 1} of {bs} positions")
+    h, keys = hashlib.blake2b(digest_size=16), []
+    for j in range(n_blocks):
+        s, e = j * bs, min((j + 1) * bs, ids.numel())
+        h.update(s.to_bytes(8, "little") + e.to_bytes(8, "little") + ids[s:e].numpy().tobytes())
+        keys.append(int.from_bytes(h.copy().digest()[:8], "little") % _P)
+    return torch.tensor(keys, dtype=torch.int64)
+
+
+def block_tags(k: Tensor, v: Tensor, positions: Tensor, block_size: int, tokens: Tensor | None) -> Tensor:
+    """int64 [B, n_blocks]: the integrity tag of every block, its checksum (`block_checksums`) plus its place
+    key (`place_keys` of the sequence `tokens`, the context's token ids). Without tokens, the checksum alone
+    (content and positions: a misplaced block carrying its tag can pass)."""
+    sums = block_checksums(k, v, positions, block_size)
+    if tokens is None:
+        return sums
+    return (sums + place_keys(tokens, sums.shape[1], block_size).to(sums.device)) % _P
+
+
+def failing_blocks(k: Tensor, v: Tensor, positions: Tensor, recorded: Tensor, block_size: int,
+                   tokens: Tensor | None) -> Tensor:
+    """bool [B, n_blocks]: the blocks whose tag, computed on the entries `k`, `v` as read for the sequence
+    `tokens`, differs from the `recorded` one."""
+    return block_tags(k, v, positions, block_size, tokens) != recorded.to(k.device)
+
+
 @register_defense
 @dataclass
 class ChecksumRecompute(Defense):
     name = results.CHECKSUM_RECOMPUTE
     group = results.GROUP_RECOMPUTE
     style = (YELLOW, "h")
-    needs = Needs(clean=True, recompute=True)  # the checksums are recorded on the clean cache
+    needs = Needs(clean=True, recompute=True)  # the tags are recorded on the clean cache
     cost_key = results.RECOMPUTE_COST
     checksum_block_size: int = baseline_param("checksum_block_size")
+    recompute_mode: str = baseline_param("recompute_mode")
 
     def apply(self, k: Tensor, v: Tensor, inp: LayerInput) -> Defended:
-        """The blocks whose checksum differs from the recorded one read from `inp.fresh()` (called only when a
-        block fails; without it, the clean entries, which the recomputation reproduces bit for bit)."""
-        bs = int(self.checksum_block_size)
-        failed = block_checksums(k, v, inp.positions, bs) != block_checksums(*inp.clean, inp.positions, bs)
+        """The blocks whose tag differs from the recorded one read from `inp.fresh` (called only when a block
+        fails; without it, the clean entries, which the recomputation reproduces). The failing blocks are
+        decided once for every layer of the cache, so each recomputed block reads a verified prefix."""
+        failed, union = self._failed(k, v, inp)
         if not bool(failed.any()):
             return Defended(k, v, cost=Cost())
+        bs = int(self.checksum_block_size)
         bad = failed[:, inp.positions.to(torch.int64).to(failed.device) // bs]
-        k, v = replace_rows(k, v, bad, inp.fresh or (lambda: inp.clean))
+        want = union if self.recompute_mode == "selective" else None
+        fresh = (lambda: inp.fresh(want, bs)) if inp.fresh is not None else (lambda: inp.clean)
+        k, v = replace_rows(k, v, bad, fresh)
         hit = frozenset((inp.layer, int(b), int(j)) for b, j in failed.nonzero().tolist())
         return Defended(k, v, cost=Cost(hit))
+
+    def _failed(self, k: Tensor, v: Tensor, inp: LayerInput) -> tuple[Tensor, tuple[int, ...]]:
+        """(bool [B, n_blocks] this layer's failing blocks, the failing blocks of every layer of the cache);
+        without a whole cache to verify, this layer's alone."""
+        bs, cache = int(self.checksum_block_size), inp.cache
+        if cache is None or inp.layer not in cache.layers or cache.clean is None:
+            failed = failing_blocks(k, v, inp.positions, block_tags(*inp.clean, inp.positions, bs, None), bs, None)
+            return failed, _blocks(failed)
+        memo = cache.memo.get(self.name)
+        if memo is None:  # once per cache: every layer's tags (recorded on the clean cache) verified
+            per_layer = {l: self._verify(cache, l) for l in cache.layers}
+            union = tuple(sorted(set().union(*(_blocks(f) for f in per_layer.values()))))
+            memo = cache.memo[self.name] = (per_layer, union)
+        per_layer, union = memo
+        return per_layer[inp.layer], union
+
+    def _verify(self, cache, layer: int) -> Tensor:
+        bs = int(self.checksum_block_size)
+        k, v = cache.stored(layer)
+        pos = torch.arange(cache.length - k.shape[2], cache.length)
+        recorded = block_tags(*cache.clean(layer), pos, bs, cache.tokens)
+        return failing_blocks(k, v, pos, recorded, bs, cache.tokens)
+
+
+def _blocks(failed: Tensor) -> tuple[int, ...]:
+    """The ids of the blocks failing in any batch row."""
+    return tuple(int(j) for j in failed.any(0).nonzero().flatten().tolist())

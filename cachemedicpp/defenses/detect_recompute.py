@@ -2,7 +2,12 @@
 the detector of a trained operator that has one (family D) is the alarm. A block of positions holding at
 least `alarm` gated entries (every protected layer and KV head pooled; a level set on clean training
 windows) raises it, and its entries are replaced by recomputed ones in every protected layer; what raises no
-alarm stays as stored. At rest only."""
+alarm stays as stored. At rest only.
+
+Recomputation (`baseline.recompute_mode`): selective (default) recomputes the alarmed blocks only, in position
+order, each through the cache as stored before it: a block the detector missed stays in that prefix, so an
+alarmed block after it is recomputed as the model computes it from what is stored; full recomputes the whole
+context (the clean entries, whatever was missed before)."""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class DetectRecompute(Defense):
     cost_how = ("; a block of positions is recomputed (in every protected layer) when it holds at least "
                 "alarm_min_gated entries the family-D detector gates; what raises no alarm stays as stored")
     checksum_block_size: int = baseline_param("checksum_block_size")
+    recompute_mode: str = baseline_param("recompute_mode")
     alarm: int | None = None  # gated entries that make a block an alarm (set by `setup`)
 
     def check(self, cfg, op) -> None:
@@ -61,7 +67,9 @@ class DetectRecompute(Defense):
             inp.cache.memo[self.name] = alarmed
         if not bool(alarmed.any()):
             return Defended(k, v, cost=Cost())
+        blocks = tuple(int(j) for j in alarmed.nonzero().flatten().tolist())
         bad = alarmed.cpu()[inp.positions.to(torch.int64) // bs]
         if bool(bad.any()):
-            k, v = replace_rows(k, v, bad[None], inp.fresh)
-        return Defended(k, v, cost=Cost(frozenset(int(j) for j in alarmed.nonzero().flatten().tolist())))
+            want = blocks if self.recompute_mode == "selective" else None
+            k, v = replace_rows(k, v, bad[None], lambda: inp.fresh(want, bs))
+        return Defended(k, v, cost=Cost(frozenset(blocks)))

@@ -251,11 +251,20 @@ def recompute_cost(ctx: EvalContext, units: dict, name: str) -> dict | None:
                          "blocks_failed_mean": float(np.mean([x["blocks"] for x in known]))})
     return {"defense": name, "block_size": int(ctx.baseline["checksum_block_size"]), "persistence": ctx.persistence,
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
-            "how": "the clean prefill stands for the recomputation's result (recompute.py reproduces it bit for bit, "
-                   "tested); the tokens counted are those the exact recomputation forwards (the whole context)"
-                   + ctx.defense(name).cost_how,
+            "how": _recompute_how(ctx.defense(name)) + ctx.defense(name).cost_how,
             **ctx.defense(name).cost_settings()}
 
+
+
+def _recompute_how(dfn) -> str:
+    if getattr(dfn, "recompute_mode", "full") == "full":
+        return ("full recomputation (baseline.recompute_mode): the clean prefill stands for its result (recompute.py "
+                "reproduces it bit for bit, tested); the tokens counted are those it forwards (the whole context)")
+    return ("selective recomputation (baseline.recompute_mode): the failing blocks only, in position order, through "
+            "the cache before them; the clean prefill stands for its result where every changed entry before them "
+            "is recomputed too (equal within recompute.TOLERANCE, tested), else it runs; the tokens counted are "
+            "those it forwards (the failing blocks', or from position 0 where a sliding-window layer no longer "
+            "holds a block's window)")
 
 
 def detector_stats(ctx: EvalContext, units: dict) -> dict | None:

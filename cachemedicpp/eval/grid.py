@@ -125,8 +125,8 @@ class EvalContext:
     cal: Any = None  # calibration.Calibration when a calibrated baseline is evaluated
     bit_classes: list[str] = field(default_factory=list)  # figure E's bit classes (eval.bit_classes)
     bit_eps: float | None = None  # their severity
-    # recomputing defenses: run the real recomputation forward (timed overhead) instead of reading the clean
-    # prefill, which it reproduces bit for bit (tests/test_faults.py); the cost is counted either way
+    # recomputing defenses: always run the real recomputation (timed overhead) instead of reading the clean
+    # prefill where that is what it gives (see _Recomputation); the cost is counted either way
     recompute_exact: bool = False
     instances: dict = field(default_factory=dict)  # defense name -> its Defense (made once, set up by build_context)
 
@@ -278,27 +278,76 @@ def _layer_input(ctx: EvalContext, ex: tasks.Example, dfn: defenses.Defense, lay
 
 
 class _Recomputation:
-    """The recomputed entries of one example's context, obtained at most once: with `ctx.recompute_exact`
-    the real forward of recompute.py (timed), else the clean prefill, which it reproduces bit for bit."""
+    """What a recomputing defense's `fresh(blocks, block_size)` reads for one example's cache, obtained at most
+    once (the defense asks for the same blocks in every layer). With `ctx.recompute_exact`, the real
+    recomputation of recompute.py (timed). Otherwise the clean prefill stands for it where that is what the
+    recomputation gives: the whole context's (bit for bit), or failing blocks whose prefix holds clean entries
+    in every layer (within recompute.TOLERANCE; so for every block checksum_recompute recomputes, its tags
+    catching every change). A selective request whose prefix keeps changed entries (blocks detect_recompute
+    missed) runs the real recomputation, whose entries depend on them."""
 
-    def __init__(self, ctx: EvalContext, ex: tasks.Example, layers, clean_cache):
-        self.ctx, self.ex, self.layers, self.clean = ctx, ex, sorted(layers), clean_cache
+    def __init__(self, ctx: EvalContext, ex: tasks.Example, layers, clean_cache, stored: Callable):
+        self.ctx, self.ex, self.layers, self.clean, self.stored = ctx, ex, sorted(layers), clean_cache, stored
+        self.request: tuple | None = None  # (sorted block ids, or None for the whole context; block size)
         self.run = None
 
-    def layer(self, layer: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        def get():
-            if not self.ctx.recompute_exact:
-                return hf.get_kv(self.clean, layer)
-            if self.run is None:
-                self.run = recompute.recompute(self.ctx.lm, self.ex.prefix, self.layers)
-            return self.run.kv[layer]
+    def layer(self, layer: int) -> Callable[[tuple | None, int], tuple[torch.Tensor, torch.Tensor]]:
+        def get(blocks, block_size):
+            req = (None if blocks is None else tuple(sorted(int(j) for j in blocks)), int(block_size))
+            if self.request is not None and req != self.request:
+                raise ValueError(f"a recomputing defense asked for {req} after {self.request} in one cache")
+            self.request = req
+            if self.run is None and (self.ctx.recompute_exact or not self._stands_in()):
+                self.run = self._recompute()
+            return self.run.kv[layer] if self.run is not None else hf.get_kv(self.clean, layer)
         return get
 
+    def _recompute(self) -> recompute.Recomputed:
+        blocks, bs = self.request
+        if blocks is None:
+            return recompute.recompute(self.ctx.lm, self.ex.prefix, self.layers)
+        stored = {l: self.stored(l) for l in range(self.ctx.lm.arch.num_layers)}
+        return recompute.recompute_blocks(self.ctx.lm, self.ex.prefix, stored, blocks, bs)
+
+    def _stands_in(self) -> bool:
+        """Whether the clean prefill is what the requested recomputation gives: no entry before the last
+        requested block differs from the clean one outside the requested blocks."""
+        blocks, bs = self.request
+        if blocks is None:
+            return True
+        T, last = int(self.ex.prefix.numel()), max(blocks) * bs
+        redone = torch.zeros(T, dtype=torch.bool)
+        for j in blocks:
+            redone[j * bs:(j + 1) * bs] = True
+        for l in range(self.ctx.lm.arch.num_layers):
+            k, v = self.stored(l)
+            k0, v0 = hf.get_kv(self.clean, l)
+            if k is k0 and v is v0:
+                continue
+            pos = torch.arange(T - k.shape[2], T)
+            changed = defenses.changed_entries(k0, v0, k, v).any(1).any(0).cpu()  # [T_layer]
+            if bool((changed & ~redone[pos] & (pos < last)).any()):
+                return False
+        return True
+
     def cost(self, blocks: int) -> dict:
-        out = {"tokens": int(self.ex.prefix.numel()) if blocks else 0, "blocks": int(blocks)}
+        """{"tokens": forward tokens recomputed (0 when nothing was asked), "blocks": `blocks`[, "seconds"]}."""
+        out = {"tokens": self._tokens(), "blocks": int(blocks)}
         if self.run is not None:
             out["seconds"] = self.run.seconds
         return out
+
+    def _tokens(self) -> int:
+        if self.request is None:
+            return 0
+        if self.run is not None:
+            return int(self.run.tokens)
+        blocks, bs = self.request
+        T = int(self.ex.prefix.numel())
+        if blocks is None:
+            return T
+        held = {l: hf.held_length(self.clean, l) for l in range(self.ctx.lm.arch.num_layers)}
+        return recompute.plan_tokens(recompute.plan(blocks, bs, T, self.ctx.lm.arch, held))
 
 
 def _acting_layers(ctx: EvalContext, dfn: defenses.Defense, corrupted) -> list[int]:
@@ -317,8 +366,9 @@ def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: co
     dfn = ctx.defense(name)
     layers = _acting_layers(ctx, dfn, kv)
     stored = lambda l: kv[l] if l in kv else hf.get_kv(clean_cache, l)  # noqa: E731
-    cache = defenses.CacheInput(int(ex.prefix.numel()), stored)
-    fresh = _Recomputation(ctx, ex, layers, clean_cache) if dfn.needs.recompute else None
+    clean = (lambda l: hf.get_kv(clean_cache, l)) if dfn.needs.clean else None
+    cache = defenses.CacheInput(int(ex.prefix.numel()), stored, layers=tuple(layers), clean=clean, tokens=ex.prefix)
+    fresh = _Recomputation(ctx, ex, layers, clean_cache, stored) if dfn.needs.recompute else None
     out, drops, blocks = dict(kv), {}, set()
     for l in layers:
         k, v = stored(l)
