@@ -392,14 +392,30 @@ def gated_per_block(op: DetectingOperator, memo: Mapping, T: int, block_size: in
 
 
 @torch.no_grad()
-def alarm_level(op: DetectingOperator, caches: Sequence[Mapping], block_size: int) -> int:
-    """detect_recompute's rule, set on clean training windows: a block raises the alarm when it holds at least
-    this many gated entries, one more than any block of the clean `caches` holds (none of them would)."""
-    worst = 0
+def cache_maxima(op: DetectingOperator, caches: Sequence[Mapping], block_size: int) -> list[int]:
+    """Per clean cache, the most gated entries any of its blocks holds (it alarms at a level at or below)."""
+    out = []
     for c in caches:
         T = next(iter(c.values()))[0].shape[2]
-        worst = max(worst, int(gated_per_block(op, op.prime(c), T, block_size).max()))
-    return worst + 1
+        out.append(int(gated_per_block(op, op.prime(c), T, block_size).max()))
+    return out
+
+
+def budget_level(maxima: Sequence[int], budget: float) -> int:
+    """The alarm level that lets at most a `budget` fraction of clean caches alarm, by the split-conformal
+    rule: one more than the ceil((n + 1)(1 − budget))-th smallest of the n clean caches' maxima, so that a new
+    clean cache exchangeable with them alarms with probability at most `budget`. With too few caches for the
+    budget (that rank above n) it is one more than the largest: no clean cache alarms."""
+    m = sorted(int(x) for x in maxima)
+    if not m:
+        raise ValueError("budget_level needs at least one clean cache")
+    rank = math.ceil((len(m) + 1) * (1.0 - float(budget)))
+    return (m[min(rank, len(m)) - 1] if rank >= 1 else 0) + 1
+
+
+def alarm_level(op: DetectingOperator, caches: Sequence[Mapping], block_size: int) -> int:
+    """The max rule: one more than any block of the clean `caches` holds (budget_level with budget 0)."""
+    return budget_level(cache_maxima(op, caches, block_size), 0.0)
 
 
 @torch.no_grad()

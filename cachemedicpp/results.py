@@ -264,6 +264,11 @@ class RecomputeCell(TypedDict):
                                   "longer holds a block's window; full: the context length)"]
     blocks_failed_mean: Annotated[float, "mean blocks (block x layer) that failed their checksum per example "
                                          "(detect_recompute: blocks of positions that raised the alarm)"]
+    corrupted_block_tokens_mean: Annotated[float, "the oracle's minimum: mean tokens of the blocks of positions the "
+                                                  "corruption changed in any layer (what a recomputation that knew "
+                                                  "the damage would forward; 0 on clean cells)"]
+    seconds_mean: NotRequired[Annotated[float, "mean wall seconds of the recomputations that ran (eval.recompute_exact: "
+                                               "the real forwards; absent when the clean prefill stood in for all)"]]
 
 
 class RecomputeCost(TypedDict):
@@ -280,7 +285,9 @@ class RecomputeCost(TypedDict):
     how: Annotated[str, "how the recomputed entries were obtained in the grid"]
     alarm_min_gated: NotRequired[Annotated[int, "detect_recompute: gated entries (protected layers and KV heads "
                                                 "pooled) that make a block of positions raise the alarm, set on "
-                                                "clean training windows (one more than any of their blocks holds)"]]
+                                                "clean selection-split caches within the false-alarm budget"]]
+    alarm_budget: NotRequired[Annotated[float, "detect_recompute: the false-alarm budget (baseline.alarm_budget)"]]
+    alarm_caches: NotRequired[Annotated[int, "detect_recompute: clean selection-split caches the level was set on"]]
 
 
 class ClassCI(TypedDict):

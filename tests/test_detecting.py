@@ -497,6 +497,45 @@ def test_the_alarm_level_keeps_every_clean_training_block_quiet(tiny_lm):
         assert torch.equal(hit[[0, 2]], counts[0][[0, 2]]), ctype
 
 
+def test_the_budget_rule_lets_at_most_the_budget_of_clean_caches_alarm():
+    from cachemedicpp.repair_detect import budget_level
+
+    maxima = list(range(1, 100))  # 99 clean caches, maxima 1..99
+    for budget in (0.0, 0.01, 0.05, 0.2, 0.5):
+        level = budget_level(maxima, budget)
+        alarmed = sum(m >= level for m in maxima) / len(maxima)
+        assert alarmed <= budget + 1e-12
+        # the tightest such level: one lower lets more than the conformal count through
+        assert sum(m >= level - 1 for m in maxima) > sum(m >= level for m in maxima)
+    assert budget_level(maxima, 0.0) == 100  # the max rule
+    assert budget_level([3, 3, 3], 0.05) == 4  # too few caches for the budget: none alarms
+    assert budget_level(maxima, 0.05) == 96  # rank ceil(100 * 0.95) = 95: maxima 96..99 (4 %) alarm
+
+
+def test_the_alarm_level_is_set_on_the_selection_split_only(tmp_path, tiny_model_dir, tiny_lm):
+    """Change the test examples and the level is unchanged; it moves with the budget, on selection caches."""
+    from cachemedicpp.eval.grid import build_context
+
+    lm = tiny_lm("llama")
+    op, _ = _fitted(lm)
+    _outlier_detector(op, tau=1.0)
+    levels = {}
+    for name, over in (("a", {"eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}]}),
+                       ("b", {"eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 3, "start": 5}]}),
+                       ("tight", {"eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}],
+                                  "baseline.alarm_budget": 0.5})):
+        (tmp_path / name).mkdir()
+        _, cfg = _cfg(tmp_path / name, tiny_model_dir("llama"), **{
+            "eval.corruption_eval.types": ["gaussian"], "eval.defenses": ["no_defense", "detect_recompute"],
+            "baseline.alarm_examples": 20, **over})
+        ctx = build_context(cfg, lm, op)
+        dfn = ctx.defense("detect_recompute")
+        levels[name] = dfn.alarm
+        assert dfn.alarm_caches == 20 and "selection split" in " ".join(ctx.notes)
+    assert levels["a"] == levels["b"]  # other test caches, the same level
+    assert levels["tight"] <= levels["a"]  # a larger budget never raises the level
+
+
 def test_detect_recompute_needs_a_family_d_operator(tmp_path, tiny_model_dir, tiny_lm):
     from cachemedicpp.eval.grid import build_context
 

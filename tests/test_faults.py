@@ -549,19 +549,22 @@ def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives
         return grid._Recomputation(ctx, ex, layers, cache, lambda l: bad[l])
 
     rc = recomputation()
-    assert rc.cost(0) == {"tokens": 0, "blocks": 0}
+    # the oracle's minimum: the two damaged blocks' tokens, whatever the defense asked
+    assert rc.cost(0, bs) == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 16}
     k, _ = rc.layer(0)((1, 4), bs)  # both damaged blocks: a clean prefix
-    assert k is hf.get_kv(cache, 0)[0] and rc.run is None and rc.cost(2)["tokens"] == 16
+    assert k is hf.get_kv(cache, 0)[0] and rc.run is None and rc.cost(2, bs)["tokens"] == 16
     with pytest.raises(ValueError, match="asked for"):
         rc.layer(1)((4,), bs)
     rc = recomputation()
     k, v = rc.layer(2)((4,), bs)  # block 1 stays damaged before block 4: the real recomputation runs
     want = recompute.recompute_blocks(lm, ids, bad, [4], bs).kv[2]
     torch.testing.assert_close((k, v), want, rtol=0, atol=0, equal_nan=True)  # bit for bit (NaN of block 1 kept)
-    assert rc.cost(1)["tokens"] == 8 and "seconds" in rc.cost(1)
+    assert rc.cost(1, bs)["tokens"] == 8 and "seconds" in rc.cost(1, bs)
     rc = recomputation()
     k, _ = rc.layer(0)(None, bs)  # the whole context: the clean prefill, bit for bit
-    assert k is hf.get_kv(cache, 0)[0] and rc.cost(1)["tokens"] == T
+    assert k is hf.get_kv(cache, 0)[0] and rc.cost(1, bs)["tokens"] == T
+    clean = grid._Recomputation(ctx, ex, layers, cache, lambda l: hf.get_kv(cache, l))
+    assert clean.cost(0, bs)["corrupted_block_tokens"] == 0
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

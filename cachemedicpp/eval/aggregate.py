@@ -248,7 +248,12 @@ def recompute_cost(ctx: EvalContext, units: dict, name: str) -> dict | None:
             rows.append({"corruption_type": c.ctype, "epsilon": c.eps, "n": len(known),
                          "recomputed_fraction": float(np.mean([x["tokens"] > 0 for x in known])),
                          "tokens_mean": float(np.mean([x["tokens"] for x in known])),
-                         "blocks_failed_mean": float(np.mean([x["blocks"] for x in known]))})
+                         "blocks_failed_mean": float(np.mean([x["blocks"] for x in known])),
+                         "corrupted_block_tokens_mean": float(np.mean([x.get("corrupted_block_tokens", 0)
+                                                                       for x in known]))})
+            secs = [x["seconds"] for x in known if "seconds" in x]
+            if secs:
+                rows[-1]["seconds_mean"] = float(np.mean(secs))
     return {"defense": name, "block_size": int(ctx.baseline["checksum_block_size"]), "persistence": ctx.persistence,
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
             "how": _recompute_how(ctx.defense(name)) + ctx.defense(name).cost_how,

@@ -330,12 +330,29 @@ class _Recomputation:
                 return False
         return True
 
-    def cost(self, blocks: int) -> dict:
-        """{"tokens": forward tokens recomputed (0 when nothing was asked), "blocks": `blocks`[, "seconds"]}."""
-        out = {"tokens": self._tokens(), "blocks": int(blocks)}
+    def cost(self, blocks: int, block_size: int) -> dict:
+        """{"tokens": forward tokens recomputed (0 when nothing was asked), "blocks": `blocks`,
+        "corrupted_block_tokens": the oracle's minimum (tokens of the blocks the corruption changed)[, "seconds"]}."""
+        out = {"tokens": self._tokens(), "blocks": int(blocks),
+               "corrupted_block_tokens": self.corrupted_block_tokens(int(block_size))}
         if self.run is not None:
             out["seconds"] = self.run.seconds
         return out
+
+    def corrupted_block_tokens(self, block_size: int) -> int:
+        """Tokens of the blocks of `block_size` positions holding an entry that differs from the clean cache in
+        any layer: what a recomputation that knew the damage would forward."""
+        T = int(self.ex.prefix.numel())
+        hit = torch.zeros(T, dtype=torch.bool)
+        for l in range(self.ctx.lm.arch.num_layers):
+            k, v = self.stored(l)
+            k0, v0 = hf.get_kv(self.clean, l)
+            if k is k0 and v is v0:
+                continue
+            pos = torch.arange(T - k.shape[2], T)
+            hit[pos[defenses.changed_entries(k0, v0, k, v).any(1).any(0).cpu()]] = True
+        blocks = hit.nonzero().flatten() // block_size
+        return sum(min(block_size, T - int(j) * block_size) for j in torch.unique(blocks).tolist())
 
     def _tokens(self) -> int:
         if self.request is None:
@@ -379,7 +396,8 @@ def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: co
             drops[l] = got.drop
         if got.cost is not None:
             blocks |= got.cost.blocks
-    return out, (drops or None), (fresh.cost(len(blocks)) if fresh else None)
+    bs = int(getattr(dfn, "checksum_block_size", ctx.baseline["checksum_block_size"]))
+    return out, (drops or None), (fresh.cost(len(blocks), bs) if fresh else None)
 
 
 def _covers_nothing(region: corruption.Region) -> bool:
