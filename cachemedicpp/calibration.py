@@ -1,4 +1,5 @@
-"""Clean-cache calibration for the calibrated baselines `range_clamp` and `norm_outlier_drop`.
+"""Clean-cache calibration: the calibrated baselines `range_clamp` and `norm_outlier_drop`, and the model of
+the clean cache the calibrated repairs (`prior.py`) restore entries with.
 
 Statistics of clean K/V are gathered once per run from windows of the *training* corpus (never the
 evaluation text), on the protected layers, per KV head:
@@ -9,6 +10,14 @@ evaluation text), on the protected layers, per KV head:
   Llama, Qwen2 and Gemma) is bounded by the 1 - q quantile of its 2-D norm, which the rotation leaves
   unchanged. Models without RoPE (GPT-2) get per-channel bounds like the values;
 - tokens: the q and 1 - q quantiles of each token's key norm and value norm (the outlier band).
+
+The model of the clean cache, per protected layer and KV head (`kprior`, `vprior`): keys *before RoPE*
+(un-rotated with their known absolute positions: `hf.rotary_frequencies`; GPT-2's are used as projected) and
+values, each with per-channel `prior_q` / 1 - `prior_q` quantiles, mean, and the covariance's eigenbasis
+(eigenvectors and eigenvalues), from the same calibration windows. Then, on the selection windows (held-in
+clean caches, disjoint from those), the levels the calibrated repair compares a cache with: the farthest any
+element lies beyond its range (in range widths) and the largest relative white-noise variance any block of
+`repair_block` positions shows (`prior.relative_noise`). At margin 1 those held-in caches are left untouched.
 
 The first `sink_tokens` positions (attention sinks) carry extreme entries that later positions do not
 cover; they are left out of the statistics and never clamped or dropped (see shared/MEASURED.md:
@@ -37,20 +46,31 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from cachemedicpp import data, defenses, hf
+from cachemedicpp import data, defenses, hf, prior
 from cachemedicpp.defenses import fit_drop
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.fileio import atomic_torch_save, load_checkpoint
 
 log = logging.getLogger("cachemedicpp")
 
-FORMAT = "cachemedicpp.calibration/1"
+FORMAT = "cachemedicpp.calibration/2"  # 2: the clean-cache model (pre-RoPE keys, covariance, held-in levels)
 CLAMP, DROP = "range_clamp", "norm_outlier_drop"
+
+
+def frames(rope: Mapping[int, tuple[Tensor, float]], layer: int, positions: Tensor,
+           device="cpu") -> tuple[prior.Frame, prior.Frame]:
+    """Where a layer's keys and values are modelled: keys un-rotated with their positions (when the layer has
+    RoPE), values as stored."""
+    if layer not in rope:
+        return prior.Frame(), prior.Frame()
+    inv_freq, scaling = rope[layer]
+    return prior.Frame(*prior.rope_cos_sin(inv_freq.to(device), scaling, positions.to(device))), prior.Frame()
 
 
 @dataclass
 class Calibration:
-    """Calibrated bounds per protected layer (tensors indexed [candidate, KV head, ...])."""
+    """Calibrated bounds per protected layer (tensors indexed [candidate, KV head, ...]) and the model of the
+    clean cache (per layer, tensors indexed [KV head, ...])."""
 
     layers: tuple[int, ...]
     sink: int
@@ -65,6 +85,12 @@ class Calibration:
     vnorm: dict[int, Tensor]  # [B, H, 2]
     chosen: dict[str, int]  # defense -> index of the chosen candidate
     record: dict  # hash, sources, sizes, the selection's clean costs (for the metrics)
+    # the model of the clean cache (prior.py), per layer: {"mean", "lo", "hi" [H, d], "evec" [H, d, d] (columns),
+    # "eval" [H, d], "range_level", "noise_level" [H]}; keys before RoPE
+    kprior: dict[int, dict[str, Tensor]]
+    vprior: dict[int, dict[str, Tensor]]
+    rope: dict[int, tuple[Tensor, float]]  # layer -> (inverse frequencies, attention scaling); empty without RoPE
+    block: int  # positions per block of the noise estimate
 
     # -- the two baselines: pure functions of a layer's cache ------------------------------------
     def clamp(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,6 +123,35 @@ class Calibration:
                | (vn < band_v[None, :, 0, None]) | (vn > band_v[None, :, 1, None]) | ~torch.isfinite(kn + vn))
         return out & (positions >= self.sink).view(1, 1, -1).to(k.device)
 
+    # -- the calibrated repairs (prior.py), on keys and values alike --------------------------------
+    def _each(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, fn) -> tuple[Tensor, Tensor]:
+        """fn(x, stats, frame, live) -> (x, changed) on the keys, then on the values."""
+        kf, vf = frames(self.rope, layer, positions, k.device)
+        live = (positions >= self.sink).to(k.device)
+        out = []
+        for x, st, frame in ((k, self.kprior[layer], kf), (v, self.vprior[layer], vf)):
+            out.append(fn(x, {n: t.to(x.device) for n, t in st.items()}, frame, live)[0])
+        return out[0], out[1]
+
+    def impute(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """impute: exact zeros and non-finite elements replaced by their conditional mean (sinks left alone)."""
+        return self._each(layer, k, v, positions, prior.impute)
+
+    def prerope_clamp(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """prerope_clamp: every element pulled into its calibrated per-channel range, keys before RoPE."""
+        return self._each(layer, k, v, positions, prior.clamp)
+
+    def denoise(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """denoise: Wiener shrinkage of every block that shows any white noise over the clean model."""
+        return self._each(layer, k, v, positions,
+                          lambda x, st, frame, live: prior.denoise(x, st, frame, live, positions, self.block))
+
+    def repair(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, range_margin: float,
+               noise_margin: float) -> tuple[Tensor, Tensor]:
+        """calibrated_repair: each repair where the cache shows its fault beyond `margin` times the held-in level."""
+        return self._each(layer, k, v, positions, lambda x, st, frame, live: prior.repair(
+            x, st, frame, live, positions, self.block, range_margin, noise_margin))
+
     def summary(self) -> dict:
         """What the metrics record about the calibration (JSON)."""
         return {**self.record, "chosen": {d: {"index": i, "q": (self.q if d == CLAMP else self.band)[i]}
@@ -127,20 +182,21 @@ def _windows(cfg: Config, lm: hf.LoadedModel) -> tuple[list[Tensor], list[Tensor
     return wins[:int(c.windows)], wins[int(c.windows):], source
 
 
-def _gather(lm: hf.LoadedModel, layers: Sequence[int], windows: Sequence[Tensor], sink: int) -> dict:
-    """{layer: (K, V)} of clean caches, [H, N, d] over every non-sink position of every window."""
-    ks: dict[int, list[Tensor]] = {l: [] for l in layers}
-    vs: dict[int, list[Tensor]] = {l: [] for l in layers}
+def _gather(lm: hf.LoadedModel, layers: Sequence[int], windows: Sequence[Tensor], sink: int,
+            rope: Mapping[int, tuple[Tensor, float]]) -> dict:
+    """{layer: (K, K before RoPE, V)} of clean caches, [H, N, d] over every non-sink position of every window."""
+    got: dict[int, list[list[Tensor]]] = {l: [[], [], []] for l in layers}
     with torch.no_grad():
         for w in windows:
             _, cache = hf.forward(lm.model, w[None].to(lm.device), logits_to_keep=1)
             for l in layers:
-                k, v = hf.get_kv(cache, l)
+                k, v = (x.float().cpu() for x in hf.get_kv(cache, l))
                 pos = torch.arange(w.numel() - k.shape[2], w.numel())
                 keep = pos >= sink
-                ks[l].append(k[0][:, keep].float().cpu())
-                vs[l].append(v[0][:, keep].float().cpu())
-    return {l: (torch.cat(ks[l], dim=1), torch.cat(vs[l], dim=1)) for l in layers}
+                kpre = frames(rope, l, pos)[0].model(k)
+                for i, x in enumerate((k, kpre, v)):
+                    got[l][i].append(x[0][:, keep])
+    return {l: tuple(torch.cat(xs, dim=1) for xs in got[l]) for l in layers}
 
 
 def _quantiles(x: Tensor, qs: Sequence[float], dim: int) -> Tensor:
@@ -159,7 +215,7 @@ def _quantiles(x: Tensor, qs: Sequence[float], dim: int) -> Tensor:
 
 def _bounds(stats: dict, rotary: bool, q: Sequence[float], band: Sequence[float]) -> dict:
     out = {n: {} for n in ("key_lo", "key_hi", "val_lo", "val_hi", "knorm", "vnorm")}
-    for l, (k, v) in stats.items():  # [H, N, d]
+    for l, (k, _, v) in stats.items():  # [H, N, d]
         out["val_lo"][l] = _quantiles(v, q, 1)
         out["val_hi"][l] = _quantiles(v, [1 - x for x in q], 1)
         out["key_lo"][l] = _quantiles(k, q, 1)
@@ -173,6 +229,41 @@ def _bounds(stats: dict, rotary: bool, q: Sequence[float], band: Sequence[float]
             n = x.norm(dim=-1)  # [H, N]
             out[name][l] = torch.stack([_quantiles(n, band, 1), _quantiles(n, [1 - b for b in band], 1)], dim=-1)
     return out
+
+
+def _gaussian(x: Tensor, q: float) -> dict[str, Tensor]:
+    """The clean model of one kind of entry, x [H, N, d]: per-channel q / 1 - q quantiles, mean, and the
+    covariance's eigenvectors (columns) and eigenvalues (ascending, ≥ 0)."""
+    mean = x.mean(1)
+    xc = (x - mean[:, None]).double()
+    evals, evec = torch.linalg.eigh(xc.transpose(1, 2) @ xc / max(x.shape[1] - 1, 1))
+    lo, hi = _quantiles(x, [q, 1 - q], 1)
+    return {"mean": mean, "lo": lo, "hi": hi, "evec": evec.float(), "eval": evals.float().clamp_min(0)}
+
+
+def _priors(stats: dict, q: float) -> tuple[dict, dict]:
+    """(kprior, vprior) without their held-in levels."""
+    return ({l: _gaussian(kpre, q) for l, (_, kpre, _) in stats.items()},
+            {l: _gaussian(v, q) for l, (_, _, v) in stats.items()})
+
+
+def held_in_levels(cal: Calibration, caches: Sequence, lengths: Sequence[int]) -> None:
+    """Set each (layer, KV head)'s levels from held-in clean caches (of contexts of `lengths` positions): the
+    farthest an element lies beyond its calibrated range (range widths) and the largest relative noise variance
+    of a block (`prior.relative_noise`)."""
+    for l in cal.layers:
+        for which, st in ((0, cal.kprior[l]), (1, cal.vprior[l])):
+            far, noise = torch.zeros(st["mean"].shape[0]), torch.zeros(st["mean"].shape[0])
+            for cache, T in zip(caches, lengths):
+                x = hf.get_kv(cache, l)[which].float().cpu()
+                pos = torch.arange(T - x.shape[2], T)  # a sliding-window layer holds the last positions only
+                live = pos >= cal.sink
+                if not bool(live.any()):
+                    continue
+                xm = frames(cal.rope, l, pos)[which].model(x)
+                far = torch.maximum(far, prior.outside(xm, st["lo"], st["hi"])[..., live, :].amax(dim=(0, 2, 3)))
+                noise = torch.maximum(noise, prior.relative_noise(xm, st, live, pos, cal.block).amax(dim=(0, 2)))
+            st["range_level"], st["noise_level"] = far, noise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,10 +309,12 @@ def _drop_reader(drops: Mapping[int, Tensor]):
 
 
 def choose(cal: Calibration, lm: hf.LoadedModel, select: Sequence[Tensor], cont_len: int,
-           max_cost: float) -> dict:
+           max_cost: float, caches: Sequence | None = None) -> dict:
     """Per baseline, the tightest candidate whose clean perplexity over the selection windows is within
-    `max_cost` (relative) of no defense's; the loosest candidate when none is. Returns the costs seen."""
-    caches = [prefill(lm, w, cont_len) for w in select]  # once: every candidate defends a copy
+    `max_cost` (relative) of no defense's; the loosest candidate when none is. Returns the costs seen.
+    `caches`: the windows' clean context caches (`prefill`), when the caller has them."""
+    if caches is None:
+        caches = [prefill(lm, w, cont_len) for w in select]  # once: every candidate defends a copy
 
     def ppl(defend=None) -> float:
         return math.exp(sum(window_nll(lm, w, cont_len, cal.layers, defend, c) for w, c in zip(select, caches))
@@ -273,16 +366,26 @@ def build(cfg: Config, lm: hf.LoadedModel) -> Calibration:
     cal_w, sel_w, source = _windows(cfg, lm)
     layers = tuple(sorted(int(x) for x in cfg.repair.protect_layers))
     rotary = rotary_keys(lm)
+    rope = {l: f for l in layers if (f := hf.rotary_frequencies(lm.model, l)) is not None}
     q, band = tuple(float(x) for x in c.clamp_q), tuple(float(x) for x in c.band_q)
-    b = _bounds(_gather(lm, layers, cal_w, int(c.sink_tokens)), rotary, q, band)
-    cal = Calibration(layers, int(c.sink_tokens), rotary, q, band, chosen={}, **b, record={
+    stats = _gather(lm, layers, cal_w, int(c.sink_tokens), rope)
+    kprior, vprior = _priors(stats, float(c.prior_q))
+    b = _bounds(stats, rotary, q, band)
+    del stats
+    cal = Calibration(layers, int(c.sink_tokens), rotary, q, band, chosen={}, **b, kprior=kprior, vprior=vprior,
+                      rope=rope, block=int(c.repair_block), record={
         "format": FORMAT, "hash": calibration_hash(cfg, source), "data_source": source,
         "windows": len(cal_w), "select_windows": len(sel_w), "window_len": int(c.window_len),
         "tokens": int(sum(w.numel() for w in cal_w)), "layers": list(layers), "sink_tokens": int(c.sink_tokens),
         "keys": "rotary pair norm (upper bound)" if rotary else "per channel",
         "rule": f"tightest candidate with clean perplexity on the selection windows within "
-                f"{float(c.max_clean_cost):g} (relative) of no defense; loosest otherwise"})
-    cal.record["selection"] = choose(cal, lm, sel_w, int(c.cont_len), float(c.max_clean_cost))
+                f"{float(c.max_clean_cost):g} (relative) of no defense; loosest otherwise",
+        "prior": {"keys": "before RoPE (un-rotated with their positions)" if rope else "as projected (no RoPE)",
+                  "quantiles": [float(c.prior_q), 1 - float(c.prior_q)], "block": int(c.repair_block),
+                  "levels": "maxima over the selection windows' clean caches (held-in)"}})
+    caches = [prefill(lm, w, int(c.cont_len)) for w in sel_w]
+    cal.record["selection"] = choose(cal, lm, sel_w, int(c.cont_len), float(c.max_clean_cost), caches)
+    held_in_levels(cal, caches, [w.numel() - int(c.cont_len) - 1 for w in sel_w])
     return cal
 
 
@@ -293,6 +396,10 @@ def _payload(cal: Calibration) -> dict:
 def load(path, expected_hash: str, layers: Sequence[int]) -> Calibration:
     """A stored calibration, checked: a foreign, stale or damaged file is bad input naming the file."""
     p = load_checkpoint(path, "calibration file")
+    if isinstance(p, dict) and str(p.get("format", "")).startswith("cachemedicpp.calibration/") \
+            and p.get("format") != FORMAT:
+        raise ConfigError(f"calibration file {path} has format {p.get('format')}, this version reads {FORMAT}; "
+                          "delete it to recompute")
     if not isinstance(p, dict) or p.get("format") != FORMAT:
         raise ConfigError(f"calibration file {path}: not a cachemedicpp calibration; delete it to recompute")
     rec = p.get("record") or {}
@@ -320,7 +427,7 @@ def obtain(cfg: Config, lm: hf.LoadedModel, path) -> Calibration:
     found = check_file(cfg, path)
     if found is not None:
         return found
-    log.info("calibrating %s and %s on clean training-corpus caches", CLAMP, DROP)
+    log.info("calibrating %s, %s and the clean-cache model on clean training-corpus caches", CLAMP, DROP)
     cal = build(cfg, lm)
     atomic_torch_save(path, _payload(cal))
     return cal

@@ -253,6 +253,65 @@ def arch_info(model) -> ArchInfo:
 
 
 # --------------------------------------------------------------------------------------------------
+# rotary position embedding of the cached keys
+
+# models whose rotary pairs are adjacent channels (rotate-every-two), not channels i and i + r/2
+_INTERLEAVED_ROPE = frozenset({"gptj", "codegen", "cohere", "cohere2"})
+
+
+def _rotary_module(model, layer: int):
+    """The rotary embedding a layer's keys go through: the layer's own module when it has one, else the
+    model's single shared one; None for a model without RoPE (GPT-2)."""
+    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    own = [m for n, m in found if f".{layer}." in f".{n}." and ".layers." in f".{n}."]
+    shared = [m for n, m in found if ".layers." not in f".{n}."]
+    if own:
+        return own[0]
+    if len(shared) > 1:
+        raise ModelLoadError(f"{type(model).__name__}: {len(shared)} rotary embeddings outside the layers; which one "
+                             f"layer {layer} uses is unknown")
+    return shared[0] if shared else None
+
+
+def rotary_frequencies(model, layer: int) -> tuple[torch.Tensor, float] | None:
+    """(inverse frequencies [r/2], attention scaling) of the RoPE that layer `layer`'s cached keys went through,
+    or None when the model has no RoPE (GPT-2: its keys are cached as projected).
+
+    The rotation is the rotate-half layout of Llama, Qwen2, Mistral, Phi-3 and Gemma: channels i and i + r/2
+    form a pair rotated by position * inv_freq[i]; with r < head_dim (partial rotary) the channels from r on
+    are not rotated. Gemma-3's sliding and full-attention layers have different bases: the layer's type picks
+    its frequencies. The frequencies are the module's current ones: exact for the static rope types
+    (default, linear, llama3, yarn); a dynamic type (dynamic, longrope) is exact within the context length it
+    was last run at."""
+    c = getattr(model.config, "text_config", None) or model.config
+    module = _rotary_module(model, layer)
+    if module is None:
+        return None
+    if c.model_type in _INTERLEAVED_ROPE:
+        raise ModelLoadError(f"model type {c.model_type}: interleaved rotary pairs are not supported "
+                             "(rotate-half only)")
+    types = getattr(c, "layer_types", None)
+    prefix = f"{types[layer]}_" if types and hasattr(module, f"{types[layer]}_inv_freq") else ""
+    inv_freq = getattr(module, f"{prefix}inv_freq")
+    scaling = float(getattr(module, f"{prefix}attention_scaling", 1.0))
+    return inv_freq.detach().float().cpu().clone(), scaling
+
+
+def rotary_cos_sin(model, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cos, sin) `[T, r]` of the positions as the model's own rotary module computes them for `layer` (the
+    reference the closed-form rotation of `prior.py` is checked against); None without RoPE."""
+    module = _rotary_module(model, layer)
+    if module is None:
+        return None
+    c = getattr(model.config, "text_config", None) or model.config
+    types = getattr(c, "layer_types", None)
+    x = torch.zeros(1, dtype=torch.float32, device=positions.device)
+    extra = (types[layer],) if types and hasattr(module, f"{types[layer]}_inv_freq") else ()
+    cos, sin = module(x, positions[None].long(), *extra)
+    return cos[0], sin[0]
+
+
+# --------------------------------------------------------------------------------------------------
 # loading
 
 

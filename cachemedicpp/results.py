@@ -83,12 +83,13 @@ SLIDING_WINDOW = "sliding_window"  # settings key: the sliding-window layers amo
 GROUP_BASELINE = "baseline"  # no_defense
 GROUP_REFERENCE = "reference heuristic (oracle region)"  # reset_clear, smoothing, ...: act on the corruption's region
 GROUP_CALIBRATED = "calibrated baseline"  # range_clamp, norm_outlier_drop: no oracle, calibrated on clean caches
+GROUP_CALIBRATED_REPAIR = "calibrated repair"  # calibrated_repair, denoise, ...: entries restored from the clean model
 GROUP_CEILING = "ceiling"  # oracle_drop: attention ignores exactly the changed entries
 GROUP_LEARNED = "learned"  # cachemedic
 GROUP_RECOMPUTE = "exact recovery (checksum + recompute)"  # checksum_recompute: pays a forward per faulted cache
 GROUP_DETECT_RECOMPUTE = "detect + recompute (no checksums)"  # detect_recompute: recomputes what the detector flags
 DEFENSE_GROUP_NAMES = (GROUP_BASELINE, GROUP_REFERENCE, GROUP_CALIBRATED, GROUP_CEILING, GROUP_LEARNED,
-                       GROUP_RECOMPUTE, GROUP_DETECT_RECOMPUTE)
+                       GROUP_RECOMPUTE, GROUP_DETECT_RECOMPUTE, GROUP_CALIBRATED_REPAIR)
 
 # task_metrics.json: settings[...]
 CALIBRATION, VALIDATION, OOD_SPLIT = "calibration", "validation", "ood_split"
@@ -323,7 +324,8 @@ class BitClassScores(TypedDict):
 
 
 DefenseGroup = Literal["baseline", "reference heuristic (oracle region)", "calibrated baseline", "ceiling", "learned",
-                       "exact recovery (checksum + recompute)", "detect + recompute (no checksums)"]
+                       "exact recovery (checksum + recompute)", "detect + recompute (no checksums)",
+                       "calibrated repair"]
 assert get_args(DefenseGroup) == DEFENSE_GROUP_NAMES
 
 
@@ -598,9 +600,20 @@ class CalibrationChoice(TypedDict):
     q: Annotated[float, "its quantile"]
 
 
+class CalibrationPrior(TypedDict):
+    """The model of the clean cache the calibrated repairs restore entries with (calibration.py, prior.py)."""
+
+    keys: Annotated[str, "the frame keys are modelled in (before RoPE, un-rotated with their positions; or as "
+                         "projected, without RoPE)"]
+    quantiles: Annotated[list[float], "the per-channel range: quantiles [q, 1 - q] of the calibration windows"]
+    block: Annotated[int, "positions per block of the white-noise estimate"]
+    levels: Annotated[str, "where the held-in levels calibrated_repair compares a cache with come from"]
+
+
 class CalibrationRecord(TypedDict):
-    """The calibration of range_clamp and norm_outlier_drop: statistics of clean K/V from training-corpus
-    windows (never the evaluation text, never a corruption), stored in the run dir (calibration.py)."""
+    """The calibration of range_clamp and norm_outlier_drop and the clean-cache model of the calibrated
+    repairs: statistics of clean K/V from training-corpus windows (never the evaluation text, never a
+    corruption), stored in the run dir (calibration.py)."""
 
     format: Annotated[str, "format tag of the stored calibration file"]
     hash: Annotated[str, "hash of what it depends on: model, layers, calibration settings, data source"]
@@ -616,6 +629,7 @@ class CalibrationRecord(TypedDict):
     rule: Annotated[str, "the rule choosing each baseline's candidate"]
     selection: Annotated[CalibrationSelection, "the clean costs seen while choosing"]
     chosen: Annotated[dict[str, CalibrationChoice], "keys: calibrated baseline; the candidate it uses"]
+    prior: NotRequired[Annotated[CalibrationPrior, "the clean-cache model (calibration format 2 on)"]]
 
 
 class ValidationSettings(TypedDict):

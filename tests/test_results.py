@@ -170,7 +170,7 @@ def test_fair_benchmark_keys_are_described():
     assert m[results.DEFENSE_GROUPS]["additionalProperties"] == {"enum": list(results.DEFENSE_GROUP_NAMES)}
     assert results.DEFENSE_GROUP_NAMES == ("baseline", "reference heuristic (oracle region)", "calibrated baseline",
                                            "ceiling", "learned", "exact recovery (checksum + recompute)",
-                                           "detect + recompute (no checksums)")
+                                           "detect + recompute (no checksums)", "calibrated repair")
     assert m[results.DAMAGE]["$ref"] == "#/$defs/Damage"
     assert m[results.DAMAGE_BY_TYPE]["additionalProperties"] == {"$ref": "#/$defs/Damage"}
     assert set(_props(schema, "Damage")) == {"auc_clean", "auc_no_defense", "diff", "ci_low", "ci_high", "n"}
@@ -186,7 +186,8 @@ def test_fair_benchmark_keys_are_described():
         "description"]}  # settings repeats metrics.defense_groups
     assert set(_props(schema, "CalibrationRecord")) == {
         "format", "hash", "data_source", "windows", "select_windows", "window_len", "tokens", "layers",
-        "sink_tokens", "keys", "rule", "selection", "chosen"}
+        "sink_tokens", "keys", "rule", "selection", "chosen", "prior"}
+    assert set(_props(schema, "CalibrationPrior")) == {"keys", "quantiles", "block", "levels"}
     assert set(_props(schema, "CalibrationTry")) == {"q", "ppl", "cost"}
     assert set(_props(schema, "ValidationSettings")) == {"num_examples", "types", "split"}
     info = _props(schema, "TaskInfo")
@@ -246,11 +247,11 @@ SMALL = {
 }
 
 
-# every defense group: reference heuristics, calibrated baselines (a tiny calibration), oracle_drop, cachemedic,
-# checksum_recompute
+# every defense group: reference heuristics, calibrated baselines and repairs (a tiny calibration), oracle_drop,
+# cachemedic, checksum_recompute
 EVERY_DEFENSE = {
-    "eval.defenses": ["no_defense", "range_clamp", "norm_outlier_drop", "reset_clear", "smoothing", "masking_dropout",
-                      "clipping_renorm", "oracle_drop", "cachemedic", "checksum_recompute"],
+    "eval.defenses": ["no_defense", "range_clamp", "norm_outlier_drop", "calibrated_repair", "reset_clear", "smoothing",
+                      "masking_dropout", "clipping_renorm", "oracle_drop", "cachemedic", "checksum_recompute"],
     "baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
     "baseline.calibration.window_len": 40, "baseline.calibration.cont_len": 8, "baseline.calibration.sink_tokens": 2,
 }
