@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -537,3 +538,44 @@ def test_stale_figure_e_is_removed_when_the_metrics_no_longer_have_bit_classes(t
     assert plots.run(rd) == 0
     assert paper_files(rd) == EXPECTED
     assert f"removed paper/{FIG_E}" in capsys.readouterr().out
+
+
+# figure F: recovered fraction against recompute cost (only when a recomputing defense was evaluated at rest)
+
+FIG_F = "figures/figF_recovery_vs_recompute_cost.png"
+
+
+def add_recompute_cost(d: dict) -> None:
+    """checksum_recompute's cost table and recovered fractions as eval writes them, on the gaussian and
+    dropout_zero cells of the fair fixture (context 40 tokens, blocks of 16)."""
+    m = d["metrics"]
+    rows = [{"corruption_type": ty, "epsilon": e, "n": 8, "recomputed_fraction": 1.0 if e else 0.0,
+             "tokens_mean": 20.0 if e else 0.0, "blocks_failed_mean": 2.0 if e else 0.0,
+             "corrupted_block_tokens_mean": 16.0 if e else 0.0}
+            for ty in m["recovered_fraction_by_type"] for e in (0.0, 0.16, 0.64)]
+    m["recompute_cost"] = {"defense": "checksum_recompute", "block_size": 16, "persistence": "at_rest",
+                           "context_tokens_mean": 40.0, "by_cell": rows, "how": "selective"}
+    for per in m["recovered_fraction_by_type"].values():
+        per["checksum_recompute"] = {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+
+
+def test_fig_f_is_drawn_from_the_recompute_cost(tmp_path, capsys):
+    rd = make_run(tmp_path, add_recompute_cost, task_file=FAIR)
+    assert plots.run(rd) == 0
+    assert paper_files(rd) == EXPECTED | {FIG_F}
+    assert "figure F not drawn" not in capsys.readouterr().out
+    with Image.open(rd / "paper" / FIG_F) as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 600 and len(np.unique(np.asarray(im.convert("L")))) > 20
+    inp = plots.load_inputs(rd)
+    pts = {(p["type"], p["defense"]): p for p in plots.figures.cost_frontier_points(inp)}
+    assert pts[("gaussian", "checksum_recompute")]["cost"] == pytest.approx(0.5)  # 20 of 40 tokens
+    assert pts[("gaussian", "checksum_recompute")]["oracle"] == pytest.approx(0.4)  # the touched blocks: 16 of 40
+    assert pts[("gaussian", "range_clamp")]["cost"] == 0.0 and math.isnan(pts[("gaussian", "range_clamp")]["oracle"])
+    # without a recomputing defense figure F is skipped, and one left by an earlier run is removed
+    d = json.loads((rd / "metrics" / "task_metrics.json").read_text())
+    del d["metrics"]["recompute_cost"]
+    (rd / "metrics" / "task_metrics.json").write_text(json.dumps(d))
+    assert plots.run(rd) == 0 and paper_files(rd) == EXPECTED
+    out = capsys.readouterr().out
+    assert "figure F not drawn" in out and f"removed paper/{FIG_F}" in out

@@ -22,7 +22,7 @@ from cachemedicpp import defenses
 from cachemedicpp.config import ConfigError
 from cachemedicpp.palette import BLACK, BLUE, GREY, SKY
 from cachemedicpp.plots.inputs import Curves, Inputs
-from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES
+from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIG_COST_FRONTIER, FIGURES
 from cachemedicpp.plots.text import fmt, plain
 from cachemedicpp.results import (BEST_HEURISTIC_SERIES, CACHEMEDIC, CLEAN_REGRESSION, GROUP_BASELINE,
                                   GROUP_CALIBRATED, GROUP_DETECT_RECOMPUTE, GROUP_LEARNED, GROUP_RECOMPUTE,
@@ -61,6 +61,8 @@ def render_figures(inp: Inputs) -> dict[str, bytes]:
         out = dict(zip(FIGURES, figs))
         if inp.bits is not None:
             out[FIG_BIT_POSITION] = fig_bit_position(inp)
+        if inp.recompute:
+            out[FIG_COST_FRONTIER] = fig_cost_frontier(inp)
     return out
 
 
@@ -535,4 +537,69 @@ def fig_bit_position(inp: Inputs) -> bytes:
     detail = ", ".join(t for t in (rate, eps) if t)
     fig.suptitle(f"Bit-position damage: bit flips in the {fmt_name} word{sim}{burst}\n{detail} · the same elements "
                  "hit in every class (bars: 95% CI)")
+    return png(fig)
+
+
+def cost_frontier_points(inp: Inputs) -> list[dict]:
+    """Figure F's points: per corruption type of the test grid and defense with a recovered fraction, its
+    recompute cost as a fraction of the context (mean over the type's corrupted cells; 0 for a defense that
+    recomputes nothing) and the oracle's minimum there (the blocks the corruption touched), NaN when unknown."""
+    out = []
+    for ty, per in inp.by_type.items():
+        for d, rf in (per.get("recovered") or {}).items():
+            cost, oracle = 0.0, math.nan
+            table = inp.recompute.get(d)
+            if table is not None:
+                rows = [r for r in table["by_cell"] if r["type"] == ty and r["eps"] > 0]
+                if not rows:
+                    continue
+                ctx = max(table["context"], 1.0)
+                cost = float(np.mean([r["tokens"] for r in rows])) / ctx
+                oracle = float(np.mean([r["oracle"] for r in rows])) / ctx
+            out.append({"type": ty, "defense": d, "cost": cost, "oracle": oracle, **rf})
+    return out
+
+
+def fig_cost_frontier(inp: Inputs) -> bytes:
+    """Recovered fraction of the damage (AUC scale, 95% CI) against recompute cost (tokens recomputed / context
+    tokens) for every defense and held-out type, with the oracle's minimum cost marked: the frontier on which
+    methods compare. Cache-only repairs sit at cost 0."""
+    points = cost_frontier_points(inp)
+    fig = new_figure(8.2, 5.4)
+    ax = fig.add_subplot(1, 1, 1)
+    types = sorted({p["type"] for p in points})
+    fills = {ty: ("full" if i == 0 else "none") for i, ty in enumerate(types)}
+    seen: set[str] = set()
+    for p in points:
+        color, marker = defense_style(p["defense"])
+        y, lo, hi = p["value"], p["ci_low"], p["ci_high"]
+        if not math.isfinite(y):
+            continue
+        err = None
+        if math.isfinite(lo) and math.isfinite(hi):
+            err = [[max(y - lo, 0.0)], [max(hi - y, 0.0)]]
+        label = p["defense"] if p["defense"] not in seen else None
+        seen.add(p["defense"])
+        ax.errorbar([p["cost"]], [y], yerr=err, fmt=marker, color=color, ms=8, capsize=3, lw=1.0, label=label,
+                    mfc=color if fills[p["type"]] == "full" else "white", zorder=3)
+        if len(types) > 1:
+            ax.annotate(p["type"], (p["cost"], y), textcoords="offset points", xytext=(6, 4), fontsize=7.5)
+    oracle = {}
+    for p in points:
+        if math.isfinite(p["oracle"]):
+            oracle.setdefault(p["type"], p["oracle"])
+    for i, (ty, x) in enumerate(sorted(oracle.items())):
+        ax.axvline(x, color=GREY, ls="--", lw=1.2, zorder=1,
+                   label="oracle's minimum (blocks the corruption touched)" if i == 0 else None)
+        if len(oracle) > 1:
+            ax.text(x, 1.02, ty, rotation=90, fontsize=7, va="bottom", ha="center", transform=ax.get_xaxis_transform())
+    ax.axhline(1.0, color=BLACK, lw=0.8, ls=":", zorder=1)
+    ax.axhline(0.0, color=BLACK, lw=0.8, zorder=1)
+    ax.set_xlim(-0.03, 1.05)
+    ax.set_xlabel("recompute cost: tokens recomputed / context tokens (mean over corrupted cells)")
+    ax.set_ylabel("recovered fraction of the damage (AUC scale, 95% CI)")
+    fig.legend(loc="outside lower center", ncol=3, frameon=False)
+    held = ", ".join(types) if types else "none"
+    fig.suptitle(f"Recovery against recomputation: held-out {held}\n1 recovers everything, 0 nothing; cache-only "
+                 "defenses recompute nothing (cost 0)")
     return png(fig)

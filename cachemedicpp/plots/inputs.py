@@ -20,7 +20,7 @@ from cachemedicpp import defenses
 from cachemedicpp.defenses import ORACLE_NOTE
 from cachemedicpp.fileio import read_json
 from cachemedicpp.results import (AMP_KEY, BEST_BASELINE_CHOICE, BEST_HEURISTIC_NAME, BEST_HEURISTIC_SERIES,
-                                  BIT_CLASS_SCORES,
+                                  BIT_CLASS_SCORES, DETECT_RECOMPUTE_COST, RECOMPUTE_COST,
                                   CACHEMEDIC, CACHEMEDIC_MINUS_NO_DEFENSE, CLEAN_REGRESSION, CONFIG_HASH, DAMAGE,
                                   DAMAGE_BY_TYPE, DEFENSE_GROUPS, GROUP_BASELINE, GROUP_CALIBRATED, GROUP_CEILING,
                                   GROUP_LEARNED, GROUP_REFERENCE, METRICS, NO_DEFENSE, ORACLE_DROP, OVERHEAD,
@@ -170,6 +170,10 @@ class Inputs:
     recovered: dict[str, dict[str, float]] = field(default_factory=dict)  # {defense: {value, ci_low, ci_high}}
     bits: dict | None = None  # metrics.bit_class_scores (figure E); None when absent or malformed
     bits_note: str = ""  # why figure E is not drawn (empty when it is)
+    # {defense: {"context": mean context tokens, "by_cell": [{type, eps, tokens, oracle}]}} of the recomputing
+    # defenses (figure F); empty when none was evaluated at rest
+    recompute: dict = field(default_factory=dict)
+    recompute_note: str = ""  # why figure F is not drawn (empty when it is)
     stability_note: str = ""  # why figures C and D are not drawn (empty when they are)
 
     @property
@@ -362,6 +366,27 @@ def _by_type(doc: _Doc) -> dict:
     return by_type
 
 
+def _recompute_costs(doc: _Doc) -> tuple[dict, str]:
+    """(figure F's cost tables, note): per recomputing defense its cells' tokens recomputed and the oracle's
+    minimum (tokens of the blocks the corruption touched), or {} and why figure F is not drawn."""
+    out = {}
+    for key in (RECOMPUTE_COST, DETECT_RECOMPUTE_COST):
+        t = doc.get(METRICS, key)
+        if not isinstance(t, dict) or not isinstance(t.get("defense"), str) or not _is_num(t.get("context_tokens_mean")):
+            continue
+        rows = [{"type": str(r["corruption_type"]), "eps": float(r["epsilon"]), "tokens": float(r["tokens_mean"]),
+                 "oracle": float(r["corrupted_block_tokens_mean"]) if _is_num(r.get("corrupted_block_tokens_mean"))
+                 else math.nan}
+                for r in t.get("by_cell") or [] if isinstance(r, dict) and _is_num(r.get("tokens_mean"))
+                and _is_num(r.get("epsilon")) and isinstance(r.get("corruption_type"), str)]
+        if rows:
+            out[t["defense"]] = {"context": float(t["context_tokens_mean"]), "by_cell": rows}
+    if not out:
+        return {}, (f"figure F not drawn: {doc.path.name} has no per-cell recomputation cost (no checksum_recompute "
+                    "or detect_recompute evaluated at rest)")
+    return out, ""
+
+
 def _bit_classes(doc: _Doc) -> tuple[dict | None, str]:
     """(figure E's block, note): the block with per-class arrays (NaN for null), or None and why not."""
     key = f"{METRICS}.{BIT_CLASS_SCORES}"
@@ -422,8 +447,9 @@ def _load_task(path: Path) -> dict:
     auc_by_task = {str(t): _numbers(per) for t, per in _mapping(doc.get(METRICS, ROBUSTNESS_AUC_BY_TASK)).items()
                    if isinstance(per, dict)}
     bits, bits_note = _bit_classes(doc)
+    recompute, recompute_note = _recompute_costs(doc)
     return dict(run_id=doc.get(RUN_ID), config_hash=doc.get(CONFIG_HASH), by_type=_by_type(doc),
-                bits=bits, bits_note=bits_note,
+                bits=bits, bits_note=bits_note, recompute=recompute, recompute_note=recompute_note,
                 auc_by_task=auc_by_task,
                 groups=groups, choice=_choice(doc), damage=_damage(doc.get(METRICS, DAMAGE)),
                 recovered=_recovered(doc.get(METRICS, RECOVERED_FRACTION)),

@@ -10,7 +10,9 @@ FIG_AMPLIFICATION = "figD_amplification_map.png"
 # A and B are drawn for every run; C and D (the last two) only when the run has stability metrics
 FIGURES = (FIG_SCORE_VS_EPS, FIG_PARETO, FIG_SENSITIVITY, FIG_AMPLIFICATION)
 FIG_BIT_POSITION = "figE_bit_position_damage.png"  # only when the metrics have bit_class_scores (eval.bit_classes)
-OPTIONAL_FIGURES = (FIG_BIT_POSITION,)
+# only when a recomputing defense (checksum_recompute, detect_recompute) was evaluated at rest
+FIG_COST_FRONTIER = "figF_recovery_vs_recompute_cost.png"
+OPTIONAL_FIGURES = (FIG_BIT_POSITION, FIG_COST_FRONTIER)
 
 TABLE_MAIN = "table_main_results.tex"
 TABLE_ABLATION = "table_ablation_summary.tex"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cachemedicpp.plots.inputs import BEST, Inputs, SensPoint
-from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIGURES, TABLES
+from cachemedicpp.plots.outputs import FIG_BIT_POSITION, FIG_COST_FRONTIER, FIGURES, TABLES
 from cachemedicpp.plots.tables import choice_text, headline_label
 from cachemedicpp.plots.text import MISSING, fmt, fmt_ci, fmt_damage, fmt_diff, fmt_rf, layer_ranges, plain
 from cachemedicpp.results import (CACHEMEDIC, CACHEMEDIC_MINUS_BEST_HEURISTIC, CACHEMEDIC_MINUS_NO_DEFENSE,
@@ -325,6 +325,10 @@ def _figures_section(inp: Inputs, rd: RunDir) -> list[str]:
               ""]
     else:
         L += [f"Note: {inp.bits_note}.", ""]
+    if inp.recompute:
+        L += [f"![Recovered fraction against recompute cost]({_link(rd, rd.figure(FIG_COST_FRONTIER))})", ""]
+    else:
+        L += [f"Note: {inp.recompute_note}.", ""]
     tables = [_link(rd, rd.table(name)) for name in TABLES]
     return L + ["Tables: " + ", ".join(f"[`{t}`]({t})" for t in tables) + ".", ""]
 

@@ -3,7 +3,7 @@
 Every input is validated and every output rendered in memory before the first one is written (each write
 atomic), so a missing or malformed input is one clear exit-2 message and leaves no placeholder or
 half-updated artefacts. The task metrics are required; without stability metrics figures C and D are
-skipped, and so is figure E without bit-class scores. A skipped figure left by an earlier plots run is
+skipped, figure E without bit-class scores and figure F without a recomputing defense's cost. A skipped figure left by an earlier plots run is
 removed, so every figure in the run dir matches the metrics it now holds.
 """
 
@@ -47,7 +47,7 @@ def run(run_dir: str | Path) -> int:
     outputs = render(inp)
     for path, data in outputs.items():
         atomic_write_bytes(path, data)
-    for note in (inp.stability_note, inp.bits_note):
+    for note in (inp.stability_note, inp.bits_note, inp.recompute_note):
         if note:
             print(f"note: {note}")
     for path in stale_figures(rd, outputs):
