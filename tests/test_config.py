@@ -121,6 +121,16 @@ def test_ood_split_applied_and_renormalised():
     assert "loto_holdout_gaussian" in str(e.value)
 
 
+def test_kv_quant_is_held_out_against_the_six_default_types():
+    cfg = load_config(data={"eval": {"ood_protocol": "loto_holdout_kv_quant"}})
+    assert set(cfg.corruption.mixture) == set(STATISTICAL_TYPES)  # the default mixture, whole
+    assert list(cfg.eval.corruption_eval.types) == ["kv_quant"]
+    assert "kv_quant" not in load_config(data={}).corruption.mixture
+    assert load_config(data={}).corruption.params.kv_quant_group == 32
+    with pytest.raises(ConfigError, match="kv_quant_group"):
+        load_config(data={"corruption": {"params": {"kv_quant_group": 0}}})
+
+
 def test_mixture_params_and_user_params():
     cfg = load_config(data={"corruption": {"params": {"quant_bits": 4}}})
     assert cfg.corruption.params.quant_bits == 4 and cfg.corruption.params.dropout_p == 0.02

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -61,7 +62,9 @@ def test_eps_zero_is_identity(ctype, dtype):
     assert report.per_layer[1]["dK"] == 0.0 and report.per_layer[1]["frac_changed"] == 0.0
 
 
-@pytest.mark.parametrize("ctype", BASE_TYPES)
+# kv_quant's bits saturate at 8 below eps_ref and at 2 from 8 eps_ref, so no eps_ref makes this grid strict:
+# test_kv_quant_error_grows_as_bits_fall covers it
+@pytest.mark.parametrize("ctype", [t for t in BASE_TYPES if t != "kv_quant"])
 def test_severity_strictly_increases_with_eps(ctype):
     # eps_ref = 0.32 keeps every cap away from the grid (p <= 0.5, rotation power <= 1, bits 12..8)
     # (bitflip: a flip may give Inf/NaN, so its size is the number of words changed; block_fault: 20 blocks)
@@ -337,6 +340,123 @@ def test_quant_noise_uses_the_configured_grid():
     assert torch.equal(k2[:, :, 20:], k[:, :, 20:])
 
 
+# kv_quant: keys per channel over groups of positions, values per token over groups of channels
+
+KVQ_EPS_BITS = {0.08: 8, 0.16: 6, 0.32: 4, 0.64: 2}
+
+
+def kv_quant(k, v, eps, axes=None, group=8, layer=0, seed=0):
+    cor = make(axes={"time_mode": "window", "window": [3, 30], **(axes or {})}, params={"kv_quant_group": group},
+               seed=seed)
+    region = cor.region("kv_quant", eps, SHAPE[2], "eval", 0)
+    return cor.apply(layer, k, v, "kv_quant", eps, region, "eval", 0), region
+
+
+def reference_quantise(x, bits):
+    """x (fp32, one group) through its own min-max grid of 2**bits levels."""
+    lo, hi = x.min(), x.max()
+    step = (hi - lo) / (2 ** bits - 1)
+    return torch.round((x - lo) / step) * step + lo
+
+
+def test_kv_quant_bits_fall_with_eps():
+    params = {"kv_quant_group": 32}
+    assert C.severity("kv_quant", 0.0, params, 0.08) == {"bits": None, "group": 32}
+    assert {e: C.severity("kv_quant", e, params, 0.08)["bits"] for e in KVQ_EPS_BITS} == KVQ_EPS_BITS
+    eps = [0.001, 0.02, 0.08, 0.1, 0.12, 0.16, 0.2, 0.32, 0.5, 0.64, 1.0, 10.0]
+    bits = [C.severity("kv_quant", e, params, 0.08)["bits"] for e in eps]
+    assert all(b <= a for a, b in zip(bits, bits[1:])) and bits[0] == 8 and bits[-1] == 2, bits
+    assert C.severity("kv_quant", 0.32, params, 0.32)["bits"] == 8  # eps_ref moves the 8-bit point
+    assert C.severity("kv_quant", 0.08, {}, 0.08)["group"] == 32  # the schema default (KIVI's group size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_quant_acts_inside_the_region_only_and_keeps_the_dtype(dtype):
+    k, v = kv_pair(dtype=dtype)
+    (k0, v0), _ = kv_quant(k, v, 0.0)
+    assert torch.equal(k0, k) and torch.equal(v0, v)  # eps = 0: the identity
+    axes = {"layer_mode": "targeted", "layers": [0], "head_mode": "targeted", "heads": [0, 2]}
+    (k2, v2), region = kv_quant(k, v, 0.32, axes=axes)
+    m = region.mask(0).expand(SHAPE)
+    assert int(m.sum()) == 2 * 2 * 27 * SHAPE[3]
+    assert k2.dtype == dtype and v2.dtype == dtype
+    assert torch.equal(k2[~m], k[~m]) and torch.equal(v2[~m], v[~m])  # outside: bit-identical
+    assert (k2[m] != k[m]).float().mean() > 0.5 and (v2[m] != v[m]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("eps", list(KVQ_EPS_BITS))
+def test_kv_quant_grids_per_key_channel_and_value_token(eps):
+    bits = KVQ_EPS_BITS[eps]
+    k, v = kv_pair()
+    (k2, v2), _ = kv_quant(k, v, eps, group=8)  # region positions 3..29: key groups 3-10, 11-18, 19-26, 27-29
+    for a, b in ((3, 11), (11, 19), (19, 27), (27, 30)):
+        for row, h, c in itertools.product(range(SHAPE[0]), range(SHAPE[1]), range(SHAPE[3])):
+            got = k2[row, h, a:b, c]
+            assert got.unique().numel() <= 2 ** bits
+            assert torch.allclose(got, reference_quantise(k[row, h, a:b, c], bits), atol=1e-5)
+    for a, b in ((0, 8), (8, 16)):  # values: channels 0-7 and 8-15 of each token
+        for row, h, t in itertools.product(range(SHAPE[0]), range(SHAPE[1]), range(3, 30)):
+            got = v2[row, h, t, a:b]
+            assert got.unique().numel() <= 2 ** bits
+            assert torch.allclose(got, reference_quantise(v[row, h, t, a:b], bits), atol=1e-5)
+
+
+def test_kv_quant_value_groups_need_not_divide_the_head_dim():
+    k, v = kv_pair()
+    (_, v2), _ = kv_quant(k, v, 0.64, group=6)  # channels 0-5, 6-11, 12-15
+    for a, b in ((0, 6), (6, 12), (12, 16)):
+        got = v2[1, 2, 10, a:b]
+        assert got.unique().numel() <= 4
+        assert torch.allclose(got, reference_quantise(v[1, 2, 10, a:b], 2), atol=1e-5)
+
+
+def test_kv_quant_treats_keys_per_channel_and_values_per_token():
+    # one outlier channel (as keys have): per channel it costs the other channels nothing, per token it
+    # stretches every token's grid
+    x, _ = kv_pair()
+    x[..., 0] *= 100.0
+    (k2, v2), _ = kv_quant(x, x.clone(), 0.32, group=16)
+    inside, rest = slice(3, 30), slice(1, None)
+    err_k = (k2[:, :, inside, rest] - x[:, :, inside, rest]).abs().mean()
+    err_v = (v2[:, :, inside, rest] - x[:, :, inside, rest]).abs().mean()
+    assert err_v > 10 * err_k
+
+
+def test_kv_quant_error_grows_as_bits_fall():
+    k, v = kv_pair()
+    errs = []
+    for eps in KVQ_EPS_BITS:  # 8, 6, 4, 2 bits
+        (k2, v2), _ = kv_quant(k, v, eps, group=32)
+        errs.append((float((k2 - k).norm()), float((v2 - v).norm())))
+    for (ka, va), (kb, vb) in zip(errs, errs[1:]):
+        assert kb > 2 * ka and vb > 2 * va, errs  # two bits fewer: about four times the step
+
+
+def test_kv_quant_is_deterministic_and_draws_nothing():
+    k, v = kv_pair(dtype=torch.bfloat16)
+    (a, b), _ = kv_quant(k, v, 0.16, seed=0)
+    (a2, b2), _ = kv_quant(k, v, 0.16, seed=0)
+    (a3, b3), _ = kv_quant(k, v, 0.16, seed=5)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert torch.equal(a, a3) and torch.equal(b, b3)  # no draw: the seed does not enter
+
+
+def test_kv_quant_groups_of_a_sliding_window_layer_line_up():
+    # region positions 3..29 in key groups 3-10, 11-18, 19-26, 27-29; a layer holding the last 24 of the 40
+    # positions (16..39) lost 13 of them: its groups 19-26 and 27-29 are whole and match the full layer's
+    k, v = kv_pair()
+    (k2, v2), region = kv_quant(k, v, 0.32, group=8)
+    cor = make(axes={"time_mode": "window", "window": [3, 30]}, params={"kv_quant_group": 8})
+    k3, v3 = cor.apply(0, k[:, :, 16:], v[:, :, 16:], "kv_quant", 0.32, region, "eval", 0)
+    assert torch.equal(k3[:, :, 19 - 16:], k2[:, :, 19:]) and torch.equal(v3, v2[:, :, 16:])
+    assert not torch.equal(k3[:, :, :19 - 16], k2[:, :, 16:19])  # group 11-18 is held in part only
+
+
+def test_kv_quant_group_is_checked():
+    with pytest.raises(ConfigError, match="kv_quant_group"):
+        make(params={"kv_quant_group": 0})
+
+
 def test_report_is_serialisable_and_measures_the_change():
     cor = make()
     kv = {0: kv_pair(), 1: kv_pair(seed=1)}
@@ -378,5 +498,6 @@ def test_sample_is_deterministic_and_respects_mixture_and_clean_prob():
     assert all(cor.sample("train", s, [0.0], 0.0) == (None, 0.0) for s in range(20))
     default = make()  # the canonical mixture by name: every type can come up
     assert {default.sample("train", s, [0.08], 0.0)[0] for s in range(300)} == set(config.STATISTICAL_TYPES)
-    faults = make(mixture="faults_mix")  # the second mixture adds the fault models
-    assert {faults.sample("train", s, [0.08], 0.0)[0] for s in range(300)} == set(BASE_TYPES)
+    faults = make(mixture="faults_mix")  # the second mixture adds the fault models (kv_quant is in neither)
+    assert {faults.sample("train", s, [0.08], 0.0)[0] for s in range(300)} == {*config.STATISTICAL_TYPES,
+                                                                                *config.FAULT_TYPES}

@@ -799,7 +799,7 @@ def test_faults_cpu_config_pipeline_smoke(tmp_path, tiny_model_dir, one_thread):
     assert list(shipped.eval.corruption_eval.types) == ["bitflip", "block_fault"]
     assert shipped.corruption.params.bitflip_format == "bfloat16"
     # trained on the default mixture: the six statistical types, never a fault model
-    assert set(shipped.corruption.mixture.to_dict()) == set(config.CORRUPTION_TYPES) - set(config.FAULT_TYPES)
+    assert set(shipped.corruption.mixture.to_dict()) == set(config.STATISTICAL_TYPES)
     assert {"no_defense", "range_clamp", "norm_outlier_drop", "oracle_drop", "checksum_recompute",
             "cachemedic"} <= set(shipped.eval.defenses)
     assert list(shipped.eval.bit_classes) and shipped.eval.measure_overhead

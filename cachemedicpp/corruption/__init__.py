@@ -25,6 +25,10 @@ severity never decreases as eps grows; eps = eps_ref reproduces the configured p
                          (see "fault models" below)
     block_fault          whole cache blocks zeroed, stale or    fraction of the old region's blocks hit
                          swapped (see "fault models" below)     = min(1, block_fault_frac * s)
+    kv_quant             asymmetric min-max quantize/dequantize bits = clip(round(8 - 2 log2 s), 2, 8)
+                         keys per channel over kv_quant_group
+                         positions, values per token over
+                         kv_quant_group channels (KIVI)
 
 `rms` is the per-vector RMS over d of the original x; `round` rounds half up.
 
