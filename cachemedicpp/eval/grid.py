@@ -319,16 +319,20 @@ class _Recomputation:
         redone = torch.zeros(T, dtype=torch.bool)
         for j in blocks:
             redone[j * bs:(j + 1) * bs] = True
+        return not bool((self.changed_positions() & ~redone)[:last].any())
+
+    def changed_positions(self) -> torch.Tensor:
+        """bool [T]: the positions holding an entry that differs from the clean cache in some layer."""
+        T = int(self.ex.prefix.numel())
+        hit = torch.zeros(T, dtype=torch.bool)
         for l in range(self.ctx.lm.arch.num_layers):
             k, v = self.stored(l)
             k0, v0 = hf.get_kv(self.clean, l)
             if k is k0 and v is v0:
                 continue
             pos = torch.arange(T - k.shape[2], T)
-            changed = defenses.changed_entries(k0, v0, k, v).any(1).any(0).cpu()  # [T_layer]
-            if bool((changed & ~redone[pos] & (pos < last)).any()):
-                return False
-        return True
+            hit[pos[defenses.changed_entries(k0, v0, k, v).any(1).any(0).cpu()]] = True
+        return hit
 
     def cost(self, blocks: int, block_size: int) -> dict:
         """{"tokens": forward tokens recomputed (0 when nothing was asked), "blocks": `blocks`,
@@ -343,15 +347,7 @@ class _Recomputation:
         """Tokens of the blocks of `block_size` positions holding an entry that differs from the clean cache in
         any layer: what a recomputation that knew the damage would forward."""
         T = int(self.ex.prefix.numel())
-        hit = torch.zeros(T, dtype=torch.bool)
-        for l in range(self.ctx.lm.arch.num_layers):
-            k, v = self.stored(l)
-            k0, v0 = hf.get_kv(self.clean, l)
-            if k is k0 and v is v0:
-                continue
-            pos = torch.arange(T - k.shape[2], T)
-            hit[pos[defenses.changed_entries(k0, v0, k, v).any(1).any(0).cpu()]] = True
-        blocks = hit.nonzero().flatten() // block_size
+        blocks = self.changed_positions().nonzero().flatten() // block_size
         return sum(min(block_size, T - int(j) * block_size) for j in torch.unique(blocks).tolist())
 
     def _tokens(self) -> int:
