@@ -589,7 +589,7 @@ def test_eval_counts_the_recomputed_tokens_per_cell(tiny_cfg, tiny_lm, mode, one
     T = int(ex.prefix.numel())
     hit_cell = ev.Cell("block_fault", 0.16, "checksum_recompute")
     clean_cell = ev.Cell("clean", 0.0, "checksum_recompute")
-    assert unit["recompute"][clean_cell.key] == {"tokens": 0, "blocks": 0}
+    assert unit["recompute"][clean_cell.key] == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 0}
     region = ctx.corruptor.region("block_fault", 0.16, T, "eval", ex.example_id)
     sev = C.severity("block_fault", 0.16, ctx.corruptor.params, ctx.corruptor.eps_ref)
     hit, _ = C.block_map(ctx.corruptor, sev, region.time, 0, "eval", ex.example_id)
@@ -597,9 +597,11 @@ def test_eval_counts_the_recomputed_tokens_per_cell(tiny_cfg, tiny_lm, mode, one
     assert n_blocks >= 1
     got = unit["recompute"][hit_cell.key]
     assert got["tokens"] == (8 * n_blocks if mode == "selective" else T)
+    assert got["corrupted_block_tokens"] == 8 * n_blocks  # the oracle's minimum: the swapped blocks' tokens
     assert got["blocks"] == n_blocks * len(region.layers)  # (layer, block) pairs, as before
     exact = ev.score_example(dataclasses.replace(ctx, recompute_exact=True, instances={}), ex)
-    assert exact["recompute"][hit_cell.key] == got
+    assert {k: x for k, x in exact["recompute"][hit_cell.key].items() if k != "seconds"} == got
+    assert exact["recompute"][hit_cell.key]["seconds"] > 0  # the real recomputation's wall time
     value, clean_value = unit["cells"][hit_cell.key], unit["cells"][clean_cell.key]
     assert value == clean_value  # the stand-in: exact recovery
     assert exact["cells"][hit_cell.key] == pytest.approx(value, rel=1e-5)
@@ -696,6 +698,7 @@ def test_nan_inf_from_flips_do_not_crash_eval_and_checksum_recovers_exactly(faul
     cost = m["recompute_cost"]
     hit = [c for c in cost["by_cell"] if c["epsilon"] > 0]
     assert hit and all(c["tokens_mean"] > 0 and c["blocks_failed_mean"] > 0 for c in hit)
+    assert all(0 < c["corrupted_block_tokens_mean"] <= c["tokens_mean"] for c in hit)
     assert all(c["tokens_mean"] == 0 for c in cost["by_cell"] if c["epsilon"] == 0)
     assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
     assert m["defense_groups"]["checksum_recompute"] == results.GROUP_RECOMPUTE

@@ -644,8 +644,10 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
     unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions, held),
             "evicted": exposure(ctx, regions, held, evicted=True),
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
-    if costs:  # checksum_recompute at rest: {cell key: {"tokens": recomputed forward tokens, "blocks": failed}}
-        unit["recompute"] = {k: {"tokens": int(c["tokens"]), "blocks": int(c["blocks"])} for k, c in costs.items()}
+    if costs:  # a recomputing defense at rest: {cell key: _Recomputation.cost (tokens, blocks, the oracle's
+        # minimum corrupted_block_tokens; seconds when the real recomputation ran)}
+        unit["recompute"] = {k: {f: (float(x) if f == "seconds" else int(x)) for f, x in c.items()}
+                             for k, c in costs.items()}
     if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched, ROC-AUC]}
         unit["detector"] = detected
     if nonfinite:  # cells whose output had non-finite logits (scored as uniform there)
