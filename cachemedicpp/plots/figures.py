@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -562,44 +562,50 @@ def cost_frontier_points(inp: Inputs) -> list[dict]:
 
 def fig_cost_frontier(inp: Inputs) -> bytes:
     """Recovered fraction of the damage (AUC scale, 95% CI) against recompute cost (tokens recomputed / context
-    tokens) for every defense and held-out type, with the oracle's minimum cost marked: the frontier on which
-    methods compare. Cache-only repairs sit at cost 0."""
+    tokens), one panel per corruption type of the test grid, every defense a point, the oracle's minimum cost
+    (the blocks the corruption touched) a dashed line: the frontier on which methods compare. Cache-only
+    repairs sit at cost 0. Points beyond the panel's range (a type that does almost no damage makes the
+    fraction explode) sit on its edge, hollow, with their value written."""
     points = cost_frontier_points(inp)
-    fig = new_figure(8.2, 5.4)
-    ax = fig.add_subplot(1, 1, 1)
-    types = sorted({p["type"] for p in points})
-    fills = {ty: ("full" if i == 0 else "none") for i, ty in enumerate(types)}
-    seen: set[str] = set()
-    for p in points:
-        color, marker = defense_style(p["defense"])
-        y, lo, hi = p["value"], p["ci_low"], p["ci_high"]
-        if not math.isfinite(y):
-            continue
-        err = None
-        if math.isfinite(lo) and math.isfinite(hi):
-            err = [[max(y - lo, 0.0)], [max(hi - y, 0.0)]]
-        label = p["defense"] if p["defense"] not in seen else None
-        seen.add(p["defense"])
-        ax.errorbar([p["cost"]], [y], yerr=err, fmt=marker, color=color, ms=8, capsize=3, lw=1.0, label=label,
-                    mfc=color if fills[p["type"]] == "full" else "white", zorder=3)
-        if len(types) > 1:
-            ax.annotate(p["type"], (p["cost"], y), textcoords="offset points", xytext=(6, 4), fontsize=7.5)
-    oracle = {}
-    for p in points:
-        if math.isfinite(p["oracle"]):
-            oracle.setdefault(p["type"], p["oracle"])
-    for i, (ty, x) in enumerate(sorted(oracle.items())):
-        ax.axvline(x, color=GREY, ls="--", lw=1.2, zorder=1,
-                   label="oracle's minimum (blocks the corruption touched)" if i == 0 else None)
-        if len(oracle) > 1:
-            ax.text(x, 1.02, ty, rotation=90, fontsize=7, va="bottom", ha="center", transform=ax.get_xaxis_transform())
-    ax.axhline(1.0, color=BLACK, lw=0.8, ls=":", zorder=1)
-    ax.axhline(0.0, color=BLACK, lw=0.8, zorder=1)
-    ax.set_xlim(-0.03, 1.05)
-    ax.set_xlabel("recompute cost: tokens recomputed / context tokens (mean over corrupted cells)")
-    ax.set_ylabel("recovered fraction of the damage (AUC scale, 95% CI)")
-    fig.legend(loc="outside lower center", ncol=3, frameon=False)
-    held = ", ".join(types) if types else "none"
-    fig.suptitle(f"Recovery against recomputation: held-out {held}\n1 recovers everything, 0 nothing; cache-only "
-                 "defenses recompute nothing (cost 0)")
+    types = list(dict.fromkeys(p["type"] for p in points))
+    cols = min(4, max(1, len(types)))
+    rows = -(-len(types) // cols) if types else 1
+    fig = new_figure(3.2 * cols + 1.2, 2.9 * rows + 1.4)
+    lo_y, hi_y = -0.3, 1.15
+    handles: dict[str, Any] = {}
+    for i, ty in enumerate(types or ["none"]):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_title(ty)
+        for p in (q for q in points if q["type"] == ty):
+            color, marker = defense_style(p["defense"])
+            y = p["value"]
+            if not math.isfinite(y):
+                continue
+            inside = lo_y <= y <= hi_y
+            shown = min(max(y, lo_y), hi_y)
+            err = None
+            if inside and math.isfinite(p["ci_low"]) and math.isfinite(p["ci_high"]):
+                err = [[max(y - max(p["ci_low"], lo_y), 0.0)], [max(min(p["ci_high"], hi_y) - y, 0.0)]]
+            h = ax.errorbar([p["cost"]], [shown], yerr=err, fmt=marker, color=color, ms=7, capsize=2.5, lw=1.0,
+                            mfc=color if inside else "white", zorder=3)
+            handles.setdefault(p["defense"], h)
+            if not inside:
+                ax.annotate(f"{y:.3g}", (p["cost"], shown), textcoords="offset points", xytext=(6, -3 if y < lo_y else 2),
+                            fontsize=7)
+        oracle = [q["oracle"] for q in points if q["type"] == ty and math.isfinite(q["oracle"])]
+        if oracle:
+            line = ax.axvline(oracle[0], color=GREY, ls="--", lw=1.2, zorder=1)
+            handles.setdefault("oracle's minimum (blocks the corruption touched)", line)
+        ax.axhline(1.0, color=BLACK, lw=0.7, ls=":", zorder=1)
+        ax.axhline(0.0, color=BLACK, lw=0.7, zorder=1)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(lo_y - 0.05, hi_y + 0.05)
+        if i % cols == 0:
+            ax.set_ylabel("recovered fraction")
+        if i >= (rows - 1) * cols:
+            ax.set_xlabel("tokens recomputed / context")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4),
+               frameon=False)
+    fig.suptitle("Recovery against recomputation: recovered fraction of the damage (AUC scale, 95% CI) per type\n"
+                 "1 recovers everything, 0 nothing; cache-only defenses recompute nothing (cost 0)")
     return png(fig)
