@@ -21,6 +21,7 @@ clean cell's value instead of recomputing it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -319,10 +320,12 @@ class _Recomputation:
         redone = torch.zeros(T, dtype=torch.bool)
         for j in blocks:
             redone[j * bs:(j + 1) * bs] = True
-        return not bool((self.changed_positions() & ~redone)[:last].any())
+        return not bool((self.changed_positions & ~redone)[:last].any())
 
+    @functools.cached_property
     def changed_positions(self) -> torch.Tensor:
-        """bool [T]: the positions holding an entry that differs from the clean cache in some layer."""
+        """bool [T]: the positions holding an entry that differs from the clean cache in some layer (one scan
+        of every layer, shared by the stand-in rule and the oracle's minimum)."""
         T = int(self.ex.prefix.numel())
         hit = torch.zeros(T, dtype=torch.bool)
         for l in range(self.ctx.lm.arch.num_layers):
@@ -347,7 +350,7 @@ class _Recomputation:
         """Tokens of the blocks of `block_size` positions holding an entry that differs from the clean cache in
         any layer: what a recomputation that knew the damage would forward."""
         T = int(self.ex.prefix.numel())
-        blocks = self.changed_positions().nonzero().flatten() // block_size
+        blocks = self.changed_positions.nonzero().flatten() // block_size
         return sum(min(block_size, T - int(j) * block_size) for j in torch.unique(blocks).tolist())
 
     def _tokens(self) -> int:
