@@ -590,6 +590,19 @@ def prefix_cache(model, kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]], len
     return cache
 
 
+def cache_from_kv(model, kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]], length: int):
+    """A new cache of a context of `length` positions whose layer l holds exactly `kv[l]` (its last positions;
+    every layer of the model), as a forward of the whole context would have left it."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for l, lay in enumerate(cache.layers):
+        lay.update(*kv[l])
+        if getattr(lay, "is_sliding", False):
+            lay.cumulative_length = length
+    return cache
+
+
 def prefill_kv(model, input_ids: torch.Tensor, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (K, V)} of every position of a prefill, as attention reads them: all positions also on
     sliding-window layers, whose stored cache keeps only the last ones (no cache is kept)."""

@@ -76,11 +76,13 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert dec["rank"] == 8 and dec["apply_to"] == "KV"
     row = dec["lengths"]["16"]
     assert set(row["tokens_per_sec"]) == set(bench.DECODE_VARIANTS)
-    assert set(row["ratios"]) == {"repair", "naive", "augmented", "stock"}
+    assert set(row["ratios"]) == {"repair", "naive", "augmented", "stock", "stock_tagged"}
     # one ABBA block per variant and repetition: two runs of each variant, two of no defense per block
-    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "augmented", "stock"))
-    assert len(row["sec_per_run"]["none"]) == 8
+    assert all(len(row["sec_per_run"][v]) == 2 for v in ("repair", "naive", "augmented", "stock", "stock_tagged"))
+    assert len(row["sec_per_run"]["none"]) == 10
     assert all(len(row["per_rep_ratios"][v]) == 1 for v in ("repair", "naive", "augmented", "stock"))
+    tags = row["tags"]  # verifying the prefilled cache's tags, against the prefill they spare
+    assert tags["block_size"] == 16 and tags["tags"] == 3 and tags["verify_sec"] > 0 and tags["prefill_sec"] > 0
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] > 1e-6  # the perturbed operator really changes the output
     assert agree["naive_vs_repair"] < 1e-4 and agree["augmented_vs_repair"] < 1e-4
@@ -94,8 +96,9 @@ def test_results_json_structure(tmp_path, tiny_model_dir, capsys):
     assert "extra_vs_none_mib" in mem["decode_naive_16"]
 
     summ = r["summary"]["cpu"]
-    assert {"train_step", "eval_grid", "decode_repair@16", "decode_repair_vs_stock@16", "meets_target"} <= set(summ)
-    assert "decode_repair_vs_stock@16" in summ["meets_target"]
+    assert {"train_step", "eval_grid", "decode_repair@16", "decode_repair_vs_stock@16", "decode_tags_vs_stock@16",
+            "tags_verify_vs_prefill@16", "meets_target"} <= set(summ)
+    assert {"decode_repair_vs_stock@16", "decode_tags_vs_stock@16"} <= set(summ["meets_target"])
     printed = capsys.readouterr().out
     assert "train step" in printed and "decode tokens/s" in printed and str(out) in printed
 
@@ -235,7 +238,7 @@ def test_detecting_operator_decode_variants(tmp_path, tiny_model_dir):
     dec = json.loads(out.read_text())["decode"]["cpu"]
     assert dec["family"] == "D"
     row = dec["lengths"]["16"]
-    assert set(row["ratios"]) == {"repair", "repair_all_gated", "stock"}
+    assert set(row["ratios"]) == {"repair", "repair_all_gated", "stock", "stock_tagged"}
     agree = dec["agreement_max_abs_logit_diff"]
     assert agree["repair_vs_none"] < 1e-5  # a clean cache: nothing is gated
     assert agree["repair_all_gated_vs_repair"] > 1e-4  # every entry gated: the output really changes

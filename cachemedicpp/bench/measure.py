@@ -13,7 +13,7 @@ from cachemedicpp import calibration, defenses, hf
 from cachemedicpp import eval as ev
 from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import abba, interleaved, median, paired_ratios, ratio
-from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator,
+from cachemedicpp.bench.workloads import (decode_workload, eval_end_to_end, eval_workloads, perturbed_operator, tag_costs,
                                           prefilled, train_workloads, variant_agreement)
 from cachemedicpp.config import ConfigError
 from cachemedicpp.results import CHECKSUM_RECOMPUTE, NO_DEFENSE
@@ -128,6 +128,7 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
         res = abba(lm.device, ws["none"], [ws[v] for v in variants[1:]], s.reps)
         out["lengths"][str(length)] = _decode_row(s, {v: res["runs"][ws[v].name] for v in variants},
                                                   {v: res["ratios"][ws[v].name] for v in variants[1:]})
+        out["lengths"][str(length)]["tags"] = tag_costs(lm, length, s.reps, s.seed)
         del ws, start
         gc.collect()
     return out

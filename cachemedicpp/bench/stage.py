@@ -81,14 +81,19 @@ def summary(results: dict) -> dict:
         for length, row in r["lengths"].items():
             for v, x in row["ratios"].items():
                 out.setdefault(dev, {})[f"decode_{v}@{length}"] = x
-            rs, st = row["ratios"].get("repair"), row["ratios"].get("stock")
+            rs, st, tg = (row["ratios"].get(v) for v in ("repair", "stock", "stock_tagged"))
             if rs is not None and st:
                 # none/repair over none/stock = stock time / repair time: the repair against the model as users run it
                 out.setdefault(dev, {})[f"decode_repair_vs_stock@{length}"] = rs / st
+            if tg is not None and st:  # writing integrity tags as blocks complete, against the stock model
+                out.setdefault(dev, {})[f"decode_tags_vs_stock@{length}"] = tg / st
+            if "tags" in row:
+                out.setdefault(dev, {})[f"tags_verify_vs_prefill@{length}"] = row["tags"]["verify_vs_prefill"]
     for dev, vals in out.items():
         met = {}
         for k, x in vals.items():
-            base = k.split("@")[0] if k.startswith(("decode_repair@", "decode_repair_vs_stock@")) else k
+            base = k.split("@")[0] if k.startswith(("decode_repair@", "decode_repair_vs_stock@",
+                                                    "decode_tags_vs_stock@")) else k
             if base in TARGETS and x is not None:
                 op, target = TARGETS[base]
                 met[k] = bool(x <= target) if op == "<=" else bool(x >= target)
@@ -160,6 +165,11 @@ def _decode_table(dev: str, r: dict) -> list[str]:
         cpu = row.get("cpu_time_ratios", {})
         lines.append(f"  {'cpu':>7} " + " ".join(f"{'':>16}" if v == "none" else f"{'(' + _fmt(cpu.get(v)) + ')':>16}"
                                                   for v in variants))
+        st, tg, t = row["ratios"].get("stock"), row["ratios"].get("stock_tagged"), row.get("tags")
+        if tg is not None and st:
+            lines.append(f"  {'':>7} integrity tags written while decoding: {_fmt(tg / st)} of stock (target >= 0.97)"
+                         + (f"; verifying all {t['tags']} tags {_fmt(t['verify_sec'], '.4f')} s = "
+                            f"{_fmt(t['verify_vs_prefill'])} of the prefill they spare" if t else ""))
     return lines
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from cachemedicpp import eval as ev
-from cachemedicpp import calibration, defenses, hf, repair
+from cachemedicpp import calibration, defenses, hf, integrity, repair
 from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
@@ -122,10 +122,10 @@ def train_workloads(cfg, lm: hf.LoadedModel) -> tuple[Workload, Workload]:
 def decode_repairs(op, lm: hf.LoadedModel) -> dict[str, Any]:
     """The object each decode variant hands the hook (None: no plan)."""
     if repair.detects(op):
-        return {"none": None, "repair": op, "repair_all_gated": all_gated(op), "stock": None}
+        return {"none": None, "repair": op, "repair_all_gated": all_gated(op), "stock": None, "stock_tagged": None}
     scaling = lm.arch.head_dim ** -0.5
     return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op),
-            "stock": None}
+            "stock": None, "stock_tagged": None}
 
 
 def decode_plans(op, lm: hf.LoadedModel) -> dict[str, hf.HookPlan | None]:
@@ -140,21 +140,45 @@ def variant_agreement(lm: hf.LoadedModel, op, length: int = 48, seed: int = 0) -
     with torch.no_grad():
         _, cache = hf.forward(lm.model, ids[:, :-1], logits_to_keep=1)
         z = {n: hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache), plans[n])[0].float()
-             for n in decode_variants(op.family) if n != "stock"}
+             for n in decode_variants(op.family) if not n.startswith("stock")}
     with torch.no_grad(), hf.stock_attention(lm.model):
         z["stock"] = hf.forward(lm.model, ids[:, -1:], hf.clone_cache(cache))[0].float()
     out = {f"{n}_vs_{'none' if n in ('repair', 'stock') else 'repair'}":
            float((z[n] - z["none" if n in ("repair", "stock") else "repair"]).abs().max())
-           for n in decode_variants(op.family) if n != "none"}
+           for n in decode_variants(op.family) if n not in ("none", "stock_tagged")}
     return out
 
 
 def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
-    """(first greedy token, cache) after a clean prefill of `length` random tokens."""
-    ids = random_ids(lm, length, seed + length)
+    """(first greedy token, cache) after a clean prefill of `length` random tokens (`prefill_ids`)."""
     with torch.no_grad():
-        logits, cache = hf.forward(lm.model, ids, logits_to_keep=1)
+        logits, cache = hf.forward(lm.model, prefill_ids(lm, length, seed), logits_to_keep=1)
     return logits[:, -1:].argmax(-1), cache
+
+
+def prefill_ids(lm: hf.LoadedModel, length: int, seed: int = 0) -> torch.Tensor:
+    return random_ids(lm, length, seed + length)
+
+
+def tag_costs(lm: hf.LoadedModel, length: int, reps: int, seed: int = 0) -> dict:
+    """What verifying a stored cache's integrity tags costs against recomputing it: median seconds of
+    `integrity.verify` on a prefilled cache of `length` positions and of that prefill (reps of each,
+    interleaved), and the tags' size."""
+    ids = prefill_ids(lm, length, seed)
+    _, cache = prefilled(lm, length, seed)
+    tags = integrity.record(lm.model, cache, ids, integrity.DEFAULT_BLOCK_SIZE)
+    verify, prefill = [], []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        assert not integrity.verify(cache, tags, ids)
+        verify.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.forward(lm.model, ids, logits_to_keep=1)
+        prefill.append(time.perf_counter() - t0)
+    v, p = sorted(verify)[len(verify) // 2], sorted(prefill)[len(prefill) // 2]
+    return {"block_size": tags.block_size, "tags": int(tags.tags.numel()), "verify_sec": v, "prefill_sec": p,
+            "verify_vs_prefill": v / p}
 
 
 def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: str, seed: int = 0,
@@ -168,17 +192,25 @@ def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: s
     if getattr(rep, "uses_memo", False):
         memo = rep.prime({l: hf.get_kv(cache, l) for l in list(rep.layers) + list(rep.observes)})
 
+    tagged = variant == "stock_tagged"
+    ids0 = prefill_ids(lm, length, seed) if tagged else None
+    tags0 = integrity.record(lm.model, cache, ids0) if tagged else None
+
     def prepare():
         plan = None if rep is None else hf.HookPlan(repair=rep, memo=dict(memo) if memo is not None else {})
         return hf.clone_cache(cache), plan
 
     def run(arg):
         c, plan = arg
-        nxt = first
-        stock = hf.stock_attention(lm.model) if variant == "stock" else contextlib.nullcontext()
+        nxt, ids, tags = first, ids0, tags0
+        stock = hf.stock_attention(lm.model) if variant.startswith("stock") else contextlib.nullcontext()
         with torch.no_grad(), stock:
             for _ in range(tokens):
                 z, c = hf.forward(lm.model, nxt, c, plan, logits_to_keep=1)
+                if tagged:  # the tags of each block as it completes
+                    ids = torch.cat([ids, nxt], dim=1)
+                    if ids.shape[1] % tags.block_size == 0:
+                        tags = integrity.extend(tags, c, ids)
                 nxt = z[:, -1:].argmax(-1)
         return nxt
 

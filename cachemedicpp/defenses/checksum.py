@@ -27,7 +27,7 @@ from cachemedicpp.defenses.base import (Cost, Defended, Defense, LayerInput, Nee
                                         replace_rows)
 from cachemedicpp.palette import YELLOW
 
-_P = 2 ** 31 - 1
+PRIME = 2 ** 31 - 1
 _INT_VIEWS = {2: torch.int16, 4: torch.int32}
 
 
@@ -37,8 +37,8 @@ def _weights(shape: tuple, positions: Tensor, salt: int, device) -> Tensor:
     h = torch.arange(H, dtype=torch.int64).view(-1, 1, 1)
     t = positions.to(torch.int64).view(1, -1, 1)
     j = torch.arange(d, dtype=torch.int64).view(1, 1, -1)
-    base = (h * 1_000_003 + t * 7_919 + j * 104_729 + salt * 15_485_863) % _P
-    return ((base * 2_654_435_761) % (_P - 1) + 1).to(device)
+    base = (h * 1_000_003 + t * 7_919 + j * 104_729 + salt * 15_485_863) % PRIME
+    return ((base * 2_654_435_761) % (PRIME - 1) + 1).to(device)
 
 
 def block_checksums(k: Tensor, v: Tensor, positions: Tensor, block_size: int) -> Tensor:
@@ -50,9 +50,9 @@ def block_checksums(k: Tensor, v: Tensor, positions: Tensor, block_size: int) ->
     for salt, x in enumerate((k, v)):
         bits = 8 * x.element_size()
         words = x.contiguous().view(_INT_VIEWS[x.element_size()]).to(torch.int64) & ((1 << bits) - 1)
-        prod = (words % _P) * _weights(tuple(x.shape[1:]), positions, salt, x.device) % _P
-        total.index_add_(1, blocks.to(x.device), prod.sum(dim=(1, 3)) % _P)
-    return total % _P
+        prod = (words % PRIME) * _weights(tuple(x.shape[1:]), positions, salt, x.device) % PRIME
+        total.index_add_(1, blocks.to(x.device), prod.sum(dim=(1, 3)) % PRIME)
+    return total % PRIME
 
 
 def place_keys(tokens: Tensor, n_blocks: int, block_size: int) -> Tensor:
@@ -67,7 +67,7 @@ def place_keys(tokens: Tensor, n_blocks: int, block_size: int) -> Tensor:
     for j in range(n_blocks):
         s, e = j * bs, min((j + 1) * bs, ids.numel())
         h.update(s.to_bytes(8, "little") + e.to_bytes(8, "little") + ids[s:e].numpy().tobytes())
-        keys.append(int.from_bytes(h.copy().digest()[:8], "little") % _P)
+        keys.append(int.from_bytes(h.copy().digest()[:8], "little") % PRIME)
     return torch.tensor(keys, dtype=torch.int64)
 
 
@@ -78,7 +78,7 @@ def block_tags(k: Tensor, v: Tensor, positions: Tensor, block_size: int, tokens:
     sums = block_checksums(k, v, positions, block_size)
     if tokens is None:
         return sums
-    return (sums + place_keys(tokens, sums.shape[1], block_size).to(sums.device)) % _P
+    return (sums + place_keys(tokens, sums.shape[1], block_size).to(sums.device)) % PRIME
 
 
 def failing_blocks(k: Tensor, v: Tensor, positions: Tensor, recorded: Tensor, block_size: int,
