@@ -270,6 +270,14 @@ class RecomputeCell(TypedDict):
                                                   "the damage would forward; 0 on clean cells)"]
     seconds_mean: NotRequired[Annotated[float, "mean wall seconds of the recomputations that ran (eval.recompute_exact: "
                                                "the real forwards; absent when the clean prefill stood in for all)"]]
+    corrupted_blocks_mean: NotRequired[Annotated[float, "mean blocks of block_size positions holding an entry the "
+                                                        "corruption changed in any layer, per example (0 on clean "
+                                                        "cells; absent when the run's progress predates the count)"]]
+    block_recall: NotRequired[Annotated[float, "recalled over corrupted blocks, each summed over the examples: a "
+                                               "corrupted block is recalled when the recomputation covers it (every "
+                                               "one when it redoes the whole context, the requested ones when "
+                                               "selective, none when nothing failed); absent when no block was "
+                                               "corrupted or the run's progress predates the count"]]
 
 
 class RecomputeCost(TypedDict):

@@ -550,7 +550,8 @@ def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives
 
     rc = recomputation()
     # the oracle's minimum: the two damaged blocks' tokens, whatever the defense asked
-    assert rc.cost(0, bs) == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 16}
+    assert rc.cost(0, bs) == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 16, "corrupted_blocks": 2,
+                              "recalled_blocks": 0}
     k, _ = rc.layer(0)((1, 4), bs)  # both damaged blocks: a clean prefix
     assert k is hf.get_kv(cache, 0)[0] and rc.run is None and rc.cost(2, bs)["tokens"] == 16
     with pytest.raises(ValueError, match="asked for"):
@@ -565,6 +566,63 @@ def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives
     assert k is hf.get_kv(cache, 0)[0] and rc.cost(1, bs)["tokens"] == T
     clean = grid._Recomputation(ctx, ex, layers, cache, lambda l: hf.get_kv(cache, l))
     assert clean.cost(0, bs)["corrupted_block_tokens"] == 0
+
+
+def test_the_cost_counts_the_corrupted_blocks_the_recomputation_recalls(tiny_lm, one_thread):
+    """recalled_blocks: the requested corrupted blocks (a selective request that misses one recalls fewer than
+    were corrupted), every corrupted block for the whole context, none when nothing was asked."""
+    from types import SimpleNamespace
+
+    from cachemedicpp import hf
+    from cachemedicpp.eval import grid
+
+    lm = tiny_lm("llama")
+    T, bs = 48, 8
+    ids = _seq(7, T)
+    cache = _prefill(lm, ids)
+    layers = list(range(lm.arch.num_layers))
+    bad = _damaged({l: hf.get_kv(cache, l) for l in layers}, [1, 4], bs, T)
+    ctx, ex = SimpleNamespace(lm=lm, recompute_exact=False), SimpleNamespace(prefix=ids)
+
+    def cost(blocks):
+        rc = grid._Recomputation(ctx, ex, layers, cache, lambda l: bad[l])
+        if blocks != ():
+            rc.layer(0)(blocks, bs)
+        return rc.cost(0, bs)
+
+    got = cost((1, 2))  # block 4 missed
+    assert (got["corrupted_blocks"], got["recalled_blocks"], got["corrupted_block_tokens"]) == (2, 1, 16)
+    assert [cost(req)["recalled_blocks"] for req in ((1, 4), None, ())] == [2, 2, 0]
+
+
+def test_the_cost_rows_micro_average_the_block_recall():
+    """block_recall: recalled over corrupted blocks summed over the cell's examples; absent on a clean cell and
+    when no example's cost counts blocks (progress written before they were counted)."""
+    from types import SimpleNamespace
+
+    from cachemedicpp import defenses
+    from cachemedicpp.eval import grid
+    from cachemedicpp.eval.aggregate import recompute_cost
+
+    name = "checksum_recompute"
+    cells = [grid.Cell("clean", 0.0, name), grid.Cell("block_fault", 0.16, name), grid.Cell("bitflip", 0.16, name)]
+    exs = [SimpleNamespace(key=f"e{i}", prefix=torch.zeros(32, dtype=torch.long)) for i in range(2)]
+    ctx = SimpleNamespace(defense_names=[name], cells=cells, examples=exs, baseline={"checksum_block_size": 8},
+                          persistence="at_rest", defense=lambda n: defenses.make(n))
+
+    def c(tokens, corrupted, recalled):
+        return {"tokens": tokens, "blocks": recalled, "corrupted_block_tokens": 8 * corrupted,
+                "corrupted_blocks": corrupted, "recalled_blocks": recalled}
+
+    old = {"tokens": 8, "blocks": 1, "corrupted_block_tokens": 8}  # a unit record from before the counts
+    units = {"e0": {"recompute": {cells[0].key: c(0, 0, 0), cells[1].key: c(8, 1, 1), cells[2].key: old}},
+             "e1": {"recompute": {cells[0].key: c(8, 0, 0), cells[1].key: c(8, 3, 1), cells[2].key: old}}}
+    rows = {r["corruption_type"]: r for r in recompute_cost(ctx, units, name)["by_cell"]}
+    assert rows["block_fault"]["block_recall"] == 2 / 4  # not the mean of the per-example recalls (2/3)
+    assert rows["block_fault"]["corrupted_blocks_mean"] == 2.0
+    assert "block_recall" not in rows["clean"] and rows["clean"]["corrupted_blocks_mean"] == 0.0
+    assert rows["clean"]["recomputed_fraction"] == 0.5  # a false alarm
+    assert not {"block_recall", "corrupted_blocks_mean"} & rows["bitflip"].keys()
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
@@ -589,7 +647,8 @@ def test_eval_counts_the_recomputed_tokens_per_cell(tiny_cfg, tiny_lm, mode, one
     T = int(ex.prefix.numel())
     hit_cell = ev.Cell("block_fault", 0.16, "checksum_recompute")
     clean_cell = ev.Cell("clean", 0.0, "checksum_recompute")
-    assert unit["recompute"][clean_cell.key] == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 0}
+    assert unit["recompute"][clean_cell.key] == {"tokens": 0, "blocks": 0, "corrupted_block_tokens": 0,
+                                                 "corrupted_blocks": 0, "recalled_blocks": 0}
     region = ctx.corruptor.region("block_fault", 0.16, T, "eval", ex.example_id)
     sev = C.severity("block_fault", 0.16, ctx.corruptor.params, ctx.corruptor.eps_ref)
     hit, _ = C.block_map(ctx.corruptor, sev, region.time, 0, "eval", ex.example_id)
@@ -599,6 +658,7 @@ def test_eval_counts_the_recomputed_tokens_per_cell(tiny_cfg, tiny_lm, mode, one
     assert got["tokens"] == (8 * n_blocks if mode == "selective" else T)
     assert got["corrupted_block_tokens"] == 8 * n_blocks  # the oracle's minimum: the swapped blocks' tokens
     assert got["blocks"] == n_blocks * len(region.layers)  # (layer, block) pairs, as before
+    assert got["corrupted_blocks"] == got["recalled_blocks"] == n_blocks  # the tags catch every swapped block
     exact = ev.score_example(dataclasses.replace(ctx, recompute_exact=True, instances={}), ex)
     assert {k: x for k, x in exact["recompute"][hit_cell.key].items() if k != "seconds"} == got
     assert exact["recompute"][hit_cell.key]["seconds"] > 0  # the real recomputation's wall time
@@ -699,6 +759,7 @@ def test_nan_inf_from_flips_do_not_crash_eval_and_checksum_recovers_exactly(faul
     hit = [c for c in cost["by_cell"] if c["epsilon"] > 0]
     assert hit and all(c["tokens_mean"] > 0 and c["blocks_failed_mean"] > 0 for c in hit)
     assert all(0 < c["corrupted_block_tokens_mean"] <= c["tokens_mean"] for c in hit)
+    assert all(c["block_recall"] == 1.0 and c["corrupted_blocks_mean"] > 0 for c in hit)  # the tags miss none
     assert all(c["tokens_mean"] == 0 for c in cost["by_cell"] if c["epsilon"] == 0)
     assert m["overhead"]["checksum_recompute"]["recompute_tokens"] > 0
     assert m["defense_groups"]["checksum_recompute"] == results.GROUP_RECOMPUTE

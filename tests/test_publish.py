@@ -109,3 +109,35 @@ def test_a_selection_sweep_is_published_with_the_rules_pick(tmp_path):
     other = _selection_sweep(tmp_path / "x", {"only": 0.3}, split="validation")
     assert publish.main(["--selection", str(other), "--out", str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def _cost(defense: str, rows: list[tuple]) -> dict:
+    """A cost table; each row (type, ε, recomputed fraction, tokens, oracle's minimum[, block recall])."""
+    keys = ("corruption_type", "epsilon", "recomputed_fraction", "tokens_mean", "corrupted_block_tokens_mean")
+    cells = [dict(zip(keys, r[:5]), n=4, blocks_failed_mean=1.0, **({"block_recall": r[5]} if len(r) > 5 else {}))
+             for r in rows]
+    return {"defense": defense, "block_size": 16, "persistence": "at_rest", "context_tokens_mean": 224.0,
+            "by_cell": cells, "how": "selective"}
+
+
+def test_the_recompute_table_shows_the_cost_beside_the_recovery():
+    rf = {"value": 0.9, "ci_low": 0.8, "ci_high": 1.0}
+    rec = {"name": "rc", "task_metrics": {
+        "recovered_fraction_by_type": {"block_fault": {"checksum_recompute": rf,
+                                                       "detect_recompute": {**rf, "value": -0.05, "ci_low": -0.1}}},
+        "recompute_cost": _cost("checksum_recompute", [("clean", 0.0, 0.0, 0.0, 0.0),
+                                                       ("block_fault", 0.16, 1.0, 32.0, 32.0, 1.0)]),
+        "detect_recompute_cost": _cost("detect_recompute", [("clean", 0.0, 0.25, 12.0, 0.0),
+                                                            ("block_fault", 0.16, 0.75, 48.0, 32.0, 0.5),
+                                                            ("block_fault", 0.32, 1.0, 64.0, 32.0)])}}
+    text = publish.render_doc("<!-- published:rc:recompute -->\n<!-- /published -->\n", lambda name: rec)
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "| checksum_recompute | clean | 0 | — | 0.000 | 0.0 | 0.0 | — | — |",
+        "| checksum_recompute | block_fault | 0.16 | 0.900 [0.800, 1.000] | 1.000 | 32.0 | 32.0 | 1.00 | 1.000 |",
+        "| detect_recompute | clean | 0 | — | 0.250 | 12.0 | 0.0 | — | — |",  # the false-alarm rate
+        "| detect_recompute | block_fault | 0.16 | −0.050 [−0.100, 1.000] | 0.750 | 48.0 | 32.0 | 1.50 | 0.500 |",
+        "| detect_recompute | block_fault | 0.32 | −0.050 [−0.100, 1.000] | 1.000 | 64.0 | 32.0 | 2.00 | — |"]
+    assert "blocks of 16 positions; a full recomputation forwards 224.0 tokens" in text
+    with pytest.raises(ConfigError, match="no recompute cost"):
+        publish.recompute_table({"name": "plain", "task_metrics": {}})

@@ -254,11 +254,25 @@ def recompute_cost(ctx: EvalContext, units: dict, name: str) -> dict | None:
             secs = [x["seconds"] for x in known if "seconds" in x]
             if secs:
                 rows[-1]["seconds_mean"] = float(np.mean(secs))
+            rows[-1].update(_block_recall([x for x in known if "corrupted_blocks" in x]))
     return {"defense": name, "block_size": int(ctx.baseline["checksum_block_size"]), "persistence": ctx.persistence,
             "context_tokens_mean": float(np.mean([int(ex.prefix.numel()) for ex in ctx.examples])), "by_cell": rows,
             "how": _recompute_how(ctx.defense(name)) + ctx.defense(name).cost_how,
             **ctx.defense(name).cost_settings()}
 
+
+
+def _block_recall(costs: list[dict]) -> dict:
+    """corrupted_blocks_mean and block_recall (recalled over corrupted blocks, summed over the examples) of the
+    costs that count blocks (none in progress files written before they did); block_recall only when a block
+    was corrupted."""
+    if not costs:
+        return {}
+    hit = sum(x["corrupted_blocks"] for x in costs)
+    out = {"corrupted_blocks_mean": hit / len(costs)}
+    if hit:
+        out["block_recall"] = sum(x["recalled_blocks"] for x in costs) / hit
+    return out
 
 
 def _recompute_how(dfn) -> str:

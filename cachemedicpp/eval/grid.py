@@ -102,7 +102,7 @@ class Row:
     region: corruption.Region
     alias: Cell | None = None  # provably identical to this cell: reuse its value
     drops: dict | None = None  # layer -> bool [1, H, T]: entries attention ignores (dropping defenses)
-    recompute: dict | None = None  # a recomputing defense at rest: {"tokens", "blocks", "seconds" (real forward only)}
+    recompute: dict | None = None  # a recomputing defense at rest: _Recomputation.cost
 
 
 @dataclass
@@ -339,19 +339,33 @@ class _Recomputation:
 
     def cost(self, blocks: int, block_size: int) -> dict:
         """{"tokens": forward tokens recomputed (0 when nothing was asked), "blocks": `blocks`,
-        "corrupted_block_tokens": the oracle's minimum (tokens of the blocks the corruption changed)[, "seconds"]}."""
+        "corrupted_block_tokens": the oracle's minimum (tokens of the blocks the corruption changed),
+        "corrupted_blocks": how many blocks those are, "recalled_blocks": how many of them the request recomputes
+        (all for the whole context, none when nothing was asked)[, "seconds"]}. Blocks of `block_size` positions,
+        the size the defense asks in."""
+        hit = self.corrupted_blocks(int(block_size))
+        if self.request is None:
+            recalled = 0
+        else:
+            asked = self.request[0]
+            recalled = len(hit) if asked is None else len(hit.intersection(asked))
         out = {"tokens": self._tokens(), "blocks": int(blocks),
-               "corrupted_block_tokens": self.corrupted_block_tokens(int(block_size))}
+               "corrupted_block_tokens": self.corrupted_block_tokens(int(block_size)),
+               "corrupted_blocks": len(hit), "recalled_blocks": recalled}
         if self.run is not None:
             out["seconds"] = self.run.seconds
         return out
 
+    def corrupted_blocks(self, block_size: int) -> set[int]:
+        """Ids of the blocks of `block_size` positions holding an entry that differs from the clean cache in any
+        layer."""
+        return set((self.changed_positions.nonzero().flatten() // block_size).tolist())
+
     def corrupted_block_tokens(self, block_size: int) -> int:
-        """Tokens of the blocks of `block_size` positions holding an entry that differs from the clean cache in
-        any layer: what a recomputation that knew the damage would forward."""
+        """Tokens of the corrupted blocks (`corrupted_blocks`): what a recomputation that knew the damage would
+        forward."""
         T = int(self.ex.prefix.numel())
-        blocks = self.changed_positions.nonzero().flatten() // block_size
-        return sum(min(block_size, T - int(j) * block_size) for j in torch.unique(blocks).tolist())
+        return sum(min(block_size, T - j * block_size) for j in self.corrupted_blocks(block_size))
 
     def _tokens(self) -> int:
         if self.request is None:
@@ -378,7 +392,7 @@ def _acting_layers(ctx: EvalContext, dfn: defenses.Defense, corrupted) -> list[i
 def _defend(ctx: EvalContext, ex: tasks.Example, name: str, kv: dict, region: corruption.Region,
             clean_cache) -> tuple[dict, dict | None, dict | None]:
     """At rest: the defended K/V of every layer the defense acts on (the corrupted `kv` as read elsewhere),
-    the entries to drop (or None), and for a recomputing defense its cost ({"tokens", "blocks"[, "seconds"]})."""
+    the entries to drop (or None), and for a recomputing defense its cost (`_Recomputation.cost`)."""
     dfn = ctx.defense(name)
     layers = _acting_layers(ctx, dfn, kv)
     stored = lambda l: kv[l] if l in kv else hf.get_kv(clean_cache, l)  # noqa: E731
@@ -648,7 +662,7 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             "evicted": exposure(ctx, regions, held, evicted=True),
             "tokens": int(ex.prefix.numel() + computed * ex.feeds.numel())}
     if costs:  # a recomputing defense at rest: {cell key: _Recomputation.cost (tokens, blocks, the oracle's
-        # minimum corrupted_block_tokens; seconds when the real recomputation ran)}
+        # minimum corrupted_block_tokens, corrupted and recalled blocks; seconds when the real recomputation ran)}
         unit["recompute"] = {k: {f: (float(x) if f == "seconds" else int(x)) for f, x in c.items()}
                              for k, c in costs.items()}
     if detected:  # family D at rest: {cell key: [changed gated, changed, untouched gated, untouched, ROC-AUC]}
