@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cachemedicpp import hf, recompute
 from cachemedicpp.config import ConfigError
-from cachemedicpp.defenses.checksum import PRIME, block_checksums, block_tags, place_keys
+from cachemedicpp.defenses.checksum import block_checksums, block_tags, place_keys
 from cachemedicpp.fileio import atomic_torch_save, atomic_write_json, load_checkpoint
 
 FORMAT = "cachemedicpp.tags/1"
@@ -140,7 +140,7 @@ def extend(tags: Tags, cache, input_ids: Tensor) -> Tags:
         held = T - k.shape[2]
         s = max(first * bs, held)
         sums = block_checksums(k[:, :, s - held:], v[:, :, s - held:], torch.arange(s, T), bs)[0, first:].cpu()
-        new.append((sums + keys) % PRIME)
+        new.append(sums + keys)
     grown = torch.cat([tags.tags[:, :first], torch.stack(new)], dim=1)
     for l in range(grown.shape[0]):
         _unheld(grown[l], T - hf.held_length(cache, l), bs)

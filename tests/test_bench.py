@@ -113,7 +113,7 @@ def test_defense_overhead_reports_checksum_recompute(tmp_path, tiny_model_dir, c
     assert set(r) >= {"defense_overhead", "summary"} and not r["decode"] and not r["train_step"]
     block = r["defense_overhead"]["cpu"]
     rows = block["defenses"]
-    # the base config's defenses (quickstart: all of them) plus checksum_recompute
+    # the base config's defenses (quickstart: its calibrated candidates, oracle_drop, cachemedic) plus checksum_recompute
     assert {"no_defense", "range_clamp", "oracle_drop", "cachemedic", "checksum_recompute"} <= set(rows)
     assert block["reps"] == 1 and len(block["examples"]) == 4 and block["cell"]["epsilon"] > 0
     for d, row in rows.items():

@@ -279,6 +279,26 @@ def test_block_checksum_detects_every_single_bit_flip():
             assert bad.tolist() == [[j == t // 16 for j in range(3)]], (bit, t)
 
 
+def test_block_checksum_catches_word_changes_of_any_difference():
+    """The checksum is a sum modulo 2^64 of words times odd weights: any one-word difference below 2^32 is
+    caught, including the multiples of 2^31 - 1 a sum modulo that prime would miss (0x00000001 -> 0x80000000,
+    a denormal becoming -0.0; 0.0 -> 0x7FFFFFFF, a NaN), and the int64 arithmetic wraps as it relies on."""
+    from cachemedicpp import defenses
+
+    big = torch.tensor([2 ** 62, 3], dtype=torch.int64)
+    assert (big * 4).tolist() == [0, 12] and big.repeat(4).sum().item() == 12  # two's-complement wrap-around
+    k, v = kv_pair()
+    pos = torch.arange(SHAPE[2])
+    words = k.view(torch.int32)
+    for before, after in ((1, -2 ** 31), (0, 2 ** 31 - 1), (5, 5 + 2 * (2 ** 31 - 1) - 2 ** 32), (-1, 2 ** 31 - 2)):
+        k1, k2 = k.clone(), k.clone()
+        k1.view(torch.int32)[0, 0, 20, 7] = before
+        k2.view(torch.int32)[0, 0, 20, 7] = after
+        assert words.dtype == torch.int32
+        bad = defenses.block_checksums(k1, v, pos, 16) != defenses.block_checksums(k2, v, pos, 16)
+        assert bad.tolist() == [[False, True, False]], (before, after)
+
+
 # --------------------------------------------------------------------------------------------------
 # block-selective recomputation
 

@@ -6,16 +6,19 @@ for bit). Nothing fails on a clean cache, and nothing is recomputed there. Never
 baseline.
 
 The tag of a block binds it to its place: a checksum of its content (a weighted sum of the raw words modulo
-a prime, weighted by head, absolute position and channel) plus a key of its sequence and positions (a hash of
-the sequence's token ids up to the block's end and of the block's span). A change of one word by any bit
-pattern changes the checksum (the weights and 2^k are units modulo P); a block that is internally intact but
-misplaced, carrying the tag it was written with, fails too: a stale block (an earlier prompt's entries at the
-same positions), a block of another sequence (swapped in), or one of the same sequence moved to other
-positions. Several changes, or two keys, collide with probability about 2^-31.
+2^64, weighted by head, absolute position and channel with odd weights) plus a key of its sequence and
+positions (a hash of the sequence's token ids up to the block's end and of the block's span). A change of one
+word by any bit pattern changes the checksum (a nonzero difference below 2^32 times an odd weight is nonzero
+modulo 2^64); a block that is internally intact but misplaced, carrying the tag it was written with, fails
+too: a stale block (an earlier prompt's entries at the same positions), a block of another sequence (swapped
+in), or one of the same sequence moved to other positions. Several changes, or two keys, collide with
+probability about 2^-64. The arithmetic is int64 with two's-complement wrap-around (what torch's integer
+kernels do on CPU and CUDA; tests/test_faults.py checks it), no division: one pass of multiply and sum.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -27,36 +30,55 @@ from cachemedicpp.defenses.base import (Cost, Defended, Defense, LayerInput, Nee
                                         replace_rows)
 from cachemedicpp.palette import YELLOW
 
-PRIME = 2 ** 31 - 1
 _INT_VIEWS = {2: torch.int16, 4: torch.int32}
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: the mixing multiplier
 
 
-def _weights(shape: tuple, positions: Tensor, salt: int, device) -> Tensor:
-    """int64 [H, T, d] weights in [1, P): a fixed function of (head, absolute position, channel, K|V)."""
-    H, _, d = shape
+def _mix(x: Tensor) -> Tensor:
+    """A wrap-around int64 mixing of `x` (splitmix64's finaliser, with arithmetic shifts)."""
+    x = x * _GOLDEN
+    x = x ^ (x >> 29)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    return x ^ (x >> 32)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_cached(H: int, first: int, T: int, d: int, salt: int, device: str) -> Tensor:
+    return _weights_at(H, torch.arange(first, first + T, dtype=torch.int64), d, salt).to(device)
+
+
+def _weights_at(H: int, positions: Tensor, d: int, salt: int) -> Tensor:
     h = torch.arange(H, dtype=torch.int64).view(-1, 1, 1)
     t = positions.to(torch.int64).view(1, -1, 1)
     j = torch.arange(d, dtype=torch.int64).view(1, 1, -1)
-    base = (h * 1_000_003 + t * 7_919 + j * 104_729 + salt * 15_485_863) % PRIME
-    return ((base * 2_654_435_761) % (PRIME - 1) + 1).to(device)
+    return _mix(((h * 1_000_003 + t) * 104_729 + j) * 4 + salt) | 1  # odd: a unit modulo 2^64
+
+
+def _weights(shape: tuple, positions: Tensor, salt: int, device) -> Tensor:
+    """int64 [H, T, d] odd weights: a fixed function of (head, absolute position, channel, K|V); cached for a
+    contiguous run of positions (the usual case: a cache's held positions)."""
+    H, T, d = shape
+    pos = positions.to(device="cpu", dtype=torch.int64)
+    if T and int(pos[-1]) - int(pos[0]) == T - 1 and bool((pos.diff() == 1).all()):
+        return _weights_cached(H, int(pos[0]), T, d, salt, str(device))
+    return _weights_at(H, pos, d, salt).to(device)
 
 
 def block_checksums(k: Tensor, v: Tensor, positions: Tensor, block_size: int) -> Tensor:
     """int64 [B, n_blocks]: one checksum per block of `block_size` absolute positions (block j holds
-    positions [j·b, (j+1)·b)), over K and V, on their raw bits (NaN payloads and -0.0 included)."""
+    positions [j·b, (j+1)·b)), over K and V, on their raw bits (NaN payloads and -0.0 included); modulo 2^64."""
     blocks = positions.to(torch.int64) // int(block_size)
     n = int(blocks.max()) + 1 if blocks.numel() else 0
     total = torch.zeros(k.shape[0], n, dtype=torch.int64, device=k.device)
     for salt, x in enumerate((k, v)):
-        bits = 8 * x.element_size()
-        words = x.contiguous().view(_INT_VIEWS[x.element_size()]).to(torch.int64) & ((1 << bits) - 1)
-        prod = (words % PRIME) * _weights(tuple(x.shape[1:]), positions, salt, x.device) % PRIME
-        total.index_add_(1, blocks.to(x.device), prod.sum(dim=(1, 3)) % PRIME)
-    return total % PRIME
+        words = x.contiguous().view(_INT_VIEWS[x.element_size()]).to(torch.int64)  # signed: |difference| < 2^32
+        prod = words * _weights(tuple(x.shape[1:]), positions, salt, x.device)
+        total.index_add_(1, blocks.to(x.device), prod.sum(dim=(1, 3)))
+    return total
 
 
 def place_keys(tokens: Tensor, n_blocks: int, block_size: int) -> Tensor:
-    """int64 [n_blocks] in [0, P): block j's key, a chained hash of the sequence's token ids up to the block's
+    """int64 [n_blocks]: block j's key, a chained hash of the sequence's token ids up to the block's
     end and of every block's span [start, end) up to j. Equal for two blocks only where the same tokens fill the
     same positions up to there (collisions aside)."""
     ids = tokens.reshape(-1).to(device="cpu", dtype=torch.int64)
@@ -67,7 +89,7 @@ def place_keys(tokens: Tensor, n_blocks: int, block_size: int) -> Tensor:
     for j in range(n_blocks):
         s, e = j * bs, min((j + 1) * bs, ids.numel())
         h.update(s.to_bytes(8, "little") + e.to_bytes(8, "little") + ids[s:e].numpy().tobytes())
-        keys.append(int.from_bytes(h.copy().digest()[:8], "little") % PRIME)
+        keys.append(int.from_bytes(h.copy().digest()[:8], "little", signed=True))
     return torch.tensor(keys, dtype=torch.int64)
 
 
@@ -78,7 +100,7 @@ def block_tags(k: Tensor, v: Tensor, positions: Tensor, block_size: int, tokens:
     sums = block_checksums(k, v, positions, block_size)
     if tokens is None:
         return sums
-    return (sums + place_keys(tokens, sums.shape[1], block_size).to(sums.device)) % PRIME
+    return sums + place_keys(tokens, sums.shape[1], block_size).to(sums.device)
 
 
 def failing_blocks(k: Tensor, v: Tensor, positions: Tensor, recorded: Tensor, block_size: int,
