@@ -126,6 +126,7 @@ def test_the_recompute_table_shows_the_cost_beside_the_recovery():
         "recovered_fraction_by_type": {"block_fault": {"checksum_recompute": rf,
                                                        "detect_recompute": {**rf, "value": -0.05, "ci_low": -0.1}}},
         "recompute_cost": _cost("checksum_recompute", [("clean", 0.0, 0.0, 0.0, 0.0),
+                                                       ("block_fault", 0.0, 0.0, 0.0, 0.0),  # clean again: no row
                                                        ("block_fault", 0.16, 1.0, 32.0, 32.0, 1.0)]),
         "detect_recompute_cost": _cost("detect_recompute", [("clean", 0.0, 0.25, 12.0, 0.0),
                                                             ("block_fault", 0.16, 0.75, 48.0, 32.0, 0.5),

@@ -292,6 +292,8 @@ def recompute_table(rec: dict) -> str:
     for cost in costs:
         d = cost["defense"]
         for c in cost["by_cell"]:
+            if c["epsilon"] == 0 and c["corruption_type"] != "clean":
+                continue  # a type's ε = 0 cell is the clean cache again
             rf = by_type.get(c["corruption_type"], {}).get(d)
             tok, oracle = c["tokens_mean"], c["corrupted_block_tokens_mean"]
             cells = [d, c["corruption_type"], f"{c['epsilon']:g}",
