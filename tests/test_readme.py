@@ -250,10 +250,28 @@ def check_lmeval(argv: list[str], wd: Workdir) -> None:
     assert 0 <= res["results"][LMEVAL_TASK]["acc,none"] <= 1
 
 
+def prepare_integrity(argv: list[str], wd: Workdir) -> list[str]:
+    """The prompt file the line names, written if missing; the line runs as written (the embedded model)."""
+    prompt = wd.path / _option(argv, "--prompt")[0]
+    if not prompt.is_file():
+        prompt.parent.mkdir(parents=True, exist_ok=True)
+        prompt.write_text("The river keeps its own counsel through the valley, and the mill on its bank turns "
+                          "whenever the spring floods come down from the hills above the old stone bridge.\n")
+    return argv
+
+
+def check_integrity(argv: list[str], wd: Workdir) -> None:
+    if argv[3] == "record":
+        out = wd.path / _option(argv, "--out")[0]
+        assert sorted(p.name for p in out.iterdir()) == ["cache.pt", "tags.json"]
+        assert json.loads((out / "tags.json").read_text())["format"] == "cachemedicpp.tags/1"
+
+
 # module -> (prepare: argv, workdir -> argv to run; check: argv, workdir -> None, after exit 0)
 RUNNERS = {
     "cachemedicpp.plots.publish": (prepare_publish, check_publish),
     "cachemedicpp.lmeval": (prepare_lmeval, check_lmeval),
+    "cachemedicpp.integrity": (prepare_integrity, check_integrity),
 }
 SLOW_MODULES = {"cachemedicpp.lmeval"}  # run on the shipped config: the embedded model
 
