@@ -128,8 +128,9 @@ class Workdir:
                 dest.write_text(yaml.safe_dump(tiny))
         return dest
 
-    def run_dir(self, rel: str) -> Path:
-        """An evaluated run dir at `rel`: train and eval of a tiny copy of the quickstart config."""
+    def run_dir(self, rel: str, extra: dict | None = None) -> Path:
+        """An evaluated run dir at `rel`: train and eval of a tiny copy of the quickstart config (with `extra`
+        merged in)."""
         from cachemedicpp import eval as ev
         from cachemedicpp import train
 
@@ -137,8 +138,8 @@ class Workdir:
         if not (rd / "metrics" / "task_metrics.json").is_file():
             cfg = self.path / "prepared" / f"{rd.name}.yaml"
             cfg.parent.mkdir(parents=True, exist_ok=True)
-            data = _deep_merge(yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()),
-                               tiny_config(self.tiny_model_dir("llama")))
+            data = _deep_merge(_deep_merge(yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()),
+                                           tiny_config(self.tiny_model_dir("llama"))), extra or {})
             cfg.write_text(yaml.safe_dump(data))
             for stage in (train, ev):
                 assert stage.main(["--config", str(cfg), "--run_dir", str(rd)]) == 0, f"preparing {rel}: {stage}"
@@ -190,6 +191,9 @@ def prepare_publish(argv: list[str], wd: Workdir) -> list[str]:
                 continue
             if m["table"] == "selection":  # a one-run selection sweep of the tiny run
                 publish.publish_selection(_selection_sweep(wd, m["name"]), out, m["name"])
+            elif m["table"] == "recompute":  # a tiny run that scores the recomputing defenses
+                publish.publish(wd.run_dir(f"prepared_runs/{m['name']}", {"eval": {"defenses": [
+                    "no_defense", "checksum_recompute", "detect_recompute", "cachemedic"]}}), out, m["name"])
             else:
                 publish.publish(wd.run_dir(f"prepared_runs/{m['name']}"), out, m["name"])
     return argv
