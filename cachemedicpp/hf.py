@@ -647,6 +647,11 @@ def cache_length(cache) -> int:
     return cache.get_seq_length()
 
 
+def cache_layers(cache) -> int:
+    """How many layers a cache holds."""
+    return len(cache.layers)
+
+
 # --------------------------------------------------------------------------------------------------
 # tiny random models for tests and benchmarks (saved to disk, loaded through `load_model`)
 

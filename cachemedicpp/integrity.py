@@ -112,16 +112,16 @@ def _unheld(tags: Tensor, first: int, block_size: int) -> Tensor:
 
 
 def _check_cache(cache, tokens: Tensor, num_layers: int) -> None:
-    if len(cache.layers) != num_layers or hf.cache_length(cache) != tokens.numel():
-        raise ValueError(f"integrity: the cache holds {len(cache.layers)} layers and {hf.cache_length(cache)} "
+    if hf.cache_layers(cache) != num_layers or hf.cache_length(cache) != tokens.numel():
+        raise ValueError(f"integrity: the cache holds {hf.cache_layers(cache)} layers and {hf.cache_length(cache)} "
                          f"positions, the model has {num_layers} layers and the sequence {tokens.numel()} tokens")
 
 
 def record(model, cache, input_ids: Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> Tags:
     """The tags of `cache`, the K/V `model` stored for the sequence `input_ids` (batch 1), as it is now."""
     tokens = _ids(input_ids)
-    _check_cache(cache, tokens, len(cache.layers))
-    tags = torch.stack([_layer_tags(cache, l, tokens, int(block_size)) for l in range(len(cache.layers))])
+    _check_cache(cache, tokens, hf.cache_layers(cache))
+    tags = torch.stack([_layer_tags(cache, l, tokens, int(block_size)) for l in range(hf.cache_layers(cache))])
     return Tags(fingerprint(model), sequence_hash(tokens), int(tokens.numel()), int(block_size), tags)
 
 
@@ -187,11 +187,11 @@ def load(path: str | Path, model, input_ids: Tensor) -> Tags:
 def verify(cache, tags: Tags, input_ids: Tensor) -> dict[int, list[int]]:
     """{layer: block ids} of the blocks of `cache` whose tag differs from the recorded one (empty: intact)."""
     tokens = _ids(input_ids)
-    if tags.tags.shape[0] != len(cache.layers):
-        raise ValueError(f"integrity: tags of {tags.tags.shape[0]} layers for a cache of {len(cache.layers)}")
+    if tags.tags.shape[0] != hf.cache_layers(cache):
+        raise ValueError(f"integrity: tags of {tags.tags.shape[0]} layers for a cache of {hf.cache_layers(cache)}")
     _check_cache(cache, tokens, tags.tags.shape[0])
     out = {}
-    for l in range(len(cache.layers)):
+    for l in range(hf.cache_layers(cache)):
         bad = (_layer_tags(cache, l, tokens, tags.block_size) != tags.tags[l]).nonzero().flatten().tolist()
         if bad:
             out[l] = bad
@@ -230,7 +230,7 @@ def _loaded(model) -> hf.LoadedModel:
 
 def save_cache(path: str | Path, cache, input_ids: Tensor) -> Path:
     tokens = _ids(input_ids)
-    layers = [tuple(x.detach().cpu() for x in hf.get_kv(cache, l)) for l in range(len(cache.layers))]
+    layers = [tuple(x.detach().cpu() for x in hf.get_kv(cache, l)) for l in range(hf.cache_layers(cache))]
     atomic_torch_save(path, {"format": CACHE_FORMAT, "sequence": sequence_hash(tokens), "length": tokens.numel(),
                              "layers": layers})
     return Path(path)
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             _, cache = hf.forward(lm.model, ids, logits_to_keep=1)
         save_cache(out / "cache.pt", cache, ids)
         tags = record(lm.model, cache, ids, args.block_size).save(out / "tags.json")
-        print(f"recorded {ids.numel()} positions, {len(cache.layers)} layers: {out / 'cache.pt'}, {tags}")
+        print(f"recorded {ids.numel()} positions, {hf.cache_layers(cache)} layers: {out / 'cache.pt'}, {tags}")
         return 0
     d = Path(args.dir)
     tags = load(args.tags or d / "tags.json", lm.model, ids)
