@@ -19,9 +19,10 @@ import yaml
 from cachemedicpp.schema import (CONFIG_DIR, SCHEMA_DIR, ConfigError, fill_defaults, load_schema,  # noqa: F401
                                  lookup, read_yaml, resolve_path, section_defaults)
 
-# Keys that name where something lives rather than what is computed: excluded from the config hash
-# so that moving a sweep or a split file does not orphan its runs.
-HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir")
+# Keys that name where something lives or how the work is spread rather than what is computed: excluded
+# from the config hash so that moving a sweep or a split file does not orphan its runs, and a run paused
+# with some eval worker processes resumes with another number of them.
+HASH_EXCLUDE = ("eval.ood_splits_path", "stability.paired_run_dir", "eval.workers")
 # Keys the two runs of a contraction ablation pair may differ in: where things live, and the ablated weight.
 PAIRING_IGNORED = HASH_EXCLUDE + ("train.lambda_contr",)
 # The corruption registry's name lists (cachemedicpp.corruption owns them), read through this module too

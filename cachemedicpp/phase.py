@@ -1,10 +1,10 @@
 """The lifecycle every phase shares: the session (lock, config guard, the resumed progress record, pause
 control, a `failed` heartbeat on error), the heartbeat and record log, and the unit loop (check pause,
 save, acknowledge, heartbeat, progress bar, exit code) that train, eval and stability run their units of
-work through.
+work through, in this process (`run_units`) or spread over worker processes (`run_units_spread`).
 
 A phase's unit is the smallest piece of work whose result is saved: a training step (saved periodically,
-and always on pause), an evaluation example, a stability prompt. A kill loses at most the unit in flight.
+and always on pause), an evaluation example, a stability prompt. A kill loses at most the units in flight.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from cachemedicpp import progress
+from cachemedicpp import progress, workers
 from cachemedicpp.cli import EXIT_OK, EXIT_PAUSED
 from cachemedicpp.config import Config, ConfigError, config_hash
 from cachemedicpp.fileio import append_jsonl, atomic_write_json, repair_jsonl_tail, utc_now
@@ -199,6 +200,31 @@ class Done:
     postfix: dict[str, str] | None = None  # shown on the progress bar
 
 
+def _bar(s: PhaseSession, total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=s.step, desc=s.phase, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def _advance(s: PhaseSession, bar, key: str, done: Done) -> None:
+    s.step += 1
+    s.hb.beat("running", s.step, unit=key, tokens_per_sec=done.tokens_per_sec)
+    bar.update(1)
+    if done.postfix:
+        bar.set_postfix(done.postfix)
+
+
+def _pause(s: PhaseSession, reason: str, key: str, save: Callable[[], None], state: Path | None, total: int,
+           unit: str) -> int:
+    save()
+    s.pause.acknowledge(s.run_id, s.step, reason, s.rd.rel(state))
+    s.hb.beat("paused", s.step, reason=reason, unit=key, force=True)
+    print(f"{s.phase}: paused at {unit} {s.step}/{total} ({reason}); rerun the same command to resume",
+          file=sys.stderr)
+    return EXIT_PAUSED
+
+
 def run_units(s: PhaseSession, pending: Iterable[T], *, name: Callable[[T], str], work: Callable[[T], Done | None],
               save: Callable[[], None], state: Path | None, total: int, unit: str) -> int:
     """Run the phase's pending units in order; EXIT_OK when all are done, EXIT_PAUSED on a pause request.
@@ -208,27 +234,64 @@ def run_units(s: PhaseSession, pending: Iterable[T], *, name: Callable[[T], str]
     the loop returns EXIT_PAUSED. After each unit `s.step` counts it, the heartbeat says `running` and the
     progress bar moves. `work` saves its own result (every unit, or periodically for training steps).
     """
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=s.step, desc=s.phase, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+    bar = _bar(s, total, unit)
     try:
         for item in pending:
             key = name(item)
             reason = s.pause.requested()
             if reason:
-                save()
-                s.pause.acknowledge(s.run_id, s.step, reason, s.rd.rel(state))
-                s.hb.beat("paused", s.step, reason=reason, unit=key, force=True)
-                print(f"{s.phase}: paused at {unit} {s.step}/{total} ({reason}); rerun the same command to resume",
-                      file=sys.stderr)
-                return EXIT_PAUSED
-            done = work(item) or Done()
-            s.step += 1
-            s.hb.beat("running", s.step, unit=key, tokens_per_sec=done.tokens_per_sec)
-            bar.update(1)
-            if done.postfix:
-                bar.set_postfix(done.postfix)
+                return _pause(s, reason, key, save, state, total, unit)
+            _advance(s, bar, key, work(item) or Done())
+        return EXIT_OK
+    finally:
+        bar.close()
+
+
+def run_units_spread(s: PhaseSession, pending: Iterable[T], *, name: Callable[[T], str], pool: workers.Pool,
+                     payload: Callable[[T], Any], finish: Callable[[T, Any], Done | None], save: Callable[[], None],
+                     state: Path | None, total: int, unit: str, rank: Callable[[T], int] | None = None) -> int:
+    """`run_units` with the units computed by the worker processes of `pool`; this process alone writes the
+    run's files (progress, heartbeat, acknowledgement) and shows the progress bar.
+
+    Units are handed out in order, `payload(item)` made as each is handed out; one of a higher `rank` only
+    once no unit of a lower rank is in flight (a barrier: a later group may depend on an earlier one's
+    results). Each result goes to `finish(item, value)` as it arrives (it saves it), then counts as in
+    `run_units`. A pause request stops the handing out: the units in flight finish and are kept, then the
+    pause is honoured as in `run_units`. A worker that raises or ends with a unit fails the phase
+    (`workers.WorkerFailed`, naming the unit) once the results that arrived with it are finished.
+    """
+    todo = deque(pending)
+    inflight: dict[int, T] = {}
+    reason: str | None = None
+    bar = _bar(s, total, unit)
+    try:
+        while todo or inflight:
+            while todo and not reason and pool.idle():
+                if rank is not None and any(rank(it) < rank(todo[0]) for it in inflight.values()):
+                    break
+                reason = s.pause.requested()
+                if reason:
+                    break
+                item = todo.popleft()
+                worker = pool.idle()[0]
+                pool.give(worker, name(item), payload(item))
+                inflight[worker] = item
+            if not inflight:
+                break  # paused, the units in flight finished
+            failed = []
+            for out in pool.collect():
+                item = inflight.pop(out.worker, None)
+                if out.error is not None:
+                    failed.append((out, item))
+                    continue
+                _advance(s, bar, name(item), finish(item, out.value) or Done())
+            if failed:
+                out, item = failed[0]
+                what = f"{s.phase}: {unit} {name(item)}:" if item is not None else f"{s.phase}:"
+                raise workers.WorkerFailed(f"{what} worker {out.worker} failed ({out.error.strip().splitlines()[-1]})") \
+                    from workers.RemoteTraceback(out.error)
+        if todo:
+            return _pause(s, reason, name(todo[0]), save, state, total, unit)
         return EXIT_OK
     finally:
         bar.close()

@@ -107,6 +107,10 @@ def test_hash_is_stable_and_sensitive():
     # paths excluded from the hash
     d = load_config(data={"seed": 1, "stability": {"paired_run_dir": "/somewhere/else"}})
     assert d.hash == a.hash
+    # and how the eval units are spread over processes: the results do not depend on it
+    assert load_config(data={"seed": 1, "eval": {"workers": 3}}).hash == a.hash
+    with pytest.raises(ConfigError, match="eval.workers"):
+        load_config(data={"eval": {"workers": 0}})
 
 
 def test_ood_split_applied_and_renormalised():

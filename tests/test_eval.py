@@ -1,5 +1,6 @@
 """eval: metric keys and shapes, files written, paired corruption across defenses, eps 0 = clean,
-bit-identical resume after a pause request or a SIGKILL, --no-resume, missing checkpoint, on-read."""
+bit-identical resume after a pause request or a SIGKILL, the same file from worker processes, --no-resume,
+missing checkpoint, on-read."""
 
 from __future__ import annotations
 
@@ -362,6 +363,66 @@ def test_no_resume_recomputes(baseline, tmp_path):
     assert metrics_bytes(rd) != metrics_bytes(baseline["rd"])
     # ... --no-resume discards them and recomputes everything
     assert ev.main(args(baseline["cfg_path"], rd, "--no-resume")) == EXIT_OK
+    assert metrics_bytes(rd) == metrics_bytes(baseline["rd"])
+
+
+# --------------------------------------------------------------------------------------------------
+# worker processes
+
+
+def with_workers(base: dict, folder: Path, n: int = 2) -> Path:
+    data = json.loads(json.dumps(base["data"]))
+    data["eval"]["workers"] = n
+    return write_cfg(folder, data)
+
+
+def summaries(rd: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "timestamp_utc"} for r in read_jsonl(rd / "logs" / "eval.jsonl")]
+
+
+def test_workers_give_the_serial_results(baseline, tmp_path):
+    """eval.workers: 2 scores the units in two worker processes (one torch thread each, as the serial run
+    here): the same metrics file byte for byte (eval.workers is outside the config hash), units and log."""
+    rd = fresh_run_dir(baseline, tmp_path)
+    assert ev.main(args(with_workers(baseline, tmp_path / "cfg"), rd)) == EXIT_OK
+    assert metrics_bytes(rd) == metrics_bytes(baseline["rd"])
+    prog, ref = (json.loads((d / "metrics" / "eval_progress.json").read_text()) for d in (rd, baseline["rd"]))
+    assert prog["status"] == "completed" and prog["completed_units"] == 12
+    assert prog["units"] == ref["units"] and prog["validation_units"] == ref["validation_units"]
+    assert summaries(rd) == summaries(baseline["rd"])
+    assert not (rd / "control" / "pause_ack_eval.json").exists()
+
+
+def test_workers_pause_request_then_resume(baseline, tmp_path, monkeypatch):
+    """A pause request under eval.workers: 2 lets the units in flight finish, saves them, exits 3; the
+    rerun scores the rest to the serial run's file."""
+    from cachemedicpp import progress
+
+    rd = fresh_run_dir(baseline, tmp_path)
+    cfg_path = with_workers(baseline, tmp_path / "cfg")
+    real, saved, armed = progress.Progress.save, [], [True]
+
+    def save(self, status, elapsed):
+        real(self, status, elapsed)
+        saved.append(status)
+        if saved.count("running") == 2 and armed[0]:  # after the second unit
+            armed[0] = False
+            (rd / "control" / "pause.request").write_text("")
+
+    monkeypatch.setattr(progress.Progress, "save", save)
+    assert ev.main(args(cfg_path, rd)) == EXIT_PAUSED
+    prog = json.loads((rd / "metrics" / "eval_progress.json").read_text())
+    k = prog["completed_units"]
+    assert prog["status"] == "paused" and 2 <= k <= 3  # the unit in flight beside the second one is kept
+    assert len(prog["units"]) + len(prog["validation_units"]) == k == saved.count("running")
+    ack = json.loads((rd / "control" / "pause_ack_eval.json").read_text())
+    assert ack["step"] == k and ack["reason"] == "pause.request"
+    assert json.loads((rd / "logs" / "eval_heartbeat.json").read_text())["status"] == "paused"
+    assert not (rd / "metrics" / "task_metrics.json").exists()
+
+    saved.clear()
+    assert ev.main(args(cfg_path, rd)) == EXIT_OK
+    assert saved.count("running") == 12 - k  # only the units not saved before
     assert metrics_bytes(rd) == metrics_bytes(baseline["rd"])
 
 

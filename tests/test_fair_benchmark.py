@@ -281,3 +281,19 @@ def test_test_grid_narrowed_to_the_validation_pick(tmp_path, tiny_cfg, done, mon
     assert len(calls) == n_val + len(prog["units"])  # nothing scored twice after the resume
     again = json.loads((rd / "metrics" / "task_metrics.json").read_text())
     assert again["metrics"] == m and again["settings"]["defenses"] == doc["settings"]["defenses"]
+
+
+def test_workers_narrow_the_test_grid_as_the_serial_run(tmp_path, tiny_cfg):
+    """eval.workers: 2 with the stored calibration and the test grid narrowed to the validation pick (the
+    workers narrow theirs from the validation units the phase hands them): the serial run's file."""
+    data = _data(tiny_cfg, **{"eval.validation.test_candidates": "chosen"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    code, ref = _run(tmp_path / "a", data)
+    assert code == EXIT_OK
+    code, rd = _run(tmp_path / "b", {**data, "eval": {**data["eval"], "workers": 2}})
+    assert code == EXIT_OK
+    assert (rd / "metrics" / "task_metrics.json").read_bytes() == (ref / "metrics" / "task_metrics.json").read_bytes()
+    prog, want = (json.loads((d / "metrics" / "eval_progress.json").read_text()) for d in (rd, ref))
+    assert prog["units"] == want["units"]  # the narrowed grid's cells only
+    assert prog["validation_units"] == want["validation_units"]

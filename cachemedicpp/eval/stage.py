@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 import cachemedicpp.eval as package  # score_example is looked up on the package: tests substitute it there
-from cachemedicpp import calibration, cli, corruption, defenses, hf, progress, repair, tasks
+from cachemedicpp import calibration, cli, corruption, defenses, hf, progress, repair, tasks, workers
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import FAULT_TYPES, Config, ConfigError, load_config
 from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_heuristic, detector_stats,
@@ -24,7 +24,7 @@ from cachemedicpp.eval.aggregate import (BEST_RULE, CI_ALPHA, aggregate, best_he
 from cachemedicpp.eval.grid import PHASE, REPAIR_NAME, EvalContext, build_context, eval_defenses, make_grid
 from cachemedicpp.eval.overhead import measure_overhead, overhead_protocol
 from cachemedicpp.fileio import atomic_write_json, truncate_jsonl
-from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units
+from cachemedicpp.phase import Done, JsonlLog, PhaseSession, run_units, run_units_spread
 from cachemedicpp.progress import Progress
 from cachemedicpp.results import (BEST_HEURISTIC_NAME, BIT_CLASS_SCORES, CONFIG_HASH, DETECTOR, EXPOSURE_EVICTED,
                                   METRICS, NO_DEFENSE, ROBUSTNESS_AUC, RUN_ID, SCORE_VS_EPS,
@@ -34,6 +34,7 @@ from cachemedicpp.rundir import RunDir
 log = logging.getLogger("cachemedicpp")
 
 NOT_EVALUATED = "cachemedic not evaluated"
+VALIDATION, TEST = "validation", "test"  # the two grids a worker scores units of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,9 +301,11 @@ def validation_config(cfg: Config) -> Config | None:
     return load_config(data=data)
 
 
-def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalContext, EvalContext | None]:
-    """The test grid and the validation grid (None without candidate baselines), sharing the calibration
-    (`cal`: the stored one, already checked; else built here when a calibrated baseline is evaluated)."""
+def load_contexts(cfg: Config, rd: RunDir, ckpt: dict, cal=None) -> tuple[EvalContext, EvalContext | None]:
+    """The model, then the test grid and the validation grid (None without candidate baselines), sharing the
+    calibration (`cal`: the stored one, already checked; else the run dir's, built and stored there when a
+    calibrated baseline is evaluated). The phase and each of its worker processes build their grids here."""
+    lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
     names, _ = eval_defenses(cfg)
     if cal is None and defenses.required(names, "calibration"):
         cal = calibration.obtain(cfg, lm, rd.calibration)
@@ -310,6 +313,81 @@ def _contexts(cfg: Config, rd: RunDir, ckpt: dict, lm, cal=None) -> tuple[EvalCo
     ctx = build_context(cfg, lm, op, cal)
     vcfg = validation_config(cfg)
     return ctx, (build_context(vcfg, lm, op, cal) if vcfg is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# worker processes (eval.workers > 1)
+
+
+def _signature(ctx: EvalContext, vctx: EvalContext | None) -> dict:
+    """What a worker's grids must share with the phase's as built: the examples' tokens and the set-up's notes
+    (they record e.g. an alarm level set on selection data)."""
+    vexs = list(vctx.examples) if vctx is not None else []
+    return {"examples": examples_fingerprint(list(ctx.examples) + vexs),
+            "notes": list(ctx.notes) + (list(vctx.notes) if vctx is not None else [])}
+
+
+def _worker(cfg_data: dict, source: str | None, run_dir: str, ckpt: dict, signature: dict) -> Callable:
+    """A worker's set-up: the grids the phase built, rebuilt from the config and the run dir (the stored
+    calibration, the checkpoint the phase resolved); its work function scores one unit (the phase's `payload`) and
+    gives (unit, seconds). A test unit brings the validation units: the worker narrows its test grid to the
+    validation pick as the phase does (`narrow_to_choice`)."""
+    cli.setup_logging()
+    logging.getLogger("cachemedicpp").setLevel(logging.ERROR)  # the phase has logged the same set-up
+    cfg = Config(cfg_data, source)
+    ctx, vctx = load_contexts(cfg, RunDir(run_dir), dict(ckpt))
+    if _signature(ctx, vctx) != signature:
+        raise RuntimeError("a worker built other examples or another set-up than the eval phase (a data source "
+                           "that changed between them?)")
+    grids = {TEST: (ctx, {ex.key: ex for ex in ctx.examples})}
+    if vctx is not None:
+        grids[VALIDATION] = (vctx, {ex.key: ex for ex in vctx.examples})
+
+    def work(item: tuple[str, str, dict | None]) -> tuple[dict, float]:
+        grid, key, vunits = item
+        c, examples = grids[grid]
+        if grid == TEST and not narrow_to_choice(ctx, vctx, vunits or {}):
+            raise RuntimeError("a test unit was handed out before the validation grid was complete")
+        t0 = time.perf_counter()
+        return package.score_example(c, examples[key]), time.perf_counter() - t0
+
+    return work
+
+
+def _spread(s: PhaseSession, ckpt: dict, signature: dict, ctx: EvalContext, vctx: EvalContext | None, vunits: dict,
+            pending: list, record: Callable[[str], None], **loop) -> int:
+    """The pending units over eval.workers worker processes (`phase.run_units_spread`, given the rest of its
+    arguments; `record(status)` saves the progress), each with an equal share of this process's torch
+    threads. Validation units all finish before a test unit is handed out; this process narrows its test grid
+    then, as the serial loop does, and each test unit brings the validation units for the worker to narrow
+    its own."""
+    cfg = s.cfg
+    n = int(cfg.eval.workers)
+    threads = max(1, torch.get_num_threads() // n)
+    log.info("eval: %d units on %d worker processes of %d torch threads", len(pending), min(n, len(pending)), threads)
+
+    def payload(item: tuple[EvalContext, dict, tasks.Example]) -> tuple[str, str, dict | None]:
+        c, _, ex = item
+        if c is vctx:
+            return VALIDATION, ex.key, None
+        if not narrow_to_choice(ctx, vctx, vunits):
+            raise RuntimeError("a test unit was reached before the validation grid was complete")
+        return TEST, ex.key, (dict(vunits) if vctx is not None else None)
+
+    t0, tokens = time.perf_counter(), [0]
+
+    def finish(item: tuple[EvalContext, dict, tasks.Example], out: tuple[dict, float]) -> Done:
+        _, done, ex = item
+        done[ex.key] = out[0]
+        record("running")
+        tokens[0] += out[0]["tokens"]
+        dt = time.perf_counter() - t0
+        return Done(tokens_per_sec=tokens[0] / dt if dt > 0 else None)  # all workers together, start-up included
+
+    args = (cfg.to_dict(), cfg.source, str(s.rd.path), dict(ckpt), signature)
+    with workers.Pool(min(n, len(pending)), _worker, args, threads, name="eval-worker") as pool:
+        return run_units_spread(s, pending, pool=pool, payload=payload, finish=finish,
+                                rank=lambda it: 0 if it[0] is vctx else 1, **loop)
 
 
 def check_test_split(cfg: Config) -> None:
@@ -333,8 +411,8 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
         if not resume:
             progress_path.unlink(missing_ok=True)
             rd.task_metrics.unlink(missing_ok=True)
-        lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
-        ctx, vctx = _contexts(cfg, rd, ckpt, lm, cal)
+        ctx, vctx = load_contexts(cfg, rd, ckpt, cal)
+        signature = _signature(ctx, vctx)
         vexs = list(vctx.examples) if vctx is not None else []
         total = len(ctx.examples) + len(vexs)
         prog = new_progress(progress_path, cfg, ckpt, ctx, vctx)
@@ -363,8 +441,12 @@ def run(cfg: Config, run_dir, *, resume: bool = True, config_path: str | None = 
         # validation first: the best baseline is known before any test unit is scored
         pending = [(vctx, vunits, ex) for ex in vexs if ex.key not in vunits]
         pending += [(ctx, units, ex) for ex in ctx.examples if ex.key not in units]
-        code = run_units(s, pending, name=lambda it: ("validation " if it[0] is vctx else "") + it[2].key,
-                         work=score, save=lambda: save("paused"), state=progress_path, total=total, unit="ex")
+        name = lambda it: ("validation " if it[0] is vctx else "") + it[2].key  # noqa: E731
+        loop = dict(name=name, save=lambda: save("paused"), state=progress_path, total=total, unit="ex")
+        if int(cfg.eval.workers) > 1 and pending:
+            code = _spread(s, ckpt, signature, ctx, vctx, vunits, pending, save, **loop)
+        else:
+            code = run_units(s, pending, work=score, **loop)
         if code != EXIT_OK:
             return code
         narrow_to_choice(ctx, vctx, vunits)
