@@ -263,15 +263,17 @@ class DetectingOperator(nn.Module):
         if shift < 0 or n <= 0 or n > k.shape[2] or not torch.equal(old["last"], k[:, :, n - 1]):
             return None, 0
         if shift:
-            old = {**old, **{key: (None if old[key] is None else old[key][:, :, shift:]) for key in self._KEYS}}
+            old = {**{key: val for key, val in old.items() if key != "read"},
+                   **{key: (None if old[key] is None else old[key][:, :, shift:]) for key in self._KEYS}}
             old["any"] = bool((old["gate"] > 0).any())
         return old, n
 
     def _memo(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict | None, q_len: int = 0) -> dict:
-        """This layer's per-entry outputs for all k.shape[2] entries, scoring only the new ones (on a
-        one-token decode step, only once `score_block` of them have accumulated; until then they count as
-        clean). The memo is valid while the batch and the stored prefix are unchanged (checked on the last
-        scored key). Corrections are kept only once some entry is gated (until then nothing is copied)."""
+        """This layer's per-entry outputs of its first `n` entries (the dict's "n"), scoring only the new ones:
+        all k.shape[2] of them, except on a one-token decode step, which scores them only once `score_block`
+        have accumulated (until then the entries after the first n are pending and count as clean). The memo
+        is valid while the batch and the stored prefix are unchanged (checked on the last scored key).
+        Corrections are kept only once some entry is gated (until then nothing is copied)."""
         T = k.shape[2]
         ref, off = None, 0
         if self.reference_layer is not None and memo is not None and "reference" in memo:
@@ -287,13 +289,9 @@ class DetectingOperator(nn.Module):
                 and bool(torch.isfinite(k[:, :, n:].sum() + v[:, :, n:].sum())):
             # a decode step: the block of appended entries is not full yet; they are read as clean
             # (a non-finite value is always replaced, so such an entry is scored at once)
-            # (nothing gated: bias, dk and dv are None, and attend runs the bare kernel)
-            out = {key: self._cat(old[key], None, n, T - n) if key in ("bias", "dk", "dv") else None
-                   for key in self._KEYS}
-            out.update(any=old["any"], nonfinite=old["nonfinite"])
-            if memo is not None:
-                memo[layer] = old if old is memo.get(layer) else {**old, "off": off, "n": n}
-            return out
+            if old is not memo[layer]:
+                memo[layer] = old = {**old, "off": off, "n": n}
+            return old
         new = self.entries(layer, k[:, :, n:], v[:, :, n:], off + n,
                            None if ref is None else (ref[0][:, :, n:], ref[1][:, :, n:]))
         new["any"] = bool((new["gate"] > 0).any())
@@ -302,6 +300,8 @@ class DetectingOperator(nn.Module):
             new["nonfinite"] = new["nonfinite"] or old["nonfinite"]
             for key in self._KEYS:
                 new[key] = self._cat(old[key], new[key], n, T - n)
+            if old.get("read") is not None and old["read"]["n"] == n:
+                new["read"] = old["read"]  # what attention reads, extended by `_read` (no other memo extends it)
         if not new["any"] and not torch.is_grad_enabled():
             new["dk"] = new["dv"] = new["bias"] = None  # all zero: keep nothing
         new.update(n=T, off=off, batch=k.shape[0], last=k[:, :, T - 1].detach().clone())
@@ -325,14 +325,56 @@ class DetectingOperator(nn.Module):
         m = self._memo(layer, k, v, memo, q_len=q.shape[2])
         if not m["any"] and not m["nonfinite"]:
             return kernel(q, k, v)
+        if memo is not None and q.shape[2] == 1 and not torch.is_grad_enabled():
+            k, v, bias = self._read(m, k, v)  # a decode step
+        else:
+            k, v, bias = self._corrected(m, k, v, 0, k.shape[2])
+        return kernel(q, k, v, bias=bias)
+
+    def _corrected(self, m: dict, k: torch.Tensor, v: torch.Tensor, a: int, b: int) -> tuple:
+        """(K, V, bias) attention reads at cache positions a..b (k, v: the whole held cache): non-finite
+        values zeroed and the corrections of `m` added; an entry after m's first m["n"] (pending) adds zeros."""
+        n = m["n"]
+
+        def part(x):
+            if x is None or b <= n:
+                return None if x is None else x[:, :, a:b]
+            zeros = x.new_zeros(*x.shape[:2], b - max(a, n), *x.shape[3:])
+            return zeros if a >= n else torch.cat([x[:, :, a:n], zeros], 2)
+
+        k, v = k[:, :, a:b], v[:, :, a:b]
         if m["nonfinite"]:
             k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
             v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
-        if m["dk"] is not None:
-            k = (k.float() + m["dk"]).to(k.dtype)
-        if m["dv"] is not None:
-            v = (v.float() + m["dv"]).to(v.dtype)
-        return kernel(q, k, v, bias=m["bias"])
+        dk, dv = part(m["dk"]), part(m["dv"])
+        if dk is not None:
+            k = (k.float() + dk).to(k.dtype)
+        if dv is not None:
+            v = (v.float() + dv).to(v.dtype)
+        return k, v, part(m["bias"])
+
+    def _read(self, m: dict, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """`_corrected` over the whole cache, without gradients, kept in buffers beside the memo (m["read"])
+        that grow with the cache: a decode step writes only its pending entries instead of adding the
+        corrections to every entry again, and a newly scored block writes its own. The same values bit for
+        bit, since the memo's entries are those of the stored prefix (its validity rule). The buffers belong
+        to the memo that extended them last; another one holding them (an earlier state of the same decode,
+        reused from its start) builds its own."""
+        T, n = k.shape[2], m["n"]
+        r = m.get("read")
+        if r is None or r["n"] > n or (r["bufs"][2] is None) != (m["bias"] is None):
+            r = m["read"] = {"n": 0, "bufs": [k, v, m["bias"]]}
+        if r["bufs"][0].shape[2] < T or r["n"] == 0:  # (re)allocate: the written entries move over
+            cap = T + max(256, T // 4)
+            r["bufs"] = [None if x is None else torch.cat([x[:, :, :r["n"]], x.new_zeros(
+                *x.shape[:2], cap - r["n"], *x.shape[3:])], 2) for x in r["bufs"]]
+        for a, b in ((r["n"], n), (n, T)):  # the newly scored entries, then the pending ones
+            if b > a:
+                for buf, x in zip(r["bufs"], self._corrected(m, k, v, a, b)):
+                    if buf is not None:
+                        buf[:, :, a:b] = x
+        r["n"] = n
+        return tuple(None if x is None else x[:, :, :T] for x in r["bufs"])
 
     def is_identity(self, layer: int) -> bool:
         """True when the gate cannot open (the detector's score is the constant b2 below τ)."""

@@ -231,6 +231,83 @@ def test_decode_steps_score_appended_entries_in_blocks(tiny_lm):
     assert op.entries_scored == H * 2 and torch.isfinite(logits).all()
 
 
+def _decode(lm, op, ids, steps, memo=None, edit=None):
+    """Greedy decode after a prefill of `ids` with the operator: (logits of every step, the plan's memo).
+    `memo`: a primed memo to start from (the prefill then runs without the operator, as the bench does);
+    `edit(step, cache)`: an at-rest edit of the cache before a step's forward."""
+    plan = hf.HookPlan(repair=op, memo=dict(memo) if memo is not None else {})
+    out = []
+    with torch.no_grad():
+        logits, cache = hf.forward(lm.model, ids, plan=None if memo is not None else plan)
+        for i in range(steps):
+            if edit is not None:
+                edit(i, cache)
+            logits, cache = hf.forward(lm.model, logits[:, -1:].argmax(-1), cache, plan=plan)
+            out.append(logits)
+    return out, plan.memo
+
+
+@pytest.mark.parametrize("attn,suppress,apply_to", [("eager", False, "KV"), ("sdpa", False, "KV"),
+                                                    ("sdpa", True, "V")])
+def test_decode_steps_read_kept_corrections_as_adding_them_every_step(tiny_lm, monkeypatch, attn, suppress, apply_to):
+    """A one-token decode step reads the corrected cache from buffers kept beside the memo (`_read`): logits bit
+    for bit those of adding every kept correction again at every step, with entries gated in the prefill, with
+    nothing gated until a block scored mid-decode gates one of its entries, and with a decode run again from
+    the same primed memo (the bench's runs); on a clean cache the bare model's, and no buffer is kept."""
+    lm = tiny_lm("llama", attn=attn)
+    op, tokens = _fitted(lm)
+    _open_detector(op)
+    op.suppress, op.apply_to, op.score_block = suppress, apply_to, 4
+    ids, steps = tokens[:24][None], 11
+
+    def every_step(m, k, v):
+        return op._corrected(m, k, v, 0, k.shape[2])
+
+    def runs(**kw):
+        fast = _decode(lm, op, ids, steps, **kw)
+        with monkeypatch.context() as mp:
+            mp.setattr(op, "_read", every_step)
+            slow = _decode(lm, op, ids, steps, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(fast[0], slow[0]))
+        return fast
+
+    # entries gated in the prefill, read from the buffers from the first step on
+    _, memo = runs()
+    assert all(memo[l]["any"] and memo[l]["read"]["n"] == memo[l]["n"] for l in op.layers)
+    # the same from a primed memo, twice: the second run builds its own buffers
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids)
+    primed = op.prime({l: hf.get_kv(cache, l) for l in (0, *op.layers)})
+    first, _ = runs(memo=primed)
+    assert all(torch.equal(a, b) for a, b in zip(first, runs(memo=primed)[0]))
+    # nothing gated in the prefill (τ above its scores; the detector's sign flipped, so an outlier scores high);
+    # an entry edited at rest while pending is gated when its block is scored, and the steps after read the buffers
+    with torch.no_grad():
+        op.w2.neg_()
+        op.tau.fill_(-min(float(primed[l]["score"].min()) for l in op.layers) + 5.0)
+
+    def edit(i, cache):
+        if i == 5:  # the entry step 4 appended (position 28), pending until its block is scored at step 7
+            k, v = (x.clone() for x in hf.get_kv(cache, 2))
+            k[:, :, -1] *= 40
+            v[:, :, -1] *= 40
+            hf.set_kv(cache, 2, k, v)
+
+    _, memo = runs(edit=edit)
+    assert not memo[1]["any"] and "read" not in memo[1]
+    assert memo[2]["any"] and memo[2]["read"]["n"] == memo[2]["n"] == ids.shape[1] + 8
+    # a clean cache (τ above every score): nothing gated, the bare model's logits
+    with torch.no_grad():
+        op.tau.fill_(1e4)
+    out, memo = runs()
+    with torch.no_grad():
+        logits, cache = hf.forward(lm.model, ids)
+        for z in out:
+            logits, cache = hf.forward(lm.model, logits[:, -1:].argmax(-1), cache)
+            assert torch.equal(logits, z)
+    assert not any(memo[l]["any"] or "read" in memo[l] for l in op.layers)
+
+
 def test_a_sliding_window_memo_drops_the_entries_that_left_it(tiny_lm):
     """A sliding-window layer (simulated: layer 1 read through a 16-entry window, the reference layer 0 in
     full) is scored once per entry while the window moves, and the kept outputs are those of the window."""
