@@ -58,23 +58,26 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
         phases: Sequence[str] = PHASES, sweep_pause: Path | None = None, stability_extra: dict | None = None,
         verbose: bool = True) -> int:
     t0 = time.perf_counter()
+    took: dict[str, float] = {}
     for phase in phases:
         t = time.perf_counter()
         if verbose:
             print(f"== {phase} ==", file=sys.stderr, flush=True)
         rc = run_one(phase, cfg, run_dir, resume=resume, config_path=config_path, sweep_pause=sweep_pause,
                      extra=stability_extra if phase == "stability" else None)
+        took[phase] = time.perf_counter() - t
         if verbose:
-            print(f"== {phase}: exit {rc} after {time.perf_counter() - t:.1f}s ==", file=sys.stderr, flush=True)
+            print(f"== {phase}: exit {rc} after {took[phase]:.1f}s ==", file=sys.stderr, flush=True)
         if rc != EXIT_OK:
             return rc
     if verbose:
-        _where(RunDir(run_dir), time.perf_counter() - t0)
+        _where(RunDir(run_dir), time.perf_counter() - t0, took)
     return EXIT_OK
 
 
-def _where(rd: RunDir, seconds: float) -> None:
-    print(f"\ncachemedicpp: pipeline finished in {seconds / 60:.1f} min. Results:")
+def _where(rd: RunDir, seconds: float, took: dict[str, float]) -> None:
+    phases = ", ".join(f"{p} {t / 60:.1f}" for p, t in took.items())
+    print(f"\ncachemedicpp: pipeline finished in {seconds / 60:.1f} min ({phases}). Results:")
     print(f"  report   {rd.report}")
     print(f"  figures  {rd.figures}/")
     print(f"  tables   {rd.tables}/")
