@@ -142,3 +142,29 @@ def test_the_recompute_table_shows_the_cost_beside_the_recovery():
     assert "blocks of 16 positions; a full recomputation forwards 224.0 tokens" in text
     with pytest.raises(ConfigError, match="no recompute cost"):
         publish.recompute_table({"name": "plain", "task_metrics": {}})
+
+
+def test_a_heldout_table_spans_the_records_a_pattern_matches(tmp_path):
+    """`heldout` over `NAME_*`: each leave-one-type-out record's clean row and its held-out type's ε > 0 rows,
+    in name order; a pattern that matches nothing, or one given to a one-record table, is refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for t in ("quant_noise", "gaussian"):
+        shutil.copyfile(ROOT / "docs" / "results" / f"recompute_loto_{t}.json", out / f"loto_{t}.json")
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- published:loto_*:heldout -->\n<!-- /published -->\n")
+    assert publish.render_docs([doc], out) == [doc]
+    rows = [r.split(" | ") for r in doc.read_text().splitlines() if r.startswith("| detect_recompute")]
+    assert [(r[1], r[2]) for r in rows] == [("gaussian", "clean"), ("gaussian", "0.16"), ("gaussian", "0.64"),
+                                            ("quant_noise", "clean"), ("quant_noise", "0.16"), ("quant_noise", "0.64")]
+    rec = json.loads((out / "loto_gaussian.json").read_text())
+    cell = next(c for c in rec["task_metrics"]["detect_recompute_cost"]["by_cell"]
+                if c["corruption_type"] == "gaussian" and c["epsilon"] == 0.16)
+    assert rows[1][-1] == f"{cell['block_recall']:.3f} |"
+    assert "records `recompute_loto_gaussian`, `recompute_loto_quant_noise`" in doc.read_text()  # their names
+    doc.write_text("<!-- published:nothing_*:heldout -->\n<!-- /published -->\n")
+    with pytest.raises(ConfigError, match="no published record matches"):
+        publish.render_docs([doc], out)
+    doc.write_text("<!-- published:loto_*:recompute -->\n<!-- /published -->\n")
+    with pytest.raises(ConfigError, match="name pattern"):
+        publish.render_docs([doc], out)

@@ -8,7 +8,7 @@ The first form reads each run dir's metrics, config, versions, machine and phase
 `<out>/<name>.json` (`name`: the run dir's name, or --name with one run dir) with the run's figures A and C
 beside it (`<name>_figA_score_vs_eps.png`, ...). The second form rewrites every block of the given Markdown
 files that sits between `<!-- published:NAME:TABLE -->` and `<!-- /published -->` with the table rendered
-from `<out>/NAME.json`; with --check it writes nothing and exits 1 when a block differs from its rendering
+from `<out>/NAME.json` (a table over several records, e.g. `heldout`, names them by a pattern: `NAME_*`); with --check it writes nothing and exits 1 when a block differs from its rendering
 (the test suite runs it on the committed files). So every number a document shows is in a committed file,
 and the documents cannot drift from them.
 
@@ -44,7 +44,7 @@ TASK_KEYS = ("robustness_auc", "robustness_auc_ci", "robustness_auc_by_task", "r
 FIGURES_KEPT = ("figA_score_vs_eps.png", "figC_logit_sensitivity.png")
 SELECTION_RULE = ("the variant with the highest held-in validation robustness AUC of cachemedic on the selection "
                   "split (best_baseline_choice.validation_auc_cachemedic); ties: the variant listed first")
-BLOCK = re.compile(r"(<!-- published:(?P<name>[\w.-]+):(?P<table>[\w-]+) -->\n)(?P<body>.*?)(<!-- /published -->)",
+BLOCK = re.compile(r"(<!-- published:(?P<name>[\w.*-]+):(?P<table>[\w-]+) -->\n)(?P<body>.*?)(<!-- /published -->)",
                    re.S)
 
 
@@ -308,26 +308,73 @@ def recompute_table(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heldout_table(recs: list[dict]) -> str:
+    """Leave-one-type-out runs of a recomputing defense: for each run, the clean cache and its held-out type's
+    cells only (what the detector never saw in training): false alarms, block recall, tokens against the
+    oracle's minimum, recovered fraction."""
+    lines = ["| defense | held out | ε | recovered fraction of the type's damage, 95% CI | caches recomputed | "
+             "tokens recomputed | oracle's minimum | tokens / oracle | block recall |", "|" + "---|" * 9]
+    for rec in recs:
+        m, held = rec.get("task_metrics") or {}, (rec.get("settings") or {}).get("test_type")
+        costs = [m[k] for k in ("recompute_cost", "detect_recompute_cost") if m.get(k)]
+        if not held or not costs:
+            raise ConfigError(f"published record {rec.get('name')!r} is not a leave-one-type-out run of a recomputing "
+                              "defense (settings.test_type, a recompute cost)")
+        for cost in costs:
+            d = cost["defense"]
+            rf = (m.get("recovered_fraction_by_type") or {}).get(held, {}).get(d)
+            for c in cost["by_cell"]:
+                t = c["corruption_type"]
+                if not (t == "clean" or (t == held and c["epsilon"] > 0)):
+                    continue
+                tok, oracle = c["tokens_mean"], c["corrupted_block_tokens_mean"]
+                cells = [d, held, f"{c['epsilon']:g}" if t == held else "clean",
+                         _ci(rf["value"], rf["ci_low"], rf["ci_high"], 3) if rf and t == held else "—",
+                         _f(c["recomputed_fraction"], 3), _f(tok, 1), _f(oracle, 1),
+                         _f(tok / oracle, 2) if oracle else "—",
+                         _f(c["block_recall"], 3) if "block_recall" in c else "—"]
+                lines.append("| " + " | ".join(cells) + " |")
+    cost = costs[0]
+    lines += ["", f"Means per example; blocks of {cost['block_size']} positions; records "
+                  + ", ".join(f"`{r['name']}`" for r in recs) + ". On the clean rows, caches recomputed is the "
+                  "false-alarm rate."]
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[dict], str]] = {"main": main_table, "choice": choice_table, "run": run_table,
                                             "selection": selection_table, "recompute": recompute_table}
+# tables over every record whose name matches the block's pattern (`*` for any characters), in name order
+MULTI_TABLES: dict[str, Callable[[list[dict]], str]] = {"heldout": heldout_table}
 
 
-def render_doc(text: str, records: Callable[[str], dict], where: str = "") -> str:
+def render_doc(text: str, records: Callable[[str], dict | list[dict]], where: str = "") -> str:
     """`text` with every published block re-rendered from its record."""
 
     def sub(mt: re.Match) -> str:
+        if mt["table"] in MULTI_TABLES:
+            return mt.group(1) + MULTI_TABLES[mt["table"]](records(mt["name"])) + mt.group(5)
         table = TABLES.get(mt["table"])
         if table is None:
-            raise ConfigError(f"{where}: unknown published table {mt['table']!r}; known: {list(TABLES)}")
+            raise ConfigError(f"{where}: unknown published table {mt['table']!r}; known: "
+                              f"{list(TABLES) + list(MULTI_TABLES)}")
+        if "*" in mt["name"]:
+            raise ConfigError(f"{where}: a name pattern ({mt['name']!r}) goes with a table over several records "
+                              f"({list(MULTI_TABLES)})")
         return mt.group(1) + table(records(mt["name"])) + mt.group(5)
 
     return BLOCK.sub(sub, text)
 
 
-def _records(out_dir: Path) -> Callable[[str], dict]:
+def _records(out_dir: Path) -> Callable[[str], dict | list[dict]]:
+    """A record by name; for a pattern with `*`, every record whose name matches, in name order."""
     cache: dict[str, dict] = {}
 
-    def get(name: str) -> dict:
+    def get(name: str) -> dict | list[dict]:
+        if "*" in name:
+            names = sorted(p.stem for p in out_dir.glob(f"{name}.json"))
+            if not names:
+                raise ConfigError(f"{out_dir}: no published record matches {name!r}")
+            return [get(n) for n in names]
         if name not in cache:
             path = out_dir / f"{name}.json"
             if not path.is_file():
