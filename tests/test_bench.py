@@ -13,6 +13,7 @@ from cachemedicpp import bench
 from cachemedicpp.bench.memory_probe import probe_subprocess
 from cachemedicpp.bench.workloads import bare_train_step, perturbed_operator
 from cachemedicpp.cli import EXIT_BAD_INPUT, EXIT_OK
+from cachemedicpp.config import load_config
 from cachemedicpp.repair_reference import AugmentedRepair, NaiveRepair, causal_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,6 +205,7 @@ def test_bare_train_step_backpropagates_through_the_model(tiny_lm):
     (["--layers", "-1"], "--layers"),
     (["--only", "train_step,bogus"], "--only"),
     (["--config", "/nonexistent.yaml"], "--config"),
+    (["--run_dir", "/nonexistent/run"], "--run_dir"),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, needle, capsys):
     rc = bench.main(args + ["--out", str(tmp_path / "r.json")])
@@ -260,3 +262,22 @@ def test_default_layers_are_the_configs(tmp_path, tiny_model_dir, tiny_lm):
                                                    "--device", "cpu"]))
     assert s.protect_layers is None
     assert list(bench.bench_config(s, "cpu", tiny_lm("llama").arch).repair.protect_layers) == [1, 2]
+
+
+def test_decode_with_a_trained_run_dirs_operator(tmp_path, tiny_cfg, tiny_model_dir):
+    """--run_dir: decode times the run dir's trained operator, loaded as `protect` loads it (a foreign model is
+    refused, exit 2)."""
+    from test_protect import _trained_run
+
+    run = _trained_run(tiny_cfg, "llama", tmp_path)
+    model = load_config(data=tiny_cfg("llama")).model.name
+    out = tmp_path / "res.json"
+    common = ["--reps", "1", "--lengths", "16", "--decode-tokens", "2", "--memory", "off", "--device", "cpu",
+              "--threads", "1", "--only", "decode", "--run_dir", str(run), "--out", str(out)]
+    assert bench.main(["--model", model] + common) == EXIT_OK
+    dec = json.loads(out.read_text())["decode"]["cpu"]
+    assert dec["operator"] == f"trained ({run})"
+    assert dec["agreement_max_abs_logit_diff"]["repair_vs_none"] > 1e-4  # the trained correction acts
+    out.unlink()
+    assert bench.main(["--model", str(tiny_model_dir("gpt2"))] + common) == EXIT_BAD_INPUT
+    assert not out.exists()

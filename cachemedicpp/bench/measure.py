@@ -108,7 +108,12 @@ def bench_defense_overhead(s: Settings, lm: hf.LoadedModel) -> dict:
 
 def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
     cfg = bench_config(s, str(lm.device), lm.arch)
-    op = perturbed_operator(cfg, lm)
+    if s.run_dir is not None:  # the trained operator, through the loader `protect` uses (its checks included)
+        from cachemedicpp import protection
+
+        op = protection.operator(lm.model, s.run_dir, "cachemedic")
+    else:
+        op = perturbed_operator(cfg, lm)
     block = int(getattr(op, "score_block", 1))
     if s.decode_tokens % block:
         # family D scores appended entries in blocks: a timed run covers whole blocks, so their scoring counts
@@ -116,6 +121,7 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
         log.info("decode: %d tokens per run (whole detector blocks of %d)", s.decode_tokens, block)
     out: dict[str, Any] = {"protect_layers": list(op.layers), "rank": op.rank, "apply_to": op.apply_to,
                            "family": op.family, "tokens_per_run": s.decode_tokens, "design": DECODE_DESIGN,
+                           "operator": f"trained ({s.run_dir})" if s.run_dir else "stand-in (random windows)",
                            "agreement_max_abs_logit_diff": variant_agreement(lm, op, seed=s.seed),
                            "lengths": {}}
     for length in s.lengths:

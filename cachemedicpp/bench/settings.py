@@ -71,6 +71,7 @@ class Settings:
     threads: int | None = None
     quick: bool = False
     seed: int = 0
+    run_dir: str | None = None  # decode with this run dir's trained operator (as `protect` loads it)
 
 
 def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None, extra_defenses: Sequence[str] = ()):
@@ -137,6 +138,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", default=None,
                    help="protected layers of the repair in every workload (default: the config's repair.protect_layers)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--run_dir", default=None,
+                   help="decode with this trained run dir's operator, loaded as cachemedicpp.protect loads it "
+                        "(default: a stand-in operator fitted on random windows)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory_probe's subprocess entry
     return p.parse_args(argv)
 
@@ -158,7 +162,7 @@ def _at_least_one(value: int, flag: str) -> int:
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
-    s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick,
+    s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick, run_dir=a.run_dir,
                  protect_layers=sorted(set(_ints(a.layers, "--layers", minimum=0))) if a.layers else None)
     if a.quick:
         s.reps, s.lengths, s.decode_tokens = 2, [256], 4
@@ -178,6 +182,8 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         s.only = only
     if not Path(s.config).is_file():
         raise ConfigError(f"--config: file not found: {s.config}")
+    if s.run_dir is not None and not Path(s.run_dir).is_dir():
+        raise ConfigError(f"--run_dir: not a folder: {s.run_dir}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available")
     s.devices = ["cuda"] if a.device == "cuda" else ["cpu"] + (["cuda"] if a.device == "auto" and torch.cuda.is_available() else [])
