@@ -252,6 +252,36 @@ class DetectingOperator(nn.Module):
         new = zeros(other, n_new) if new is None else new
         return torch.cat([prev, new], 2)
 
+    @classmethod
+    def _append(cls, store: dict, key: str, prev: torch.Tensor | None, new: torch.Tensor | None, n_prev: int,
+                n_new: int) -> torch.Tensor | None:
+        """`_cat` without gradients, in amortised O(n_new): `prev` and `new` joined in a buffer that grows
+        with the cache (store[key] = [buffer, entries written]), so a decode step that scores a block writes
+        only that block instead of copying every earlier entry. The same values bit for bit. A buffer is
+        extended in place only by the memo holding its last written entries (a memo reused from an earlier
+        state, e.g. a decode run again from the same primed memo, copies into a buffer of its own); `store` is
+        the new memo's own dict."""
+        if prev is None and new is None:
+            return None
+        other = prev if prev is not None else new
+        total = n_prev + n_new
+        held = store.get(key)
+        if held is None or held[1] != n_prev or prev is None or held[0].shape[2] < total \
+                or held[0].data_ptr() != prev.data_ptr() or held[0].shape[:2] != other.shape[:2]:
+            cap = total + max(256, total // 4)
+            buf = other.new_zeros(*other.shape[:2], cap, *other.shape[3:])
+            if prev is not None:
+                buf[:, :, :n_prev] = prev
+            held = [buf, n_prev]
+        buf = held[0]
+        if new is None:
+            buf[:, :, n_prev:total] = 0
+        else:
+            buf[:, :, n_prev:total] = new
+        held[1] = total  # the buffer's written length, seen by every memo sharing it
+        store[key] = held
+        return buf[:, :, :total]
+
     def _kept(self, old: dict | None, k: torch.Tensor, off: int) -> tuple[dict | None, int]:
         """The part of the memo `old` still valid for the held entries k (cache positions off..): the
         batch matches and the entry `old` scored last is where it should be; a sliding window that moved on
@@ -263,7 +293,7 @@ class DetectingOperator(nn.Module):
         if shift < 0 or n <= 0 or n > k.shape[2] or not torch.equal(old["last"], k[:, :, n - 1]):
             return None, 0
         if shift:
-            old = {**{key: val for key, val in old.items() if key != "read"},
+            old = {**{key: val for key, val in old.items() if key not in ("read", "store")},
                    **{key: (None if old[key] is None else old[key][:, :, shift:]) for key in self._KEYS}}
             old["any"] = bool((old["gate"] > 0).any())
         return old, n
@@ -298,8 +328,13 @@ class DetectingOperator(nn.Module):
         if n:
             new["any"] = new["any"] or old["any"]
             new["nonfinite"] = new["nonfinite"] or old["nonfinite"]
-            for key in self._KEYS:
-                new[key] = self._cat(old[key], new[key], n, T - n)
+            if torch.is_grad_enabled():
+                for key in self._KEYS:
+                    new[key] = self._cat(old[key], new[key], n, T - n)
+            else:
+                new["store"] = store = dict(old.get("store") or {})
+                for key in self._KEYS:
+                    new[key] = self._append(store, key, old[key], new[key], n, T - n)
             if old.get("read") is not None and old["read"]["n"] == n:
                 new["read"] = old["read"]  # what attention reads, extended by `_read` (no other memo extends it)
         if not new["any"] and not torch.is_grad_enabled():
@@ -366,13 +401,24 @@ class DetectingOperator(nn.Module):
             r = m["read"] = {"n": 0, "bufs": [k, v, m["bias"]]}
         if r["bufs"][0].shape[2] < T or r["n"] == 0:  # (re)allocate: the written entries move over
             cap = T + max(256, T // 4)
-            r["bufs"] = [None if x is None else torch.cat([x[:, :, :r["n"]], x.new_zeros(
-                *x.shape[:2], cap - r["n"], *x.shape[3:])], 2) for x in r["bufs"]]
-        for a, b in ((r["n"], n), (n, T)):  # the newly scored entries, then the pending ones
-            if b > a:
-                for buf, x in zip(r["bufs"], self._corrected(m, k, v, a, b)):
-                    if buf is not None:
-                        buf[:, :, a:b] = x
+            bufs = []
+            for x in r["bufs"]:
+                if x is not None:
+                    buf = x.new_empty(*x.shape[:2], cap, *x.shape[3:])  # every entry up to T is written below
+                    buf[:, :, :r["n"]] = x[:, :, :r["n"]]
+                    x = buf
+                bufs.append(x)
+            r["bufs"] = bufs
+        if n > r["n"]:  # the newly scored entries
+            for buf, x in zip(r["bufs"], self._corrected(m, k, v, r["n"], n)):
+                if buf is not None:
+                    buf[:, :, r["n"]:n] = x
+        if T > n:  # the pending ones: finite (`_memo` scores a non-finite one at once) and uncorrected, so
+            # attention reads them as stored (what `_corrected` gives, with a zero bias)
+            r["bufs"][0][:, :, n:T] = k[:, :, n:T]
+            r["bufs"][1][:, :, n:T] = v[:, :, n:T]
+            if r["bufs"][2] is not None:
+                r["bufs"][2][:, :, n:T] = 0
         r["n"] = n
         return tuple(None if x is None else x[:, :, :T] for x in r["bufs"])
 

@@ -645,3 +645,23 @@ def test_embedded_model_clean_logits_unchanged_after_training(tmp_path, one_thre
     bare = _logits(lm, ids)
     repaired = _logits(lm, ids, hf.HookPlan(repair=op))
     assert (repaired - bare).abs().max() <= 1e-4 * max(1.0, float(bare.abs().max()))
+
+
+def test_memo_arrays_grow_in_place_and_a_fork_copies():
+    """`_append` (a block scored without gradients): the values of `_cat` bit for bit, written into a buffer that
+    grows with the cache; a memo reused from an earlier state (a fork) copies into a buffer of its own, so the
+    later memo's entries stay as they were; None (zeros) joins as zeros."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(1, 2, n, 3, generator=g) for n in (5, 4, 4))
+    store: dict = {}
+    x = DetectingOperator._append(store, "dk", a, b, 5, 4)
+    assert torch.equal(x, torch.cat([a, b], 2))
+    first = dict(store)
+    y = DetectingOperator._append(dict(first), "dk", x, c, 9, 4)  # extends x's buffer in place
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, torch.cat([a, b, c], 2))
+    z = DetectingOperator._append(dict(first), "dk", x, b, 9, 4)  # x again, after y extended it: a copy
+    assert z.data_ptr() != x.data_ptr() and torch.equal(z, torch.cat([a, b, b], 2))
+    assert torch.equal(y, torch.cat([a, b, c], 2))  # the later memo's entries untouched
+    assert DetectingOperator._append({}, "bias", None, None, 5, 4) is None
+    w = DetectingOperator._append({}, "dv", a, None, 5, 4)
+    assert torch.equal(w, torch.cat([a, torch.zeros(1, 2, 4, 3)], 2))

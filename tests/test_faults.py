@@ -548,22 +548,30 @@ def test_checksum_recompute_recomputes_exactly_the_stale_or_swapped_blocks(tiny_
     assert not asked
 
 
+def _two_damaged_blocks(tiny_lm, seed: int):
+    """A tiny llama's clean prefill of 48 tokens, the same cache with blocks 1 and 4 (of 8 positions) damaged,
+    and the stand-ins of an eval context and example: (lm, ids, cache, layers, bad, ctx, ex)."""
+    from types import SimpleNamespace
+
+    from cachemedicpp import hf
+
+    lm = tiny_lm("llama")
+    ids = _seq(seed, 48)
+    cache = _prefill(lm, ids)
+    layers = list(range(lm.arch.num_layers))
+    bad = _damaged({l: hf.get_kv(cache, l) for l in layers}, [1, 4], 8, 48)
+    return lm, ids, cache, layers, bad, SimpleNamespace(lm=lm, recompute_exact=False), SimpleNamespace(prefix=ids)
+
+
 def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives_it(tiny_lm, one_thread):
     """_Recomputation: the requested blocks' tokens as cost (0 when nothing is asked, the context for a full
     recomputation); the clean prefill as the result where every changed entry before the last requested block
     is requested too, else the real recomputation, whose entries depend on what is stored."""
-    from types import SimpleNamespace
-
     from cachemedicpp import hf, recompute
     from cachemedicpp.eval import grid
 
-    lm = tiny_lm("llama")
-    T, bs = 48, 8
-    ids = _seq(6, T)
-    cache = _prefill(lm, ids)
-    layers = list(range(lm.arch.num_layers))
-    bad = _damaged({l: hf.get_kv(cache, l) for l in layers}, [1, 4], bs, T)
-    ctx, ex = SimpleNamespace(lm=lm, recompute_exact=False), SimpleNamespace(prefix=ids)
+    lm, ids, cache, layers, bad, ctx, ex = _two_damaged_blocks(tiny_lm, 6)
+    T, bs = ids.shape[0], 8
 
     def recomputation():
         return grid._Recomputation(ctx, ex, layers, cache, lambda l: bad[l])
@@ -591,18 +599,10 @@ def test_the_grid_stands_in_the_clean_prefill_only_where_the_recomputation_gives
 def test_the_cost_counts_the_corrupted_blocks_the_recomputation_recalls(tiny_lm, one_thread):
     """recalled_blocks: the requested corrupted blocks (a selective request that misses one recalls fewer than
     were corrupted), every corrupted block for the whole context, none when nothing was asked."""
-    from types import SimpleNamespace
-
-    from cachemedicpp import hf
     from cachemedicpp.eval import grid
 
-    lm = tiny_lm("llama")
-    T, bs = 48, 8
-    ids = _seq(7, T)
-    cache = _prefill(lm, ids)
-    layers = list(range(lm.arch.num_layers))
-    bad = _damaged({l: hf.get_kv(cache, l) for l in layers}, [1, 4], bs, T)
-    ctx, ex = SimpleNamespace(lm=lm, recompute_exact=False), SimpleNamespace(prefix=ids)
+    lm, ids, cache, layers, bad, ctx, ex = _two_damaged_blocks(tiny_lm, 7)
+    bs = 8
 
     def cost(blocks):
         rc = grid._Recomputation(ctx, ex, layers, cache, lambda l: bad[l])
