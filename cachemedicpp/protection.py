@@ -12,7 +12,8 @@ view of a corrupted cache and are refused here with the list of supported names.
 What it checks before anything runs: the run dir's config and checkpoint (a missing, damaged or foreign file is
 bad input naming it), the model against the run's (`model.name` resolved to its weights, and the operator's
 shapes against the model's layers and heads), and that every layer's attention reaches the hook (the
-fail-closed probe). The model's own attention implementation is selected again on exit.
+fail-closed probe). The model's own attention implementation is selected again on exit. A detecting operator
+(family D) warns once when it attends to a cache longer than the windows it was trained on.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def operator(model, run_dir: str | Path, defense: str):
     if ckpt["path"] is None:
         raise ConfigError(f"protect: {rd.path} has no repair checkpoint (run `python -m cachemedicpp.train` first)")
     op = load_operator(cfg, rd, ckpt, hf.arch_info(model))
+    if hasattr(op, "trained_positions"):  # a detector: warn once beyond the windows it was trained on
+        op.trained_positions = int(cfg.train.prefix_len) + int(cfg.train.cont_len)
     p = next(model.parameters())
     return op.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 

@@ -50,6 +50,7 @@ by the window).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -71,6 +72,10 @@ class DetectingOperator(nn.Module):
 
     family = "D"  # repair.FAMILIES["D"] says what the family has
     uses_memo = True
+    # the longest cache the operator was trained on (set by `protect` from the run's config; None: no warning).
+    # Beyond it the detector reads clean entries as corrupted: attending to a longer cache warns once.
+    trained_positions: int | None = None
+    _warned_length = False
 
     def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
                  rank: int = _REPAIR["rank"], apply_to: str = _REPAIR["apply_to"],
@@ -357,6 +362,11 @@ class DetectingOperator(nn.Module):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable,
                memo: dict | None = None) -> torch.Tensor:
+        if self.trained_positions is not None and not self._warned_length and k.shape[2] > self.trained_positions:
+            self._warned_length = True
+            warnings.warn(f"cachemedicpp: the cache holds {k.shape[2]} positions, but this operator was trained on "
+                          f"windows of {self.trained_positions}; beyond them its detector gates clean entries "
+                          "(README, 'A defense in your own code')", RuntimeWarning, stacklevel=2)
         m = self._memo(layer, k, v, memo, q_len=q.shape[2])
         if not m["any"] and not m["nonfinite"]:
             return kernel(q, k, v)

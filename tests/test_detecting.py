@@ -665,3 +665,32 @@ def test_memo_arrays_grow_in_place_and_a_fork_copies():
     assert DetectingOperator._append({}, "bias", None, None, 5, 4) is None
     w = DetectingOperator._append({}, "dv", a, None, 5, 4)
     assert torch.equal(w, torch.cat([a, torch.zeros(1, 2, 4, 3)], 2))
+
+
+def test_a_cache_longer_than_the_training_windows_warns_once(tiny_lm):
+    """`trained_positions` (set by `protect`): attending to a longer cache warns once, naming both lengths; a
+    cache within it, or no length set, warns nothing; the output is the same either way."""
+    import warnings
+
+    lm = tiny_lm("llama")
+    op, tokens = _fitted(lm)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, tokens[:24][None])
+    k, v = hf.get_kv(cache, 1)
+    q = torch.randn(1, lm.arch.num_heads, 1, lm.arch.head_dim, generator=torch.Generator().manual_seed(0))
+
+    def kernel(q, k, v, bias=None):
+        return torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(q.shape[1] // k.shape[1], 1),
+                                                                v.repeat_interleave(q.shape[1] // k.shape[1], 1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = op.attend(1, q, k, v, kernel)  # no length set
+        op.trained_positions = 24
+        assert torch.equal(op.attend(1, q, k, v, kernel), want)  # within it
+    op.trained_positions = 16
+    with pytest.warns(RuntimeWarning, match="holds 24 positions, but this operator was trained on windows of 16"):
+        assert torch.equal(op.attend(1, q, k, v, kernel), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.attend(1, q, k, v, kernel)  # once
