@@ -168,3 +168,10 @@ def test_a_heldout_table_spans_the_records_a_pattern_matches(tmp_path):
     doc.write_text("<!-- published:loto_*:recompute -->\n<!-- /published -->\n")
     with pytest.raises(ConfigError, match="name pattern"):
         publish.render_docs([doc], out)
+    # a record named like a pattern is refused at publishing, and skipped if one lies there anyway
+    with pytest.raises(ConfigError, match="has no"):
+        publish.publish(tmp_path / "any_run", out, "loto_*")
+    shutil.copyfile(out / "loto_gaussian.json", out / "loto_*.json")
+    doc.write_text("<!-- published:loto_*:heldout -->\n<!-- /published -->\n")
+    publish.render_docs([doc], out)
+    assert "records `recompute_loto_gaussian`, `recompute_loto_quant_noise`" in doc.read_text()

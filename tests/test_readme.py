@@ -187,13 +187,14 @@ def prepare_publish(argv: list[str], wd: Workdir) -> list[str]:
     for doc in map(wd.doc, args.docs):
         # a record a block reads that no earlier line of the block wrote: published from a tiny run
         for m in publish.BLOCK.finditer(doc.read_text()):
-            if (out / f"{m['name']}.json").is_file():
+            name = m["name"].replace("*", "tiny")  # a pattern over records: one tiny record that matches it
+            if (out / f"{name}.json").is_file() or ("*" in m["name"] and list(out.glob(f"{m['name']}.json"))):
                 continue
             if m["table"] == "selection":  # a one-run selection sweep of the tiny run
                 publish.publish_selection(_selection_sweep(wd, m["name"]), out, m["name"])
-            elif m["table"] == "recompute":  # a tiny run that scores the recomputing defenses
-                publish.publish(wd.run_dir(f"prepared_runs/{m['name']}", {"eval": {"defenses": [
-                    "no_defense", "checksum_recompute", "detect_recompute", "cachemedic"]}}), out, m["name"])
+            elif m["table"] in ("recompute", "heldout"):  # a tiny run that scores the recomputing defenses
+                publish.publish(wd.run_dir(f"prepared_runs/{name}", {"eval": {"defenses": [
+                    "no_defense", "checksum_recompute", "detect_recompute", "cachemedic"]}}), out, name)
             else:
                 publish.publish(wd.run_dir(f"prepared_runs/{m['name']}"), out, m["name"])
     return argv

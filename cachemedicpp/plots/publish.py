@@ -103,6 +103,8 @@ def collect(run_dir: str | Path, name: str | None = None) -> dict:
 
 def publish(run_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
     """Write the record and the run's figures A and C (when drawn) under `out_dir`; the record's path."""
+    if name is not None and "*" in name:
+        raise ConfigError(f"--name {name!r}: a record's name has no '*' (it marks a pattern over names in a document)")
     rec = collect(run_dir, name)
     out_dir = Path(out_dir)
     path = out_dir / f"{rec['name']}.json"
@@ -371,7 +373,7 @@ def _records(out_dir: Path) -> Callable[[str], dict | list[dict]]:
 
     def get(name: str) -> dict | list[dict]:
         if "*" in name:
-            names = sorted(p.stem for p in out_dir.glob(f"{name}.json"))
+            names = sorted(p.stem for p in out_dir.glob(f"{name}.json") if "*" not in p.stem)
             if not names:
                 raise ConfigError(f"{out_dir}: no published record matches {name!r}")
             return [get(n) for n in names]
