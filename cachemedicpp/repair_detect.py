@@ -257,6 +257,14 @@ class DetectingOperator(nn.Module):
         new = zeros(other, n_new) if new is None else new
         return torch.cat([prev, new], 2)
 
+    @staticmethod
+    def _buffer(x: torch.Tensor, keep: int, total: int) -> torch.Tensor:
+        """A buffer shaped like x along the cache axis with room for `total` entries and more to grow into, its
+        first `keep` entries x's (the rest unwritten)."""
+        buf = x.new_empty(*x.shape[:2], total + max(256, total // 4), *x.shape[3:])
+        buf[:, :, :keep] = x[:, :, :keep]
+        return buf
+
     @classmethod
     def _append(cls, store: dict, key: str, prev: torch.Tensor | None, new: torch.Tensor | None, n_prev: int,
                 n_new: int) -> torch.Tensor | None:
@@ -273,10 +281,9 @@ class DetectingOperator(nn.Module):
         held = store.get(key)
         if held is None or held[1] != n_prev or prev is None or held[0].shape[2] < total \
                 or held[0].data_ptr() != prev.data_ptr() or held[0].shape[:2] != other.shape[:2]:
-            cap = total + max(256, total // 4)
-            buf = other.new_zeros(*other.shape[:2], cap, *other.shape[3:])
-            if prev is not None:
-                buf[:, :, :n_prev] = prev
+            buf = cls._buffer(other, n_prev if prev is not None else 0, total)
+            if prev is None:
+                buf[:, :, :n_prev] = 0
             held = [buf, n_prev]
         buf = held[0]
         if new is None:
@@ -409,16 +416,9 @@ class DetectingOperator(nn.Module):
         r = m.get("read")
         if r is None or r["n"] > n or (r["bufs"][2] is None) != (m["bias"] is None):
             r = m["read"] = {"n": 0, "bufs": [k, v, m["bias"]]}
-        if r["bufs"][0].shape[2] < T or r["n"] == 0:  # (re)allocate: the written entries move over
-            cap = T + max(256, T // 4)
-            bufs = []
-            for x in r["bufs"]:
-                if x is not None:
-                    buf = x.new_empty(*x.shape[:2], cap, *x.shape[3:])  # every entry up to T is written below
-                    buf[:, :, :r["n"]] = x[:, :, :r["n"]]
-                    x = buf
-                bufs.append(x)
-            r["bufs"] = bufs
+        if r["bufs"][0].shape[2] < T or r["n"] == 0:  # (re)allocate: the written entries move over (the rest up
+            # to T is written below)
+            r["bufs"] = [None if x is None else self._buffer(x, r["n"], T) for x in r["bufs"]]
         if n > r["n"]:  # the newly scored entries
             for buf, x in zip(r["bufs"], self._corrected(m, k, v, r["n"], n)):
                 if buf is not None:

@@ -280,6 +280,22 @@ def selection_table(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cost_header(kind: str) -> list[str]:
+    """The header of a recompute-cost table whose second column names the corruption type as `kind`."""
+    return [f"| defense | {kind} | ε | recovered fraction of the type's damage, 95% CI | caches recomputed | "
+            "tokens recomputed | oracle's minimum | tokens / oracle | block recall |", "|" + "---|" * 9]
+
+
+def _cost_row(defense: str, ctype: str, eps: str, rf: dict | None, c: dict) -> str:
+    """One cost cell's row: the type's recovered fraction `rf` (— without one), the caches and tokens recomputed,
+    the oracle's minimum, their ratio and the block recall (— where not measured)."""
+    tok, oracle = c["tokens_mean"], c["corrupted_block_tokens_mean"]
+    cells = [defense, ctype, eps, _ci(rf["value"], rf["ci_low"], rf["ci_high"], 3) if rf else "—",
+             _f(c["recomputed_fraction"], 3), _f(tok, 1), _f(oracle, 1), _f(tok / oracle, 2) if oracle else "—",
+             _f(c["block_recall"], 3) if "block_recall" in c else "—"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def recompute_table(rec: dict) -> str:
     """The recomputing defenses' cost per (corruption type, ε) cell beside the type's recovered fraction: caches
     and tokens recomputed, the oracle's minimum and the block recall (— where not measured)."""
@@ -289,20 +305,14 @@ def recompute_table(rec: dict) -> str:
         raise ConfigError(f"published record {rec.get('name')!r} has no recompute cost (recompute_cost, "
                           "detect_recompute_cost)")
     by_type = m.get("recovered_fraction_by_type") or {}
-    lines = ["| defense | type | ε | recovered fraction of the type's damage, 95% CI | caches recomputed | "
-             "tokens recomputed | oracle's minimum | tokens / oracle | block recall |", "|" + "---|" * 9]
+    lines = _cost_header("type")
     for cost in costs:
         d = cost["defense"]
         for c in cost["by_cell"]:
             if c["epsilon"] == 0 and c["corruption_type"] != "clean":
                 continue  # a type's ε = 0 cell is the clean cache again
-            rf = by_type.get(c["corruption_type"], {}).get(d)
-            tok, oracle = c["tokens_mean"], c["corrupted_block_tokens_mean"]
-            cells = [d, c["corruption_type"], f"{c['epsilon']:g}",
-                     _ci(rf["value"], rf["ci_low"], rf["ci_high"], 3) if rf else "—",
-                     _f(c["recomputed_fraction"], 3), _f(tok, 1), _f(oracle, 1),
-                     _f(tok / oracle, 2) if oracle else "—", _f(c["block_recall"], 3) if "block_recall" in c else "—"]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(_cost_row(d, c["corruption_type"], f"{c['epsilon']:g}",
+                                   by_type.get(c["corruption_type"], {}).get(d), c))
     cost = costs[0]
     lines += ["", f"Means per example; blocks of {cost['block_size']} positions; a full recomputation forwards "
                   f"{_f(cost['context_tokens_mean'], 1)} tokens (the mean context). On the clean rows, caches "
@@ -314,8 +324,7 @@ def heldout_table(recs: list[dict]) -> str:
     """Leave-one-type-out runs of a recomputing defense: for each run, the clean cache and its held-out type's
     cells only (what the detector never saw in training): false alarms, block recall, tokens against the
     oracle's minimum, recovered fraction."""
-    lines = ["| defense | held out | ε | recovered fraction of the type's damage, 95% CI | caches recomputed | "
-             "tokens recomputed | oracle's minimum | tokens / oracle | block recall |", "|" + "---|" * 9]
+    lines = _cost_header("held out")
     for rec in recs:
         m, held = rec.get("task_metrics") or {}, (rec.get("settings") or {}).get("test_type")
         costs = [m[k] for k in ("recompute_cost", "detect_recompute_cost") if m.get(k)]
@@ -326,16 +335,10 @@ def heldout_table(recs: list[dict]) -> str:
             d = cost["defense"]
             rf = (m.get("recovered_fraction_by_type") or {}).get(held, {}).get(d)
             for c in cost["by_cell"]:
-                t = c["corruption_type"]
-                if not (t == "clean" or (t == held and c["epsilon"] > 0)):
-                    continue
-                tok, oracle = c["tokens_mean"], c["corrupted_block_tokens_mean"]
-                cells = [d, held, f"{c['epsilon']:g}" if t == held else "clean",
-                         _ci(rf["value"], rf["ci_low"], rf["ci_high"], 3) if rf and t == held else "—",
-                         _f(c["recomputed_fraction"], 3), _f(tok, 1), _f(oracle, 1),
-                         _f(tok / oracle, 2) if oracle else "—",
-                         _f(c["block_recall"], 3) if "block_recall" in c else "—"]
-                lines.append("| " + " | ".join(cells) + " |")
+                if c["corruption_type"] == "clean":
+                    lines.append(_cost_row(d, held, "clean", None, c))
+                elif c["corruption_type"] == held and c["epsilon"] > 0:
+                    lines.append(_cost_row(d, held, f"{c['epsilon']:g}", rf, c))
     cost = costs[0]
     lines += ["", f"Means per example; blocks of {cost['block_size']} positions; records "
                   + ", ".join(f"`{r['name']}`" for r in recs) + ". On the clean rows, caches recomputed is the "
