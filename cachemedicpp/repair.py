@@ -31,6 +31,7 @@ from cachemedicpp import config
 from cachemedicpp.config import ConfigError, lookup
 from cachemedicpp.fileio import load_checkpoint
 from cachemedicpp.repair_detect import DetectingOperator, reference_layer
+from cachemedicpp.repair_prior import PriorOperator
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Family:
     detects: bool = False  # a per-entry detector: its gate, detect_recompute's alarm, the detection metrics
     shrinkage: bool = False  # B's bounded shrinkage in an orthonormal basis (else A's additive correction)
     shared: bool = False  # one set of factors for every protected layer, with layer (and head) embeddings
+    calibrated: bool = False  # builds on the model of clean caches: training attaches the run's calibration
     build: Callable | None = None  # (resolved repair section, arch, layers, seed) -> operator; None: RepairOperator
 
 
@@ -343,12 +345,25 @@ def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int) ->
                              score_block=int(det["score_block"]), seed=seed)
 
 
+def _build_prior(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> PriorOperator:
+    sliding = sorted(set(layers) & set(arch.sliding_layers))
+    if sliding:
+        raise ConfigError(f"repair.family E: protected layers {sliding} hold a sliding window (the positions of "
+                          "their entries are not known to the operator); protect full-attention layers only")
+    if repair_cfg["apply_to"] not in ("K", "V", "KV"):
+        raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
+    return PriorOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
+                         apply_to=repair_cfg["apply_to"], seed=seed)
+
+
 register_family(Family("A", "query-gated low-rank additive correction"))
 register_family(Family("B", "bounded shrinkage in a learned orthonormal basis", shrinkage=True))
 register_family(Family("C", "one operator of A's form shared by the protected layers, with layer embeddings",
                        shared=True))
 register_family(Family("D", "a per-entry detector gating a correction (and an attention bias)", detects=True,
                        build=_build_detecting))
+register_family(Family("E", "calibrated_repair with a learned harm-aware gate and low-rank residual",
+                       calibrated=True, build=_build_prior))
 
 
 def expected_params(name: str, d: int, r: int, n_layers: int, apply_to: str = "KV", groups: int = 1,

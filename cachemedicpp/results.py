@@ -795,7 +795,7 @@ class StabilityRepair(TypedDict):
     checkpoint_sha256: Annotated[str | None, "first 16 hex digits of its sha256 (null without one)"]
     identity_operator: Annotated[bool, "true when no checkpoint existed and the identity operator was measured"]
     note: NotRequired[Annotated[str, "why the identity operator was measured (only without a checkpoint)"]]
-    family: Annotated[str, "repair.family (a registered family: A, B, C, D)"]
+    family: Annotated[str, "repair.family (a registered family: A, B, C, D, E)"]
     rank: Annotated[int, "repair.rank"]
 
 

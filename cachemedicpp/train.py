@@ -24,12 +24,12 @@ from typing import Sequence
 
 import torch
 
-from cachemedicpp import corruption, data, hf, memory
+from cachemedicpp import calibration, corruption, data, hf, memory
 from cachemedicpp.cli import run_phase
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.corruption import Corruptor, Region
 from cachemedicpp.seeding import torch_rng as rng
-from cachemedicpp.repair import build_operator, detects, repair_checkpoint_payload
+from cachemedicpp.repair import build_operator, detects, family, repair_checkpoint_payload
 from cachemedicpp.repair_detect import set_threshold, training_caches
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.fileio import atomic_torch_save, atomic_write_bytes, load_checkpoint, read_jsonl, truncate_jsonl
@@ -45,7 +45,7 @@ LOSS_KEYS = ("loss_total", "loss_kd", "loss_id", "loss_contr", "rho_mean", "rho_
 class Trainer:
     """The model, the operator, its optimizer, the training tokens and the corruptor of one run."""
 
-    def __init__(self, cfg: Config, lm: hf.LoadedModel):
+    def __init__(self, cfg: Config, lm: hf.LoadedModel, cal=None):
         self.cfg, self.lm = cfg, lm
         t = cfg.train
         self.protect = list(cfg.repair.protect_layers)
@@ -68,6 +68,11 @@ class Trainer:
         self.threshold_caches: list | None = None
         if self.detecting:
             self.op.fit(self._clean_caches("detector-fit"))
+        self.calibrated = family(self.op.family).calibrated
+        if self.calibrated:  # family E: the clean-cache model it builds on, copied into the operator
+            if cal is None:
+                raise ConfigError(f"repair.family {self.op.family} builds on the run's calibration; none was given")
+            self.op.attach(cal, float(cfg.baseline.repair_range_margin), float(cfg.baseline.repair_noise_margin))
 
     def _clean_caches(self, stream: str) -> list[dict]:
         return training_caches(self.cfg, self.lm, self.op, self.tokens, stream)
@@ -172,19 +177,27 @@ class Trainer:
 
         kd = kd_loss(z_clean, z_rep, t.temperature)
         det = None
+        gate = None
         if self.detecting:
             loss_id, det = self.detector_losses(seen, clean, plan.memo)
             loss_contr, rhos = torch.zeros((), device=kd.device), []
             loss = kd + t.lambda_id * loss_id + t.lambda_det * det["loss_det"] + t.lambda_rec * det["loss_rec"]
+        elif self.calibrated:
+            gate = self.op.gate_mean()  # the gates of this forward's flagged entries
+            loss_id, loss_contr, rhos = torch.zeros((), device=kd.device), torch.zeros((), device=kd.device), []
+            loss = kd + t.lambda_gate * gate
         else:
             loss_id, loss_contr, rhos = self.state_losses(seen, clean, corrupted=ctype is not None)
             loss = kd + t.lambda_id * loss_id + t.lambda_contr * loss_contr
         if t.lambda_w > 0:
             loss = loss + t.lambda_w * sum(p.pow(2).sum() for p in self.op.parameters())
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.op.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        self.opt.step()
+        if loss.requires_grad:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.op.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+            self.opt.step()
+        else:  # family E on a cache it flags nowhere: the operator did not act, nothing to learn from this step
+            grad_norm = torch.zeros(())
         rhos_t = torch.tensor(rhos) if rhos else None
         return {
             "loss_total": float(loss.detach()), "loss_kd": float(kd.detach()), "loss_id": float(loss_id.detach()),
@@ -195,6 +208,7 @@ class Trainer:
             "loss_rec": float(det["loss_rec"].detach()) if det else None,
             "det_recall": det["recall"] if det else None,
             "det_false_positive": det["false_positive"] if det else None,
+            "gate_mean": float(gate.detach()) if gate is not None else None,
             "loss_kd_no_repair": kd_base,
             "grad_norm": float(grad_norm),
             "corruption": {"type": ctype or "clean", "epsilon": eps, "persistence": cfg.corruption.persistence,
@@ -435,7 +449,8 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = True, config_path: s
 
         torch.manual_seed(cfg.seed)
         lm = hf.load_model(cfg.model.to_dict(), cfg.device, cfg.dtype)
-        trainer = Trainer(cfg, lm)
+        cal = calibration.obtain(cfg, lm, rd.calibration) if family(cfg.repair.family).calibrated else None
+        trainer = Trainer(cfg, lm, cal)
         if state is not None:
             trainer.load_state(state, point.path)
         log = JsonlLog(rd.log(PHASE), s.run_id, PHASE)

@@ -175,3 +175,25 @@ def test_a_heldout_table_spans_the_records_a_pattern_matches(tmp_path):
     doc.write_text("<!-- published:loto_*:heldout -->\n<!-- /published -->\n")
     publish.render_docs([doc], out)
     assert "records `recompute_loto_gaussian`, `recompute_loto_quant_noise`" in doc.read_text()
+
+
+def test_the_by_type_table_shows_each_types_recovery_and_the_clean_cost():
+    ci = lambda v, lo, hi: {"value": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    rec = {"name": "bt", "task_metrics": {
+        "robustness_auc": {"no_defense": 0.2, "calibrated_repair": 0.3, "oracle_drop": 0.25},
+        "damage_by_type": {"gaussian": {"diff": 0.2, "ci_low": 0.1, "ci_high": 0.3, "n": 12},
+                           "quant_noise": {"diff": 0.001, "ci_low": -0.01, "ci_high": 0.01, "n": 12}},
+        "recovered_fraction_by_type": {"gaussian": {"calibrated_repair": ci(0.85, 0.7, 0.95),
+                                                    "oracle_drop": ci(-0.1, -0.3, 0.05)},
+                                       "quant_noise": {"calibrated_repair": ci(-20.0, -90.0, 50.0)}},
+        "clean_metrics": {"wikitext2_ppl": {"no_defense": 20.0, "calibrated_repair": 20.1, "oracle_drop": 20.0},
+                          "sst2_prompted": {"no_defense": 0.5, "calibrated_repair": 0.5, "oracle_drop": 0.5}},
+        "clean_regression": {"no_defense": 0.6, "calibrated_repair": 0.59, "oracle_drop": 0.6}}}
+    text = publish.render_doc("<!-- published:bt:by_type -->\n<!-- /published -->\n", lambda name: rec)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| type | damage (clean − no defense, AUC), 95% CI | calibrated_repair | oracle_drop |"
+    assert rows[1] == "| gaussian | 0.200 [0.100, 0.300] | 0.850 [0.700, 0.950] | −0.100 [−0.300, 0.050] |"
+    assert rows[2] == "| quant_noise | 0.001 [−0.010, 0.010] | — | — |"  # no measurable damage: no fraction of it
+    assert rows[3] == "| clean wikitext2_ppl | 20.000 (no defense) | 20.100 (+0.50 %) | 20.000 (+0.00 %) |"
+    assert rows[5] == "| clean score (mean normalised) | 0.6000 (no defense) | 0.5900 | 0.6000 |"
+    assert "paired bootstrap over 12 test examples" in text

@@ -1,0 +1,179 @@
+"""Family E: a learned operator that builds on the model of clean caches.
+
+Per protected layer, the operator first runs `calibrated_repair` (prior.py) on the cache attention reads: lost
+elements imputed, elements far out of their calibrated range (keys before RoPE) clamped, blocks with excess
+white-noise energy denoised, each only where the cache shows its fault beyond held-in clean levels. That gives,
+per entry (layer, KV head, position) and for X in {K, V}, the closed-form estimate R and whether it flagged the
+entry. What is learned, by the same self-distillation as the other families, is how far to trust it:
+
+    g = clamp(s, 0, 1) on flagged entries, 0 elsewhere      s = MLP(features), per layer
+    X̂ = R + (g − 1)(R − X) + g · ((R − X) W) Uᵀ           = X + g (R − X) + g · (low-rank residual)
+
+The features of an entry, for K and V: whether the repair flagged it, log(1 + ‖R − X‖² / ‖X‖²), and the fraction
+of its elements that are lost (exact zeros or non-finite). At initialisation s = 1 and U = 0, so the operator is
+`calibrated_repair` exactly; an entry with a non-finite element always takes the repair (g = 1).
+
+The gate is harm-aware: training adds `train.lambda_gate` times the mean gate over flagged entries to the
+distillation loss, so a gate stays open only where applying the repair lowers the KD loss by more than that
+price, and shuts where the repair changes what was harmless (a requantisation, mild noise the model ignores, a
+clean block the repair mistook). Once shut (s ≤ 0) a gate passes no gradient and stays shut.
+
+On a clean cache nothing is flagged (the repair's levels are set on held-in clean caches), and the layer's
+output is the bare kernel's, bit for bit. The statistics and levels are copied from the run's calibration into
+buffers (`attach`), so a checkpoint carries everything the operator needs. Positions are counted from the
+first cached entry: layers that hold a sliding window are refused (their positions are not known here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cachemedicpp import prior
+
+STATS = ("mean", "lo", "hi", "evec", "eval", "range_level", "noise_level")
+FEATURES = tuple(f"{x}_{n}" for x in "kv" for n in ("flagged", "log_change", "lost"))
+HIDDEN = 16  # hidden units of the per-layer gate MLP
+
+
+class PriorOperator(nn.Module):
+    """Family E (see the module docstring). `layers` are the protected layers."""
+
+    family = "E"
+
+    def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
+                 rank: int = 8, apply_to: str = "KV", seed: int = 0):
+        super().__init__()
+        self.layers = tuple(sorted(set(int(l) for l in layers)))
+        self.d, self.rank, self.apply_to = head_dim, rank, apply_to
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        L, H, d, F = len(self.layers), num_kv_heads, head_dim, len(FEATURES)
+        # the clean-cache model, per layer, for keys (before RoPE) and values: filled by `attach`
+        for x in "kv":
+            for name, shape in (("mean", (L, H, d)), ("lo", (L, H, d)), ("hi", (L, H, d)), ("evec", (L, H, d, d)),
+                                ("eval", (L, H, d)), ("range_level", (L, H)), ("noise_level", (L, H))):
+                self.register_buffer(f"{x}_{name}", torch.zeros(shape))
+        self.register_buffer("inv_freq", torch.zeros(L, d // 2))
+        self.register_buffer("rope_pairs", torch.zeros(L, dtype=torch.long))  # 0: keys cached as projected
+        self.register_buffer("rope_scaling", torch.ones(L))
+        # sink positions, positions per noise block, range margin, noise margin
+        self.register_buffer("settings", torch.zeros(4))
+        self.register_buffer("attached", torch.zeros((), dtype=torch.bool))
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(L, F, HIDDEN, generator=g) / math.sqrt(F))
+        self.b1 = nn.Parameter(torch.zeros(L, HIDDEN))
+        self.w2 = nn.Parameter(torch.zeros(L, HIDDEN))
+        self.b2 = nn.Parameter(torch.ones(L))  # s = 1: every flagged entry takes the repair
+        n = len(apply_to)
+        self.w = nn.Parameter(torch.randn(L, n, d, rank, generator=g) / math.sqrt(d))
+        self.u = nn.Parameter(torch.zeros(L, n, d, rank))
+        self.gate_terms: list[tuple[torch.Tensor, int]] = []  # (sum of gates, flagged entries) per layer call
+        self.float()
+
+    def _i(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    # -- the clean-cache model -------------------------------------------------------------------
+    @torch.no_grad()
+    def attach(self, cal, range_margin: float, noise_margin: float) -> None:
+        """Copy the calibration's clean-cache model (`calibration.Calibration`) and the repair's margins."""
+        missing = [l for l in self.layers if l not in cal.kprior]
+        if missing:
+            raise ValueError(f"the calibration has no clean-cache model of layers {missing}")
+        for i, l in enumerate(self.layers):
+            for x, st in (("k", cal.kprior[l]), ("v", cal.vprior[l])):
+                for name in STATS:
+                    getattr(self, f"{x}_{name}")[i] = st[name].to(self.inv_freq.device, torch.float32)
+            if l in cal.rope:
+                inv_freq, scaling = cal.rope[l]
+                self.inv_freq[i, :inv_freq.numel()] = inv_freq.float()
+                self.rope_pairs[i] = inv_freq.numel()
+                self.rope_scaling[i] = float(scaling)
+        self.settings.copy_(torch.tensor([cal.sink, cal.block, range_margin, noise_margin], dtype=torch.float32))
+        self.attached.fill_(True)
+
+    def _stats(self, i: int, x: str) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"{x}_{name}")[i] for name in STATS}
+
+    def _frame(self, i: int, positions: torch.Tensor) -> prior.Frame:
+        r = int(self.rope_pairs[i])
+        if r == 0:
+            return prior.Frame()
+        return prior.Frame(*prior.rope_cos_sin(self.inv_freq[i, :r], float(self.rope_scaling[i]), positions))
+
+    @torch.no_grad()
+    def repair(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"K"|"V": (R, flagged [B, H, T])}: calibrated_repair of the cached entries (positions from 0), for the
+        kinds of `apply_to`."""
+        i = self._i(layer)
+        sink, block, rm, nm = self.settings.tolist()
+        pos = torch.arange(k.shape[2], device=k.device)
+        live = pos >= int(sink)
+        out = {}
+        for which, x, frame in (("K", k, self._frame(i, pos)), ("V", v, prior.Frame())):
+            if which in self.apply_to:
+                out[which] = prior.repair(x.float(), self._stats(i, which.lower()), frame, live, pos, int(block),
+                                          rm, nm)
+        return out
+
+    # -- the hook --------------------------------------------------------------------------------
+    def gates(self, layer: int, k: torch.Tensor, v: torch.Tensor, fixed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g [B, H, T], flagged [B, H, T]) of the entries k, v given their repairs `fixed` (`repair`'s output)."""
+        i = self._i(layer)
+        feats, flagged = [], torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)
+        for which, x in (("K", k), ("V", v)):
+            x = x.float()
+            if which not in fixed:
+                feats += [torch.zeros(x.shape[:3], device=x.device)] * 3
+                continue
+            r, ch = fixed[which]
+            flagged |= ch
+            fin = torch.isfinite(x)
+            xs = torch.where(fin, x, torch.zeros_like(x))
+            change = ((r - xs).pow(2).sum(-1) / xs.pow(2).sum(-1).clamp_min(1e-12)).log1p()
+            lost = ((x == 0) | ~fin).float().mean(-1)
+            feats += [ch.float(), torch.where(fin.all(-1), change, torch.full_like(change, 30.0)), lost]
+        f = torch.stack(feats, -1)  # [B, H, T, F]
+        s = torch.nn.functional.gelu(f @ self.w1[i] + self.b1[i]) @ self.w2[i] + self.b2[i]
+        nonfinite = ~torch.isfinite(k.float()).all(-1) | ~torch.isfinite(v.float()).all(-1)
+        g = torch.where(nonfinite & flagged, torch.ones_like(s), s.clamp(0.0, 1.0) * flagged)
+        return g, flagged & ~nonfinite
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable) -> torch.Tensor:
+        if not bool(self.attached):
+            return kernel(q, k, v)
+        fixed = self.repair(layer, k, v)
+        if not any(bool(ch.any()) for _, ch in fixed.values()):
+            return kernel(q, k, v)  # nothing flagged: the bare kernel on the stored cache
+        i = self._i(layer)
+        g, learnable = self.gates(layer, k, v, fixed)
+        if torch.is_grad_enabled():
+            self.gate_terms.append(((g * learnable).sum(), int(learnable.sum())))
+        out = {"K": k, "V": v}
+        for j, which in enumerate(self.apply_to):
+            x = out[which]
+            r, ch = fixed[which]
+            xs = torch.where(torch.isfinite(x), x.float(), r)
+            delta = r - xs
+            new = r + (g[..., None] - 1) * delta + g[..., None] * ((delta @ self.w[i, j]) @ self.u[i, j].T)
+            out[which] = torch.where(ch[..., None], new.to(x.dtype), x)
+        return kernel(q, out["K"], out["V"])
+
+    def gate_mean(self) -> torch.Tensor:
+        """The mean gate over the flagged entries of the forwards since the last call (0 without any), then cleared:
+        the harm-aware gate's price in the training loss."""
+        terms, self.gate_terms = self.gate_terms, []
+        count = sum(n for _, n in terms)
+        if not count:
+            return self.w2.new_zeros(())
+        return sum(s for s, _ in terms) / count
+
+    def is_identity(self, layer: int) -> bool:
+        """True when no entry can change: nothing attached (no clean-cache model to repair from)."""
+        return not bool(self.attached)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

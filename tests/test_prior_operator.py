@@ -1,0 +1,180 @@
+"""Family E, the learned operator that builds on the model of clean caches: at initialisation it is
+calibrated_repair (to float rounding), on a clean cache it is the bare kernel bit for bit, the harm-aware gate shuts where
+the repair changes what was harmless, and it trains, saves, resumes and evaluates like every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from cachemedicpp import calibration, defenses, hf, repair, train
+from cachemedicpp import eval as ev
+from cachemedicpp.cli import EXIT_OK
+from cachemedicpp.config import ConfigError, load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
+         "baseline.calibration.window_len": 64, "baseline.calibration.cont_len": 8,
+         "baseline.calibration.sink_tokens": 2, "repair.family": "E"}
+
+
+@pytest.fixture(scope="module")
+def llama_e(tiny_model_dir, tiny_lm):
+    from conftest import tiny_config
+
+    cfg = load_config(data=tiny_config(tiny_model_dir("llama"), **SMALL))
+    lm = tiny_lm("llama")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cfg, lm, calibration.build(cfg, lm)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _operator(cfg, lm, cal):
+    op = repair.build_operator(cfg.repair.to_dict(), lm.arch, cfg.seed)
+    op.attach(cal, float(cfg.baseline.repair_range_margin), float(cfg.baseline.repair_noise_margin))
+    return op
+
+
+def _window(cfg, lm, n: int = 48, seed: int = 0) -> torch.Tensor:
+    return calibration._windows(cfg, lm)[1][seed % 2][:n][None]
+
+
+def _logits(op, lm, ids):
+    """Logits of the last 8 tokens of `ids` read over the cache of the first ones (with `op` inside attention)."""
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[:, :-8])
+        z, _ = hf.forward(lm.model, ids[:, -8:], cache, hf.HookPlan(repair=op) if op is not None else None)
+    return z
+
+
+def _damaged(cache, layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for l in layers:
+        k, v = (x.clone() for x in hf.get_kv(cache, l))
+        v[0, 0, 5, :4] = 0.0  # lost elements
+        k[0, -1, 9, 1] = 1e3  # a spike
+        v[0, -1, 20:] += 3.0 * v[0, -1, 20:].pow(2).mean().sqrt() * torch.randn(v[0, -1, 20:].shape, generator=g)
+        out[l] = (k, v)
+    return out
+
+
+def test_on_a_clean_cache_the_operator_is_the_bare_kernel_bit_for_bit(llama_e):
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    torch.manual_seed(1)
+    op.w2.data.normal_()  # a trained-looking gate: still nothing flagged on a clean cache, nothing changes
+    op.u.data.normal_()
+    ids = _window(cfg, lm)
+    z_bare = _logits(None, lm, ids)
+    z_op = _logits(op, lm, ids)
+    assert torch.equal(z_op, z_bare)
+
+
+def test_at_initialisation_it_is_calibrated_repair(llama_e):
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    ids = _window(cfg, lm)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[:, :-8])
+    bad = _damaged(cache, op.layers)
+    seen = {}
+    with torch.no_grad():
+        _, c2 = hf.forward(lm.model, ids[:, :-8])
+        for l, (k, v) in bad.items():
+            hf.set_kv(c2, l, k, v)
+        plan = hf.HookPlan(repair=op, record=lambda l, q, k, v: seen.__setitem__(l, (k.clone(), v.clone())))
+        z_op, _ = hf.forward(lm.model, ids[:, -8:], c2, plan)
+    # what the operator hands the kernel: calibrated_repair of what attention read (positions from 0)
+    dfn = defenses.make("calibrated_repair", cfg.baseline.to_dict())
+    for l in op.layers:
+        k, v = seen[l]
+        fixed = op.repair(l, k, v)
+        assert bool(fixed["K"][1].any()) and bool(fixed["V"][1].any())
+        got = dfn.apply(k, v, defenses.LayerInput(l, torch.arange(k.shape[2]), cal=cal))
+        # the same closed form on the same statistics (copied into the operator's buffers), to float rounding;
+        # what it flags, exactly
+        assert torch.allclose(fixed["K"][0], got.k, rtol=0, atol=1e-6)
+        assert torch.allclose(fixed["V"][0], got.v, rtol=0, atol=1e-6)
+        assert torch.equal(fixed["K"][1], (got.k != k).any(-1)) and torch.equal(fixed["V"][1], (got.v != v).any(-1))
+    # and the layer's output is the kernel on those repaired entries: same logits as the repaired cache read bare
+    with torch.no_grad():
+        _, c3 = hf.forward(lm.model, ids[:, :-8])
+        for l, (k, v) in bad.items():
+            hf.set_kv(c3, l, k, v)
+        def on_read(l, k, v):
+            fx = op.repair(l, k, v)
+            return fx["K"][0].to(k.dtype), fx["V"][0].to(v.dtype)
+
+        z_ref, _ = hf.forward(lm.model, ids[:, -8:], c3, hf.HookPlan(layers=frozenset(op.layers), on_read=on_read))
+    assert torch.equal(z_op, z_ref)
+
+
+def test_the_harm_aware_gate_shuts_on_a_harmless_change(llama_e):
+    """A clean cache the repair mistakes for a damaged one (its ranges narrowed to a point: every element is
+    'out of range' and clamped): correcting only harms, the KD loss says so, and training shuts the gate."""
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    with torch.no_grad():
+        for x in "kv":
+            getattr(op, f"{x}_lo").copy_(getattr(op, f"{x}_mean"))
+            getattr(op, f"{x}_hi").copy_(getattr(op, f"{x}_mean"))
+        op.settings[2] = 0.0  # range margin: anything beyond the range is clamped
+    ids = _window(cfg, lm, 64)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids[:, :-8])
+        teacher, _ = hf.forward(lm.model, ids[:, -8:], hf.clone_cache(cache))
+    opt = torch.optim.Adam(op.parameters(), lr=0.05)
+    t = float(cfg.train.temperature)
+    first = None
+    for _ in range(30):
+        z, _ = hf.forward(lm.model, ids[:, -8:], hf.clone_cache(cache), hf.HookPlan(repair=op))
+        gate = op.gate_mean()
+        loss = train.kd_loss(teacher, z, t) + 0.01 * gate
+        if first is None:
+            first, kd0 = float(gate.detach()), float(train.kd_loss(teacher, z, t).detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first == 1.0 and kd0 > 1e-5  # at initialisation the repair acted on every flagged entry, and harmed
+    z, _ = hf.forward(lm.model, ids[:, -8:], hf.clone_cache(cache), hf.HookPlan(repair=op))
+    assert float(op.gate_mean().detach()) < 0.05
+    assert float(train.kd_loss(teacher, z, t).detach()) < 0.1 * kd0
+
+
+def test_sliding_window_layers_are_refused(tiny_lm):
+    lm = tiny_lm("gemma3")
+    with pytest.raises(ConfigError, match="sliding window"):
+        repair.build_operator({"family": "E", "protect_layers": [0, 1, 2]}, lm.arch)
+
+
+def test_family_e_trains_and_evaluates(tiny_cfg, tmp_path):
+    data = tiny_cfg("llama", **{**SMALL, "train.steps": 4, "train.save_every": 2,
+                                "eval.defenses": ["no_defense", "calibrated_repair", "cachemedic"],
+                                "eval.tasks": [{"name": "wikitext2_ppl", "num_examples": 2}],
+                                "eval.corruption_eval.types": ["dropout_zero"],
+                                "eval.validation.num_examples": 1})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    rd = tmp_path / "run"
+    assert train.main(["--config", str(cfg_path), "--run_dir", str(rd)]) == EXIT_OK
+    assert (rd / "checkpoints" / "calibration.pt").is_file()  # built by training, reused by eval
+    records = [json.loads(x) for x in (rd / "logs" / "train.jsonl").read_text().splitlines()]
+    assert all(r["gate_mean"] is None or 0.0 <= r["gate_mean"] <= 1.0 for r in records)
+    payload = torch.load(rd / "checkpoints" / "repair_step_4.pt", weights_only=False)
+    assert bool(payload["state_dict"]["attached"])  # the checkpoint carries the clean-cache model
+    assert ev.main(["--config", str(cfg_path), "--run_dir", str(rd)]) == EXIT_OK
+    m = json.loads((rd / "metrics" / "task_metrics.json").read_text())["metrics"]
+    assert "cachemedic" in m["robustness_auc"] and "calibrated_repair" in m["robustness_auc"]
+    # a checkpoint of family E under a config that asks for another family is refused, naming it
+    other = dict(data, repair={**data["repair"], "family": "A"})
+    with pytest.raises(ConfigError, match="family-E"):
+        repair.load_repair_checkpoint(rd / "checkpoints" / "repair_step_4.pt", load_config(data=other).repair.to_dict(),
+                                      hf.load_model(load_config(data=other).model.to_dict(), "cpu", "float32").arch)
