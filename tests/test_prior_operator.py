@@ -173,6 +173,17 @@ def test_family_e_trains_and_evaluates(tiny_cfg, tmp_path):
     assert ev.main(["--config", str(cfg_path), "--run_dir", str(rd)]) == EXIT_OK
     m = json.loads((rd / "metrics" / "task_metrics.json").read_text())["metrics"]
     assert "cachemedic" in m["robustness_auc"] and "calibrated_repair" in m["robustness_auc"]
+    # in the user's own generate: on a clean prompt nothing is flagged, the tokens are the stock model's
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cachemedicpp
+
+    model = AutoModelForCausalLM.from_pretrained(data["model"]["name"], attn_implementation="sdpa").eval()
+    ids = AutoTokenizer.from_pretrained(data["model"]["name"])("The river runs past the old mill",
+                                                               return_tensors="pt").input_ids
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with cachemedicpp.protect(model, run_dir=rd, defense="cachemedic"):
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
     # a checkpoint of family E under a config that asks for another family is refused, naming it
     other = dict(data, repair={**data["repair"], "family": "A"})
     with pytest.raises(ConfigError, match="family-E"):
