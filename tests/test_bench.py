@@ -248,6 +248,20 @@ def test_detecting_operator_decode_variants(tmp_path, tiny_model_dir):
     assert {"decode_none_16", "decode_repair_16", "decode_repair_all_gated_16", "decode_stock_16"} <= set(mem)
 
 
+def test_calibrated_operator_decode_variants(tmp_path, tiny_model_dir):
+    """Family E (the quickstart's) decodes with the config's calibration attached and a gate that varies with the
+    entry; it has no naive or augmented form."""
+    out = tmp_path / "res.json"
+    rc = bench.main(["--config", _quickstart_with(tmp_path, family="E"), "--model", str(tiny_model_dir("llama")),
+                     "--reps", "1", "--lengths", "16", "--decode-tokens", "2", "--memory", "off", "--device", "cpu",
+                     "--threads", "1", "--only", "decode,train_step", "--layers", "1,2", "--out", str(out)])
+    assert rc == EXIT_OK
+    res = json.loads(out.read_text())
+    dec = res["decode"]["cpu"]
+    assert dec["family"] == "E" and set(dec["lengths"]["16"]["ratios"]) == {"repair", "stock", "stock_tagged"}
+    assert set(dec["agreement_max_abs_logit_diff"]) == {"repair_vs_none", "stock_vs_none"}
+
+
 def test_default_layers_are_the_configs(tmp_path, tiny_model_dir, tiny_lm):
     """Without --layers the workloads protect what the base config protects (the configuration users run)."""
     import yaml

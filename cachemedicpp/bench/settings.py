@@ -44,8 +44,14 @@ DECODE_VARIANTS = ("none", "repair", "naive", "augmented", "stock", "stock_tagge
 DETECTING_VARIANTS = ("none", "repair", "repair_all_gated", "stock", "stock_tagged")
 
 
+# family E: calibrated_repair inside attention with a gate that is not the identity (what it costs where the
+# repair flags the prefilled random tokens' entries); its correction is not low-rank, so no naive / augmented form
+CALIBRATED_VARIANTS = ("none", "repair", "stock", "stock_tagged")
+
+
 def decode_variants(family: str) -> tuple[str, ...]:
-    return DETECTING_VARIANTS if repair.family(family).detects else DECODE_VARIANTS
+    fam = repair.family(family)
+    return DETECTING_VARIANTS if fam.detects else CALIBRATED_VARIANTS if fam.calibrated else DECODE_VARIANTS
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 MEASUREMENTS = ("train_step", "eval_grid", "defense_overhead", "decode", "memory")
 

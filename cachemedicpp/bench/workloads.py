@@ -28,14 +28,18 @@ from cachemedicpp.train import Trainer
 def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
     """The configured operator with nonzero U (B: nonzero gate scale): a real correction, not the identity.
     Family D: statistics fitted on random-token windows, a detector whose score varies with the entry and
-    its threshold set on those windows (as training leaves it)."""
+    its threshold set on those windows (as training leaves it). Family E: the config's calibration attached and
+    a gate that varies with the entry."""
     op = build_operator(cfg.repair.to_dict(), lm.arch, seed=cfg.seed).to(lm.device)
     if repair.detects(op):
         return _detecting_operator(op, lm, cfg.seed, std)
+    if repair.family(op.family).calibrated:  # family E: the clean-cache model of the config's calibration
+        op.attach(calibration.build(cfg, lm), float(cfg.baseline.repair_range_margin),
+                  float(cfg.baseline.repair_noise_margin))
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         for name, p in op.named_parameters():
-            if name.endswith(".u") or name.endswith(".scale"):
+            if name.endswith(".u") or name.endswith(".scale") or name == "w2":
                 p.copy_((torch.randn(p.shape, generator=g) * std).abs() if name.endswith(".scale")
                         else torch.randn(p.shape, generator=g) * std)
     op.requires_grad_(False)
@@ -98,7 +102,7 @@ def bare_train_step(lm: hf.LoadedModel, cfg, protect: Sequence[int], ids: torch.
 
 
 def train_workloads(cfg, lm: hf.LoadedModel) -> tuple[Workload, Workload]:
-    trainer = Trainer(cfg, lm)
+    trainer = Trainer(cfg, lm, calibration.build(cfg, lm) if repair.family(cfg.repair.family).calibrated else None)
     protect = list(cfg.repair.protect_layers)
     scale = torch.ones((), device=lm.device, requires_grad=True)
     counter = iter(range(10**9))
@@ -123,6 +127,8 @@ def decode_repairs(op, lm: hf.LoadedModel) -> dict[str, Any]:
     """The object each decode variant hands the hook (None: no plan)."""
     if repair.detects(op):
         return {"none": None, "repair": op, "repair_all_gated": all_gated(op), "stock": None, "stock_tagged": None}
+    if repair.family(op.family).calibrated:
+        return {"none": None, "repair": op, "stock": None, "stock_tagged": None}
     scaling = lm.arch.head_dim ** -0.5
     return {"none": None, "repair": op, "naive": NaiveRepair(op, scaling), "augmented": AugmentedRepair(op),
             "stock": None, "stock_tagged": None}
