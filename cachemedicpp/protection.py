@@ -59,6 +59,8 @@ def operator(model, run_dir: str | Path, defense: str):
     op = load_operator(cfg, rd, ckpt, hf.arch_info(model))
     if hasattr(op, "trained_positions"):  # a detector: warn once beyond the windows it was trained on
         op.trained_positions = int(cfg.train.prefix_len) + int(cfg.train.cont_len)
+    if hasattr(op, "incremental"):  # family E: a decode step repairs only what its memo does not hold
+        op.incremental = True
     p = next(model.parameters())
     return op.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 

@@ -43,6 +43,10 @@ class PriorOperator(nn.Module):
     """Family E (see the module docstring). `layers` are the protected layers."""
 
     family = "E"
+    uses_memo = True  # the hook hands `attend` the plan's memo (used only when `incremental`)
+    # decode steps repair only the entries after the last stable block, the rest kept in the plan's memo (set
+    # by `protect` and the bench; eval and training always repair the whole cache)
+    incremental = False
 
     def __init__(self, layers: Sequence[int], head_dim: int, num_heads: int, num_kv_heads: int, *,
                  rank: int = 8, apply_to: str = "KV", seed: int = 0):
@@ -71,6 +75,7 @@ class PriorOperator(nn.Module):
         self.w = nn.Parameter(torch.randn(L, n, d, rank, generator=g) / math.sqrt(d))
         self.u = nn.Parameter(torch.zeros(L, n, d, rank))
         self.gate_terms: list[tuple[torch.Tensor, int]] = []  # (sum of gates, flagged entries) per layer call
+        self.entries_repaired = 0  # entries `repair` has been handed (tests count them)
         self.float()
 
     def _i(self, layer: int) -> int:
@@ -105,12 +110,13 @@ class PriorOperator(nn.Module):
         return prior.Frame(*prior.rope_cos_sin(self.inv_freq[i, :r], float(self.rope_scaling[i]), positions))
 
     @torch.no_grad()
-    def repair(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{"K"|"V": (R, flagged [B, H, T])}: calibrated_repair of the cached entries (positions from 0), for the
-        kinds of `apply_to`."""
+    def repair(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"K"|"V": (R, flagged [B, H, T])}: calibrated_repair of the cached entries at positions start.., for
+        the kinds of `apply_to`."""
         i = self._i(layer)
         sink, block, rm, nm = self.settings.tolist()
-        pos = torch.arange(k.shape[2], device=k.device)
+        self.entries_repaired += int(k.shape[0] * k.shape[1] * k.shape[2])
+        pos = torch.arange(start, start + k.shape[2], device=k.device)
         live = pos >= int(sink)
         out = {}
         for which, x, frame in (("K", k, self._frame(i, pos)), ("V", v, prior.Frame())):
@@ -142,10 +148,40 @@ class PriorOperator(nn.Module):
         g = torch.where(nonfinite & flagged, torch.ones_like(s), s.clamp(0.0, 1.0) * flagged)
         return g, flagged & ~nonfinite
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable) -> torch.Tensor:
+    def stable(self, T: int) -> int:
+        """How many leading entries of a cache of T positions have their repair fixed for every longer cache: those
+        before the last block of the noise estimate (a remainder shorter than a block joins the block before it,
+        so the last block can still change; `prior.blocks`)."""
+        sink, block = int(self.settings[0]), int(self.settings[1])
+        n = max(T - sink, 0)
+        return min(T, sink + (max(n // block, 1) - 1) * block)
+
+    def _incremental(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict) -> dict:
+        """`repair` of the whole cache, the entries of its stable blocks taken from `memo` where they are still the
+        stored prefix (same batch, the last stable key unchanged) and only the rest repaired: the same partition
+        into blocks, so the same repair to float rounding."""
+        T, old = k.shape[2], memo.get(("prior", layer))
+        s0 = 0
+        if old is not None and old["batch"] == k.shape[0] and 0 < old["end"] <= T \
+                and torch.equal(old["last"], k[:, :, old["end"] - 1]):
+            s0 = old["end"]
+        fixed = self.repair(layer, k[:, :, s0:], v[:, :, s0:], start=s0)
+        if s0:
+            fixed = {w: tuple(torch.cat([a[:, :, :s0], b], 2) for a, b in zip(old["fixed"][w], fixed[w]))
+                     for w in fixed}
+        end = self.stable(T)
+        memo[("prior", layer)] = {"batch": k.shape[0], "end": end, "fixed": fixed,
+                                  "last": k[:, :, end - 1].clone() if end else None}
+        return fixed
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable,
+               memo: dict | None = None) -> torch.Tensor:
         if not bool(self.attached):
             return kernel(q, k, v)
-        fixed = self.repair(layer, k, v)
+        if self.incremental and memo is not None and not torch.is_grad_enabled():
+            fixed = self._incremental(layer, k, v, memo)
+        else:
+            fixed = self.repair(layer, k, v)
         if not any(bool(ch.any()) for _, ch in fixed.values()):
             return kernel(q, k, v)  # nothing flagged: the bare kernel on the stored cache
         i = self._i(layer)

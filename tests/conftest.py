@@ -74,6 +74,23 @@ def tiny_lm(tiny_model_dir):
     return get
 
 
+def calibrated_tiny(model_dir: Path, lm, **overrides):
+    """(config, model, calibration) of a tiny run config with `overrides`, the calibration built on one thread
+    (a module-scoped fixture's: built once, the same bits on every machine)."""
+    import torch
+
+    from cachemedicpp import calibration
+    from cachemedicpp.config import load_config
+
+    cfg = load_config(data=tiny_config(model_dir, **overrides))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cfg, lm, calibration.build(cfg, lm)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_config(model_dir: Path, **overrides) -> dict:
     """A small but complete run config on a tiny model (all tasks, offline data, few steps)."""
     from cachemedicpp.config import apply_overrides

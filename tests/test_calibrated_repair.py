@@ -30,16 +30,9 @@ def _cfg(tiny_cfg, arch="llama", **kw):
 
 @pytest.fixture(scope="module")
 def llama_cal(tiny_model_dir, tiny_lm):
-    from conftest import tiny_config
+    from conftest import calibrated_tiny
 
-    cfg = load_config(data=tiny_config(tiny_model_dir("llama"), **SMALL))
-    lm = tiny_lm("llama")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cfg, lm, calibration.build(cfg, lm)
-    finally:
-        torch.set_num_threads(threads)
+    return calibrated_tiny(tiny_model_dir("llama"), tiny_lm("llama"), **SMALL)
 
 
 def _apply(name: str, cfg, cal, layer: int, k, v, positions, **params):

@@ -24,16 +24,9 @@ SMALL = {"baseline.calibration.windows": 3, "baseline.calibration.select_windows
 
 @pytest.fixture(scope="module")
 def llama_e(tiny_model_dir, tiny_lm):
-    from conftest import tiny_config
+    from conftest import calibrated_tiny
 
-    cfg = load_config(data=tiny_config(tiny_model_dir("llama"), **SMALL))
-    lm = tiny_lm("llama")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cfg, lm, calibration.build(cfg, lm)
-    finally:
-        torch.set_num_threads(threads)
+    return calibrated_tiny(tiny_model_dir("llama"), tiny_lm("llama"), **SMALL)
 
 
 def _operator(cfg, lm, cal):
@@ -147,6 +140,38 @@ def test_the_harm_aware_gate_shuts_on_a_harmless_change(llama_e):
     z, _ = hf.forward(lm.model, ids[:, -8:], hf.clone_cache(cache), hf.HookPlan(repair=op))
     assert float(op.gate_mean().detach()) < 0.05
     assert float(train.kd_loss(teacher, z, t).detach()) < 0.1 * kd0
+
+
+def test_incremental_decoding_repairs_what_the_whole_cache_repair_does(llama_e):
+    """With `incremental` (what `protect` sets), a decode step repairs only the entries after the last stable
+    block and takes the rest from the plan's memo: the same flags and, to float rounding, the same logits as
+    repairing the whole cache at every step."""
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        op.w2.normal_()
+        op.u.normal_(std=0.1)
+    ids = _window(cfg, lm, 24)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids)
+    for l, (k, v) in _damaged(cache, op.layers).items():
+        hf.set_kv(cache, l, k, v)
+    runs = {}
+    for incremental in (False, True):
+        op.incremental, op.entries_repaired = incremental, 0
+        c, plan, tok, got = hf.clone_cache(cache), hf.HookPlan(repair=op), ids[:, -1:], []
+        with torch.no_grad():
+            for _ in range(40):  # past several blocks of the noise estimate
+                z, c = hf.forward(lm.model, tok, c, plan)
+                tok = z[:, -1:].argmax(-1)
+                got.append(z[:, -1])
+        runs[incremental] = (torch.cat(got), plan.memo, op.entries_repaired)
+    assert not runs[False][1] and runs[True][1]  # only the incremental run keeps repairs in the memo
+    assert runs[True][2] < 0.7 * runs[False][2]  # and repairs the stable blocks once
+    assert torch.allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-4)
+    stored = runs[True][1][("prior", op.layers[0])]
+    assert stored["end"] == op.stable(c.get_seq_length()) > 0  # the stable blocks of the last step's cache
 
 
 def test_sliding_window_layers_are_refused(tiny_lm):

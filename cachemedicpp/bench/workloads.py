@@ -36,6 +36,7 @@ def perturbed_operator(cfg, lm: hf.LoadedModel, std: float = 0.05):
     if repair.family(op.family).calibrated:  # family E: the clean-cache model of the config's calibration
         op.attach(calibration.build(cfg, lm), float(cfg.baseline.repair_range_margin),
                   float(cfg.baseline.repair_noise_margin))
+        op.incremental = True  # as `protect` runs it
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         for name, p in op.named_parameters():
