@@ -44,6 +44,7 @@ class PriorOperator(nn.Module):
 
     family = "E"
     uses_memo = True  # the hook hands `attend` the plan's memo (used only when `incremental`)
+    observes = ()  # no unprotected layer is read
     # decode steps repair only the entries after the last stable block, the rest kept in the plan's memo (set
     # by `protect` and the bench; eval and training always repair the whole cache)
     incremental = False
@@ -173,6 +174,16 @@ class PriorOperator(nn.Module):
         memo[("prior", layer)] = {"batch": k.shape[0], "end": end, "fixed": fixed,
                                   "last": k[:, :, end - 1].clone() if end else None}
         return fixed
+
+    @torch.no_grad()
+    def prime(self, kv) -> dict:
+        """A memo holding the repairs of the stable blocks of `kv` ({layer: (k, v)}): what a prefill run with the
+        operator leaves behind when `incremental` (empty otherwise)."""
+        memo: dict = {}
+        if self.incremental:
+            for l in self.layers:
+                self._incremental(l, *kv[l], memo)
+        return memo
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Callable,
                memo: dict | None = None) -> torch.Tensor:

@@ -174,6 +174,27 @@ def test_incremental_decoding_repairs_what_the_whole_cache_repair_does(llama_e):
     assert stored["end"] == op.stable(c.get_seq_length()) > 0  # the stable blocks of the last step's cache
 
 
+def test_family_e_training_paused_and_resumed_is_bit_identical(tiny_cfg, tmp_path, monkeypatch):
+    from conftest import pause_after
+
+    from cachemedicpp.cli import EXIT_PAUSED
+
+    data = tiny_cfg("llama", **{**SMALL, "train.steps": 4, "train.save_every": 4, "train.log_every": 1})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(data=data)
+    ref, rd = tmp_path / "straight", tmp_path / "paused"
+    assert train.run(cfg, ref, config_path=str(cfg_path)) == EXIT_OK
+    with monkeypatch.context() as m:
+        pause_after(m, rd, 2)
+        assert train.run(cfg, rd, config_path=str(cfg_path)) == EXIT_PAUSED
+    assert train.run(cfg, rd, config_path=str(cfg_path)) == EXIT_OK  # the calibration file is reused
+    a, b = (torch.load(x / "checkpoints" / "repair_step_4.pt", weights_only=False)["state_dict"] for x in (ref, rd))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda x: [json.loads(r)["loss_total"] for r in (x / "logs" / "train.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(ref) == losses(rd)
+
+
 def test_sliding_window_layers_are_refused(tiny_lm):
     lm = tiny_lm("gemma3")
     with pytest.raises(ConfigError, match="sliding window"):
