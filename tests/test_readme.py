@@ -193,7 +193,8 @@ def prepare_publish(argv: list[str], wd: Workdir) -> list[str]:
             if m["table"] == "selection":  # a one-run selection sweep of the tiny run
                 publish.publish_selection(_selection_sweep(wd, m["name"]), out, m["name"])
             elif m["table"] in ("recompute", "heldout"):  # a tiny run that scores the recomputing defenses
-                publish.publish(wd.run_dir(f"prepared_runs/{name}", {"eval": {"defenses": [
+                # (detect_recompute raises the alarm of a family-D detector)
+                publish.publish(wd.run_dir(f"prepared_runs/{name}", {"repair": {"family": "D"}, "eval": {"defenses": [
                     "no_defense", "checksum_recompute", "detect_recompute", "cachemedic"]}}), out, name)
             else:
                 publish.publish(wd.run_dir(f"prepared_runs/{m['name']}"), out, m["name"])
