@@ -322,6 +322,12 @@ def _build_low_rank(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> 
                           init_std=repair_cfg["init_std"], seed=seed)
 
 
+def _check_apply_to(repair_cfg: Mapping) -> None:
+    """The per-entry families (D, E) correct K, V or both."""
+    if repair_cfg["apply_to"] not in ("K", "V", "KV"):
+        raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
+
+
 def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> DetectingOperator:
     det = repair_cfg["detector"]
     req = det["reference_layer"]
@@ -336,8 +342,7 @@ def _build_detecting(repair_cfg: Mapping, arch, layers: list[int], seed: int) ->
                           "does not hold every position); name a full-attention layer or null")
     if arch.num_heads % arch.num_kv_heads:
         raise ConfigError(f"model has {arch.num_heads} query heads, not a multiple of {arch.num_kv_heads} KV heads")
-    if repair_cfg["apply_to"] not in ("K", "V", "KV"):
-        raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
+    _check_apply_to(repair_cfg)
     return DetectingOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
                              apply_to=repair_cfg["apply_to"], hidden=int(det["hidden"]), reference_layer=ref,
                              sink_tokens=int(det["sink_tokens"]), ramp=float(det["ramp"]),
@@ -350,8 +355,7 @@ def _build_prior(repair_cfg: Mapping, arch, layers: list[int], seed: int) -> Pri
     if sliding:
         raise ConfigError(f"repair.family E: protected layers {sliding} hold a sliding window (the positions of "
                           "their entries are not known to the operator); protect full-attention layers only")
-    if repair_cfg["apply_to"] not in ("K", "V", "KV"):
-        raise ConfigError(f"repair.apply_to: {repair_cfg['apply_to']!r} is not one of K, V, KV")
+    _check_apply_to(repair_cfg)
     return PriorOperator(layers, arch.head_dim, arch.num_heads, arch.num_kv_heads, rank=repair_cfg["rank"],
                          apply_to=repair_cfg["apply_to"], seed=seed)
 
