@@ -14,10 +14,14 @@ evaluation text), on the protected layers, per KV head:
 The model of the clean cache, per protected layer and KV head (`kprior`, `vprior`): keys *before RoPE*
 (un-rotated with their known absolute positions: `hf.rotary_frequencies`; GPT-2's are used as projected) and
 values, each with per-channel `prior_q` / 1 - `prior_q` quantiles, mean, and the covariance's eigenbasis
-(eigenvectors and eigenvalues), from the same calibration windows. Then, on the selection windows (held-in
-clean caches, disjoint from those), the levels the calibrated repair compares a cache with: the farthest any
-element lies beyond its range (in range widths) and the largest relative white-noise variance any block of
-`repair_block` positions shows (`prior.relative_noise`). At margin 1 those held-in caches are left untouched.
+(eigenvectors and eigenvalues), from the same calibration windows. Then, on held-in clean caches, the levels
+the calibrated repair compares a cache with: the farthest any element lies beyond its range (in range widths)
+and the largest relative white-noise variance any block of `repair_block` positions shows
+(`prior.relative_noise`). The held-in caches are the selection windows' (training corpus, disjoint from the
+calibration windows) and the clean caches of the first `level_examples` examples of each configured task's
+*selection* split (data.SPLITS: disjoint from every test and validation example): levels set on training text
+alone flag every clean evaluation cache, whose prose shows more block noise than the training corpus (the
+model is still fitted on training text only). At margin 1 those held-in caches are left untouched.
 
 The first `sink_tokens` positions (attention sinks) carry extreme entries that later positions do not
 cover; they are left out of the statistics and never clamped or dropped (see shared/MEASURED.md:
@@ -46,7 +50,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from cachemedicpp import data, defenses, hf, prior
+from cachemedicpp import data, defenses, hf, prior, tasks
 from cachemedicpp.defenses import fit_drop
 from cachemedicpp.config import Config, ConfigError
 from cachemedicpp.fileio import atomic_torch_save, load_checkpoint
@@ -247,15 +251,16 @@ def _priors(stats: dict, q: float) -> tuple[dict, dict]:
             {l: _gaussian(v, q) for l, (_, _, v) in stats.items()})
 
 
-def held_in_levels(cal: Calibration, caches: Sequence, lengths: Sequence[int]) -> None:
-    """Set each (layer, KV head)'s levels from held-in clean caches (of contexts of `lengths` positions): the
-    farthest an element lies beyond its calibrated range (range widths) and the largest relative noise variance
-    of a block (`prior.relative_noise`)."""
+def held_in_levels(cal: Calibration, caches: Sequence[Mapping[int, tuple[Tensor, Tensor]]],
+                   lengths: Sequence[int]) -> None:
+    """Set each (layer, KV head)'s levels from held-in clean caches ({layer: (K, V)} of contexts of `lengths`
+    positions): the farthest an element lies beyond its calibrated range (range widths) and the largest relative
+    noise variance of a block (`prior.relative_noise`)."""
     for l in cal.layers:
         for which, st in ((0, cal.kprior[l]), (1, cal.vprior[l])):
             far, noise = torch.zeros(st["mean"].shape[0]), torch.zeros(st["mean"].shape[0])
             for cache, T in zip(caches, lengths):
-                x = hf.get_kv(cache, l)[which].float().cpu()
+                x = cache[l][which].float().cpu()
                 pos = torch.arange(T - x.shape[2], T)  # a sliding-window layer holds the last positions only
                 live = pos >= cal.sink
                 if not bool(live.any()):
@@ -351,11 +356,23 @@ def _defender(cal: Calibration, name: str):
 # the run directory's calibration file
 
 
+def _level_tasks(cfg: Config) -> dict:
+    """What the selection-split caches of the levels depend on: the tasks (less which of their examples the
+    grids score), how their examples are cut, and where their data come from."""
+    if int(cfg.baseline.calibration.level_examples) == 0:
+        return {}
+    return {"tasks": [{k: v for k, v in t.items() if k not in ("num_examples", "start", "split")}
+                      for t in cfg.eval.tasks],
+            "max_seq_len": cfg.eval.max_seq_len, "cont_len": cfg.eval.cont_len, "data": cfg.data.to_dict()}
+
+
 def calibration_hash(cfg: Config, source: str) -> str:
-    """What a calibration depends on: model, dtype, layers, calibration settings, data source, format."""
+    """What a calibration depends on: model, dtype, layers, calibration settings, data source, the tasks whose
+    selection split sets the levels, format."""
     blob = json.dumps({"format": FORMAT, "model": cfg.model.to_dict(), "dtype": cfg.dtype,
                        "layers": sorted(int(x) for x in cfg.repair.protect_layers),
-                       "calibration": cfg.baseline.calibration.to_dict(), "source": source},
+                       "calibration": cfg.baseline.calibration.to_dict(), "source": source,
+                       "levels": _level_tasks(cfg)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -382,10 +399,18 @@ def build(cfg: Config, lm: hf.LoadedModel) -> Calibration:
                 f"{float(c.max_clean_cost):g} (relative) of no defense; loosest otherwise",
         "prior": {"keys": "before RoPE (un-rotated with their positions)" if rope else "as projected (no RoPE)",
                   "quantiles": [float(c.prior_q), 1 - float(c.prior_q)], "block": int(c.repair_block),
-                  "levels": "maxima over the selection windows' clean caches (held-in)"}})
+                  "levels": "maxima over held-in clean caches: the selection windows' and those of the first "
+                            f"{int(c.level_examples)} selection-split examples of each configured task",
+                  "level_examples": int(c.level_examples)}})  # at most: a short split gives what it holds
     caches = [prefill(lm, w, int(c.cont_len)) for w in sel_w]
     cal.record["selection"] = choose(cal, lm, sel_w, int(c.cont_len), float(c.max_clean_cost), caches)
-    held_in_levels(cal, caches, [w.numel() - int(c.cont_len) - 1 for w in sel_w])
+    held = [{l: hf.get_kv(cache, l) for l in layers} for cache in caches]
+    lengths = [w.numel() - int(c.cont_len) - 1 for w in sel_w]
+    if int(c.level_examples) > 0:
+        task = tasks.selection_caches(cfg, lm, layers, int(c.level_examples), up_to=True)
+        held += task
+        lengths += [int(kv[layers[0]][0].shape[2]) for kv in task]
+    held_in_levels(cal, held, lengths)
     return cal
 
 

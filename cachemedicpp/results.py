@@ -616,6 +616,8 @@ class CalibrationPrior(TypedDict):
     quantiles: Annotated[list[float], "the per-channel range: quantiles [q, 1 - q] of the calibration windows"]
     block: Annotated[int, "positions per block of the white-noise estimate"]
     levels: Annotated[str, "where the held-in levels calibrated_repair compares a cache with come from"]
+    level_examples: NotRequired[Annotated[int, "selection-split examples per task among the held-in caches of "
+                                               "the levels (baseline.calibration.level_examples)"]]
 
 
 class CalibrationRecord(TypedDict):

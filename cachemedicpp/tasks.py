@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cachemedicpp import data, lmeval, seeding
+from cachemedicpp import data, hf, lmeval, seeding
 from cachemedicpp.examples import (IGNORE, Example, Task, example_span, example_split, feed_row, pad_id,  # noqa: F401
                                    pad_rows, split_stream, token_logprobs)
 from cachemedicpp.schema import ConfigError, lookup
@@ -408,6 +408,28 @@ def load_sources(cfg, lm, names: Sequence[str]) -> dict:
         if any(int(t.get("few_shot", 0) or 0) > 0 for t in cfg.eval.tasks if t["name"] == "sst2_prompted"):
             src["sst2_train"], src["sst2_train_source"] = data.load_sst2(d, "sst2_train")
     return src
+
+
+def selection_caches(cfg, lm, layers: Sequence[int], per_task: int, start: int = 0,
+                     up_to: bool = False) -> list[dict]:
+    """Clean caches ({layer: (K, V)}, every position) of `per_task` examples from the `start`-th of each
+    configured task's selection split (data.SPLITS): held-in data, disjoint from every test and validation
+    example. `up_to`: as many as the split holds when it holds fewer (at least one)."""
+    src = load_sources(cfg, lm, [t["name"] for t in cfg.eval.tasks])
+    out = []
+    for t in cfg.eval.tasks:
+        n = int(per_task)
+        while True:
+            spec = {**t, "split": "selection", "start": int(start), "num_examples": n}
+            try:
+                exs, _ = get_task(t["name"]).build(lm, cfg, spec, src)
+                break
+            except ConfigError:
+                if not up_to or n == 1:
+                    raise
+                n -= 1
+        out += [hf.prefill_kv(lm.model, ex.prefix.reshape(1, -1).to(lm.device), layers) for ex in exs]
+    return out
 
 
 def value_from_mean(kind: str, m):

@@ -1,15 +1,17 @@
 """Probe the calibrated repairs on a config's model, outside the eval grid (minutes on CPU for SmolLM2).
 
-    python scripts/calibrated_repair_probe.py rule    [--config configs/quickstart.yaml] [--windows 12]
+    python scripts/calibrated_repair_probe.py rule    [--config configs/quickstart.yaml] [--windows 12] [--examples 6]
     python scripts/calibrated_repair_probe.py measure [--config configs/quickstart.yaml] [--windows 24]
                                                       [--cases clean,gaussian:0.64,dropout_zero:0.64]
                                                       [--defenses no_defense,calibrated_repair,...]
                                                       [--set baseline.repair_noise_margin=2 ...]
 
 `rule` reproduces how the default margins of `calibrated_repair` are set: with the run's calibration (levels
-from the selection windows), the entries (range) and blocks (noise) each margin flags on further clean
-training-corpus windows, disjoint from the calibration and selection windows; the default is the smallest
-margin that flags none of them (a clean cache is to be left alone). No evaluation text is read.
+from the selection windows and the first `level_examples` selection-split examples of each task), the entries
+(range) and blocks (noise) each margin flags on further held-in clean caches: `--windows` training-corpus
+windows after the calibration and selection windows, and the next `--examples` selection-split examples of each
+task (as many as the split holds); the default is the smallest margin that flags none of them (a clean cache is to be left alone). No test or
+validation example is read.
 
 `measure` scores the wikitext protocol of the eval grid (windows of eval.max_seq_len tokens, the cache all
 but the last eval.cont_len + 1, perplexity of the mean NLL over the last eval.cont_len), each case's
@@ -26,7 +28,7 @@ import time
 import torch
 import yaml
 
-from cachemedicpp import calibration, corruption, data, defenses, hf, prior
+from cachemedicpp import calibration, corruption, data, defenses, hf, prior, tasks
 from cachemedicpp.config import load_config
 
 MARGINS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -42,20 +44,27 @@ def _setup(config: str, overrides: dict):
     return cfg, lm, cal
 
 
-def rule(config: str, n_windows: int, overrides: dict) -> None:
+def rule(config: str, n_windows: int, n_examples: int, overrides: dict) -> None:
     cfg, lm, cal = _setup(config, overrides)
     c = cfg.baseline.calibration
     text, _ = data.load_text(cfg.data.to_dict(), "train_corpus")
     skip = int(c.windows) + int(c.select_windows)
     wins = data.fixed_windows(data.tokenize_stream(lm.tokenizer, text), int(c.window_len), skip + n_windows)[skip:]
+    held = [{l: hf.get_kv(cache, l) for l in cal.layers}
+            for cache in (calibration.prefill(lm, w, int(c.cont_len)) for w in wins)]
+    lengths = [w.numel() - int(c.cont_len) - 1 for w in wins]
+    # the next n_examples examples of each task's selection split, after those the levels were set on
+    task = tasks.selection_caches(cfg, lm, cal.layers, n_examples, start=int(c.level_examples), up_to=True)
+    held += task
+    lengths += [int(kv[cal.layers[0]][0].shape[2]) for kv in task]
+    print(f"further held-in clean caches: {len(wins)} training-corpus windows, {len(task)} selection-split "
+          "examples", flush=True)
     flagged = {"range": [0] * len(MARGINS), "noise": [0] * len(MARGINS)}
     units = {"range": 0, "noise": 0}
-    for w in wins:
-        cache = calibration.prefill(lm, w, int(c.cont_len))
-        T = w.numel() - int(c.cont_len) - 1
+    for cache, T in zip(held, lengths):
         for l in cal.layers:
             for which, st in ((0, cal.kprior[l]), (1, cal.vprior[l])):
-                x = hf.get_kv(cache, l)[which].float()
+                x = cache[l][which].float()
                 pos = torch.arange(T - x.shape[2], T)
                 live = pos >= cal.sink
                 xm = calibration.frames(cal.rope, l, pos)[which].model(x)
@@ -127,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["rule", "measure"])
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--examples", type=int, default=6, help="rule: further selection-split examples per task")
     p.add_argument("--cases", default="clean,gaussian:0.64,dropout_zero:0.64")
     p.add_argument("--defenses", default="no_defense,calibrated_repair",
                    help="names, or name@baseline_key=value variants (the first one is the reference)")
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.what == "rule":
-        rule(a.config, a.windows or 12, overrides)
+        rule(a.config, a.windows or 12, a.examples, overrides)
         return 0
     cases = [(c.split(":")[0], float(c.split(":")[1]) if ":" in c else 0.0) for c in a.cases.split(",")]
     measure(a.config, a.windows or 24, cases, a.defenses.split(","), overrides)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import calibration, defenses, hf, prior, results
+from cachemedicpp import calibration, defenses, hf, prior, results, tasks
 from cachemedicpp import eval as ev
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import ConfigError, load_config
@@ -42,10 +42,15 @@ def _apply(name: str, cfg, cal, layer: int, k, v, positions, **params):
 
 
 def _held_in(cfg, lm):
-    """The clean context caches of the selection windows (the held-in caches the levels come from)."""
+    """The held-in clean caches the levels come from ({layer: (K, V)}, context length): the selection windows'
+    and those of the first level_examples selection-split examples of each task."""
     c = cfg.baseline.calibration
     sel = calibration._windows(cfg, lm)[1]
-    return [(calibration.prefill(lm, w, int(c.cont_len)), w.numel() - int(c.cont_len) - 1) for w in sel]
+    out = [({l: hf.get_kv(cache, l) for l in cfg.repair.protect_layers}, w.numel() - int(c.cont_len) - 1)
+           for w, cache in ((w, calibration.prefill(lm, w, int(c.cont_len))) for w in sel)]
+    task = tasks.selection_caches(cfg, lm, cfg.repair.protect_layers, int(c.level_examples))
+    assert task  # the tiny config's level_examples default (12) reads some
+    return out + [(kv, int(kv[cfg.repair.protect_layers[0]][0].shape[2])) for kv in task]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def test_calibrated_repair_leaves_held_in_clean_caches_bit_identical(llama_cal):
     cfg, lm, cal = llama_cal
     for cache, T in _held_in(cfg, lm):
         for l in cal.layers:
-            k, v = hf.get_kv(cache, l)
+            k, v = cache[l]
             pos = torch.arange(T - k.shape[2], T)
             for name in ("calibrated_repair", "impute"):  # nothing beyond the held-in levels, no zero anywhere
                 k2, v2 = _apply(name, cfg, cal, l, k, v, pos)
@@ -259,7 +264,7 @@ def test_calibrated_repair_acts_where_the_cache_shows_a_fault(llama_cal):
     cfg, lm, cal = llama_cal
     cache, T = _held_in(cfg, lm)[0]
     l = cal.layers[-1]
-    k, v = hf.get_kv(cache, l)
+    k, v = cache[l]
     pos = torch.arange(T)
     kb, vb = k.clone(), v.clone()
     vb[0, 0, 5, 3] = float("nan")

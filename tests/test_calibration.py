@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachemedicpp import calibration, data, hf
+from cachemedicpp import calibration, data, hf, tasks
 from cachemedicpp.config import ConfigError, load_config
 
 SMALL = {"baseline.calibration.windows": 3, "baseline.calibration.select_windows": 2,
@@ -33,9 +33,41 @@ def built(tiny_cfg, tiny_lm, one_thread, monkeypatch):
     return cfg, lm, calibration.build(cfg, lm), asked
 
 
-def test_calibration_reads_training_text_only(built):
+def test_calibration_reads_training_text_only(tiny_cfg, tiny_lm, one_thread, monkeypatch):
+    """The statistics read training text only; the levels' held-in caches read the tasks' selection split only,
+    and nothing at all of the evaluation text with level_examples 0."""
+    asked, splits = [], []
+    real_text, real_get = data.load_text, tasks.get_task
+    monkeypatch.setattr(data, "load_text",
+                        lambda d, key, max_chars=None: asked.append(key) or real_text(d, key, max_chars))
+
+    class Spy:
+        def __init__(self, name):
+            self.task = real_get(name)
+
+        def build(self, lm, cfg, spec, src):
+            splits.append(spec["split"])
+            return self.task.build(lm, cfg, spec, src)
+
+    monkeypatch.setattr(tasks, "get_task", Spy)
+    lm = tiny_lm("llama")
+    alone = calibration.build(_cfg(tiny_cfg, **{"baseline.calibration.level_examples": 0}), lm)
+    assert asked and set(asked) == {"train_corpus"} and not splits  # never the evaluation text
+    cfg = _cfg(tiny_cfg, **{"baseline.calibration.level_examples": 2})
+    cal = calibration.build(cfg, lm)
+    assert len(splits) == len(cfg.eval.tasks) and set(splits) == {"selection"}  # each task's selection split
+    for l in cal.layers:  # the same model of the clean cache; levels over a superset of held-in caches
+        for a, b in ((alone.kprior[l], cal.kprior[l]), (alone.vprior[l], cal.vprior[l])):
+            for key in ("mean", "evec", "eval", "lo", "hi"):
+                assert torch.equal(a[key], b[key]), key
+            assert bool((b["range_level"] >= a["range_level"]).all())
+            assert bool((b["noise_level"] >= a["noise_level"]).all())
+    assert cal.record["prior"]["level_examples"] == 2 and cal.record["hash"] != alone.record["hash"]
+
+
+def test_calibration_statistics(built):
     cfg, lm, cal, asked = built
-    assert asked and set(asked) == {"train_corpus"}  # never the evaluation text (wikitext2)
+    assert asked and "train_corpus" in asked
     assert cal.record["data_source"].startswith("offline:") and "train_corpus" in cal.record["data_source"]
     assert cal.record["tokens"] == 3 * 32 and cal.layers == (0, 1)
     assert cal.rotary and cal.key_hi[0].shape == (4, lm.arch.num_kv_heads, lm.arch.head_dim // 2)
@@ -112,3 +144,15 @@ def test_gpt2_keys_are_bounded_per_channel(tiny_cfg, tiny_lm, one_thread):
     cfg, lm = _cfg(tiny_cfg, "gpt2"), tiny_lm("gpt2")
     cal = calibration.build(cfg, lm)
     assert not cal.rotary and cal.key_hi[0].shape == cal.key_lo[0].shape
+
+
+def test_a_short_selection_split_gives_the_levels_what_it_holds(tiny_cfg, tiny_lm, one_thread):
+    """level_examples is an upper bound: a split holding fewer examples gives them all; asked for exactly, the
+    same split is refused as bad input naming the task."""
+    cfg = _cfg(tiny_cfg, **{"eval.max_seq_len": 200, "eval.tasks": [{"name": "wikitext2_ppl"}]})
+    lm = tiny_lm("llama")
+    with pytest.raises(ConfigError, match="wikitext2_ppl: the selection split .* fewer than the 400 asked for"):
+        tasks.selection_caches(cfg, lm, [0], 400)
+    got = tasks.selection_caches(cfg, lm, [0], 400, up_to=True)
+    assert 1 <= len(got) < 400
+    assert all(kv[0][0].shape[2] == 200 - 8 - 1 for kv in got)  # contexts of max_seq_len less cont_len + 1

@@ -97,6 +97,7 @@ def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None, extr
         over["eval.defenses"] = list(cfg.eval.defenses) + [d for d in extra_defenses if d not in cfg.eval.defenses]
     # the calibrated baselines need a calibration; its statistics do not matter for timing: keep it small
     over.update({"baseline.calibration.windows": 2, "baseline.calibration.select_windows": 1,
+                 "baseline.calibration.level_examples": 1,
                  "eval.validation.num_examples": 1})
     layers = s.protect_layers if s.protect_layers is not None else list(cfg.repair.protect_layers)
     if arch is not None and max(layers) >= arch.num_layers:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cachemedicpp import hf, repair, results, tasks
+from cachemedicpp import repair, results, tasks
 from cachemedicpp.config import ConfigError
 from cachemedicpp.defenses.base import (PROTECTED, Cost, Defended, Defense, LayerInput, Needs, baseline_param,
                                         register_defense, replace_rows)
@@ -55,7 +55,7 @@ class DetectRecompute(Defense):
 
     def setup(self, cfg, lm, op) -> list[str]:
         """The alarm level, set on clean caches of the selection split within the false-alarm budget."""
-        caches = selection_caches(cfg, lm, list(op.layers) + list(op.observes), int(self.alarm_examples))
+        caches = tasks.selection_caches(cfg, lm, list(op.layers) + list(op.observes), int(self.alarm_examples))
         maxima = cache_maxima(op.to(lm.device), caches, int(self.checksum_block_size))
         self.alarm, self.alarm_caches = budget_level(maxima, float(self.alarm_budget)), len(caches)
         over = sum(m >= self.alarm for m in maxima)
@@ -88,13 +88,3 @@ class DetectRecompute(Defense):
         return Defended(k, v, cost=Cost(frozenset(blocks)))
 
 
-def selection_caches(cfg, lm, layers, per_task: int) -> list[dict]:
-    """Clean caches ({layer: (K, V)}) of the first `per_task` examples of each configured task's selection split
-    (data.SPLITS): the data the alarm level is set on, disjoint from every test and validation example."""
-    src = tasks.load_sources(cfg, lm, [t["name"] for t in cfg.eval.tasks])
-    out = []
-    for t in cfg.eval.tasks:
-        spec = {**t, "split": "selection", "start": 0, "num_examples": per_task}
-        exs, _ = tasks.get_task(t["name"]).build(lm, cfg, spec, src)
-        out += [hf.prefill_kv(lm.model, ex.prefix.reshape(1, -1).to(lm.device), layers) for ex in exs]
-    return out
