@@ -187,7 +187,7 @@ def test_fair_benchmark_keys_are_described():
     assert set(_props(schema, "CalibrationRecord")) == {
         "format", "hash", "data_source", "windows", "select_windows", "window_len", "tokens", "layers",
         "sink_tokens", "keys", "rule", "selection", "chosen", "prior"}
-    assert set(_props(schema, "CalibrationPrior")) == {"keys", "quantiles", "block", "levels"}
+    assert set(_props(schema, "CalibrationPrior")) == {"keys", "quantiles", "block", "levels", "level_examples"}
     assert set(_props(schema, "CalibrationTry")) == {"q", "ppl", "cost"}
     assert set(_props(schema, "ValidationSettings")) == {"num_examples", "types", "split"}
     info = _props(schema, "TaskInfo")
