@@ -407,11 +407,18 @@ def build(cfg: Config, lm: hf.LoadedModel) -> Calibration:
     held = [{l: hf.get_kv(cache, l) for l in layers} for cache in caches]
     lengths = [w.numel() - int(c.cont_len) - 1 for w in sel_w]
     if int(c.level_examples) > 0:
-        task = tasks.selection_caches(cfg, lm, layers, int(c.level_examples), up_to=True)
-        held += task
-        lengths += [int(kv[layers[0]][0].shape[2]) for kv in task]
+        task, task_lengths = selection_held_in(cfg, lm, layers, int(c.level_examples))
+        held, lengths = held + task, lengths + task_lengths
     held_in_levels(cal, held, lengths)
     return cal
+
+
+def selection_held_in(cfg: Config, lm: hf.LoadedModel, layers: Sequence[int], per_task: int,
+                      start: int = 0) -> tuple[list[dict], list[int]]:
+    """`held_in_levels`' input from up to `per_task` selection-split examples of each configured task from the
+    `start`-th: their clean caches ({layer: (K, V)}, every position) and context lengths."""
+    got = tasks.selection_caches(cfg, lm, layers, per_task, start=start, up_to=True)
+    return got, [int(kv[layers[0]][0].shape[2]) for kv in got]
 
 
 def _payload(cal: Calibration) -> dict:

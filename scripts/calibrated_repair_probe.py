@@ -10,8 +10,8 @@
 from the selection windows and the first `level_examples` selection-split examples of each task), the entries
 (range) and blocks (noise) each margin flags on further held-in clean caches: `--windows` training-corpus
 windows after the calibration and selection windows, and the next `--examples` selection-split examples of each
-task (as many as the split holds); the default is the smallest margin that flags none of them (a clean cache is to be left alone). No test or
-validation example is read.
+task (as many as the split holds); the default is the smallest margin that flags none of them (a clean cache is
+to be left alone). No test or validation example is read.
 
 `measure` scores the wikitext protocol of the eval grid (windows of eval.max_seq_len tokens, the cache all
 but the last eval.cont_len + 1, perplexity of the mean NLL over the last eval.cont_len), each case's
@@ -28,7 +28,7 @@ import time
 import torch
 import yaml
 
-from cachemedicpp import calibration, corruption, data, defenses, hf, prior, tasks
+from cachemedicpp import calibration, corruption, data, defenses, hf, prior
 from cachemedicpp.config import load_config
 
 MARGINS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -54,9 +54,8 @@ def rule(config: str, n_windows: int, n_examples: int, overrides: dict) -> None:
             for cache in (calibration.prefill(lm, w, int(c.cont_len)) for w in wins)]
     lengths = [w.numel() - int(c.cont_len) - 1 for w in wins]
     # the next n_examples examples of each task's selection split, after those the levels were set on
-    task = tasks.selection_caches(cfg, lm, cal.layers, n_examples, start=int(c.level_examples), up_to=True)
-    held += task
-    lengths += [int(kv[cal.layers[0]][0].shape[2]) for kv in task]
+    task, task_lengths = calibration.selection_held_in(cfg, lm, cal.layers, n_examples, start=int(c.level_examples))
+    held, lengths = held + task, lengths + task_lengths
     print(f"further held-in clean caches: {len(wins)} training-corpus windows, {len(task)} selection-split "
           "examples", flush=True)
     flagged = {"range": [0] * len(MARGINS), "noise": [0] * len(MARGINS)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cachemedicpp import calibration, defenses, hf, prior, results, tasks
+from cachemedicpp import calibration, defenses, hf, prior, results
 from cachemedicpp import eval as ev
 from cachemedicpp.cli import EXIT_OK
 from cachemedicpp.config import ConfigError, load_config
@@ -48,9 +48,9 @@ def _held_in(cfg, lm):
     sel = calibration._windows(cfg, lm)[1]
     out = [({l: hf.get_kv(cache, l) for l in cfg.repair.protect_layers}, w.numel() - int(c.cont_len) - 1)
            for w, cache in ((w, calibration.prefill(lm, w, int(c.cont_len))) for w in sel)]
-    task = tasks.selection_caches(cfg, lm, cfg.repair.protect_layers, int(c.level_examples))
+    task, lengths = calibration.selection_held_in(cfg, lm, cfg.repair.protect_layers, int(c.level_examples))
     assert task  # the tiny config's level_examples default (12) reads some
-    return out + [(kv, int(kv[cfg.repair.protect_layers[0]][0].shape[2])) for kv in task]
+    return out + list(zip(task, lengths))
 
 
 # --------------------------------------------------------------------------------------------------
