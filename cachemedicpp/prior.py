@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -243,6 +244,81 @@ def denoise(x: Tensor, st: Mapping[str, Tensor], frame: Frame, live: Tensor, pos
     s2 = rel * st["eval"].mean(-1)[None, :, None]
     fixed = wiener(xf, st["mean"], st["evec"], st["eval"], s2[..., None])
     return torch.where(hit[..., None], frame.stored(fixed).to(x.dtype), x), hit
+
+
+# ---- the screen: whether `repair` may flag anything in the last blocks of a cache, on the host (numpy, float32)
+# (a decode step screens a few hundred numbers per layer, where each torch call would cost more than its arithmetic)
+
+
+def screen_levels(st: Mapping[str, Tensor], range_margin: float, noise_margin: float,
+                  slack: float = 1e-3) -> dict[str, np.ndarray]:
+    """What the screens (`entries_may_flag`, `noise_may_flag`) compare against, from statistics stacked on a
+    leading axis of kinds (`[n, H, ...]`), as float32 arrays shaped to broadcast over `[n, B, H, T, d]`: the
+    range test's limits moved in by `slack` range widths and the noise test's by a relative `slack`, far more
+    than the rounding that separates the screens' arithmetic from `repair`'s, so a screen never misses a flag;
+    and `bound`, the weights of an upper bound of the noise estimate (`noise_may_flag`)."""
+    st = {k: v.detach().double().cpu().numpy() for k, v in st.items()}  # derived in float64, kept in float32
+    lam = st["eval"]
+    # c_j = 1 / (sum over i with lam_i > lam_j of (lam_j / lam_i)^2 + #{i: lam_i <= lam_j}) >= w_j(s) / sum_i w_i(s)
+    # for every s >= 0, where w_i(s) = (lam_i + s)^-2 are the Fisher weights: (lam_j + s) / (lam_i + s) rises
+    # with s towards 1 when lam_i > lam_j and stays >= 1 otherwise
+    lj, li = lam[..., :, None], lam[..., None, :]
+    denominator = np.where(li > lj, (lj / np.maximum(li, 1e-30)) ** 2, 1.0).sum(-1)
+    reach = (range_margin * st["range_level"] - slack)[..., None] * np.maximum(st["hi"] - st["lo"], 1e-12)
+    at = (slice(None), None, slice(None), None)  # [n, H, ...] -> [n, 1, H, 1, ...] ([n, 1, H, d, d] for evec)
+    out = {"mean": st["mean"][at], "evec": st["evec"][:, None], "eval": lam[at],
+           "low": (st["lo"] - reach)[at], "high": (st["hi"] + reach)[at],
+           "bound": (1.0 / denominator)[:, None, :, :, None],
+           "noise_limit": ((1 - slack) * noise_margin * st["noise_level"] * lam.mean(-1))[at]}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def entries_may_flag(stored: np.ndarray, modelled: np.ndarray, lv: Mapping[str, np.ndarray]) -> bool:
+    """Whether `repair`'s tests of single entries may flag one of these (`[n, B, H, T, d]`, as stored and in the
+    modelled frame; levels of `screen_levels`): an exact zero, a non-finite element, an element beyond its
+    calibrated range by more than the margin."""
+    inside = (modelled >= lv["low"]) & (modelled <= lv["high"])  # False for a non-finite element
+    return bool((stored == 0).any() or not inside.all())
+
+
+def energy(modelled: np.ndarray, lv: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`[n, B, H, T, d]`: each entry's squared coordinates in the clean eigenbasis (what the noise test averages
+    per block)."""
+    return ((modelled - lv["mean"]) @ lv["evec"]) ** 2
+
+
+def noise_may_flag(m: np.ndarray, lv: Mapping[str, np.ndarray]) -> bool:
+    """Whether `repair`'s noise test may flag a block whose mean squared coordinates are m (`[n, B, H, nb, d]`),
+    by `noise_variance`'s Fisher scoring; the scoring runs only where an upper bound of every one of its
+    iterates, sum_j c_j max(excess_j, 0) (c_j from `screen_levels`), does not already clear the limit."""
+    excess = m - lv["eval"]
+    if not ((np.maximum(excess, 0) @ lv["bound"])[..., 0] > lv["noise_limit"]).any():
+        return False
+    parts = np.stack([excess, np.ones_like(excess)], -1)  # [..., d, 2]: sum_j w_j excess_j and sum_j w_j in one product
+    s2 = np.maximum(excess.mean(-1), 0)
+    for _ in range(4):  # noise_variance's Fisher scoring: s2 = sum_j w_j excess_j / sum_j w_j
+        nd = ((lv["eval"] + s2[..., None]) ** -2)[..., None, :] @ parts
+        s2 = np.maximum(nd[..., 0, 0] / nd[..., 0, 1], 0)
+    return bool((s2 > lv["noise_limit"]).any())
+
+
+def may_flag(stored: np.ndarray, modelled: np.ndarray, lv: Mapping[str, np.ndarray],
+             block: int) -> tuple[bool, np.ndarray]:
+    """(may flag, `energy`): False only when `repair` flags no entry of a run of live positions that starts at
+    a block boundary (the tail of a cache after its stable blocks). Everything carries a leading axis of kinds
+    (keys, values), so one call screens both: `stored` and `modelled` (`[n, B, H, T, d]`: as stored, and in the
+    modelled frame) and the levels of `screen_levels`. The tests are `repair`'s without repairing anything;
+    their limits sit a little inside `repair`'s, so a False is never wrong and a True near a limit only sends
+    the caller to `repair`."""
+    T = stored.shape[3]
+    y2 = energy(modelled, lv)
+    nb = max(T // block, 1)  # blocks as `blocks` cuts them: the last takes the remainder
+    full = (nb - 1) * block
+    m = y2[..., full:, :].mean(-2, keepdims=True)
+    if full:
+        head = y2[..., :full, :]
+        m = np.concatenate([head.reshape(*head.shape[:-2], nb - 1, block, -1).mean(-2), m], -2)
+    return entries_may_flag(stored, modelled, lv) or noise_may_flag(m, lv), y2
 
 
 def repair(x: Tensor, st: Mapping[str, Tensor], frame: Frame, live: Tensor, positions: Tensor, block: int,

@@ -19,8 +19,17 @@ price, and shuts where the repair changes what was harmless (a requantisation, m
 clean block the repair mistook). Once shut (s ≤ 0) a gate passes no gradient and stays shut.
 
 On a clean cache nothing is flagged (the repair's levels are set on held-in clean caches), and the layer's
-output is the bare kernel's, bit for bit. The statistics and levels are copied from the run's calibration into
-buffers (`attach`), so a checkpoint carries everything the operator needs. Positions are counted from the
+output is the bare kernel's, bit for bit. Decoding (`incremental`, what `protect` sets), a step does not repair
+a clean cache to find that out: the stable blocks are remembered as unflagged, and the entries after them are
+screened (`prior.may_flag` on the host: the repair's own tests, limits a little inside its own, keys and values
+at once; a step inside the last block screens only its new entries against a running sum of the block's
+energy). Only a screen that may flag sends the step to the repair, so a decode on a clean cache gives the bare
+kernel's output with a few host operations per layer and step. A fault written into the stable blocks after
+they were screened is not seen by an incremental decode (the memo trusts them while their last entry is
+unchanged); eval and training repair the whole cache at every forward.
+
+The statistics and levels are copied from the run's calibration into buffers (`attach`), so a checkpoint
+carries everything the operator needs. Positions are counted from the
 first cached entry: layers that hold a sliding window are refused (their positions are not known here).
 """
 
@@ -29,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,6 +87,7 @@ class PriorOperator(nn.Module):
         self.u = nn.Parameter(torch.zeros(L, n, d, rank))
         self.gate_terms: list[tuple[torch.Tensor, int]] = []  # (sum of gates, flagged entries) per layer call
         self.entries_repaired = 0  # entries `repair` has been handed (tests count them)
+        self._stacked: dict = {}  # `_screen` per layer index, and `_ints`
         self.float()
 
     def _i(self, layer: int) -> int:
@@ -99,6 +110,7 @@ class PriorOperator(nn.Module):
                 self.rope_pairs[i] = inv_freq.numel()
                 self.rope_scaling[i] = float(scaling)
         self.settings.copy_(torch.tensor([cal.sink, cal.block, range_margin, noise_margin], dtype=torch.float32))
+        self._stacked = {}
         self.attached.fill_(True)
 
     def _stats(self, i: int, x: str) -> dict[str, torch.Tensor]:
@@ -153,26 +165,131 @@ class PriorOperator(nn.Module):
         """How many leading entries of a cache of T positions have their repair fixed for every longer cache: those
         before the last block of the noise estimate (a remainder shorter than a block joins the block before it,
         so the last block can still change; `prior.blocks`)."""
-        sink, block = int(self.settings[0]), int(self.settings[1])
+        sink, block = self._ints()
         n = max(T - sink, 0)
         return min(T, sink + (max(n // block, 1) - 1) * block)
 
-    def _incremental(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict) -> dict:
+    def _screen(self, i: int) -> dict:
+        """What `_tail_clean` needs of layer index i, built once (until `attach`, a load or a move), on the host:
+        the statistics of the kinds of `apply_to` stacked with their screening levels (`prior.screen_levels`), and
+        for keys under RoPE the signed permutation P of rotate-half (x P = rotate_half(x) on the rotary pairs)."""
+        if i not in self._stacked:
+            kinds = [w.lower() for w in "KV" if w in self.apply_to]
+            st = {name: torch.stack([getattr(self, f"{x}_{name}")[i].float() for x in kinds]) for name in STATS}
+            _, _, rm, nm = self.settings.tolist()
+            lv = prior.screen_levels(st, rm, nm)
+            pairs, d = int(self.rope_pairs[i]), self.d
+            if pairs:
+                P = np.zeros((d, d), dtype=np.float32)
+                P[np.arange(pairs) + pairs, np.arange(pairs)] = -1.0
+                P[np.arange(pairs), np.arange(pairs) + pairs] = 1.0
+                lv["rotate_half"] = P
+                lv["table"] = np.zeros((2, 0, d), dtype=np.float32)
+            self._stacked[i] = lv
+        return self._stacked[i]
+
+    def _ints(self) -> tuple[int, int]:
+        """(sink positions, positions per noise block), read once (until `attach`, a load or a move)."""
+        if "ints" not in self._stacked:
+            self._stacked["ints"] = tuple(int(x) for x in self.settings[:2].tolist())
+        return self._stacked["ints"]
+
+    def _unrotation(self, i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin) `[stop - start, d]` of positions start..stop over the attention scaling squared, 1 and 0 on
+        channels without rotation: stored keys x are x cos - (x P) sin before RoPE. A table grown by doubling."""
+        lv = self._screen(i)
+        if lv["table"].shape[1] < stop:
+            n, pairs = max(stop, 2 * lv["table"].shape[1], 256), int(self.rope_pairs[i])
+            cos, sin = prior.rope_cos_sin(self.inv_freq[i, :pairs].float().cpu(), float(self.rope_scaling[i]),
+                                          torch.arange(n))
+            cos, sin = cos.double().numpy(), sin.double().numpy()
+            a2, r = cos[:, :1] ** 2 + sin[:, :1] ** 2, cos.shape[-1]
+            table = np.stack([np.ones((n, self.d)), np.zeros((n, self.d))])
+            table[0, :, :r], table[1, :, :r] = cos / a2, sin / a2
+            table = table.astype(np.float32)
+            lv["table"] = table
+        return lv["table"][0, start:stop], lv["table"][1, start:stop]
+
+    def _apply(self, fn, *args, **kwargs):  # a move or cast: the stacked copies are rebuilt on demand
+        self._stacked = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._stacked = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _kinds(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stored, modelled) `[n, B, H, T, d]` float32 on the host: the entries k, v at positions start.. of the
+        kinds of `apply_to`, as stored and in the modelled frame (keys un-rotated)."""
+        lv = self._screen(i)
+        kinds = [x for w, x in (("K", k), ("V", v)) if w in self.apply_to]
+        stored = np.empty((len(kinds), *k.shape), dtype=np.float32)
+        for j, x in enumerate(kinds):
+            stored[j] = x.detach().float().cpu().numpy()
+        if self.apply_to[0] != "K" or "rotate_half" not in lv:
+            return stored, stored
+        modelled = stored.copy()
+        cos, sin = self._unrotation(i, start, start + k.shape[2])
+        modelled[0] = stored[0] * cos - (stored[0] @ lv["rotate_half"]) * sin
+        return stored, modelled
+
+    def _tail_clean(self, layer: int, k: torch.Tensor, v: torch.Tensor, s0: int, end: int,
+                    tail: dict | None) -> dict | None:
+        """The screen state of a cache k, v whose stable blocks (up to s0, a block boundary past the sinks) are
+        unflagged, when `repair` of its entries s0.. flags nothing; None when it may flag (the caller repairs).
+        The state holds the sum of the squared coordinates of the entries end.. (the last block) and how far it
+        reaches: a step that appends entries inside the same last block (`tail` still describes the cache)
+        screens only the new entries and the block's noise from the updated sum; otherwise every entry from s0
+        is screened (`prior.may_flag`)."""
+        i, T = self._i(layer), k.shape[2]
+        lv = self._screen(i)
+        known = tail["T"] if tail is not None else 0
+        if tail is not None and end == s0 and s0 < known < T and torch.equal(tail["at"], k[:, :, known - 1]):
+            stored, modelled = self._kinds(i, k[:, :, known:], v[:, :, known:], known)
+            total = tail["sum"] + prior.energy(modelled, lv).sum(-2, keepdims=True)
+            flag = prior.entries_may_flag(stored, modelled, lv) or prior.noise_may_flag(total / (T - s0), lv)
+        else:
+            stored, modelled = self._kinds(i, k[:, :, s0:], v[:, :, s0:], s0)
+            flag, y2 = prior.may_flag(stored, modelled, lv, self._ints()[1])
+            total = y2[..., end - s0:, :].sum(-2, keepdims=True)
+        if flag:
+            return None
+        return {"T": T, "sum": total, "at": k[:, :, T - 1].clone()}
+
+    def _incremental(self, layer: int, k: torch.Tensor, v: torch.Tensor, memo: dict) -> dict | None:
         """`repair` of the whole cache, the entries of its stable blocks taken from `memo` where they are still the
         stored prefix (same batch, the last stable key unchanged) and only the rest repaired: the same partition
-        into blocks, so the same repair to float rounding."""
+        into blocks, so the same repair to float rounding. None when nothing is flagged: the memo then holds no
+        repair of the stable blocks (each is its own), and a step that `_tail_clean` passes repairs nothing at all
+        (what a decode on a clean cache does at every step)."""
         T, old = k.shape[2], memo.get(("prior", layer))
         s0 = 0
         if old is not None and old["batch"] == k.shape[0] and 0 < old["end"] <= T \
                 and torch.equal(old["last"], k[:, :, old["end"] - 1]):
             s0 = old["end"]
-        fixed = self.repair(layer, k[:, :, s0:], v[:, :, s0:], start=s0)
-        if s0:
-            fixed = {w: tuple(torch.cat([a[:, :, :s0], b], 2) for a, b in zip(old["fixed"][w], fixed[w]))
-                     for w in fixed}
-        end = self.stable(T)
-        memo[("prior", layer)] = {"batch": k.shape[0], "end": end, "fixed": fixed,
-                                  "last": k[:, :, end - 1].clone() if end else None}
+        end, sink = self.stable(T), self._ints()[0]
+        head, tail = (old["fixed"], old.get("tail")) if s0 else (None, None)
+        fixed = None
+        if s0 and s0 >= sink and head is None:
+            tail = self._tail_clean(layer, k, v, s0, end, tail)
+        else:
+            tail = None
+        if tail is None:
+            fixed = self.repair(layer, k[:, :, s0:], v[:, :, s0:], start=s0)
+            if s0:
+                if head is None:  # unflagged stable entries: their repair is the stored entry itself
+                    head = {w: (x[:, :, :s0].float(), torch.zeros(x.shape[:2] + (s0,), dtype=torch.bool,
+                                                                  device=x.device))
+                            for w, x in (("K", k), ("V", v)) if w in fixed}
+                fixed = {w: tuple(torch.cat([a[:, :, :s0], b], 2) for a, b in zip(head[w], fixed[w]))
+                         for w in fixed}
+            if not any(bool(ch.any()) for _, ch in fixed.values()):
+                fixed = None
+        stable = None
+        if fixed is not None and any(bool(ch[:, :, :end].any()) for _, ch in fixed.values()):
+            stable = {w: (r[:, :, :end], ch[:, :, :end]) for w, (r, ch) in fixed.items()}
+        last = old["last"] if s0 and end == s0 else (k[:, :, end - 1].clone() if end else None)
+        memo[("prior", layer)] = {"batch": k.shape[0], "end": end, "fixed": stable, "last": last, "tail": tail}
         return fixed
 
     @torch.no_grad()
@@ -193,7 +310,7 @@ class PriorOperator(nn.Module):
             fixed = self._incremental(layer, k, v, memo)
         else:
             fixed = self.repair(layer, k, v)
-        if not any(bool(ch.any()) for _, ch in fixed.values()):
+        if fixed is None or not any(bool(ch.any()) for _, ch in fixed.values()):
             return kernel(q, k, v)  # nothing flagged: the bare kernel on the stored cache
         i = self._i(layer)
         g, learnable = self.gates(layer, k, v, fixed)

@@ -139,6 +139,20 @@ def test_quick_settings():
     assert not s.eval_end_to_end and s.eval_reps == 1
     s = bench.settings_from_args(bench.parse_args(["--lengths", "256,1024,2048", "--reps", "3", "--device", "cpu"]))
     assert (s.reps, s.lengths, s.memory_lengths, s.devices) == (3, [256, 1024, 2048], [2048], ["cpu"])
+    assert s.prefill == "prose"  # decode after the offline evaluation prose unless told otherwise
+    assert bench.settings_from_args(bench.parse_args(["--prefill", "random", "--device", "cpu"])).prefill == "random"
+
+
+def test_prose_prefill_is_the_evaluation_texts_tokens(tiny_lm):
+    from cachemedicpp.bench.settings import PROSE
+    from cachemedicpp.bench.workloads import prefill_ids
+
+    lm = tiny_lm("llama")
+    text = lm.tokenizer(PROSE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = prefill_ids(lm, 300, seed=0, kind="prose")
+    assert ids.shape == (1, 300) and torch.equal(ids, prefill_ids(lm, 300, seed=0, kind="prose"))
+    assert any(torch.equal(text[i:i + 300], ids[0]) for i in range(1000))  # a window of the text
+    assert not torch.equal(ids, prefill_ids(lm, 300, seed=0, kind="random"))
 
 
 def test_repair_variants_compute_the_same_attention(tmp_path, tiny_lm):
@@ -259,6 +273,7 @@ def test_calibrated_operator_decode_variants(tmp_path, tiny_model_dir):
     res = json.loads(out.read_text())
     dec = res["decode"]["cpu"]
     assert dec["family"] == "E" and set(dec["lengths"]["16"]["ratios"]) == {"repair", "stock", "stock_tagged"}
+    assert dec["prefill"] == "prose"
     assert set(dec["agreement_max_abs_logit_diff"]) == {"repair_vs_none", "stock_vs_none"}
 
 

@@ -174,6 +174,100 @@ def test_incremental_decoding_repairs_what_the_whole_cache_repair_does(llama_e):
     assert stored["end"] == op.stable(c.get_seq_length()) > 0  # the stable blocks of the last step's cache
 
 
+def _decode(op, lm, cache, first, steps, between=None):
+    """Greedy logits of `steps` decode steps from a copy of `cache` with `op` (None: the bare hook); `between(c)`
+    may change the cache after each step."""
+    plan = hf.HookPlan(repair=op) if op is not None else hf.HookPlan(layers=frozenset(range(lm.arch.num_layers)))
+    c, tok, got = hf.clone_cache(cache), first, []
+    with torch.no_grad():
+        for _ in range(steps):
+            z, c = hf.forward(lm.model, tok, c, plan)
+            tok = z[:, -1:].argmax(-1)
+            got.append(z[:, -1])
+            if between is not None:
+                between(c)
+    return torch.cat(got)
+
+
+def test_decoding_a_cache_the_repair_leaves_alone_repairs_nothing_and_is_the_bare_model(llama_e):
+    """Where nothing can be flagged (margins far above any clean level), an incremental decode screens each step
+    and repairs no entry after the first: the logits are the bare model's bit for bit, across block boundaries."""
+    cfg, lm, cal = llama_e
+    op = repair.build_operator(cfg.repair.to_dict(), lm.arch, cfg.seed)
+    op.attach(cal, 1e6, 1e6)
+    op.incremental = True
+    ids = _window(cfg, lm, 24)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids)
+    bare = _decode(None, lm, cache, ids[:, -1:], 40)
+    op.entries_repaired = 0
+    got = _decode(op, lm, cache, ids[:, -1:], 40)
+    assert torch.equal(got, bare)
+    first_step = len(op.layers) * 1 * lm.arch.num_kv_heads * 25  # the first step repairs the whole cache once
+    assert op.entries_repaired == first_step
+
+
+def test_the_screen_never_misses_what_the_repair_flags(llama_e):
+    """`prior.may_flag` (the decode step's screen) says True on every tail of which `repair` flags an entry:
+    lost elements, a spike, block noise, each alone; and False on tails the repair leaves alone."""
+    from cachemedicpp import prior
+
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    g = torch.Generator().manual_seed(3)
+    seen = {True: 0, False: 0}
+    for seed in range(2):
+        ids = _window(cfg, lm, 64, seed)
+        with torch.no_grad():
+            _, cache = hf.forward(lm.model, ids)
+        for l in op.layers:
+            k, v = hf.get_kv(cache, l)
+            for T in (20, 33, 47, 64):
+                s0 = op.stable(T - 1)
+                for damage in ("none", "zero", "spike", "noise", "nan"):
+                    kt, vt = k[:, :, s0:T].clone(), v[:, :, s0:T].clone()
+                    if damage == "zero":
+                        vt[0, 0, -1, 2] = 0.0
+                    elif damage == "spike":
+                        kt[0, -1, 0, 1] += 50 * kt.abs().max()
+                    elif damage == "noise":
+                        vt += 2.0 * vt.pow(2).mean().sqrt() * torch.randn(vt.shape, generator=g)
+                    elif damage == "nan":
+                        kt[0, 0, -1, 0] = float("nan")
+                    with torch.no_grad():
+                        flagged = any(bool(ch.any()) for _, ch in op.repair(l, kt, vt, start=s0).values())
+                    screen, _ = prior.may_flag(*op._kinds(op._i(l), kt, vt, s0), op._screen(op._i(l)), op._ints()[1])
+                    assert screen or not flagged, (l, T, damage)
+                    if damage != "none":
+                        assert flagged, (l, T, damage)  # each damage is one the repair sees
+                    seen[screen] += 1
+    assert seen[False] > 0  # the screen clears tails, not only flags them
+
+
+def test_an_entry_damaged_between_decode_steps_is_repaired_as_the_whole_cache_repair_does(llama_e):
+    """A fault on the newest entry between two steps: the incremental decode notices the changed tail, repairs it,
+    and gives the logits of repairing the whole cache at every step (to float rounding)."""
+    cfg, lm, cal = llama_e
+    op = _operator(cfg, lm, cal)
+    ids = _window(cfg, lm, 24)
+    with torch.no_grad():
+        _, cache = hf.forward(lm.model, ids)
+    count = {"n": 0}
+
+    def spike(c):
+        count["n"] += 1
+        if count["n"] % 7 == 0:
+            for l in op.layers:
+                k, v = hf.get_kv(c, l)
+                k[0, 0, -1, 1] += 100.0 * k.abs().max()
+    runs = {}
+    for incremental in (False, True):
+        op.incremental, op.entries_repaired, count["n"] = incremental, 0, 0
+        runs[incremental] = (_decode(op, lm, cache, ids[:, -1:], 30, spike), op.entries_repaired)
+    assert torch.allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-4)
+    assert 0 < runs[True][1] < runs[False][1]
+
+
 def test_family_e_training_paused_and_resumed_is_bit_identical(tiny_cfg, tmp_path, monkeypatch):
     from conftest import pause_after
 

@@ -122,19 +122,20 @@ def bench_decode(s: Settings, lm: hf.LoadedModel) -> dict:
     out: dict[str, Any] = {"protect_layers": list(op.layers), "rank": op.rank, "apply_to": op.apply_to,
                            "family": op.family, "tokens_per_run": s.decode_tokens, "design": DECODE_DESIGN,
                            "operator": f"trained ({s.run_dir})" if s.run_dir else "stand-in (random windows)",
+                           "prefill": s.prefill,
                            "agreement_max_abs_logit_diff": variant_agreement(lm, op, seed=s.seed),
                            "lengths": {}}
     for length in s.lengths:
         if length + s.decode_tokens > lm.arch.max_positions:
             raise ConfigError(f"--lengths: {length} + {s.decode_tokens} decoded tokens exceeds the model's "
                               f"{lm.arch.max_positions} positions")
-        start = prefilled(lm, length, s.seed)  # one prefill shared by every variant
+        start = prefilled(lm, length, s.seed, s.prefill)  # one prefill shared by every variant
         variants = decode_variants(op.family)
-        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start) for v in variants}
+        ws = {v: decode_workload(lm, op, length, s.decode_tokens, v, s.seed, start, s.prefill) for v in variants}
         res = abba(lm.device, ws["none"], [ws[v] for v in variants[1:]], s.reps)
         out["lengths"][str(length)] = _decode_row(s, {v: res["runs"][ws[v].name] for v in variants},
                                                   {v: res["ratios"][ws[v].name] for v in variants[1:]})
-        out["lengths"][str(length)]["tags"] = tag_costs(lm, length, s.reps, s.seed)
+        out["lengths"][str(length)]["tags"] = tag_costs(lm, length, s.reps, s.seed, s.prefill)
         del ws, start
         gc.collect()
     return out

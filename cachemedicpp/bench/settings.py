@@ -54,6 +54,8 @@ def decode_variants(family: str) -> tuple[str, ...]:
     return DETECTING_VARIANTS if fam.detects else CALIBRATED_VARIANTS if fam.calibrated else DECODE_VARIANTS
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 MEASUREMENTS = ("train_step", "eval_grid", "defense_overhead", "decode", "memory")
+PREFILLS = ("prose", "random")
+PROSE = ROOT / "data" / "offline" / "wikitext2_eval.txt"
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Settings:
     quick: bool = False
     seed: int = 0
     run_dir: str | None = None  # decode with this run dir's trained operator (as `protect` loads it)
+    prefill: str = "prose"  # decode's prefilled cache: prose (data/offline/wikitext2_eval.txt) | random tokens
 
 
 def bench_config(s: Settings, device: str, arch: hf.ArchInfo | None = None, extra_defenses: Sequence[str] = ()):
@@ -148,6 +151,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--run_dir", default=None,
                    help="decode with this trained run dir's operator, loaded as cachemedicpp.protect loads it "
                         "(default: a stand-in operator fitted on random windows)")
+    p.add_argument("--prefill", default="prose", choices=list(PREFILLS),
+                   help="decode's prefilled cache: prose (the offline evaluation text, what users decode after; "
+                        "default) or random tokens")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory_probe's subprocess entry
     return p.parse_args(argv)
 
@@ -170,6 +176,7 @@ def _at_least_one(value: int, flag: str) -> int:
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
     s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick, run_dir=a.run_dir,
+                 prefill=getattr(a, "prefill", "prose"),
                  protect_layers=sorted(set(_ints(a.layers, "--layers", minimum=0))) if a.layers else None)
     if a.quick:
         s.reps, s.lengths, s.decode_tokens = 2, [256], 4

@@ -154,7 +154,7 @@ def _defense_table(dev: str, r: dict) -> list[str]:
 def _decode_table(dev: str, r: dict) -> list[str]:
     variants = decode_variants(r.get("family", "A"))
     lines = [f"[{dev}] decode tokens/s (wall-time ratio to none; repair target >= 0.95); CPU-time ratios below; "
-             f"operator: {r.get('operator', 'stand-in (random windows)')}:",
+             f"operator: {r.get('operator', 'stand-in (random windows)')}, prefill: {r.get('prefill', 'random')}:",
              f"  {'length':>7} " + " ".join(f"{v:>16}" for v in variants)]
     for length, row in r["lengths"].items():
         cells = []

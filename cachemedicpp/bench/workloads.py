@@ -15,7 +15,7 @@ import torch
 
 from cachemedicpp import eval as ev
 from cachemedicpp import calibration, defenses, hf, integrity, repair
-from cachemedicpp.bench.settings import Settings, bench_config, decode_variants
+from cachemedicpp.bench.settings import PROSE, Settings, bench_config, decode_variants
 from cachemedicpp.bench.timing import Clock, Workload
 from cachemedicpp.fileio import atomic_torch_save
 from cachemedicpp.repair import build_operator, repair_checkpoint_payload
@@ -156,23 +156,30 @@ def variant_agreement(lm: hf.LoadedModel, op, length: int = 48, seed: int = 0) -
     return out
 
 
-def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
-    """(first greedy token, cache) after a clean prefill of `length` random tokens (`prefill_ids`)."""
+def prefilled(lm: hf.LoadedModel, length: int, seed: int = 0, kind: str = "random") -> tuple[torch.Tensor, Any]:
+    """(first greedy token, cache) after a clean prefill of `length` tokens (`prefill_ids`)."""
     with torch.no_grad():
-        logits, cache = hf.forward(lm.model, prefill_ids(lm, length, seed), logits_to_keep=1)
+        logits, cache = hf.forward(lm.model, prefill_ids(lm, length, seed, kind), logits_to_keep=1)
     return logits[:, -1:].argmax(-1), cache
 
 
-def prefill_ids(lm: hf.LoadedModel, length: int, seed: int = 0) -> torch.Tensor:
-    return random_ids(lm, length, seed + length)
+def prefill_ids(lm: hf.LoadedModel, length: int, seed: int = 0, kind: str = "random") -> torch.Tensor:
+    """`[1, length]`: random tokens, or ("prose") the offline evaluation text's tokens from a seeded start (the
+    text repeated where it is too short)."""
+    if kind == "random":
+        return random_ids(lm, length, seed + length)
+    ids = lm.tokenizer(PROSE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = ids.repeat(-(-(length + 1000) // ids.numel()))
+    start = int(torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(seed + length)))
+    return ids[start:start + length][None].to(lm.device)
 
 
-def tag_costs(lm: hf.LoadedModel, length: int, reps: int, seed: int = 0) -> dict:
+def tag_costs(lm: hf.LoadedModel, length: int, reps: int, seed: int = 0, kind: str = "random") -> dict:
     """What verifying a stored cache's integrity tags costs against recomputing it: median seconds of
     `integrity.verify` on a prefilled cache of `length` positions and of that prefill (reps of each,
     interleaved), and the tags' size."""
-    ids = prefill_ids(lm, length, seed)
-    _, cache = prefilled(lm, length, seed)
+    ids = prefill_ids(lm, length, seed, kind)
+    _, cache = prefilled(lm, length, seed, kind)
     tags = integrity.record(lm.model, cache, ids, integrity.DEFAULT_BLOCK_SIZE)
     verify, prefill = [], []
     for _ in range(max(1, reps)):
@@ -189,22 +196,22 @@ def tag_costs(lm: hf.LoadedModel, length: int, reps: int, seed: int = 0) -> dict
 
 
 def decode_workload(lm: hf.LoadedModel, op, length: int, tokens: int, variant: str, seed: int = 0,
-                    start: tuple[torch.Tensor, Any] | None = None) -> Workload:
+                    start: tuple[torch.Tensor, Any] | None = None, prefill: str = "random") -> Workload:
     """Greedy decoding of `tokens` tokens, one forward each, from a copy of a prefilled cache. A family-D
     operator starts from its detector's output on the prefilled entries (untimed: a prefill run with the
     operator leaves it beside the cache), so a decode step scores only the entry it appends."""
     rep = decode_repairs(op, lm)[variant]
-    first, cache = start if start is not None else prefilled(lm, length, seed)
+    first, cache = start if start is not None else prefilled(lm, length, seed, prefill)
     memo = None
     if getattr(rep, "uses_memo", False):
         memo = rep.prime({l: hf.get_kv(cache, l) for l in list(rep.layers) + list(rep.observes)})
 
     tagged = variant == "stock_tagged"
-    ids0 = prefill_ids(lm, length, seed) if tagged else None
+    ids0 = prefill_ids(lm, length, seed, prefill) if tagged else None
     tags0 = integrity.record(lm.model, cache, ids0) if tagged else None
 
     def prepare():
-        plan = None if rep is None else hf.HookPlan(repair=rep, memo=dict(memo) if memo is not None else {})
+        plan = None if rep is None else hf.HookPlan(repair=rep, memo=copy.deepcopy(memo) if memo is not None else {})
         return hf.clone_cache(cache), plan
 
     def run(arg):
