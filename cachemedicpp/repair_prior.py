@@ -243,8 +243,8 @@ class PriorOperator(nn.Module):
         is screened (`prior.may_flag`)."""
         i, T = self._i(layer), k.shape[2]
         lv = self._screen(i)
-        known = tail["T"] if tail is not None else 0
-        if tail is not None and end == s0 and s0 < known < T and torch.equal(tail["at"], k[:, :, known - 1]):
+        known = tail["T"] if tail is not None else 0  # s0 > 0: no tail, no match
+        if end == s0 and s0 < known < T and torch.equal(tail["at"], k[:, :, known - 1]):
             stored, modelled = self._kinds(i, k[:, :, known:], v[:, :, known:], known)
             total = tail["sum"] + prior.energy(modelled, lv).sum(-2, keepdims=True)
             flag = prior.entries_may_flag(stored, modelled, lv) or prior.noise_may_flag(total / (T - s0), lv)
@@ -268,12 +268,10 @@ class PriorOperator(nn.Module):
                 and torch.equal(old["last"], k[:, :, old["end"] - 1]):
             s0 = old["end"]
         end, sink = self.stable(T), self._ints()[0]
-        head, tail = (old["fixed"], old.get("tail")) if s0 else (None, None)
+        head, tail = (old["fixed"], old["tail"]) if s0 else (None, None)
+        # stable blocks unflagged: screen the rest (None: it may flag, or there is nothing to screen from)
+        tail = self._tail_clean(layer, k, v, s0, end, tail) if s0 >= max(sink, 1) and head is None else None
         fixed = None
-        if s0 and s0 >= sink and head is None:
-            tail = self._tail_clean(layer, k, v, s0, end, tail)
-        else:
-            tail = None
         if tail is None:
             fixed = self.repair(layer, k[:, :, s0:], v[:, :, s0:], start=s0)
             if s0:

@@ -176,7 +176,7 @@ def _at_least_one(value: int, flag: str) -> int:
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
     s = Settings(config=a.config, model=a.model, memory=a.memory, threads=a.threads, quick=a.quick, run_dir=a.run_dir,
-                 prefill=getattr(a, "prefill", "prose"),
+                 prefill=a.prefill,
                  protect_layers=sorted(set(_ints(a.layers, "--layers", minimum=0))) if a.layers else None)
     if a.quick:
         s.reps, s.lengths, s.decode_tokens = 2, [256], 4
