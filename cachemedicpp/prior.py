@@ -138,18 +138,45 @@ def conditional_mean(x: Tensor, missing: Tensor, mean: Tensor, prec: Tensor, hea
     order = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)[:, :m]  # missing elements first
     valid = torch.arange(m, device=x.device)[None] < count[:, None]  # [N, m]: slots that are missing elements
     dev = torch.where(missing, torch.zeros_like(x), x - mean)  # observed deviations (NaN-free)
-    g = frame.expand().model(torch.nn.functional.one_hot(order, d).to(x.dtype) * valid[..., None])  # [N, m, d]
+    g = unit_rows(order, valid, frame, d, x.dtype)  # [N, m, d]
     u = frame.model(dev)  # T⁻¹ (x_o - μ_o), modelled frame
     a = torch.empty(N, m, m, dtype=x.dtype, device=x.device)
     pu = torch.empty_like(u)
     for h in heads.unique().tolist():  # per KV head: its precision is shared by its rows
         rows = heads == h
-        a[rows] = g[rows] @ prec[h] @ g[rows].transpose(-1, -2)
+        gh = g[rows]
+        a[rows] = gh @ prec[h] @ gh.transpose(-1, -2)
         pu[rows] = u[rows] @ prec[h]
     rhs = -(g @ pu[..., None])[..., 0]  # -(T⁻ᵀ P T⁻¹ dev) on the missing elements
     z = torch.linalg.solve(a + torch.diag_embed((~valid).to(x.dtype)), torch.where(valid, rhs, torch.zeros_like(rhs)))
     filled = torch.where(valid, mean.gather(1, order) + z, x.gather(1, order))
     return x.scatter(1, order, filled)
+
+
+def unit_rows(order: Tensor, valid: Tensor, frame: "Frame", d: int, dtype: torch.dtype) -> Tensor:
+    """`[N, m, d]`: row (n, j) is T⁻¹ e_i in the modelled frame of row n (i = order[n, j]; zero where not
+    `valid`), i.e. `frame.expand().model(one_hot(order, d) * valid)` with the same values bit for bit, written
+    straight into its two non-zero elements: cos_i / a² at i and ∓sin / a² at i's rotary partner (1 at i for a
+    channel RoPE does not rotate, or without RoPE)."""
+    N, m = order.shape
+    g = torch.zeros(N, m, d, dtype=dtype, device=order.device)
+    on = valid.to(dtype)
+    if frame.cos is None:
+        return g.scatter_(2, order[..., None], on[..., None])
+    cos, sin = frame.cos.to(dtype), frame.sin.to(dtype)  # [N, r]
+    r = cos.shape[-1]
+    half = r // 2
+    a2 = cos[:, :1] ** 2 + sin[:, :1] ** 2  # [N, 1], as `unrotate` computes it
+    rot = order < r
+    at = order.clamp(max=r - 1)
+    own = torch.where(rot, cos.gather(1, at) / a2, torch.ones_like(on))
+    partner = torch.where(at < half, at + half, at - half)
+    sj = sin.gather(1, partner)
+    other = torch.where(at < half, -sj, sj) / a2  # rotate_half moves e_i to the partner with sign -1 or +1
+    g.scatter_(2, order[..., None], (own * on)[..., None])
+    # a channel RoPE does not rotate has no partner: its second write lands on itself with its own value
+    g.scatter_(2, torch.where(rot, partner, order)[..., None], torch.where(rot, other * on, own * on)[..., None])
+    return g
 
 
 def outside(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -216,8 +243,10 @@ def clamp(x: Tensor, st: Mapping[str, Tensor], frame: Frame, live: Tensor,
     xf = frame.model(torch.where(finite, x, torch.zeros_like(x)).float())
     over = outside(xf, st["lo"], st["hi"])
     hit = over > (0.0 if limit is None else limit.view(1, -1, 1, 1))
-    fixed = torch.where(hit, torch.maximum(torch.minimum(xf, st["hi"][None, :, None]), st["lo"][None, :, None]), xf)
     touched = (hit.any(-1) | ~finite.all(-1)) & _live(live)
+    if not bool(touched.any()):
+        return x, touched
+    fixed = torch.where(hit, torch.maximum(torch.minimum(xf, st["hi"][None, :, None]), st["lo"][None, :, None]), xf)
     return torch.where(touched[..., None], frame.stored(fixed).to(x.dtype), x), touched
 
 

@@ -138,6 +138,14 @@ class PriorOperator(nn.Module):
                                           rm, nm)
         return out
 
+    def changes(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `attend` over the whole cache k, v of `layer` (not incremental) changes anything: an entry the
+        repair flags. False means its output is the bare kernel's on k, v, bit for bit (the grid's test of a cell
+        it can reuse no_defense's value for)."""
+        if not bool(self.attached):
+            return False
+        return any(bool(ch.any()) for _, ch in self.repair(layer, k, v).values())
+
     # -- the hook --------------------------------------------------------------------------------
     def gates(self, layer: int, k: torch.Tensor, v: torch.Tensor, fixed: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(g [B, H, T], flagged [B, H, T]) of the entries k, v given their repairs `fixed` (`repair`'s output)."""

@@ -260,6 +260,26 @@ def test_impute_restores_a_low_rank_caches_lost_elements(rotated):
 # on a real cache, and through the grid
 
 
+@pytest.mark.parametrize("rotary", ["full", "partial", "none"])
+def test_impute_unit_rows_are_the_unrotated_one_hot_rows_bit_for_bit(rotary):
+    # conditional_mean writes T⁻¹ e_i straight into its two elements instead of un-rotating one-hot rows: the same
+    # bits, so the repair's numbers do not move
+    g = torch.Generator().manual_seed(3)
+    d, N = 16, 40
+    r = {"full": d, "partial": d // 2, "none": 0}[rotary]
+    frame = prior.Frame()
+    if r:
+        inv = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
+        frame = prior.Frame(*prior.rope_cos_sin(inv, 1.25, torch.randint(0, 5000, (N,), generator=g)))
+    for m in (1, 5, d):
+        order = torch.stack([torch.randperm(d, generator=g)[:m] for _ in range(N)])
+        valid = torch.arange(m)[None] < torch.randint(0, m + 1, (N, 1), generator=g)
+        ref = frame.expand().model(torch.nn.functional.one_hot(order, d).float() * valid[..., None])
+        got = prior.unit_rows(order, valid, frame, d, torch.float32)
+        assert torch.equal(got, ref)
+        assert int((got != 0).sum()) <= 2 * int(valid.sum())
+
+
 def test_calibrated_repair_acts_where_the_cache_shows_a_fault(llama_cal):
     cfg, lm, cal = llama_cal
     cache, T = _held_in(cfg, lm)[0]

@@ -268,6 +268,45 @@ def test_an_entry_damaged_between_decode_steps_is_repaired_as_the_whole_cache_re
     assert 0 < runs[True][1] < runs[False][1]
 
 
+def test_grid_cells_a_defense_leaves_alone_reuse_no_defense_value_bit_for_bit(llama_e, monkeypatch):
+    cfg0, lm, cal = llama_e
+    data = cfg0.to_dict()
+    data["eval"]["defenses"] = ["no_defense", "calibrated_repair", "range_clamp", "cachemedic"]
+    data["eval"]["corruption_eval"].update(types=["dropout_zero", "contiguous_overwrite"], eps=[0.0, 0.16, 0.64])
+    data["eval"]["cell_batch_size"] = 1  # a row alone in its batch: its value is exactly its own forward's
+    cfg = load_config(data=data)
+    op = _operator(cfg, lm, cal)
+    torch.manual_seed(1)
+    op.w2.data.normal_()  # a trained-looking gate and residual: where something is flagged, the output changes
+    op.u.data.normal_()
+    ctx = ev.build_context(cfg, lm, op, cal)
+    computed: list[str] = []
+    real = ev.grid.run_batch
+
+    def counting(ctx, ex, clean, rows, *args, **kwargs):
+        computed.extend(r.cell.key for r in rows)
+        return real(ctx, ex, clean, rows, *args, **kwargs)
+
+    monkeypatch.setattr(ev.grid, "run_batch", counting)
+    reused = set()
+    for ex in {e.task: e for e in reversed(ctx.examples)}.values():
+        full = ev.score_example(ctx, ex, dedupe=False)
+        computed.clear()
+        fast = ev.score_example(ctx, ex)
+        assert fast["cells"] == full["cells"], ex.key  # bit for bit, every cell
+        assert fast.get("nonfinite") == full.get("nonfinite")
+        assert fast["tokens"] < full["tokens"]
+        reused |= {k for k in fast["cells"] if k not in computed}
+    key = lambda t, e, d: ev.Cell(t, e, d).key  # noqa: E731
+    # on the clean cache neither the repair nor the operator flags anything: no_defense's forward stands for both
+    assert {key("clean", 0.0, "calibrated_repair"), key("clean", 0.0, "cachemedic")} <= reused
+    # a donor's history overwritten into the cache looks clean to them: left alone, reused
+    assert {key("contiguous_overwrite", 0.64, d) for d in ("calibrated_repair", "cachemedic")} <= reused
+    # lost elements are flagged and imputed: computed; a clamp to the calibrated range always moves something
+    assert not {key("dropout_zero", 0.64, d) for d in ("calibrated_repair", "cachemedic")} & reused
+    assert key("clean", 0.0, "range_clamp") not in reused
+
+
 def test_family_e_training_paused_and_resumed_is_bit_identical(tiny_cfg, tmp_path, monkeypatch):
     from conftest import pause_after
 

@@ -16,7 +16,13 @@ score `bitflip` once per bit class at eval.bit_class_eps, outside the curves: a 
 corruption.params.bitflip_bits, with the draws of the bitflip cells at that eps (the same elements hit in
 every class, only the bit flipped differs). A cell whose input is provably identical to
 its defense's clean cell (eps 0 on the same region, or a region covering nothing at rest) reuses the
-clean cell's value instead of recomputing it.
+clean cell's value instead of recomputing it. So does, at rest, a cell whose defense provably leaves the cache as
+no_defense's cell of the same corruption reads it: a defense that wrote back the very K/V it was handed and drops
+nothing, or an operator inside attention (one with `changes`, family E) that changes nothing in any layer of the
+cache no_defense's forward left behind (by induction over the layers, its forward is then no_defense's). Each such
+cell's value is the one its own forward would give, up to the float rounding that the rows batched beside a row can
+already cause (eval.cell_batch_size: differences of ~1e-7 relative in the learned operator's cells, none seen in
+the others); with one row per batch, bit for bit.
 """
 
 from __future__ import annotations
@@ -453,6 +459,21 @@ def _read_fn(ctx: EvalContext, ex: tasks.Example, cell: Cell) -> Callable:
     return fn
 
 
+def undefended(cell: Cell) -> Cell:
+    """no_defense's cell of the same corruption (type, eps, bit class) as `cell`."""
+    return Cell(cell.ctype, cell.eps, NO_DEFENSE, cell.bits)
+
+
+def _unchanged(defended: dict, kv: dict, clean_cache) -> bool:
+    """Whether a defense at rest wrote back, in every layer it acted on, the very K/V it was handed (`kv` where
+    the corruption acted, the clean cache elsewhere; a NaN never compares equal, so it counts as changed)."""
+    for l, (k, v) in defended.items():
+        k0, v0 = kv[l] if l in kv else hf.get_kv(clean_cache, l)
+        if not ((k is k0 or torch.equal(k, k0)) and (v is v0 or torch.equal(v, v0))):
+            return False
+    return True
+
+
 def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = True) -> Iterator[Row]:
     """The grid's rows for one example, in grid order. At rest, every defense of a (type, eps) pair
     starts from one corrupted copy of the clean K/V."""
@@ -480,6 +501,11 @@ def cell_rows(ctx: EvalContext, ex: tasks.Example, clean_cache, dedupe: bool = T
             continue
         if at_rest:
             defended, drops, cost = _defend(ctx, ex, cell.defense, kv, region, clean_cache)
+            twin = undefended(cell)
+            if (dedupe and twin != cell and not cell.repaired and twin in scored and drops is None and cost is None
+                    and _unchanged(defended, kv, clean_cache)):
+                yield Row(cell, None, None, region, alias=twin)
+                continue
             yield Row(cell, defended, None, region, drops=drops, recompute=cost)
         else:
             yield Row(cell, None, _read_fn(ctx, ex, cell), region)
@@ -531,9 +557,11 @@ def at_rest_drop(rows: list[Row], R: int) -> Callable | None:
 
 
 def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row], repaired: bool,
-              detected: dict | None = None, nonfinite: dict | None = None) -> list[float]:
+              detected: dict | None = None, nonfinite: dict | None = None,
+              inspect: Callable | None = None) -> list[float]:
     """Score `rows` (cells of one example) with one forward over a batched copy of the cache. With a
-    detecting operator (family D) at rest, `detected` receives its detection counts per cell.
+    detecting operator (family D) at rest, `detected` receives its detection counts per cell; `inspect(rows,
+    cache)`, when given, sees the cache the forward left behind (rows' R alternatives one after another).
 
     A position whose logits are not all finite (a flipped exponent bit can make the model's output NaN)
     carries no information: it is scored as the uniform distribution (its logits set to 0), and the cell
@@ -559,6 +587,8 @@ def run_batch(ctx: EvalContext, ex: tasks.Example, clean_cache, rows: list[Row],
                            repair=ctx.op if repaired else None, drop=drop)
     feeds = ex.feeds.repeat(len(rows), 1).to(ctx.lm.device)
     logits, _ = hf.forward(ctx.lm.model, feeds, cache, plan=plan)
+    if inspect is not None:
+        inspect(rows, cache)
     if repaired and detected is not None and plan is not None and repair.detects(ctx.op) \
             and ctx.persistence == "at_rest":
         detected.update(detection_counts(ctx.op, plan.memo, clean_cache, rows, R))
@@ -618,9 +648,44 @@ def exposure(ctx: EvalContext, regions: Sequence[corruption.Region], held: dict[
     return float(np.mean(vals)) if vals else 0.0
 
 
+def _quiet_check(ctx: EvalContext, ex: tasks.Example, dedupe: bool) -> Callable | None:
+    """At rest, with an operator that says where it `changes` a cache (family E): a function of the cache a batch
+    of no_defense rows left behind -> {group: whether the operator changes nothing in any of its layers for that
+    row} (None where the rule does not apply)."""
+    changes = getattr(ctx.op, "changes", None)
+    if not dedupe or changes is None or ctx.persistence != "at_rest" \
+            or not any(c.repaired for c in ctx.cells):
+        return None
+    R = ex.rows
+
+    def check(rows: list[Row], cache) -> dict:
+        out = {}
+        kv = {l: hf.get_kv(cache, l) for l in ctx.op.layers}
+        for i, row in enumerate(rows):
+            if row.cell.defense != NO_DEFENSE:
+                continue
+            out[_group(row.cell)] = not any(changes(l, k[i * R:(i + 1) * R], v[i * R:(i + 1) * R])
+                                            for l, (k, v) in kv.items())
+        return out
+
+    return check
+
+
+def _group(cell: Cell) -> tuple:
+    return cell.ctype, cell.eps, cell.bits
+
+
+def _resolve(values: dict, alias: dict, key: str) -> str:
+    """The computed cell whose value `key`'s is (following aliases)."""
+    while key not in values:
+        key = alias[key]
+    return key
+
+
 def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> dict:
     """All grid cells of one example: {"cells": {cell key: raw value}, "exposure": float, "evicted": float,
-    "tokens": int} (exposure and evicted: see `exposure`)."""
+    "tokens": int} (exposure and evicted: see `exposure`). Rows inside attention wait for no_defense's row of
+    their corruption where the operator can say it changes nothing (`_quiet_check`)."""
     with torch.no_grad():
         _, clean = hf.forward(ctx.lm.model, ex.prefix[None].to(ctx.lm.device), logits_to_keep=1)
         per_batch = max(1, ctx.batch_rows // ex.rows)
@@ -630,6 +695,36 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
         costs: dict[str, dict] = {}
         detected: dict[str, list[int]] = {}
         nonfinite: dict[str, int] = {}
+        check = _quiet_check(ctx, ex, dedupe)
+        scored = set(ctx.cells)
+        quiet: dict[tuple, bool] = {}  # corruption group -> the operator changes nothing after no_defense's forward
+        waiting: dict[tuple, list[Row]] = {}  # rows inside attention whose group's no_defense row is not run yet
+
+        def flush(q: list[Row], repaired: bool) -> None:
+            inspect = None
+            if check is not None and not repaired:
+                inspect = lambda rows, cache: quiet.update(check(rows, cache))  # noqa: E731
+            values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected, nonfinite,
+                                                                 inspect)))
+            q.clear()
+            for g in [g for g in waiting if g in quiet]:
+                for r in waiting.pop(g):
+                    place(r)
+
+        def place(row: Row) -> None:
+            if row.cell.repaired and check is not None and undefended(row.cell) in scored:
+                g = _group(row.cell)
+                if g not in quiet:
+                    waiting.setdefault(g, []).append(row)
+                    return
+                if quiet[g]:
+                    aliases.append(Row(row.cell, None, None, row.region, alias=undefended(row.cell)))
+                    return
+            q = pending[row.cell.repaired]
+            q.append(row)
+            if len(q) == per_batch:
+                flush(q, row.cell.repaired)
+
         for row in cell_rows(ctx, ex, clean, dedupe):
             if row.recompute is not None:
                 costs[row.cell.key] = row.recompute
@@ -639,24 +734,24 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             if row.alias is not None:
                 aliases.append(row)
                 continue
-            q = pending[row.cell.repaired]
-            q.append(row)
-            if len(q) == per_batch:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, row.cell.repaired, detected,
-                                                                             nonfinite)))
-                q.clear()
-        for repaired, q in pending.items():
-            if q:
-                values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected, nonfinite)))
+            place(row)
+        if pending[False]:
+            flush(pending[False], False)
+        for g in list(waiting):  # a group whose no_defense row was never run (aliased): run them
+            for r in waiting.pop(g):
+                pending[True].append(r)
+                if len(pending[True]) == per_batch:
+                    flush(pending[True], True)
+        if pending[True]:
+            flush(pending[True], True)
         computed = len(values)
+        links = {row.cell.key: row.alias.key for row in aliases}
         for row in aliases:
-            values[row.cell.key] = values[row.alias.key]
-            if row.alias.key in costs:
-                costs[row.cell.key] = costs[row.alias.key]
-            if row.alias.key in detected:
-                detected[row.cell.key] = detected[row.alias.key]
-            if row.alias.key in nonfinite:
-                nonfinite[row.cell.key] = nonfinite[row.alias.key]
+            src = _resolve(values, links, row.alias.key)
+            values[row.cell.key] = values[src]
+            for kept in (costs, detected, nonfinite):
+                if src in kept:
+                    kept[row.cell.key] = kept[src]
     held = {l: hf.held_length(clean, l) for l in ctx.layers}
     unit = {"cells": {c.key: float(values[c.key]) for c in ctx.cells}, "exposure": exposure(ctx, regions, held),
             "evicted": exposure(ctx, regions, held, evicted=True),
