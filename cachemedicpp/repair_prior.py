@@ -49,6 +49,12 @@ FEATURES = tuple(f"{x}_{n}" for x in "kv" for n in ("flagged", "log_change", "lo
 HIDDEN = 16  # hidden units of the per-layer gate MLP
 
 
+def _flags(fixed: dict) -> bool:
+    """Whether a repair (`PriorOperator.repair`'s output) flagged any entry: where it did not, `attend` is the bare
+    kernel."""
+    return any(bool(ch.any()) for _, ch in fixed.values())
+
+
 class PriorOperator(nn.Module):
     """Family E (see the module docstring). `layers` are the protected layers."""
 
@@ -142,9 +148,7 @@ class PriorOperator(nn.Module):
         """Whether `attend` over the whole cache k, v of `layer` (not incremental) changes anything: an entry the
         repair flags. False means its output is the bare kernel's on k, v, bit for bit (the grid's test of a cell
         it can reuse no_defense's value for)."""
-        if not bool(self.attached):
-            return False
-        return any(bool(ch.any()) for _, ch in self.repair(layer, k, v).values())
+        return bool(self.attached) and _flags(self.repair(layer, k, v))
 
     # -- the hook --------------------------------------------------------------------------------
     def gates(self, layer: int, k: torch.Tensor, v: torch.Tensor, fixed: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +320,7 @@ class PriorOperator(nn.Module):
             fixed = self._incremental(layer, k, v, memo)
         else:
             fixed = self.repair(layer, k, v)
-        if fixed is None or not any(bool(ch.any()) for _, ch in fixed.values()):
+        if fixed is None or not _flags(fixed):
             return kernel(q, k, v)  # nothing flagged: the bare kernel on the stored cache
         i = self._i(layer)
         g, learnable = self.gates(layer, k, v, fixed)

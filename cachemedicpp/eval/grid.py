@@ -707,6 +707,9 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             values.update(zip([r.cell.key for r in q], run_batch(ctx, ex, clean, q, repaired, detected, nonfinite,
                                                                  inspect)))
             q.clear()
+            release()
+
+        def release() -> None:  # the waiting rows whose group's no_defense row has run
             for g in [g for g in waiting if g in quiet]:
                 for r in waiting.pop(g):
                     place(r)
@@ -737,11 +740,8 @@ def score_example(ctx: EvalContext, ex: tasks.Example, dedupe: bool = True) -> d
             place(row)
         if pending[False]:
             flush(pending[False], False)
-        for g in list(waiting):  # a group whose no_defense row was never run (aliased): run them
-            for r in waiting.pop(g):
-                pending[True].append(r)
-                if len(pending[True]) == per_batch:
-                    flush(pending[True], True)
+        quiet.update(dict.fromkeys(waiting, False))  # a group whose no_defense row was never run (aliased): run them
+        release()
         if pending[True]:
             flush(pending[True], True)
         computed = len(values)
